@@ -1,0 +1,102 @@
+"""Audio loading, file lists and the training / validation datasets (SPEC §1, §7, §8)."""
+import os
+import random
+from typing import Dict, List
+
+import librosa
+import numpy as np
+import soundfile as sf
+import torch
+import torch.utils.data
+
+from spectral import amp_pha_spectrum, mel_spectrogram
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+
+
+def load_audio(path: str, sampling_rate: int) -> np.ndarray:
+    """Mono float32 audio at `sampling_rate`: channels averaged, resampled if needed."""
+    try:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read audio file {path}: {e}") from None
+    audio = audio.mean(axis=1)
+    if sr != sampling_rate:
+        audio = librosa.resample(audio, orig_sr=sr, target_sr=sampling_rate)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def read_filelist(list_path: str) -> List[str]:
+    """Audio paths from a list file: one per line, blank lines and `#` comments ignored.
+
+    A relative path is used as is when it exists from the working directory (as in the
+    release), otherwise it is taken relative to the list file's folder.
+    """
+    try:
+        with open(list_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file list not found: {list_path}") from None
+    base = os.path.dirname(os.path.abspath(list_path))
+    paths = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = line if os.path.isabs(line) or os.path.exists(line) else os.path.join(base, line)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{list_path}:{number}: audio file not found: {line}")
+        paths.append(path)
+    if not paths:
+        raise ValueError(f"file list {list_path} names no audio files")
+    return paths
+
+
+def trim_for_validation(audio: torch.Tensor, hop_size: int, ratio: int) -> torch.Tensor:
+    """Trim (..., L) to a whole number of hops with T = L / hop + 1 a multiple of `ratio`.
+
+    The decoder then returns exactly L samples, as in the release's validation.
+    """
+    length = audio.size(-1) // hop_size * hop_size
+    frames = length // hop_size + 1
+    if frames % ratio:
+        length = (frames // ratio * ratio - 1) * hop_size
+    return audio[..., :max(length, 0)]
+
+
+def spectral_targets(audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
+    """Training targets of audio (B, L): logamp, pha, real, imag (B, F, T) and mel (B, M, T)."""
+    logamp, pha, real, imag = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
+    mel = mel_spectrogram(audio, h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
+    return {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "mel": mel}
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Waveforms (L,) from a file list: random `segment_size` crops for training (short clips
+    zero-padded at the end), or whole utterances trimmed with `trim_for_validation`.
+
+    Features are computed from the batch on the training device (`spectral_targets`), with
+    the same functions the release applies per item.
+    """
+
+    def __init__(self, files: List[str], h, train: bool):
+        self.files = files
+        self.h = h
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        h = self.h
+        audio = torch.from_numpy(load_audio(self.files[index], h.sampling_rate))
+        if not self.train:
+            audio = trim_for_validation(audio, h.hop_size, h.ratio)
+            if audio.numel() == 0:
+                raise ValueError(f"validation file {self.files[index]} is too short "
+                                 f"(needs at least {(h.ratio - 1) * h.hop_size} samples)")
+            return audio
+        if audio.numel() >= h.segment_size:
+            start = random.randint(0, audio.numel() - h.segment_size)
+            return audio[start:start + h.segment_size]
+        return torch.nn.functional.pad(audio, (0, h.segment_size - audio.numel()))

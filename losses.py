@@ -1,0 +1,92 @@
+"""APCodec training losses (SPEC §6) and their weights, in one place."""
+import math
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from spectral import amp_pha_spectrum, mel_spectrogram
+
+# The release's loss weights (paper Eq. for L_G, L_S, L_W and the discriminator sum).
+WEIGHTS = {
+    "amplitude": 45.0,        # L_A
+    "phase": 100.0,           # L_P = L_IP + L_GD + L_PTD
+    "stft": 20.0,             # L_S
+    "real_imag": 2.25,        # inside L_S: L_C + 2.25 (L_R + L_I)
+    "mel": 45.0,              # L_Mel, inside L_W
+    "mel_l2": 45.0,           # L_Mel2, inside L_W
+    "mrd": 0.1,               # MRD share of the GAN, feature-matching and discriminator losses
+    "codebook": 10.0,
+    "commitment": 2.5,
+}
+
+
+def anti_wrapping(x: torch.Tensor) -> torch.Tensor:
+    """|x - 2 pi round(x / 2 pi)|: the distance of a phase error to the nearest multiple of 2 pi."""
+    return torch.abs(x - torch.round(x / (2 * math.pi)) * 2 * math.pi)
+
+
+def backward_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x[k-1] - x[k] along `dim`, with x[-1] taken as 0 (the release's matrix formulation, in O(n))."""
+    previous = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.size(dim) - 1)], dim)
+    return previous - x
+
+
+def phase_losses(pha_r: torch.Tensor, pha_g: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Instantaneous phase, group delay and phase time difference losses. pha_*: (B, F, T)."""
+    return {
+        "IP": anti_wrapping(pha_r - pha_g).mean(),
+        "GD": anti_wrapping(backward_difference(pha_r, 1) - backward_difference(pha_g, 1)).mean(),
+        "PTD": anti_wrapping(backward_difference(pha_r, 2) - backward_difference(pha_g, 2)).mean(),
+    }
+
+
+def stft_consistency_loss(real: torch.Tensor, real_final: torch.Tensor,
+                          imag: torch.Tensor, imag_final: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the predicted spectrum and the STFT of its own iSTFT."""
+    return torch.mean((real - real_final) ** 2 + (imag - imag_final) ** 2)
+
+
+def spectral_losses(ref: Dict[str, torch.Tensor], gen: Dict[str, torch.Tensor], h) -> Dict[str, torch.Tensor]:
+    """Every generator loss term that needs no discriminator.
+
+    ref: logamp, pha, real, imag (B, F, T) and mel (B, M, T) of the target;
+    gen: the same names from the decoder plus audio (B, 1, L).
+    """
+    audio = gen["audio"].squeeze(1)
+    _, _, real_final, imag_final = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
+    mel_g = mel_spectrogram(audio, h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
+    terms = {"A": F.mse_loss(gen["logamp"], ref["logamp"])}
+    terms.update(phase_losses(ref["pha"], gen["pha"]))
+    terms["C"] = stft_consistency_loss(gen["real"], real_final, gen["imag"], imag_final)
+    terms["R"] = F.l1_loss(ref["real"], gen["real"])
+    terms["I"] = F.l1_loss(ref["imag"], gen["imag"])
+    terms["Mel"] = F.l1_loss(ref["mel"], mel_g)
+    terms["Mel_L2"] = F.mse_loss(ref["mel"], mel_g)
+    return terms
+
+
+def discriminator_loss(real_scores: Sequence[torch.Tensor], fake_scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Hinge loss summed over sub-discriminators."""
+    return sum(torch.mean(F.relu(1 - r)) + torch.mean(F.relu(1 + g)) for r, g in zip(real_scores, fake_scores))
+
+
+def generator_adversarial_loss(fake_scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Hinge generator loss summed over sub-discriminators."""
+    return sum(torch.mean(F.relu(1 - g)) for g in fake_scores)
+
+
+def feature_matching_loss(real_fmaps: Sequence[List[torch.Tensor]],
+                          fake_fmaps: Sequence[List[torch.Tensor]]) -> torch.Tensor:
+    """Sum over sub-discriminators and layers of the mean absolute feature difference."""
+    return sum(torch.mean(torch.abs(r - g)) for dr, dg in zip(real_fmaps, fake_fmaps) for r, g in zip(dr, dg))
+
+
+def generator_total(terms: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """L_G from the named terms (spectral_losses + GAN, FM, codebook, commitment)."""
+    w = WEIGHTS
+    phase = terms["IP"] + terms["GD"] + terms["PTD"]
+    stft = terms["C"] + w["real_imag"] * (terms["R"] + terms["I"])
+    waveform = terms["GAN"] + terms["FM"] + w["mel"] * terms["Mel"] + w["mel_l2"] * terms["Mel_L2"]
+    return (w["amplitude"] * terms["A"] + w["phase"] * phase + w["stft"] * stft + waveform
+            + w["codebook"] * terms["codebook"] + w["commitment"] * terms["commitment"])
