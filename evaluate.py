@@ -1,0 +1,306 @@
+"""Objective evaluation of decoded audio against references (EVALUATION.md).
+
+    python evaluate.py --reference REF --decoded DEC [--output eval_out] [--config config.json] [--speech]
+    python evaluate.py --reference REF --checkpoint_file_load_Encoder ENC \\
+        --checkpoint_file_load_Decoder DEC [--output eval_out] [--config config.json] [--speech]
+
+Files are matched by relative path without extension (REF/a/b.flac <-> DEC/a/b.wav). The
+second form runs the codec over REF first, writes OUTPUT/decoded/ and adds STFT consistency,
+the nominal bitrate and the real-time factor. Audio is evaluated at the config's sampling_rate
+(the codec's): a reference at another rate is resampled as the codec's input is, and a decoded
+file at another rate is resampled to match. Writes OUTPUT/metrics.csv (per file),
+summary.json (mean and 95% confidence interval per metric), report.md (the Markdown table
+also printed) and spectrograms.png (the worst and best file by LSD).
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import scipy.stats
+import soundfile as sf
+import torch
+
+from dataset import AUDIO_EXTENSIONS, load_audio
+from inference import codec_roundtrip, load_codec, write_wav
+from losses import anti_wrapping
+from metrics import (HIGHER_IS_BETTER, METRIC_N_FFT, compute_metrics, log_power, metric_stft,
+                     optional_metrics, stft_consistency)
+from utils import ConfigError, atomic_write, bitrate, load_config
+
+# Codecs may pad their output to whole frames; beyond this the pairing is probably wrong.
+MAX_LENGTH_MISMATCH_S = 0.1
+CONFIDENCE = 0.95
+
+Pair = Tuple[str, str, str]  # (name, reference path, decoded path)
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", required=True, help="folder of reference audio")
+    parser.add_argument("--decoded", help="folder of decoded audio to compare")
+    parser.add_argument("--checkpoint_file_load_Encoder", help="encoder checkpoint: run the codec over --reference")
+    parser.add_argument("--checkpoint_file_load_Decoder", help="decoder checkpoint: run the codec over --reference")
+    parser.add_argument("--config", default="config.json", help="config of the codec (sampling rate, mel settings)")
+    parser.add_argument("--output", default="eval_out", help="folder for the CSV, JSON, Markdown and PNG outputs")
+    parser.add_argument("--speech", action="store_true", help="also compute PESQ-WB and STOI")
+    args = parser.parse_args(argv)
+    checkpoints = [args.checkpoint_file_load_Encoder, args.checkpoint_file_load_Decoder]
+    if args.decoded is None and None in checkpoints:
+        parser.error("give --decoded, or both --checkpoint_file_load_Encoder and --checkpoint_file_load_Decoder")
+    if args.decoded is not None and any(checkpoints):
+        parser.error("--decoded and the checkpoint options exclude each other")
+    return args
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def audio_index(folder: str) -> Dict[str, str]:
+    """Audio files under `folder`, keyed by relative path without extension, sorted."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder not found: {folder}")
+    index: Dict[str, str] = {}
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.lower().endswith(AUDIO_EXTENSIONS):
+                continue
+            path = os.path.join(root, name)
+            key = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
+            if key in index:
+                raise ValueError(f"{index[key]} and {path} have the same name without extension")
+            index[key] = path
+    return index
+
+
+def match_files(reference: Dict[str, str], decoded: Dict[str, str]) -> Tuple[List[Pair], List[str], List[str]]:
+    """(name, reference, decoded) pairs, then the names only in reference, only in decoded."""
+    pairs = [(key, path, decoded[key]) for key, path in reference.items() if key in decoded]
+    missing = [key for key in reference if key not in decoded]
+    extra = [key for key in decoded if key not in reference]
+    return pairs, missing, extra
+
+
+def read_audio(path: str, sampling_rate: int) -> np.ndarray:
+    """Mono audio at `sampling_rate`, with a warning when it had to be resampled."""
+    audio = load_audio(path, sampling_rate)
+    native = sf.info(path).samplerate
+    if native != sampling_rate:
+        warn(f"{path} is {native} Hz; resampled to {sampling_rate} Hz")
+    if audio.size <= METRIC_N_FFT // 2:
+        raise ValueError(f"{path}: {audio.size} samples is too short to evaluate "
+                         f"(needs more than {METRIC_N_FFT // 2})")
+    return audio
+
+
+def read_pair(name: str, ref_path: str, dec_path: str, sampling_rate: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Reference and decoded audio of one file, trimmed to the shorter if they differ a little."""
+    ref, dec = read_audio(ref_path, sampling_rate), read_audio(dec_path, sampling_rate)
+    if ref.size != dec.size:
+        if abs(ref.size - dec.size) > MAX_LENGTH_MISMATCH_S * sampling_rate:
+            raise ValueError(f"{name}: reference {ref_path} has {ref.size} samples, decoded {dec_path} "
+                             f"{dec.size}: too different to align")
+        warn(f"{name}: reference has {ref.size} samples, decoded {dec.size}; trimmed to the shorter")
+        length = min(ref.size, dec.size)
+        ref, dec = ref[:length], dec[:length]
+    return ref, dec
+
+
+def run_codec(h, args: argparse.Namespace, reference: Dict[str, str], decoded_dir: str,
+              device: torch.device) -> Tuple[Dict[str, float], Dict[str, object]]:
+    """Encode and decode every reference file into `decoded_dir`.
+
+    Returns the STFT consistency of each file's predicted spectrum and the codec facts
+    (nominal bitrate, real-time factor of encode + decode) for the summary.
+    """
+    encoder, decoder = load_codec(h, args.checkpoint_file_load_Encoder, args.checkpoint_file_load_Decoder, device)
+    consistency: Dict[str, float] = {}
+    codec_seconds = audio_seconds = 0.0
+    for i, (key, path) in enumerate(reference.items()):
+        audio = torch.from_numpy(read_audio(path, h.sampling_rate)).to(device).unsqueeze(0)
+        if i == 0:
+            # One untimed pass: the first call pays for allocations and kernel selection.
+            codec_roundtrip(encoder, decoder, audio, h)
+        start = time.perf_counter()
+        out = codec_roundtrip(encoder, decoder, audio, h)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        codec_seconds += time.perf_counter() - start
+        audio_seconds += audio.size(-1) / h.sampling_rate
+        consistency[key] = stft_consistency(out["real"][0], out["imag"][0], h).item()
+        write_wav(os.path.join(decoded_dir, key + ".wav"), out["audio"][0].cpu().numpy(), h.sampling_rate)
+    codec = {"bitrate_bps": bitrate(h), "rtf": codec_seconds / audio_seconds,
+             "rtf_device": device.type, "rtf_threads": torch.get_num_threads()}
+    print(f"Decoded {len(reference)} files into {decoded_dir} (RTF {codec['rtf']:.4f} on {device.type})")
+    return consistency, codec
+
+
+def mean_and_ci(values: List[float]) -> Dict[str, object]:
+    """Mean and the t-distribution confidence interval over files (none for a single file)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return {"mean": mean, "ci95": None, "n": int(x.size)}
+    half = scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(x.size)}
+
+
+def _number(value: float) -> str:
+    return f"{value:.5g}"
+
+
+def markdown_report(names: List[str], stats: Dict[str, Dict], notes: List[str]) -> str:
+    """The table (means, then CI half-widths, then which way is better) and notes below it."""
+    def row(cells: List[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+    def half_width(ci: Optional[List[float]]) -> str:
+        return "n/a" if ci is None else "±" + _number((ci[1] - ci[0]) / 2)
+    lines = [row(names), row(["---:"] * len(names)),
+             row([_number(stats[n]["mean"]) for n in names]),
+             row([half_width(stats[n]["ci95"]) for n in names]),
+             row(["higher" if HIGHER_IS_BETTER[n] else "lower" for n in names])]
+    legend = (f"Rows: mean over files, {CONFIDENCE:.0%} confidence half-width (t-distribution over "
+              f"files), which way is better.")
+    return "\n".join(lines + ["", legend] + notes) + "\n"
+
+
+def _json_safe(value):
+    """NaN and infinity (e.g. the SNR of identical files) as null, so the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def csv_text(rows: List[Dict[str, object]], names: List[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["file"] + names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def plot_extremes(extremes: Dict[str, Tuple[str, float, np.ndarray, np.ndarray]], sampling_rate: int, f) -> None:
+    """Reference vs decoded log power and phase, and their differences, for each picked file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = [(label, *extremes[label]) for label in ("worst", "best")]
+    if picks[0][1] == picks[1][1]:
+        picks = picks[:1]
+    fig, axes = plt.subplots(2 * len(picks), 3, figsize=(15, 5 * len(picks)), squeeze=False)
+    for i, (label, name, value, ref, dec) in enumerate(picks):
+        spec_ref, spec_dec = (metric_stft(torch.from_numpy(y)) for y in (ref, dec))
+        power_ref, power_dec = log_power(spec_ref), log_power(spec_dec)
+        pha_ref, pha_dec = torch.angle(spec_ref), torch.angle(spec_dec)
+        panels = [
+            (power_ref, "reference log10 power", "magma"), (power_dec, "decoded log10 power", "magma"),
+            (power_ref - power_dec, "log10 power difference", "coolwarm"),
+            (pha_ref, "reference phase", "twilight"), (pha_dec, "decoded phase", "twilight"),
+            (anti_wrapping(pha_ref - pha_dec), "anti-wrapped phase difference", "viridis"),
+        ]
+        extent = [0, ref.size / sampling_rate, 0, sampling_rate / 2000]
+        for ax, (image, title, cmap) in zip(axes[2 * i:2 * i + 2].flat, panels):
+            im = ax.imshow(image.numpy(), origin="lower", aspect="auto", cmap=cmap, extent=extent,
+                           interpolation="none")
+            ax.set_title(f"{label} by LSD: {name} (LSD {value:.3f})\n{title}", fontsize=9)
+            ax.set_xlabel("time (s)")
+            ax.set_ylabel("kHz")
+            fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=80)
+    plt.close(fig)
+
+
+def _track_extremes(extremes: Dict, name: str, value: float, ref: np.ndarray, dec: np.ndarray) -> None:
+    # Keeping only two pairs in memory lets the figure be drawn without reading files again.
+    if "worst" not in extremes or value > extremes["worst"][1]:
+        extremes["worst"] = (name, value, ref, dec)
+    if "best" not in extremes or value < extremes["best"][1]:
+        extremes["best"] = (name, value, ref, dec)
+
+
+def evaluate(pairs: List[Pair], h, speech: bool, device: torch.device
+             ) -> Tuple[List[Dict[str, object]], Dict[str, Tuple]]:
+    """Per-file metric rows, and the worst and best file by LSD with their audio."""
+    scorers = optional_metrics(speech)
+    rows, extremes = [], {}
+    for name, ref_path, dec_path in pairs:
+        ref, dec = read_pair(name, ref_path, dec_path, h.sampling_rate)
+        row = {"file": name}
+        row.update(compute_metrics(torch.from_numpy(ref).to(device), torch.from_numpy(dec).to(device), h))
+        for metric, score in scorers.items():
+            row[metric] = score(ref, dec, h.sampling_rate)
+        rows.append(row)
+        _track_extremes(extremes, name, row["LSD"], ref, dec)
+    return rows, extremes
+
+
+def write_outputs(output: str, rows: List[Dict[str, object]], summary: Dict[str, object], report: str,
+                  extremes: Dict, sampling_rate: int) -> None:
+    names = list(summary["metrics"])
+    atomic_write(os.path.join(output, "metrics.csv"), lambda f: f.write(csv_text(rows, names).encode()))
+    text = json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"
+    atomic_write(os.path.join(output, "summary.json"), lambda f: f.write(text.encode()))
+    atomic_write(os.path.join(output, "report.md"), lambda f: f.write(report.encode()))
+    atomic_write(os.path.join(output, "spectrograms.png"), lambda f: plot_extremes(extremes, sampling_rate, f))
+
+
+def run(args: argparse.Namespace) -> None:
+    h = load_config(["--config", args.config])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reference = audio_index(args.reference)
+    if not reference:
+        raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {args.reference}")
+    consistency, codec = {}, {}
+    decoded_dir = args.decoded
+    if decoded_dir is None:
+        decoded_dir = os.path.join(args.output, "decoded")
+        consistency, codec = run_codec(h, args, reference, decoded_dir, device)
+    pairs, missing, extra = match_files(reference, audio_index(decoded_dir))
+    if not pairs:
+        raise FileNotFoundError(f"no file of {args.reference} has a match in {decoded_dir}")
+    notes = [f"Evaluated {len(pairs)} files of {args.reference} against {decoded_dir}."]
+    if missing:
+        notes.append(f"Missing from {decoded_dir} ({len(missing)}): {', '.join(missing)}")
+    if extra:
+        notes.append(f"Only in {decoded_dir} ({len(extra)}): {', '.join(extra)}")
+    rows, extremes = evaluate(pairs, h, args.speech, device)
+    for row in rows:
+        if row["file"] in consistency:
+            row["STFT_consistency"] = consistency[row["file"]]
+    names = [n for n in rows[0] if n != "file"]
+    stats = {n: mean_and_ci([row[n] for row in rows]) for n in names}
+    if codec:
+        notes.append(f"Nominal bitrate {codec['bitrate_bps']:.0f} bit/s; RTF (encode + decode) "
+                     f"{codec['rtf']:.4f} on {codec['rtf_device']} with {codec['rtf_threads']} threads.")
+    summary = {"metrics": stats, "files": {"evaluated": len(pairs), "missing": missing, "extra": extra},
+               "reference": args.reference, "decoded": decoded_dir, **codec}
+    report = markdown_report(names, stats, notes)
+    write_outputs(args.output, rows, summary, report, extremes, h.sampling_rate)
+    print(report, end="")
+    print(f"Wrote metrics.csv, summary.json, report.md and spectrograms.png to {args.output}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

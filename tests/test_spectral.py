@@ -1,0 +1,145 @@
+"""spectral.py against an independent numpy STFT (SPEC §1)."""
+import librosa
+import numpy as np
+import pytest
+import torch
+
+import spectral
+from conftest import tone
+
+SR, N_FFT, HOP, WIN, MELS = 48000, 1024, 40, 320, 80
+
+
+def hann_periodic(win):
+    n = np.arange(win)
+    return 0.5 - 0.5 * np.cos(2 * np.pi * n / win)
+
+
+def hann_symmetric(win):
+    n = np.arange(win)
+    return 0.5 - 0.5 * np.cos(2 * np.pi * n / (win - 1))
+
+
+def numpy_stft(y, n_fft=N_FFT, hop=HOP, win=WIN, window_fn=hann_periodic, centre_window=True):
+    """rfft of reflect-padded frames; the win-sample window sits centred in n_fft zeros. y: (L,) -> (F, T)."""
+    window = np.zeros(n_fft)
+    left = (n_fft - win) // 2 if centre_window else 0
+    window[left:left + win] = window_fn(win)
+    padded = np.pad(np.asarray(y, dtype=np.float64), n_fft // 2, mode="reflect")
+    frames = len(y) // hop + 1
+    cols = [padded[t * hop:t * hop + n_fft] * window for t in range(frames)]
+    return np.fft.rfft(np.stack(cols, axis=1), axis=0)
+
+
+def batch(length, seeds=(0, 1)):
+    ys = [tone(length / SR + 0.01, f0=190.0 + 37 * s, seed=s)[:length] for s in seeds]
+    return np.stack(ys)
+
+
+def wrapped(x):
+    return np.abs(np.angle(np.exp(1j * x)))
+
+
+@pytest.mark.parametrize("length", [4800, 4813, 4839, 7960])
+def test_frame_count_and_shapes(length):
+    y = torch.from_numpy(batch(length))
+    outs = spectral.amp_pha_spectrum(y, N_FFT, HOP, WIN)
+    frames = length // HOP + 1
+    for out in outs:
+        assert out.shape == (2, N_FFT // 2 + 1, frames)
+    mel = spectral.mel_spectrogram(y, SR, N_FFT, MELS, HOP, WIN)
+    assert mel.shape == (2, MELS, frames)
+
+
+@pytest.mark.parametrize("length", [4800, 4813])
+def test_amp_pha_real_imag_match_numpy(length):
+    y = batch(length)
+    logamp, pha, real, imag = [t.double().numpy() for t in
+                               spectral.amp_pha_spectrum(torch.from_numpy(y), N_FFT, HOP, WIN)]
+    for b in range(2):
+        ref = numpy_stft(y[b])
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(real[b], ref.real, atol=2e-6 * scale, rtol=0)
+        np.testing.assert_allclose(imag[b], ref.imag, atol=2e-6 * scale, rtol=0)
+        # log(|S| + 1e-5): compare where the log is well conditioned, and |S| + 1e-5 everywhere.
+        mag = np.abs(ref)
+        np.testing.assert_allclose(np.exp(logamp[b]), mag + 1e-5, atol=2e-6 * scale, rtol=0)
+        loud = mag > 1e-3 * scale
+        assert loud.mean() > 0.5
+        np.testing.assert_allclose(logamp[b][loud], np.log(mag + 1e-5)[loud], atol=1e-4, rtol=0)
+        # phase: atan2(Im, Re) in [-pi, pi], equal up to wrapping where the bin is not silent.
+        assert np.all(np.abs(pha[b]) <= np.pi + 1e-6)
+        ref_phase = np.arctan2(ref.imag, ref.real)
+        assert wrapped(pha[b] - ref_phase)[loud].max() < 1e-3
+
+
+def test_numpy_reference_is_sensitive_to_window_details():
+    """The tolerances above would catch a symmetric Hann or an uncentred window."""
+    y = batch(4800)[0]
+    _, _, real, imag = spectral.amp_pha_spectrum(torch.from_numpy(y)[None], N_FFT, HOP, WIN)
+    ours = real[0].double().numpy() + 1j * imag[0].double().numpy()
+    scale = np.abs(ours).max()
+    for wrong in (numpy_stft(y, window_fn=hann_symmetric), numpy_stft(y, centre_window=False)):
+        assert np.abs(ours - wrong).max() > 100 * 2e-6 * scale
+
+
+def test_silence_log_amplitude_floor():
+    logamp, pha, real, imag = spectral.amp_pha_spectrum(torch.zeros(1, 800), N_FFT, HOP, WIN)
+    assert torch.allclose(logamp, torch.full_like(logamp, np.log(1e-5)), atol=1e-6)
+    assert torch.all(real == 0) and torch.all(imag == 0) and torch.all(pha == 0)
+
+
+@pytest.mark.parametrize("length", [4800, 7960])
+def test_istft_round_trip_exact(length):
+    y = torch.from_numpy(batch(length))
+    _, _, real, imag = spectral.amp_pha_spectrum(y, N_FFT, HOP, WIN)
+    out = spectral.istft(real, imag, N_FFT, HOP, WIN)
+    assert out.shape == (2, HOP * (real.shape[-1] - 1)) == (2, length)
+    # Edges included: with center=True and a Hann window at hop 40 the overlap-add is exact.
+    assert (out - y).abs().max() < 2e-5
+
+
+def test_istft_round_trip_length_not_whole_hops():
+    length = 4837
+    y = torch.from_numpy(batch(length))
+    _, _, real, imag = spectral.amp_pha_spectrum(y, N_FFT, HOP, WIN)
+    out = spectral.istft(real, imag, N_FFT, HOP, WIN)
+    assert out.shape == (2, length // HOP * HOP)
+    assert (out - y[:, :out.shape[1]]).abs().max() < 2e-5
+
+
+def test_istft_of_a_changed_spectrum_differs():
+    """The round trip test can fail: a perturbed spectrum does not give the input back."""
+    y = torch.from_numpy(batch(4800))
+    _, _, real, imag = spectral.amp_pha_spectrum(y, N_FFT, HOP, WIN)
+    out = spectral.istft(real * 1.01, imag, N_FFT, HOP, WIN)
+    assert (out - y).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("length", [4800, 4813])
+def test_mel_spectrogram_matches_librosa_filterbank(length):
+    y = batch(length)
+    mel = spectral.mel_spectrogram(torch.from_numpy(y), SR, N_FFT, MELS, HOP, WIN).double().numpy()
+    basis = librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=MELS).astype(np.float64)  # Slaney, fmax sr/2
+    for b in range(2):
+        ref = numpy_stft(y[b])
+        magnitude = np.sqrt(ref.real ** 2 + ref.imag ** 2 + 1e-9)
+        expected = np.log(np.maximum(basis @ magnitude, 1e-5))
+        np.testing.assert_allclose(mel[b], expected, atol=1e-4, rtol=0)
+
+
+def test_mel_is_slaney_not_htk_or_unnormalised():
+    y = batch(4800)[:1]
+    mel = spectral.mel_spectrogram(torch.from_numpy(y), SR, N_FFT, MELS, HOP, WIN)[0].double().numpy()
+    magnitude = np.abs(numpy_stft(y[0]))
+    for kwargs in ({"htk": True}, {"norm": None}):
+        other = np.log(np.maximum(librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=MELS, **kwargs) @ magnitude, 1e-5))
+        assert np.abs(mel - other).max() > 0.1
+
+
+def test_mel_of_silence():
+    """sqrt(0 + 1e-9) per bin, then the 1e-5 floor of the log."""
+    mel = spectral.mel_spectrogram(torch.zeros(1, 800), SR, N_FFT, MELS, HOP, WIN)[0].double().numpy()
+    basis = librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=MELS).astype(np.float64)
+    expected = np.log(np.maximum(basis.sum(axis=1) * np.sqrt(1e-9), 1e-5))
+    np.testing.assert_allclose(mel, np.repeat(expected[:, None], mel.shape[1], axis=1), atol=1e-5)

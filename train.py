@@ -1,0 +1,244 @@
+"""Train APCodec (SPEC §7).
+
+    python train.py [--config config.json] [--KEY VALUE ...]
+
+Resumes automatically from the newest complete checkpoint set in `checkpoint_path`.
+Runs on CUDA when available, otherwise on the CPU.
+"""
+import os
+import random
+import sys
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+
+import losses
+from dataset import AudioDataset, read_filelist, spectral_targets
+from metrics import compute_metrics
+from models import (Decoder, Encoder, MultiPeriodDiscriminator, MultiResolutionDiscriminator,
+                    load_release_state_dict, release_parameters, release_state_dict)
+from utils import (ConfigError, bitrate, load_checkpoint, load_config, newest_complete_step,
+                   plot_spectrogram, save_checkpoint, save_config)
+
+# Names of the terms printed and logged, in the release's stdout order.
+TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
+# How many validation utterances get audio and figures in TensorBoard.
+LOGGED_VALIDATION_ITEMS = 5
+
+
+class Trainer:
+    """Models, optimizers and schedulers of one run, with the release's parameter order."""
+
+    def __init__(self, h, device: torch.device):
+        self.h, self.device = h, device
+        self.encoder = Encoder(h).to(device)
+        self.decoder = Decoder(h).to(device)
+        self.mpd = MultiPeriodDiscriminator(h).to(device)
+        self.mrd = MultiResolutionDiscriminator(h).to(device)
+        betas = (h.adam_b1, h.adam_b2)
+        self.optim_g = torch.optim.AdamW(
+            release_parameters(self.encoder) + release_parameters(self.decoder), h.learning_rate, betas=betas)
+        self.optim_d = torch.optim.AdamW(
+            release_parameters(self.mrd) + release_parameters(self.mpd), h.learning_rate, betas=betas)
+        self.steps, self.last_epoch = 0, -1
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint set, as the release does: continue at step + 1,
+        restart the saved epoch, rebuild the schedulers from the epoch."""
+        step = newest_complete_step(self.h.checkpoint_path)
+        if step is not None:
+            folder = self.h.checkpoint_path
+            encoder_path = os.path.join(folder, f"encoder_{step:08d}")
+            decoder_path = os.path.join(folder, f"decoder_{step:08d}")
+            do_path = os.path.join(folder, f"do_{step:08d}")
+            load_release_state_dict(self.encoder, load_checkpoint(encoder_path, self.device)["encoder"], encoder_path)
+            load_release_state_dict(self.decoder, load_checkpoint(decoder_path, self.device)["decoder"], decoder_path)
+            state = load_checkpoint(do_path, self.device)
+            load_release_state_dict(self.mpd, state["mpd"], do_path)
+            load_release_state_dict(self.mrd, state["mrd"], do_path)
+            self.optim_g.load_state_dict(state["optim_g"])
+            self.optim_d.load_state_dict(state["optim_d"])
+            self.steps, self.last_epoch = state["steps"] + 1, state["epoch"]
+            print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}")
+        self.scheduler_g = torch.optim.lr_scheduler.ExponentialLR(
+            self.optim_g, gamma=self.h.lr_decay, last_epoch=self.last_epoch)
+        self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(
+            self.optim_d, gamma=self.h.lr_decay, last_epoch=self.last_epoch)
+
+    def save(self, step: int, epoch: int) -> None:
+        """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists."""
+        folder = self.h.checkpoint_path
+        save_checkpoint(os.path.join(folder, f"encoder_{step:08d}"), {"encoder": release_state_dict(self.encoder)})
+        save_checkpoint(os.path.join(folder, f"decoder_{step:08d}"), {"decoder": release_state_dict(self.decoder)})
+        save_checkpoint(os.path.join(folder, f"do_{step:08d}"), {
+            "mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
+            "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
+            "steps": step, "epoch": epoch})
+
+    def codec(self, audio: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Targets of audio (B, L) and the codec's output for it, both as dicts of tensors."""
+        ref = spectral_targets(audio, self.h)
+        latent, commitment, codebook = self.encoder(ref["logamp"], ref["pha"])
+        logamp, pha, real, imag, y_g = self.decoder(latent)
+        gen = {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "audio": y_g,
+               "commitment": commitment, "codebook": codebook}
+        return ref, gen
+
+    def discriminator_step(self, y: torch.Tensor, y_g: torch.Tensor) -> torch.Tensor:
+        """One discriminator update on the detached generator output. y, y_g: (B, 1, L)."""
+        self.optim_d.zero_grad()
+        mpd_real, mpd_fake, _, _ = self.mpd(y, y_g.detach())
+        mrd_real, mrd_fake, _, _ = self.mrd(y, y_g.detach())
+        loss = (losses.discriminator_loss(mpd_real, mpd_fake)
+                + losses.WEIGHTS["mrd"] * losses.discriminator_loss(mrd_real, mrd_fake))
+        loss.backward()
+        self.optim_d.step()
+        return loss
+
+    def generator_step(self, y: torch.Tensor, ref: Dict[str, torch.Tensor],
+                       gen: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One encoder + decoder update; returns every loss term and the total as 'G'."""
+        self.optim_g.zero_grad()
+        terms = losses.spectral_losses(ref, gen, self.h)
+        _, mpd_fake, mpd_real_fmaps, mpd_fake_fmaps = self.mpd(y, gen["audio"])
+        _, mrd_fake, mrd_real_fmaps, mrd_fake_fmaps = self.mrd(y, gen["audio"])
+        w = losses.WEIGHTS["mrd"]
+        terms["GAN"] = (losses.generator_adversarial_loss(mpd_fake)
+                        + w * losses.generator_adversarial_loss(mrd_fake))
+        terms["FM"] = (losses.feature_matching_loss(mpd_real_fmaps, mpd_fake_fmaps)
+                       + w * losses.feature_matching_loss(mrd_real_fmaps, mrd_fake_fmaps))
+        terms["codebook"], terms["commitment"] = gen["codebook"], gen["commitment"]
+        terms["G"] = losses.generator_total(terms)
+        terms["G"].backward()
+        self.optim_g.step()
+        return terms
+
+    def train_step(self, audio: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """D step then G step on a batch of segments (B, L); returns the detached loss terms."""
+        audio = audio.to(self.device, non_blocking=True)
+        ref, gen = self.codec(audio)
+        y = audio.unsqueeze(1)
+        loss_d = self.discriminator_step(y, gen["audio"])
+        terms = self.generator_step(y, ref, gen)
+        terms["D"] = loss_d
+        return {name: value.detach() for name, value in terms.items()}
+
+    @torch.no_grad()
+    def validate(self, loader: DataLoader, writer: SummaryWriter) -> Dict[str, float]:
+        """Mean loss terms and metrics over whole validation utterances (batch 1)."""
+        self.encoder.eval()
+        self.decoder.eval()
+        totals: Dict[str, float] = {}
+        count = 0
+        for j, audio in enumerate(loader):
+            audio = audio.to(self.device)
+            ref, gen = self.codec(audio)
+            values = {k: v.item() for k, v in losses.spectral_losses(ref, gen, self.h).items()}
+            values.update(compute_metrics(audio[0], gen["audio"][0, 0], self.h))
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0.0) + value
+            count += 1
+            if j < LOGGED_VALIDATION_ITEMS:
+                self._log_example(writer, j, audio, ref, gen)
+        self.encoder.train()
+        self.decoder.train()
+        means = {name: total / max(count, 1) for name, total in totals.items()}
+        for name, value in means.items():
+            writer.add_scalar(f"Validation/{name}", value, self.steps)
+        return means
+
+    def _log_example(self, writer: SummaryWriter, j: int, audio, ref, gen) -> None:
+        sr = self.h.sampling_rate
+        if self.steps == 0:
+            writer.add_audio(f"gt/y_{j}", audio[0:1], self.steps, sr)
+            writer.add_figure(f"gt/y_logamp_{j}", plot_spectrogram(ref["logamp"][0].cpu().numpy()), self.steps)
+            writer.add_figure(f"gt/y_pha_{j}", plot_spectrogram(ref["pha"][0].cpu().numpy()), self.steps)
+        writer.add_audio(f"generated/y_g_{j}", gen["audio"][0], self.steps, sr)
+        writer.add_figure(f"generated/y_g_logamp_{j}", plot_spectrogram(gen["logamp"][0].cpu().numpy()), self.steps)
+        writer.add_figure(f"generated/y_g_pha_{j}", plot_spectrogram(gen["pha"][0].cpu().numpy()), self.steps)
+
+
+def build_loaders(h) -> Tuple[DataLoader, DataLoader]:
+    train_files = read_filelist(h.input_training_wav_list)
+    valid_files = read_filelist(h.input_validation_wav_list)
+    if len(train_files) < h.batch_size:
+        raise ValueError(f"{h.input_training_wav_list} lists {len(train_files)} files, fewer than "
+                         f"batch_size ({h.batch_size}): no full batch can be drawn")
+    # Shuffled once with the seed and kept in that order every epoch, as in the release.
+    random.Random(h.seed).shuffle(train_files)
+    pin = torch.cuda.is_available()
+    train_loader = DataLoader(AudioDataset(train_files, h, train=True), batch_size=h.batch_size,
+                              shuffle=False, num_workers=h.num_workers, pin_memory=pin, drop_last=True,
+                              persistent_workers=h.num_workers > 0)
+    valid_loader = DataLoader(AudioDataset(valid_files, h, train=False), batch_size=1,
+                              shuffle=False, num_workers=min(1, h.num_workers), pin_memory=pin)
+    return train_loader, valid_loader
+
+
+def format_terms(values: Dict[str, float]) -> str:
+    return ", ".join(f"{name} {values[name]:.3f}" for name in ("G", "D") + TERM_NAMES)
+
+
+def train(h, device: Optional[torch.device] = None) -> Trainer:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(h.seed)
+    random.seed(h.seed)
+    torch.backends.cudnn.benchmark = True
+    os.makedirs(h.checkpoint_path, exist_ok=True)
+    save_config(h, os.path.join(h.checkpoint_path, "config.json"))
+    train_loader, valid_loader = build_loaders(h)
+
+    trainer = Trainer(h, device)
+    trainer.resume()
+    print(f"Training on {device.type}: {bitrate(h):.0f} bit/s codec, checkpoints and logs in "
+          f"{os.path.abspath(h.checkpoint_path)}")
+    writer = SummaryWriter(os.path.join(h.checkpoint_path, "logs"))
+    for module in (trainer.encoder, trainer.decoder, trainer.mpd, trainer.mrd):
+        module.train()
+
+    last_saved = trainer.steps - 1
+    for epoch in range(max(0, trainer.last_epoch), h.training_epochs):
+        epoch_start = time.time()
+        print(f"Epoch: {epoch + 1}")
+        for audio in train_loader:
+            step_start = time.time()
+            terms = trainer.train_step(audio)
+            steps = trainer.steps
+            # .item() waits for the GPU, so values are read only on logging steps.
+            if steps % h.stdout_interval == 0:
+                values = {name: value.item() for name, value in terms.items()}
+                print(f"Steps {steps:d}: {format_terms(values)}, s/b {time.time() - step_start:.3f}")
+            if steps % h.checkpoint_interval == 0 and steps != 0:
+                trainer.save(steps, epoch)
+                last_saved = steps
+            if steps % h.summary_interval == 0:
+                for name, value in terms.items():
+                    writer.add_scalar(f"Training/{name}", value.item(), steps)
+                writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
+            if steps % h.validation_interval == 0:
+                means = trainer.validate(valid_loader, writer)
+                print(f"Validation at step {steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+            trainer.steps += 1
+        trainer.scheduler_g.step()
+        trainer.scheduler_d.step()
+        print(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
+    writer.close()
+    # Keep the final weights even when the run ends between checkpoint intervals.
+    if trainer.steps - 1 > last_saved:
+        trainer.save(trainer.steps - 1, h.training_epochs - 1)
+    return trainer
+
+
+def main(argv=None) -> None:
+    try:
+        h = load_config(argv, description=__doc__)
+        train(h)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
