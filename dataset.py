@@ -9,6 +9,7 @@ import soundfile as sf
 import torch
 import torch.utils.data
 
+from metrics import METRIC_N_FFT
 from spectral import amp_pha_spectrum, mel_spectrogram
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -92,9 +93,11 @@ class AudioDataset(torch.utils.data.Dataset):
         audio = torch.from_numpy(load_audio(self.files[index], h.sampling_rate))
         if not self.train:
             audio = trim_for_validation(audio, h.hop_size, h.ratio)
-            if audio.numel() == 0:
-                raise ValueError(f"validation file {self.files[index]} is too short "
-                                 f"(needs at least {(h.ratio - 1) * h.hop_size} samples)")
+            # Reflect padding of the loss and metric STFTs needs more than half a frame.
+            shortest = max(h.n_fft, METRIC_N_FFT) // 2 + 1
+            if audio.numel() < shortest:
+                raise ValueError(f"validation file {self.files[index]} is too short: {audio.numel()} "
+                                 f"samples after trimming, needs at least {shortest}")
             return audio
         if audio.numel() >= h.segment_size:
             start = random.randint(0, audio.numel() - h.segment_size)

@@ -30,8 +30,8 @@ import torch
 from dataset import AUDIO_EXTENSIONS, load_audio
 from inference import codec_roundtrip, load_codec, write_wav
 from losses import anti_wrapping
-from metrics import (HIGHER_IS_BETTER, METRIC_N_FFT, compute_metrics, log_power, metric_stft,
-                     optional_metrics, stft_consistency)
+from metrics import (HIGHER_IS_BETTER, METRIC_N_FFT, POWER_FLOOR, compute_metrics, log_power,
+                     metric_stft, optional_metrics, stft_consistency)
 from utils import ConfigError, atomic_write, bitrate, load_config
 
 # Codecs may pad their output to whole frames; beyond this the pairing is probably wrong.
@@ -114,14 +114,14 @@ def read_pair(name: str, ref_path: str, dec_path: str, sampling_rate: int) -> Tu
     return ref, dec
 
 
-def run_codec(h, args: argparse.Namespace, reference: Dict[str, str], decoded_dir: str,
+def run_codec(h, encoder_path: str, decoder_path: str, reference: Dict[str, str], decoded_dir: str,
               device: torch.device) -> Tuple[Dict[str, float], Dict[str, object]]:
     """Encode and decode every reference file into `decoded_dir`.
 
     Returns the STFT consistency of each file's predicted spectrum and the codec facts
     (nominal bitrate, real-time factor of encode + decode) for the summary.
     """
-    encoder, decoder = load_codec(h, args.checkpoint_file_load_Encoder, args.checkpoint_file_load_Decoder, device)
+    encoder, decoder = load_codec(h, encoder_path, decoder_path, device)
     consistency: Dict[str, float] = {}
     codec_seconds = audio_seconds = 0.0
     for i, (key, path) in enumerate(reference.items()):
@@ -161,6 +161,7 @@ def markdown_report(names: List[str], stats: Dict[str, Dict], notes: List[str]) 
     """The table (means, then CI half-widths, then which way is better) and notes below it."""
     def row(cells: List[str]) -> str:
         return "| " + " | ".join(cells) + " |"
+
     def half_width(ci: Optional[List[float]]) -> str:
         return "n/a" if ci is None else "±" + _number((ci[1] - ci[0]) / 2)
     lines = [row(names), row(["---:"] * len(names)),
@@ -205,21 +206,27 @@ def plot_extremes(extremes: Dict[str, Tuple[str, float, np.ndarray, np.ndarray]]
         spec_ref, spec_dec = (metric_stft(torch.from_numpy(y)) for y in (ref, dec))
         power_ref, power_dec = log_power(spec_ref), log_power(spec_dec)
         pha_ref, pha_dec = torch.angle(spec_ref), torch.angle(spec_dec)
+        # Shared colour limits, so that the reference and decoded panels compare by eye.
+        power_limits = (math.log10(POWER_FLOOR), max(power_ref.max().item(), power_dec.max().item()))
+        spread = (power_ref - power_dec).abs().max().item() or 1.0
         panels = [
-            (power_ref, "reference log10 power", "magma"), (power_dec, "decoded log10 power", "magma"),
-            (power_ref - power_dec, "log10 power difference", "coolwarm"),
-            (pha_ref, "reference phase", "twilight"), (pha_dec, "decoded phase", "twilight"),
-            (anti_wrapping(pha_ref - pha_dec), "anti-wrapped phase difference", "viridis"),
+            (power_ref, "reference log10 power", "magma", power_limits),
+            (power_dec, "decoded log10 power", "magma", power_limits),
+            (power_ref - power_dec, "log10 power difference", "coolwarm", (-spread, spread)),
+            (pha_ref, "reference phase", "twilight", (-math.pi, math.pi)),
+            (pha_dec, "decoded phase", "twilight", (-math.pi, math.pi)),
+            (anti_wrapping(pha_ref - pha_dec), "anti-wrapped phase difference", "viridis", (0, math.pi)),
         ]
         extent = [0, ref.size / sampling_rate, 0, sampling_rate / 2000]
-        for ax, (image, title, cmap) in zip(axes[2 * i:2 * i + 2].flat, panels):
+        for ax, (image, title, cmap, (low, high)) in zip(axes[2 * i:2 * i + 2].flat, panels):
             im = ax.imshow(image.numpy(), origin="lower", aspect="auto", cmap=cmap, extent=extent,
-                           interpolation="none")
+                           vmin=low, vmax=high, interpolation="none")
             ax.set_title(f"{label} by LSD: {name} (LSD {value:.3f})\n{title}", fontsize=9)
             ax.set_xlabel("time (s)")
             ax.set_ylabel("kHz")
             fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    # Fixed spacing: an automatic layout costs seconds for twelve colour-barred panels.
+    fig.subplots_adjust(hspace=0.6, wspace=0.25, left=0.05, right=0.98, top=0.94, bottom=0.06)
     fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
 
@@ -268,7 +275,8 @@ def run(args: argparse.Namespace) -> None:
     decoded_dir = args.decoded
     if decoded_dir is None:
         decoded_dir = os.path.join(args.output, "decoded")
-        consistency, codec = run_codec(h, args, reference, decoded_dir, device)
+        consistency, codec = run_codec(h, args.checkpoint_file_load_Encoder, args.checkpoint_file_load_Decoder,
+                                       reference, decoded_dir, device)
     pairs, missing, extra = match_files(reference, audio_index(decoded_dir))
     if not pairs:
         raise FileNotFoundError(f"no file of {args.reference} has a match in {decoded_dir}")

@@ -11,8 +11,8 @@ import torch
 
 
 @lru_cache(maxsize=None)
-def _hann(win_size: int, device: torch.device) -> torch.Tensor:
-    return torch.hann_window(win_size, device=device)
+def _hann(win_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.hann_window(win_size, device=device, dtype=dtype)
 
 
 @lru_cache(maxsize=None)
@@ -28,7 +28,7 @@ def stft(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int) -> torch.Ten
     y: (B, L) -> complex (B, n_fft // 2 + 1, L // hop_size + 1)
     """
     return torch.stft(y, n_fft, hop_length=hop_size, win_length=win_size,
-                      window=_hann(win_size, y.device), center=True, pad_mode="reflect",
+                      window=_hann(win_size, y.device, y.dtype), center=True, pad_mode="reflect",
                       return_complex=True)
 
 
@@ -37,7 +37,7 @@ def istft(real: torch.Tensor, imag: torch.Tensor, n_fft: int, hop_size: int,
     """Inverse of `stft`. real, imag: (B, F, T) -> (B, hop_size * (T - 1))."""
     spec = torch.complex(real, imag)
     return torch.istft(spec, n_fft, hop_length=hop_size, win_length=win_size,
-                       window=_hann(win_size, real.device), center=True)
+                       window=_hann(win_size, real.device, real.dtype), center=True)
 
 
 def amp_pha_spectrum(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int

@@ -1,0 +1,188 @@
+"""evaluate.py end to end: file matching, alignment, the three reports agreeing, codec mode."""
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import ROOT, TINY, make_config, tone, write_tone
+import evaluate
+from inference import codec_roundtrip, load_codec
+from metrics import stft_consistency
+from models import Decoder, Encoder, release_state_dict
+from utils import bitrate
+
+SR = 48000
+CONFIG = os.path.join(ROOT, "config.json")
+
+
+def run_main(argv, monkeypatch_modules=None):
+    """main(argv) with stdout and stderr captured; `monkeypatch_modules` replaces sys.modules entries."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for name, module in (monkeypatch_modules or {}).items():
+            mp.setitem(sys.modules, name, module)
+        evaluate.main(argv)
+    return out.getvalue(), err.getvalue()
+
+
+def markdown_table(text):
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    return rows[0], rows[2]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    ref, dec, out = root / "ref", root / "dec", root / "out"
+    (ref / "sub").mkdir(parents=True)
+    (dec / "sub").mkdir(parents=True)
+    half = tone(0.5, SR, seed=1)
+    sf.write(ref / "half.wav", half, SR, subtype="FLOAT")
+    sf.write(dec / "half.wav", 0.5 * half, SR, subtype="FLOAT")
+    # Matched across extensions and a subfolder, 5 samples longer: aligned with a warning.
+    write_tone(str(ref / "sub" / "longer.flac"), 0.5, SR, seed=2)
+    sf.write(dec / "sub" / "longer.wav", np.r_[tone(0.5, SR, seed=2), np.zeros(5, np.float32)], SR)
+    write_tone(str(ref / "rate.wav"), 0.5, SR, seed=4)
+    write_tone(str(dec / "rate.wav"), 0.5, 24000, seed=4)
+    write_tone(str(ref / "only_ref.wav"), 0.5, SR, seed=5)
+    write_tone(str(dec / "only_dec.wav"), 0.5, SR, seed=6)
+    stdout, stderr = run_main(["--reference", str(ref), "--decoded", str(dec), "--output", str(out),
+                               "--config", CONFIG], {"visqol": None})
+    return {"out": out, "stdout": stdout, "stderr": stderr}
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_outputs_exist_and_png_is_an_image(folder_run):
+    names = sorted(os.listdir(folder_run["out"]))
+    assert names == ["metrics.csv", "report.md", "spectrograms.png", "summary.json"]
+    with open(folder_run["out"] / "spectrograms.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_json_and_markdown_agree(folder_run):
+    rows = read_csv(folder_run["out"] / "metrics.csv")
+    with open(folder_run["out"] / "summary.json") as f:
+        summary = json.load(f)
+    with open(folder_run["out"] / "report.md") as f:
+        report = f.read()
+    assert report in folder_run["stdout"]
+    header, means = markdown_table(report)
+    assert header == ["LSD", "AWPD_IP", "AWPD_GD", "AWPD_IAF", "SNR", "MelDistance"]
+    assert list(rows[0]) == ["file"] + header
+    assert list(summary["metrics"]) == header
+    for name, shown in zip(header, means):
+        values = [float(row[name]) for row in rows]
+        stats = summary["metrics"][name]
+        assert stats["mean"] == pytest.approx(np.mean(values), rel=1e-9)
+        assert float(shown) == pytest.approx(stats["mean"], rel=1e-4)
+        assert stats["n"] == 3
+        low, high = stats["ci95"]
+        assert low < stats["mean"] < high
+
+
+def test_confidence_interval_uses_the_t_distribution():
+    # t(0.975, 2 dof) = 4.302653; values 1, 2, 3 have standard deviation 1.
+    stats = evaluate.mean_and_ci([1.0, 2.0, 3.0])
+    assert stats["ci95"] == pytest.approx([2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)], rel=1e-6)
+    assert evaluate.mean_and_ci([5.0]) == {"mean": 5.0, "ci95": None, "n": 1}
+
+
+def test_files_are_matched_by_relative_name(folder_run):
+    rows = {row["file"]: row for row in read_csv(folder_run["out"] / "metrics.csv")}
+    assert sorted(rows) == ["half", "rate", "sub/longer"]
+    # Exact closed forms on the float wavs: half amplitude.
+    assert float(rows["half"]["LSD"]) == pytest.approx(math.log10(4), abs=1e-5)
+    assert float(rows["half"]["SNR"]) == pytest.approx(10 * math.log10(4), abs=1e-4)
+    with open(folder_run["out"] / "summary.json") as f:
+        files = json.load(f)["files"]
+    assert files == {"evaluated": 3, "missing": ["only_ref"], "extra": ["only_dec"]}
+    assert "only_ref" in folder_run["stdout"] and "only_dec" in folder_run["stdout"]
+
+
+def test_length_and_rate_mismatches_are_warned(folder_run):
+    assert "sub/longer: reference has 24000 samples, decoded 24005; trimmed to the shorter" in folder_run["stderr"]
+    assert "rate.wav is 24000 Hz; resampled to 48000 Hz" in folder_run["stderr"]
+
+
+def test_missing_optional_package_drops_its_column(folder_run):
+    assert "ViSQOL skipped: package visqol-python not installed" in folder_run["stdout"]
+    assert "ViSQOL" not in read_csv(folder_run["out"] / "metrics.csv")[0]
+
+
+@pytest.fixture
+def folders(tmp_path):
+    for folder, name in (("ref", "a.wav"), ("other", "b.wav")):
+        (tmp_path / folder).mkdir()
+        write_tone(str(tmp_path / folder / name), 0.1)
+    return tmp_path
+
+
+@pytest.mark.parametrize("ref, dec, message", [
+    ("nowhere", "other", "folder not found: {tmp}/nowhere"),
+    ("ref", "nowhere", "folder not found: {tmp}/nowhere"),
+    ("ref", "other", "no file of {tmp}/ref has a match in {tmp}/other"),
+])
+def test_bad_input_exits_with_one_line_naming_the_path(folders, ref, dec, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--reference", str(folders / ref), "--decoded", str(folders / dec),
+                       "--output", str(folders / "out"), "--config", CONFIG])
+    assert str(exit_info.value) == "error: " + message.format(tmp=folders)
+
+
+def test_lengths_far_apart_are_refused(tmp_path):
+    write_tone(str(tmp_path / "a.wav"), 0.5)
+    (tmp_path / "dec").mkdir()
+    write_tone(str(tmp_path / "dec" / "a.wav"), 0.2)
+    with pytest.raises(SystemExit, match="too different to align"):
+        evaluate.main(["--reference", str(tmp_path), "--decoded", str(tmp_path / "dec"),
+                       "--output", str(tmp_path / "out"), "--config", CONFIG])
+
+
+def test_checkpoint_mode_runs_the_codec(tmp_path):
+    h = make_config(**TINY)
+    torch.manual_seed(0)
+    for name, module in (("encoder", Encoder(h)), ("decoder", Decoder(h))):
+        torch.save({name: release_state_dict(module)}, tmp_path / name)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(h))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for seed in (1, 2):
+        write_tone(str(ref / f"t{seed}.wav"), 0.25, SR, seed=seed)
+    out = tmp_path / "out"
+    fake_visqol = types.SimpleNamespace(VisqolApi=lambda: types.SimpleNamespace(
+        create=lambda mode: None,
+        measure_from_arrays=lambda r, d, sample_rate: types.SimpleNamespace(moslqo=4.0)))
+    stdout, _ = run_main(["--reference", str(ref), "--checkpoint_file_load_Encoder", str(tmp_path / "encoder"),
+                          "--checkpoint_file_load_Decoder", str(tmp_path / "decoder"),
+                          "--config", str(config), "--output", str(out)], {"visqol": fake_visqol})
+
+    decoded, _ = sf.read(out / "decoded" / "t1.wav")
+    assert decoded.size == 12000
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["bitrate_bps"] == bitrate(h)
+    assert summary["rtf"] > 0 and summary["rtf_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = {row["file"]: row for row in read_csv(out / "metrics.csv")}
+    assert float(rows["t1"]["ViSQOL"]) == 4.0
+    header, _ = markdown_table(stdout)
+    assert header[-2:] == ["ViSQOL", "STFT_consistency"]
+    encoder, decoder = load_codec(h, str(tmp_path / "encoder"), str(tmp_path / "decoder"), torch.device("cpu"))
+    audio = torch.from_numpy(sf.read(ref / "t1.wav", dtype="float32")[0]).unsqueeze(0)
+    result = codec_roundtrip(encoder, decoder, audio, h)
+    expected = stft_consistency(result["real"][0], result["imag"][0], h).item()
+    # Recomputed on the CPU; evaluate.py may have run on a GPU.
+    assert float(rows["t1"]["STFT_consistency"]) == pytest.approx(expected, rel=1e-3)

@@ -1,0 +1,93 @@
+"""inference.py: every input gives a wav of exactly its (resampled) length; release path kept bit for bit."""
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import inference
+from conftest import TINY, make_config, tone, write_tone
+from dataset import load_audio
+from models import Decoder, Encoder, load_release_state_dict, release_state_dict
+from spectral import amp_pha_spectrum
+
+
+def _save_random_codec(h, folder):
+    torch.manual_seed(0)
+    encoder, decoder = Encoder(h), Decoder(h)
+    enc_path, dec_path = os.path.join(folder, "encoder_00000001"), os.path.join(folder, "decoder_00000001")
+    torch.save({"encoder": release_state_dict(encoder)}, enc_path)
+    torch.save({"decoder": release_state_dict(decoder)}, dec_path)
+    return enc_path, dec_path
+
+
+def test_inference_writes_exact_lengths(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_tone(str(inputs / "a.wav"), 0.2513)                       # 48 kHz mono, odd length
+    write_tone(str(inputs / "b.flac"), 0.31, sr=44100, channels=2)  # resampled, stereo
+    write_tone(str(inputs / "c.ogg"), 0.27, sr=22050)               # resampled, lossy
+    write_tone(str(inputs / "d.wav"), 7960 / 48000)                 # the training segment
+    (inputs / "notes.txt").write_text("not audio")
+    h = make_config(**TINY)
+    enc_path, dec_path = _save_random_codec(h, str(tmp_path))
+    h.update(test_input_wavs_dir=str(inputs), test_wav_output_dir=str(tmp_path / "out"),
+             checkpoint_file_load_Encoder=enc_path, checkpoint_file_load_Decoder=dec_path)
+    inference.inference(h)
+    outputs = sorted(os.listdir(tmp_path / "out"))
+    assert outputs == ["a.wav", "b.wav", "c.wav", "d.wav"]
+    for name in ("a.wav", "b.flac", "c.ogg", "d.wav"):
+        expected = load_audio(str(inputs / name), h.sampling_rate).size
+        info = sf.info(str(tmp_path / "out" / (os.path.splitext(name)[0] + ".wav")))
+        assert (info.frames, info.samplerate, info.subtype, info.channels) == (expected, 48000, "PCM_16", 1)
+
+
+def test_same_stem_is_an_error(tmp_path):
+    write_tone(str(tmp_path / "x.wav"), 0.1)
+    write_tone(str(tmp_path / "x.flac"), 0.1)
+    with pytest.raises(ValueError, match="x.flac"):
+        inference.list_audio_files(str(tmp_path))
+
+
+def test_roundtrip_matches_release_path_bit_for_bit(tmp_path, tiny_h):
+    """For T a multiple of ratio, padding/trimming changes nothing: the output is the release's
+    encoder(logamp, pha) -> decoder(latent) path with weight norm recomputed per call."""
+    h = tiny_h
+    enc_path, dec_path = _save_random_codec(h, str(tmp_path))
+    encoder, decoder = inference.load_codec(h, enc_path, dec_path, torch.device("cpu"))
+    audio = torch.from_numpy(tone(0.3)[:(8 * 30 - 1) * h.hop_size])[None]
+    assert (audio.size(-1) // h.hop_size + 1) % h.ratio == 0
+    out = inference.codec_roundtrip(encoder, decoder, audio, h)
+
+    ref_enc, ref_dec = Encoder(h).eval(), Decoder(h).eval()
+    load_release_state_dict(ref_enc, torch.load(enc_path)["encoder"])
+    load_release_state_dict(ref_dec, torch.load(dec_path)["decoder"])
+    with torch.no_grad():
+        logamp, pha, _, _ = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
+        latent, _, _ = ref_enc(logamp, pha)
+        *_, real, imag, y_g = ref_dec(latent)
+    assert y_g.size(-1) == audio.size(-1)
+    assert torch.equal(out["audio"], y_g[:, 0])
+    assert torch.equal(out["real"], real) and torch.equal(out["imag"], imag)
+    assert out["codes"].shape == (1, h.n_codebooks, 30)
+    assert torch.allclose(encoder.decode(out["codes"]), latent, atol=1e-5)
+
+
+def test_roundtrip_pads_at_most_one_hop(tiny_h):
+    encoder, decoder = Encoder(tiny_h).eval(), Decoder(tiny_h).eval()
+    for length in (4001, 4039, 4040, 4041):
+        audio = torch.from_numpy(tone(0.1, seed=length)[:length])[None]
+        padded = inference.pad_to_hops(audio, tiny_h.hop_size)
+        assert padded.size(-1) % tiny_h.hop_size == 0 and 0 <= padded.size(-1) - length < tiny_h.hop_size
+        assert torch.equal(padded[:, :length], audio) and not padded[:, length:].any()
+        assert inference.codec_roundtrip(encoder, decoder, audio, tiny_h)["audio"].shape == (1, length)
+
+
+def test_missing_checkpoint_exits_with_one_line(tmp_path, capsys):
+    write_tone(str(tmp_path / "a.wav"), 0.1)
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--test_input_wavs_dir", str(tmp_path),
+                        "--checkpoint_file_load_Encoder", str(tmp_path / "nope")])
+    message = str(exit_info.value)
+    assert "nope" in message and "\n" not in message
