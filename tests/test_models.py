@@ -145,6 +145,20 @@ def test_convnext_block_formula():
     with torch.no_grad():
         out = block(x).double().numpy()
     np.testing.assert_allclose(out, convnext_numpy(block, x.double().numpy()), atol=1e-4, rtol=1e-4)
+    # a quiet input, where the LayerNorm's eps (1e-6) matters
+    with torch.no_grad():
+        block.dwconv.bias.zero_()
+        quiet = x * 1e-3
+        out = block(quiet).double().numpy() - quiet.double().numpy()
+    expected = convnext_numpy(block, quiet.double().numpy()) - quiet.double().numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-3 * np.abs(expected).max(), rtol=0)
+
+
+def test_layer_norm_eps(tiny_h):
+    enc, dec = models.Encoder(tiny_h), models.Decoder(tiny_h)
+    norms = [m for m in list(enc.modules()) + list(dec.modules()) if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 * (2 + tiny_h.convnext_layers)
+    assert all(m.eps == 1e-6 for m in norms)
 
 
 # ---------------------------------------------------------------------------------------------
