@@ -1,0 +1,77 @@
+"""Write train / validation file lists from a folder of audio.
+
+    python make_filelists.py AUDIO_DIR [--output_dir filelists] [--split speakers|random]
+                             [--valid_fraction 0.05] [--mic mic1]
+
+`--split speakers` holds out the test speakers of the paper's VCTK 48 kHz setup (p360,
+p361, p362, p363, p364, p374, p376, s5) as the validation list and trains on every other
+speaker; the speaker is the file name up to its first underscore (p225_001_mic1.flac -> p225).
+`--split random` holds out a seeded random fraction of the files instead.
+"""
+import argparse
+import os
+import random
+import sys
+from typing import List, Sequence, Tuple
+
+from dataset import AUDIO_EXTENSIONS
+
+VCTK_TEST_SPEAKERS = ("p360", "p361", "p362", "p363", "p364", "p374", "p376", "s5")
+
+
+def find_audio(folder: str, mic: str = "") -> List[str]:
+    """Absolute paths of the audio files under `folder`, sorted; with `mic`, only names containing it."""
+    found = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.lower().endswith(AUDIO_EXTENSIONS) and mic in name:
+                found.append(os.path.abspath(os.path.join(root, name)))
+    return sorted(found)
+
+
+def speaker_of(path: str) -> str:
+    return os.path.basename(path).split("_")[0]
+
+
+def split_files(files: Sequence[str], how: str, valid_fraction: float = 0.05,
+                valid_speakers: Sequence[str] = VCTK_TEST_SPEAKERS, seed: int = 1234) -> Tuple[List[str], List[str]]:
+    """(train, valid) lists, each sorted."""
+    if how == "speakers":
+        held_out = set(valid_speakers)
+        valid = [f for f in files if speaker_of(f) in held_out]
+    else:
+        count = max(1, round(len(files) * valid_fraction))
+        valid = sorted(random.Random(seed).sample(list(files), count))
+    chosen = set(valid)
+    return [f for f in files if f not in chosen], valid
+
+
+def write_list(path: str, files: Sequence[str], note: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"# {note}\n" + "".join(p + "\n" for p in files))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("audio_dir")
+    parser.add_argument("--output_dir", default="filelists")
+    parser.add_argument("--split", choices=("speakers", "random"), default="random")
+    parser.add_argument("--valid_fraction", type=float, default=0.05)
+    parser.add_argument("--mic", default="", help="keep only files whose name contains this, e.g. mic1")
+    args = parser.parse_args(argv)
+    files = find_audio(args.audio_dir, args.mic)
+    if not files:
+        sys.exit(f"error: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found under {args.audio_dir}")
+    train, valid = split_files(files, args.split, args.valid_fraction)
+    if not train or not valid:
+        sys.exit(f"error: the {args.split} split of {args.audio_dir} leaves an empty "
+                 f"{'training' if not train else 'validation'} list")
+    for name, subset in (("train.txt", train), ("valid.txt", valid)):
+        path = os.path.join(args.output_dir, name)
+        write_list(path, subset, f"written by make_filelists.py from {os.path.abspath(args.audio_dir)}")
+        print(f"{path}: {len(subset)} files")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""make_filelists.py: speaker split of the paper's VCTK setup, random split, list format."""
+import os
+
+from conftest import write_tone
+from dataset import read_filelist
+from make_filelists import VCTK_TEST_SPEAKERS, main
+
+
+def test_speaker_split_holds_out_the_vctk_test_speakers(tmp_path):
+    audio = tmp_path / "wav48"
+    for speaker in ("p225", "p360", "p376", "s5", "p300"):
+        (audio / speaker).mkdir(parents=True)
+        for mic in ("mic1", "mic2"):
+            write_tone(str(audio / speaker / f"{speaker}_001_{mic}.flac"), 0.01)
+    (audio / "p225" / "readme.txt").write_text("not audio")
+    main([str(audio), "--output_dir", str(tmp_path / "lists"), "--split", "speakers", "--mic", "mic1"])
+    train = read_filelist(str(tmp_path / "lists" / "train.txt"))
+    valid = read_filelist(str(tmp_path / "lists" / "valid.txt"))
+    speakers = lambda files: sorted(os.path.basename(f).split("_")[0] for f in files)
+    assert speakers(train) == ["p225", "p300"]
+    assert speakers(valid) == ["p360", "p376", "s5"]
+    assert all(f.endswith("_mic1.flac") for f in train + valid)
+    assert set(speakers(valid)) <= set(VCTK_TEST_SPEAKERS)
+
+
+def test_random_split_is_seeded_and_disjoint(tmp_path):
+    for i in range(20):
+        write_tone(str(tmp_path / f"c{i:02d}.wav"), 0.01)
+    lists = []
+    for run in range(2):
+        out = tmp_path / f"lists{run}"
+        main([str(tmp_path), "--output_dir", str(out), "--valid_fraction", "0.1"])
+        lists.append((read_filelist(str(out / "train.txt")), read_filelist(str(out / "valid.txt"))))
+    (train, valid), again = lists
+    assert len(valid) == 2 and len(train) == 18 and not set(train) & set(valid)
+    assert lists[0] == again
