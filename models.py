@@ -270,6 +270,18 @@ def wn_conv2d(in_channels: int, out_channels: int, kernel_size, stride, padding)
     return weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding))
 
 
+def _score_with_features(x: torch.Tensor, convs: nn.ModuleList, conv_post: nn.Module
+                         ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Run a discriminator's conv stack; returns flattened scores and every layer's output."""
+    fmap = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        fmap.append(x)
+    x = conv_post(x)
+    fmap.append(x)
+    return torch.flatten(x, 1, -1), fmap
+
+
 class DiscriminatorP(nn.Module):
     """HiFi-GAN period discriminator on the waveform folded to (B, 1, L / period, period)."""
 
@@ -290,13 +302,7 @@ class DiscriminatorP(nn.Module):
             x = F.pad(x, (0, n_pad), "reflect")
             t += n_pad
         x = x.view(b, c, t // self.period, self.period)
-        fmap = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return torch.flatten(x, 1, -1), fmap
+        return _score_with_features(x, self.convs, self.conv_post)
 
 
 @lru_cache(maxsize=None)
@@ -329,13 +335,7 @@ class DiscriminatorR(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """x: (B, 1, L) -> (scores (B, N), feature maps of every layer)."""
         x = self.spectrogram(x.squeeze(1)).unsqueeze(1)
-        fmap = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return torch.flatten(x, 1, -1), fmap
+        return _score_with_features(x, self.convs, self.conv_post)
 
 
 class _MultiDiscriminator(nn.Module):

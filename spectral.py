@@ -58,5 +58,6 @@ def mel_spectrogram(y: torch.Tensor, sampling_rate: int, n_fft: int, num_mels: i
     spec = stft(y, n_fft, hop_size, win_size)
     # The 1e-9 keeps the sqrt differentiable at exact zeros.
     magnitude = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-9)
-    mel = torch.matmul(_mel_basis(sampling_rate, n_fft, num_mels, fmin, fmax, y.device), magnitude)
+    basis = _mel_basis(sampling_rate, n_fft, num_mels, fmin, fmax, y.device).to(magnitude.dtype)
+    mel = torch.matmul(basis, magnitude)
     return torch.log(torch.clamp(mel, min=1e-5))
