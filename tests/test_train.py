@@ -104,3 +104,33 @@ def test_overfit_full_model():
     """The paper-size model at batch 1: the mel loss falls from about 1.5 to about 0.4 in 15 steps."""
     mel = _overfit_mel(make_config(batch_size=1), 15)
     assert mel[-1] < 0.5 * mel[0], mel
+
+
+def test_generator_step_gradients_equal_unfrozen_discriminators(tiny_h):
+    """Freezing the discriminators in the G step skips only gradients that are thrown away."""
+    import losses
+    torch.manual_seed(0)
+    trainer = train.Trainer(tiny_h, torch.device("cpu"))
+    torch.manual_seed(0)
+    reference = train.Trainer(tiny_h, torch.device("cpu"))
+    audio = torch.from_numpy(tone(tiny_h.segment_size / tiny_h.sampling_rate))[None].repeat(2, 1)
+    audio[1] *= 0.5
+
+    ref, gen = trainer.codec(audio)
+    trainer.generator_step(audio[:, None], ref, gen)
+    assert all(p.grad is None and p.requires_grad for p in trainer.mpd.parameters())
+
+    ref, gen = reference.codec(audio)
+    y = audio[:, None]
+    terms = losses.spectral_losses(ref, gen, tiny_h)
+    _, mpd_fake, mpd_r, mpd_g = reference.mpd(y, gen["audio"])
+    _, mrd_fake, mrd_r, mrd_g = reference.mrd(y, gen["audio"])
+    terms["GAN"] = losses.generator_adversarial_loss(mpd_fake) + 0.1 * losses.generator_adversarial_loss(mrd_fake)
+    terms["FM"] = losses.feature_matching_loss(mpd_r, mpd_g) + 0.1 * losses.feature_matching_loss(mrd_r, mrd_g)
+    terms["codebook"], terms["commitment"] = gen["codebook"], gen["commitment"]
+    losses.generator_total(terms).backward()
+    assert all(p.grad is not None for p in reference.mpd.parameters())
+    for module in ("encoder", "decoder"):
+        ours = dict(getattr(trainer, module).named_parameters())
+        for name, p in getattr(reference, module).named_parameters():
+            assert torch.allclose(ours[name].grad, p.grad, rtol=1e-5, atol=1e-7), (module, name)
