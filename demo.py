@@ -14,7 +14,7 @@ import soundfile as sf
 
 import inference
 import train
-from utils import ConfigError, load_config, newest_complete_step
+from utils import ConfigError, checkpoint_file, load_config, newest_complete_step
 
 # (first formant, second formant) pairs in Hz, loosely the vowels a, e, i, o, u.
 VOWELS = ((800, 1200), (500, 1900), (300, 2300), (500, 900), (350, 800))
@@ -70,10 +70,10 @@ def main(argv=None) -> None:
         make_demo_data(h)
         train.train(h)
         step = newest_complete_step(h.checkpoint_path)
-        h.checkpoint_file_load_Encoder = os.path.join(h.checkpoint_path, f"encoder_{step:08d}")
-        h.checkpoint_file_load_Decoder = os.path.join(h.checkpoint_path, f"decoder_{step:08d}")
+        h.checkpoint_file_load_Encoder = checkpoint_file(h.checkpoint_path, "encoder", step)
+        h.checkpoint_file_load_Decoder = checkpoint_file(h.checkpoint_path, "decoder", step)
         inference.inference(h)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(f"\nDemo done.\n  checkpoints: {os.path.abspath(h.checkpoint_path)}\n"
           f"  TensorBoard logs: {os.path.abspath(os.path.join(h.checkpoint_path, 'logs'))}\n"

@@ -306,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
 

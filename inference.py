@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from dataset import AUDIO_EXTENSIONS, load_audio
-from models import Decoder, Encoder, load_release_state_dict, remove_weight_norm
+from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum
-from utils import ConfigError, atomic_write, load_checkpoint, load_config
+from utils import ConfigError, atomic_write, load_config, load_weights
 
 
 def load_codec(h, encoder_path: str, decoder_path: str, device: torch.device) -> Tuple[Encoder, Decoder]:
     """Encoder and decoder from release-format checkpoints, in eval mode with weight norm folded."""
     encoder, decoder = Encoder(h).to(device), Decoder(h).to(device)
-    load_release_state_dict(encoder, load_checkpoint(encoder_path, device)["encoder"], encoder_path)
-    load_release_state_dict(decoder, load_checkpoint(decoder_path, device)["decoder"], decoder_path)
+    load_weights(encoder, encoder_path, "encoder", device)
+    load_weights(decoder, decoder_path, "decoder", device)
     return remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval()
 
 
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     try:
         h = load_config(argv, description=__doc__)
         inference(h)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
 

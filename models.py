@@ -418,11 +418,11 @@ def load_release_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tenso
         try:
             converted[_from_release_name(name, module.release_names)] = tensor
         except KeyError:
-            raise KeyError(f"unexpected key '{name}'{where} for {type(module).__name__}") from None
+            raise ValueError(f"unexpected key '{name}'{where} for {type(module).__name__}") from None
     expected = module.state_dict()
     missing = [n for n in expected if n not in converted]
     if missing:
-        raise KeyError(f"missing key '{_to_release_name(missing[0], module.release_names)[0]}'{where} "
+        raise ValueError(f"missing key '{_to_release_name(missing[0], module.release_names)[0]}'{where} "
                        f"for {type(module).__name__} ({len(missing)} missing)")
     for name, tensor in converted.items():
         if tensor.shape != expected[name].shape:

@@ -21,8 +21,8 @@ from dataset import AudioDataset, read_filelist, spectral_targets
 from metrics import compute_metrics
 from models import (Decoder, Encoder, MultiPeriodDiscriminator, MultiResolutionDiscriminator,
                     load_release_state_dict, release_parameters, release_state_dict)
-from utils import (ConfigError, bitrate, load_checkpoint, load_config, newest_complete_step,
-                   plot_spectrogram, save_checkpoint, save_config)
+from utils import (ConfigError, bitrate, checkpoint_file, load_checkpoint, load_config, load_weights,
+                   newest_complete_step, plot_spectrogram, save_checkpoint, save_config)
 
 # Names of the terms printed and logged, in the release's stdout order.
 TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
@@ -65,12 +65,10 @@ class Trainer:
         step = newest_complete_step(self.h.checkpoint_path)
         if step is not None:
             folder = self.h.checkpoint_path
-            encoder_path = os.path.join(folder, f"encoder_{step:08d}")
-            decoder_path = os.path.join(folder, f"decoder_{step:08d}")
-            do_path = os.path.join(folder, f"do_{step:08d}")
-            load_release_state_dict(self.encoder, load_checkpoint(encoder_path, self.device)["encoder"], encoder_path)
-            load_release_state_dict(self.decoder, load_checkpoint(decoder_path, self.device)["decoder"], decoder_path)
-            state = load_checkpoint(do_path, self.device)
+            load_weights(self.encoder, checkpoint_file(folder, "encoder", step), "encoder", self.device)
+            load_weights(self.decoder, checkpoint_file(folder, "decoder", step), "decoder", self.device)
+            do_path = checkpoint_file(folder, "do", step)
+            state = load_checkpoint(do_path, self.device, ["mpd", "mrd", "optim_g", "optim_d", "steps", "epoch"])
             load_release_state_dict(self.mpd, state["mpd"], do_path)
             load_release_state_dict(self.mrd, state["mrd"], do_path)
             self.optim_g.load_state_dict(state["optim_g"])
@@ -85,9 +83,9 @@ class Trainer:
     def save(self, step: int, epoch: int) -> None:
         """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists."""
         folder = self.h.checkpoint_path
-        save_checkpoint(os.path.join(folder, f"encoder_{step:08d}"), {"encoder": release_state_dict(self.encoder)})
-        save_checkpoint(os.path.join(folder, f"decoder_{step:08d}"), {"decoder": release_state_dict(self.decoder)})
-        save_checkpoint(os.path.join(folder, f"do_{step:08d}"), {
+        save_checkpoint(checkpoint_file(folder, "encoder", step), {"encoder": release_state_dict(self.encoder)})
+        save_checkpoint(checkpoint_file(folder, "decoder", step), {"decoder": release_state_dict(self.decoder)})
+        save_checkpoint(checkpoint_file(folder, "do", step), {
             "mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
             "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
             "steps": step, "epoch": epoch})
@@ -253,7 +251,7 @@ def main(argv=None) -> None:
     try:
         h = load_config(argv, description=__doc__)
         train(h)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -217,10 +217,29 @@ def save_checkpoint(path: str, obj: Dict[str, Any]) -> None:
     print(f"Saved checkpoint {path}")
 
 
-def load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
+def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -> Dict[str, Any]:
+    """A checkpoint dict; each of `keys` must be in it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=device, weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    for key in keys:
+        if not isinstance(checkpoint, dict) or key not in checkpoint:
+            raise ValueError(f"checkpoint {path} has no '{key}' entry")
+    return checkpoint
+
+
+def load_weights(module: torch.nn.Module, path: str, key: str, device: torch.device) -> None:
+    """Load entry `key` of the release-format checkpoint at `path` into `module`."""
+    from models import load_release_state_dict
+    load_release_state_dict(module, load_checkpoint(path, device, [key])[key], path)
+
+
+def checkpoint_file(folder: str, kind: str, step: int) -> str:
+    """Path of the `kind` ('encoder', 'decoder' or 'do') checkpoint of `step`, named as the release names it."""
+    return os.path.join(folder, f"{kind}_{step:08d}")
 
 
 def checkpoint_steps(folder: str, prefix: str) -> List[int]:

@@ -1,5 +1,4 @@
 """File lists, audio loading, training crops and validation trimming."""
-import os
 
 import numpy as np
 import pytest

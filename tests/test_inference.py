@@ -1,7 +1,6 @@
 """inference.py: every input gives a wav of exactly its (resampled) length; release path kept bit for bit."""
 import os
 
-import numpy as np
 import pytest
 import soundfile as sf
 import torch

@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import TINY, make_config, tone, write_tone
-from models import Decoder, Encoder, load_release_state_dict
+from models import Encoder, load_release_state_dict
 from utils import checkpoint_steps, newest_complete_step
 
 
