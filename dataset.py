@@ -20,7 +20,7 @@ def load_audio(path: str, sampling_rate: int) -> np.ndarray:
     try:
         audio, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
-        raise RuntimeError(f"cannot read audio file {path}: {e}") from None
+        raise ValueError(f"cannot read audio file {path}: {e}") from None
     audio = audio.mean(axis=1)
     if sr != sampling_rate:
         audio = librosa.resample(audio, orig_sr=sr, target_sr=sampling_rate)

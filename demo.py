@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         h.checkpoint_file_load_Encoder = checkpoint_file(h.checkpoint_path, "encoder", step)
         h.checkpoint_file_load_Decoder = checkpoint_file(h.checkpoint_path, "decoder", step)
         inference.inference(h)
-    except (ConfigError, OSError, ValueError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"\nDemo done.\n  checkpoints: {os.path.abspath(h.checkpoint_path)}\n"
           f"  TensorBoard logs: {os.path.abspath(os.path.join(h.checkpoint_path, 'logs'))}\n"

@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     try:
         h = load_config(argv, description=__doc__)
         inference(h)
-    except (ConfigError, OSError, ValueError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 

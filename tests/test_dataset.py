@@ -36,7 +36,7 @@ def test_load_audio_mono_and_resampled(tmp_path):
     write_tone(str(tmp_path / "r.wav"), 0.1, sr=24000)
     assert load_audio(str(tmp_path / "r.wav"), 48000).size == 4800
     (tmp_path / "bad.wav").write_text("nope")
-    with pytest.raises(RuntimeError, match="bad.wav"):
+    with pytest.raises(ValueError, match="bad.wav"):
         load_audio(str(tmp_path / "bad.wav"), 48000)
 
 
