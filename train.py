@@ -197,6 +197,30 @@ def format_terms(values: Dict[str, float]) -> str:
     return ", ".join(f"{name} {values[name]:.3f}" for name in ("G", "D") + TERM_NAMES)
 
 
+def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: int, step_start: float,
+                       writer: SummaryWriter, valid_loader: DataLoader) -> bool:
+    """The interval work after a step: stdout, checkpoint, TensorBoard, validation.
+
+    Returns whether a checkpoint set was written.
+    """
+    h, steps = trainer.h, trainer.steps
+    # .item() waits for the GPU, so values are read only on logging steps.
+    if steps % h.stdout_interval == 0:
+        values = {name: value.item() for name, value in terms.items()}
+        print(f"Steps {steps:d}: {format_terms(values)}, s/b {time.time() - step_start:.3f}")
+    saved = steps % h.checkpoint_interval == 0 and steps != 0
+    if saved:
+        trainer.save(steps, epoch)
+    if steps % h.summary_interval == 0:
+        for name, value in terms.items():
+            writer.add_scalar(f"Training/{name}", value.item(), steps)
+        writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
+    if steps % h.validation_interval == 0:
+        means = trainer.validate(valid_loader, writer)
+        print(f"Validation at step {steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    return saved
+
+
 def train(h, device: Optional[torch.device] = None) -> Trainer:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(h.seed)
@@ -210,40 +234,27 @@ def train(h, device: Optional[torch.device] = None) -> Trainer:
     trainer.resume()
     print(f"Training on {device.type}: {bitrate(h):.0f} bit/s codec, checkpoints and logs in "
           f"{os.path.abspath(h.checkpoint_path)}")
-    writer = SummaryWriter(os.path.join(h.checkpoint_path, "logs"))
     for module in (trainer.encoder, trainer.decoder, trainer.mpd, trainer.mrd):
         module.train()
-
     last_saved = trainer.steps - 1
-    for epoch in range(max(0, trainer.last_epoch), h.training_epochs):
-        epoch_start = time.time()
-        print(f"Epoch: {epoch + 1}")
-        for audio in train_loader:
-            step_start = time.time()
-            terms = trainer.train_step(audio)
-            steps = trainer.steps
-            # .item() waits for the GPU, so values are read only on logging steps.
-            if steps % h.stdout_interval == 0:
-                values = {name: value.item() for name, value in terms.items()}
-                print(f"Steps {steps:d}: {format_terms(values)}, s/b {time.time() - step_start:.3f}")
-            if steps % h.checkpoint_interval == 0 and steps != 0:
-                trainer.save(steps, epoch)
-                last_saved = steps
-            if steps % h.summary_interval == 0:
-                for name, value in terms.items():
-                    writer.add_scalar(f"Training/{name}", value.item(), steps)
-                writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
-            if steps % h.validation_interval == 0:
-                means = trainer.validate(valid_loader, writer)
-                print(f"Validation at step {steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
-            trainer.steps += 1
-        trainer.scheduler_g.step()
-        trainer.scheduler_d.step()
-        print(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
-    writer.close()
-    # Keep the final weights even when the run ends between checkpoint intervals.
+    with SummaryWriter(os.path.join(h.checkpoint_path, "logs")) as writer:
+        for epoch in range(max(0, trainer.last_epoch), h.training_epochs):
+            epoch_start = time.time()
+            print(f"Epoch: {epoch + 1}")
+            for audio in train_loader:
+                step_start = time.time()
+                terms = trainer.train_step(audio)
+                if log_and_checkpoint(trainer, terms, epoch, step_start, writer, valid_loader):
+                    last_saved = trainer.steps
+                trainer.steps += 1
+            trainer.scheduler_g.step()
+            trainer.scheduler_d.step()
+            print(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
+    # Keep the final weights even when the run ends between checkpoint intervals. The epoch
+    # stored is the number of finished epochs, so restarting a finished run trains nothing
+    # and raising training_epochs continues with the next epoch.
     if trainer.steps - 1 > last_saved:
-        trainer.save(trainer.steps - 1, h.training_epochs - 1)
+        trainer.save(trainer.steps - 1, h.training_epochs)
     return trainer
 
 

@@ -79,7 +79,27 @@ class AttrDict(dict):
         self.__dict__ = self
 
 
+# Paths stay strings even when they look like JSON numbers on the command line.
+STRING_KEYS = (
+    "input_training_wav_list", "input_validation_wav_list", "test_input_wavs_dir",
+    "test_wav_output_dir", "checkpoint_path", "checkpoint_file_load_Encoder",
+    "checkpoint_file_load_Decoder",
+)
+LIST_KEYS = ("mpd_periods", "mpd_channels", "mrd_resolutions")
+
+
 def _check_config(h: Dict[str, Any]) -> None:
+    for key in STRING_KEYS:
+        if not isinstance(h[key], str) or not h[key]:
+            raise ConfigError(f"config key '{key}' must be a non-empty path string, got {h[key]!r}")
+    for key in LIST_KEYS:
+        if not isinstance(h[key], list):
+            raise ConfigError(f"config key '{key}' must be a list, got {h[key]!r}")
+    for key in ("learning_rate", "adam_b1", "adam_b2", "lr_decay"):
+        if isinstance(h[key], bool) or not isinstance(h[key], (int, float)) or h[key] <= 0:
+            raise ConfigError(f"config key '{key}' must be a positive number, got {h[key]!r}")
+    if not isinstance(h["seed"], int):
+        raise ConfigError(f"config key 'seed' must be an integer, got {h['seed']!r}")
     for key in POSITIVE_INT_KEYS:
         if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] <= 0:
             raise ConfigError(f"config key '{key}' must be a positive integer, got {h[key]!r}")
@@ -117,7 +137,7 @@ def _check_config(h: Dict[str, Any]) -> None:
     if len(h["mpd_channels"]) != 4 or not all(isinstance(c, int) and c > 0 for c in h["mpd_channels"]):
         raise ConfigError(f"config key 'mpd_channels' must be 4 positive integers, got {h['mpd_channels']!r}")
     for res in h["mrd_resolutions"]:
-        if (len(res) != 3 or not all(isinstance(v, int) and v > 0 for v in res) or res[2] > res[0]):
+        if (not isinstance(res, list) or len(res) != 3 or not all(isinstance(v, int) and v > 0 for v in res) or res[2] > res[0]):
             raise ConfigError(f"config key 'mrd_resolutions' entries must be [n_fft, hop, win] with "
                               f"win <= n_fft, got {res!r}")
 
@@ -172,9 +192,9 @@ def load_config(argv: Optional[Sequence[str]] = None, description: str = "",
         if not flag.startswith("--") or i + 1 >= len(rest):
             raise ConfigError(f"command line: expected '--KEY VALUE', got '{flag}'")
         key = flag[2:]
-        if key not in raw and key not in ADDED_DEFAULTS:
+        if key not in RELEASE_KEYS and key not in ADDED_DEFAULTS:
             raise ConfigError(f"command line: unknown config key '{key}'")
-        raw[key] = _parse_value(rest[i + 1])
+        raw[key] = rest[i + 1] if key in STRING_KEYS else _parse_value(rest[i + 1])
         i += 2
     h = build_config(raw, args.config)
     for name in extra_args:

@@ -77,3 +77,17 @@ def test_train_script_reports_bad_config_in_one_line(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "win_size" in result.stderr
+
+
+def test_overrides_fill_missing_keys_and_keep_paths_as_strings(tmp_path):
+    raw = default_raw()
+    del raw["num_workers"]
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError, match="missing config key 'num_workers'"):
+        load_config(["--config", path])
+    h = load_config(["--config", path, "--num_workers", "2", "--checkpoint_path", "2024"])
+    assert h.num_workers == 2 and h.checkpoint_path == "2024"
+    with pytest.raises(ConfigError, match="mrd_resolutions"):
+        load_config(["--config", path, "--num_workers", "2", "--mrd_resolutions", "5"])
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(["--config", path, "--num_workers", "2", "--learning_rate", "fast"])

@@ -57,13 +57,17 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
     assert second.steps == 8
     assert checkpoint_steps(h.checkpoint_path, "do_") == [3, 6, 7]
     do = torch.load(os.path.join(h.checkpoint_path, "do_00000007"), weights_only=False)
-    assert do["steps"] == 7 and do["epoch"] == 2
+    # The final set stores the number of finished epochs, so a restart has nothing left to do.
+    assert do["steps"] == 7 and do["epoch"] == 3
     assert all(s["step"].item() == 8 for s in do["optim_g"]["state"].values())
     assert all(s["step"].item() == 8 for s in do["optim_d"]["state"].values())
     # ExponentialLR rebuilt from the saved epoch: the lr decayed once per finished epoch
     # (0, 1 and 2), exactly as in an uninterrupted run.
     lr = do["optim_g"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(h.learning_rate * h.lr_decay ** 3, rel=1e-9)
+
+    third = train.train(h2, torch.device("cpu"))
+    assert third.steps == 8 and checkpoint_steps(h.checkpoint_path, "do_") == [3, 6, 7]
 
 
 def test_incomplete_checkpoint_set_is_ignored(tmp_path):
