@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,7 +31,7 @@ LOGGED_VALIDATION_ITEMS = 5
 
 
 @contextmanager
-def frozen(*modules: torch.nn.Module):
+def frozen(*modules: torch.nn.Module) -> Iterator[None]:
     """Parameters of `modules` need no gradient inside the block."""
     params = [p for m in modules for p in m.parameters()]
     for p in params:
@@ -194,6 +194,7 @@ def build_loaders(h) -> Tuple[DataLoader, DataLoader]:
 
 
 def format_terms(values: Dict[str, float]) -> str:
+    """The stdout line's loss terms, in a fixed order."""
     return ", ".join(f"{name} {values[name]:.3f}" for name in ("G", "D") + TERM_NAMES)
 
 

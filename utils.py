@@ -6,9 +6,13 @@ import math
 import os
 import re
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Every key of the authors' release config.json. A config missing one of them is refused,
 # so that a typo never silently falls back to something else.
@@ -208,7 +212,7 @@ def save_config(h: Dict[str, Any], path: str, extra_args: Sequence[str] = ()) ->
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=4).encode()))
 
 
-def atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Call write(binary_file) on a temp file next to `path`, then rename it into place.
 
     A crash or a full disk leaves the previous file untouched, never a half-written one.
@@ -285,7 +289,7 @@ def bitrate(h: Dict[str, Any]) -> float:
             / (h["hop_size"] * h["ratio"]))
 
 
-def plot_spectrogram(spectrogram):
+def plot_spectrogram(spectrogram: np.ndarray) -> "Figure":
     """A matplotlib figure of a (F, T) array, for TensorBoard."""
     import matplotlib
     matplotlib.use("Agg")
