@@ -14,7 +14,7 @@ import soundfile as sf
 
 import inference
 import train
-from utils import ConfigError, checkpoint_file, load_config, newest_complete_step
+from utils import checkpoint_file, newest_complete_step, run_cli
 
 # (first formant, second formant) pairs in Hz, loosely the vowels a, e, i, o, u.
 VOWELS = ((800, 1200), (500, 1900), (300, 2300), (500, 900), (350, 800))
@@ -64,20 +64,21 @@ def make_demo_data(h, n_train: int = 16, n_valid: int = 2, n_test: int = 3, seed
                  synth_clip(rng, rng.uniform(1.0, 2.0), h.sampling_rate), h.sampling_rate)
 
 
-def main(argv=None) -> None:
-    try:
-        h = load_config(["--config", "config_demo.json", *(argv or sys.argv[1:])], description=__doc__)
-        make_demo_data(h)
-        train.train(h)
-        step = newest_complete_step(h.checkpoint_path)
-        h.checkpoint_file_load_Encoder = checkpoint_file(h.checkpoint_path, "encoder", step)
-        h.checkpoint_file_load_Decoder = checkpoint_file(h.checkpoint_path, "decoder", step)
-        inference.inference(h)
-    except (ConfigError, OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+def run_demo(h) -> None:
+    """Make the data, train, resynthesise the test folder and say where everything went."""
+    make_demo_data(h)
+    train.train(h)
+    step = newest_complete_step(h.checkpoint_path)
+    h.checkpoint_file_load_Encoder = checkpoint_file(h.checkpoint_path, "encoder", step)
+    h.checkpoint_file_load_Decoder = checkpoint_file(h.checkpoint_path, "decoder", step)
+    inference.inference(h)
     print(f"\nDemo done.\n  checkpoints: {os.path.abspath(h.checkpoint_path)}\n"
           f"  TensorBoard logs: {os.path.abspath(os.path.join(h.checkpoint_path, 'logs'))}\n"
           f"  resynthesised wavs: {os.path.abspath(h.test_wav_output_dir)}")
+
+
+def main(argv=None) -> None:
+    run_cli(run_demo, ["--config", "config_demo.json", *(sys.argv[1:] if argv is None else argv)], __doc__)
 
 
 if __name__ == "__main__":

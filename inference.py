@@ -6,7 +6,6 @@ Writes 16-bit PCM wavs named after the inputs (extension replaced by .wav) to
 `test_wav_output_dir`, each exactly as long as its (resampled) input.
 """
 import os
-import sys
 import time
 from typing import Dict, List, Tuple
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from dataset import AUDIO_EXTENSIONS, load_audio
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum
-from utils import ConfigError, atomic_write, load_config, load_weights
+from utils import atomic_write, load_weights, run_cli
 
 
 def load_codec(h, encoder_path: str, decoder_path: str, device: torch.device) -> Tuple[Encoder, Decoder]:
@@ -92,12 +91,7 @@ def inference(h) -> None:
 
 
 def main(argv=None) -> None:
-    try:
-        h = load_config(argv, description=__doc__)
-        inference(h)
-    except (ConfigError, OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
+    run_cli(inference, argv, __doc__)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,6 @@ Runs on CUDA when available, otherwise on the CPU.
 """
 import os
 import random
-import sys
 import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Tuple
@@ -21,8 +20,8 @@ from dataset import AudioDataset, read_filelist, spectral_targets
 from metrics import compute_metrics
 from models import (Decoder, Encoder, MultiPeriodDiscriminator, MultiResolutionDiscriminator,
                     load_release_state_dict, release_parameters, release_state_dict)
-from utils import (ConfigError, bitrate, checkpoint_file, load_checkpoint, load_config, load_weights,
-                   newest_complete_step, plot_spectrogram, save_checkpoint, save_config)
+from utils import (bitrate, checkpoint_file, load_checkpoint, load_weights, newest_complete_step,
+                   plot_spectrogram, run_cli, save_checkpoint, save_config)
 
 # Names of the terms printed and logged, in the release's stdout order.
 TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
@@ -260,12 +259,7 @@ def train(h, device: Optional[torch.device] = None) -> Trainer:
 
 
 def main(argv=None) -> None:
-    try:
-        h = load_config(argv, description=__doc__)
-        train(h)
-    except (ConfigError, OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
+    run_cli(train, argv, __doc__)
 
 if __name__ == "__main__":
     main()

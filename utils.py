@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence
 
@@ -204,6 +205,14 @@ def load_config(argv: Optional[Sequence[str]] = None, description: str = "",
     for name in extra_args:
         h[name] = getattr(args, name)
     return h
+
+
+def run_cli(job: Callable[[AttrDict], Any], argv: Optional[Sequence[str]], description: str) -> None:
+    """Read the config from the command line and run job(h); bad input exits with one line."""
+    try:
+        job(load_config(argv, description=description))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 def save_config(h: Dict[str, Any], path: str, extra_args: Sequence[str] = ()) -> None:
