@@ -27,6 +27,14 @@ def load_audio(path: str, sampling_rate: int) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+def find_audio_files(folder: str) -> List[str]:
+    """Paths of the audio files anywhere under `folder`, sorted."""
+    found = []
+    for root, _, names in os.walk(folder):
+        found.extend(os.path.join(root, n) for n in names if n.lower().endswith(AUDIO_EXTENSIONS))
+    return sorted(found)
+
+
 def read_filelist(list_path: str) -> List[str]:
     """Audio paths from a list file: one per line, blank lines and `#` comments ignored.
 

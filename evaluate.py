@@ -27,7 +27,7 @@ import scipy.stats
 import soundfile as sf
 import torch
 
-from dataset import AUDIO_EXTENSIONS, load_audio
+from dataset import AUDIO_EXTENSIONS, find_audio_files, load_audio
 from inference import codec_roundtrip, load_codec, write_wav
 from losses import anti_wrapping
 from metrics import (HIGHER_IS_BETTER, METRIC_N_FFT, POWER_FLOOR, compute_metrics, log_power,
@@ -68,16 +68,11 @@ def audio_index(folder: str) -> Dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder not found: {folder}")
     index: Dict[str, str] = {}
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if not name.lower().endswith(AUDIO_EXTENSIONS):
-                continue
-            path = os.path.join(root, name)
-            key = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
-            if key in index:
-                raise ValueError(f"{index[key]} and {path} have the same name without extension")
-            index[key] = path
+    for path in find_audio_files(folder):
+        key = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
+        if key in index:
+            raise ValueError(f"{index[key]} and {path} have the same name without extension")
+        index[key] = path
     return index
 
 

@@ -14,19 +14,14 @@ import random
 import sys
 from typing import List, Sequence, Tuple
 
-from dataset import AUDIO_EXTENSIONS
+from dataset import AUDIO_EXTENSIONS, find_audio_files
 
 VCTK_TEST_SPEAKERS = ("p360", "p361", "p362", "p363", "p364", "p374", "p376", "s5")
 
 
 def find_audio(folder: str, mic: str = "") -> List[str]:
     """Absolute paths of the audio files under `folder`, sorted; with `mic`, only names containing it."""
-    found = []
-    for root, _, names in os.walk(folder):
-        for name in names:
-            if name.lower().endswith(AUDIO_EXTENSIONS) and mic in name:
-                found.append(os.path.abspath(os.path.join(root, name)))
-    return sorted(found)
+    return [os.path.abspath(p) for p in find_audio_files(folder) if mic in os.path.basename(p)]
 
 
 def speaker_of(path: str) -> str:
