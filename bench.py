@@ -1,22 +1,23 @@
 """Measure parameter counts, training step time and memory, and inference speed.
 
-    python bench.py [--config config.json] [--device cuda|cpu] [--batch_size N] [--steps N]
-                    [--clip_seconds S] [--threads N]
+    python bench.py [--device cuda|cpu] [--steps N] [--clip_seconds S] [--threads N]
+                    [--config config.json] [--KEY VALUE ...]
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them.
 """
 import argparse
-import json
 import time
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 import inference
 import train
+from config import AttrDict, make_parser, run_cli
 from models import Decoder, Encoder, remove_weight_norm
-from utils import build_config
+from utils import pick_device, synchronize
 
 
 def synthetic_audio(batch: int, length: int, sr: int, seed: int = 0) -> torch.Tensor:
@@ -31,11 +32,6 @@ def synthetic_audio(batch: int, length: int, sr: int, seed: int = 0) -> torch.Te
     return torch.tensor(np.stack(rows), dtype=torch.float32)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -45,14 +41,14 @@ def bench_training(h, device: torch.device, steps: int, warmup: int) -> dict:
     audio = synthetic_audio(h.batch_size, h.segment_size, h.sampling_rate).to(device)
     for _ in range(warmup):
         trainer.train_step(audio)
-    sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         terms = trainer.train_step(audio)
     terms["G"].item()
-    sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     result = {
         "params_encoder": count(trainer.encoder), "params_decoder": count(trainer.decoder),
@@ -70,32 +66,18 @@ def bench_inference(h, device: torch.device, clip_seconds: float, repeats: int) 
     decoder = remove_weight_norm(Decoder(h).to(device)).eval()
     audio = synthetic_audio(1, int(clip_seconds * h.sampling_rate), h.sampling_rate).to(device)
     inference.codec_roundtrip(encoder, decoder, audio, h)
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         inference.codec_roundtrip(encoder, decoder, audio, h)
-    sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / repeats
     return {"infer_clip_s": clip_seconds, "infer_wall_s": round(seconds, 4), "infer_rtf": round(seconds / clip_seconds, 5)}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config.json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch_size", type=int, help="training batch (default: the config's)")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--clip_seconds", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=3, help="timed inference runs")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    args = parser.parse_args(argv)
+def run(h: AttrDict, args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    with open(args.config) as f:
-        h = build_config(json.load(f), args.config)
-    if args.batch_size:
-        h.batch_size = args.batch_size
     device = torch.device(args.device)
     torch.manual_seed(h.seed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -106,6 +88,17 @@ def main(argv=None) -> None:
         results.update(bench_inference(h, device, args.clip_seconds, args.repeats))
     for key, value in results.items():
         print(f"{key:24s} {value}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = make_parser(__doc__)
+    parser.add_argument("--device", default=pick_device().type, help="cuda or cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the inference clip")
+    parser.add_argument("--repeats", type=int, default=3, help="timed inference runs")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    run_cli(run, parser, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Audio loading, file lists and the training / validation datasets (SPEC §1, §7, §8)."""
+"""Audio loading, audio-file discovery, file lists and the training / validation datasets."""
 import os
 import random
 from typing import Dict, List
@@ -7,10 +7,10 @@ import librosa
 import numpy as np
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 import torch.utils.data
 
-from metrics import METRIC_N_FFT
-from spectral import amp_pha_spectrum, mel_spectrogram
+from spectral import amp_pha_spectrum, mel_spectrogram, min_analysis_length
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
@@ -33,6 +33,25 @@ def find_audio_files(folder: str) -> List[str]:
     for root, _, names in os.walk(folder):
         found.extend(os.path.join(root, n) for n in names if n.lower().endswith(AUDIO_EXTENSIONS))
     return sorted(found)
+
+
+def audio_index(location: str) -> Dict[str, str]:
+    """Audio files under a folder (or one file), keyed by relative path without extension.
+
+    The key names the file's outputs (`key + ".wav"` in an output folder that mirrors the
+    input tree) and pairs files across folders; two files with the same key are an error.
+    """
+    if os.path.isfile(location):
+        return {os.path.splitext(os.path.basename(location))[0]: location}
+    if not os.path.isdir(location):
+        raise FileNotFoundError(f"no such file or folder: {location}")
+    index: Dict[str, str] = {}
+    for path in find_audio_files(location):
+        key = os.path.splitext(os.path.relpath(path, location))[0].replace(os.sep, "/")
+        if key in index:
+            raise ValueError(f"{index[key]} and {path} have the same name without extension")
+        index[key] = path
+    return index
 
 
 def read_filelist(list_path: str) -> List[str]:
@@ -61,16 +80,23 @@ def read_filelist(list_path: str) -> List[str]:
     return paths
 
 
-def trim_for_validation(audio: torch.Tensor, hop_size: int, ratio: int) -> torch.Tensor:
+def trim_for_validation(audio: torch.Tensor, hop_size: int, ratio: int, n_fft: int) -> torch.Tensor:
     """Trim (..., L) to a whole number of hops with T = L / hop + 1 a multiple of `ratio`.
 
-    The decoder then returns exactly L samples, as in the release's validation.
+    The decoder then returns exactly L samples, as in the release's validation. A clip too
+    short for that trim to leave an analysable signal is zero-padded instead, to the
+    shortest such length.
     """
     length = audio.size(-1) // hop_size * hop_size
     frames = length // hop_size + 1
     if frames % ratio:
         length = (frames // ratio * ratio - 1) * hop_size
-    return audio[..., :max(length, 0)]
+    shortest = min_analysis_length(n_fft, hop_size)
+    if length >= shortest:
+        return audio[..., :length]
+    frames = -(-max(audio.size(-1), shortest) // hop_size) + 1
+    frames = -(-frames // ratio) * ratio
+    return F.pad(audio, (0, (frames - 1) * hop_size - audio.size(-1)))
 
 
 def spectral_targets(audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
@@ -82,7 +108,7 @@ def spectral_targets(audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
 
 class AudioDataset(torch.utils.data.Dataset):
     """Waveforms (L,) from a file list: random `segment_size` crops for training (short clips
-    zero-padded at the end), or whole utterances trimmed with `trim_for_validation`.
+    zero-padded at the end), or whole utterances for validation.
 
     Features are computed from the batch on the training device (`spectral_targets`), with
     the same functions the release applies per item.
@@ -100,14 +126,8 @@ class AudioDataset(torch.utils.data.Dataset):
         h = self.h
         audio = torch.from_numpy(load_audio(self.files[index], h.sampling_rate))
         if not self.train:
-            audio = trim_for_validation(audio, h.hop_size, h.ratio)
-            # Reflect padding of the loss and metric STFTs needs more than half a frame.
-            shortest = max(h.n_fft, METRIC_N_FFT) // 2 + 1
-            if audio.numel() < shortest:
-                raise ValueError(f"validation file {self.files[index]} is too short: {audio.numel()} "
-                                 f"samples after trimming, needs at least {shortest}")
             return audio
         if audio.numel() >= h.segment_size:
             start = random.randint(0, audio.numel() - h.segment_size)
             return audio[start:start + h.segment_size]
-        return torch.nn.functional.pad(audio, (0, h.segment_size - audio.numel()))
+        return F.pad(audio, (0, h.segment_size - audio.numel()))

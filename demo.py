@@ -7,14 +7,15 @@ bursts), generated here so the demo needs no download and no licence. Everything
 under the folders that config_demo.json names (demo_run/ by default).
 """
 import os
-import sys
+from typing import List, Optional
 
 import numpy as np
 import soundfile as sf
 
 import inference
 import train
-from utils import checkpoint_file, newest_complete_step, run_cli
+from checkpoints import checkpoint_file, newest_complete_step
+from config import ROOT, AttrDict, make_parser, run_cli
 
 # (first formant, second formant) pairs in Hz, loosely the vowels a, e, i, o, u.
 VOWELS = ((800, 1200), (500, 1900), (300, 2300), (500, 900), (350, 800))
@@ -43,7 +44,7 @@ def synth_clip(rng: np.random.Generator, seconds: float, sr: int) -> np.ndarray:
     return (0.5 * y / np.max(np.abs(y))).astype(np.float32)
 
 
-def make_demo_data(h, n_train: int = 16, n_valid: int = 2, n_test: int = 3, seed: int = 0) -> None:
+def make_demo_data(h: AttrDict, n_train: int = 16, n_valid: int = 2, n_test: int = 3, seed: int = 0) -> None:
     """Write generated clips and the train/validation lists that the config names."""
     rng = np.random.default_rng(seed)
     data_dir = os.path.join(os.path.dirname(h.input_training_wav_list) or ".", "wavs")
@@ -64,7 +65,7 @@ def make_demo_data(h, n_train: int = 16, n_valid: int = 2, n_test: int = 3, seed
                  synth_clip(rng, rng.uniform(1.0, 2.0), h.sampling_rate), h.sampling_rate)
 
 
-def run_demo(h) -> None:
+def run_demo(h: AttrDict) -> None:
     """Make the data, train, resynthesise the test folder and say where everything went."""
     make_demo_data(h)
     train.train(h)
@@ -77,8 +78,9 @@ def run_demo(h) -> None:
           f"  resynthesised wavs: {os.path.abspath(h.test_wav_output_dir)}")
 
 
-def main(argv=None) -> None:
-    run_cli(run_demo, ["--config", "config_demo.json", *(sys.argv[1:] if argv is None else argv)], __doc__)
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = make_parser(__doc__, default_config=os.path.join(ROOT, "config_demo.json"))
+    run_cli(lambda h, args: run_demo(h), parser, argv)
 
 
 if __name__ == "__main__":

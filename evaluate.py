@@ -1,16 +1,21 @@
-"""Objective evaluation of decoded audio against references (EVALUATION.md).
+"""Objective evaluation of decoded audio against references.
 
-    python evaluate.py --reference REF --decoded DEC [--output eval_out] [--config config.json] [--speech]
-    python evaluate.py --reference REF --checkpoint_file_load_Encoder ENC \\
-        --checkpoint_file_load_Decoder DEC [--output eval_out] [--config config.json] [--speech]
+    python evaluate.py --reference REF --decoded DEC [--output eval_out] [--speech]
+    python evaluate.py --reference REF [--checkpoint_file_load_Encoder ENC]
+                       [--checkpoint_file_load_Decoder DEC] [--output eval_out] [--speech]
 
 Files are matched by relative path without extension (REF/a/b.flac <-> DEC/a/b.wav). The
-second form runs the codec over REF first, writes OUTPUT/decoded/ and adds STFT consistency,
-the nominal bitrate and the real-time factor. Audio is evaluated at the config's sampling_rate
-(the codec's): a reference at another rate is resampled as the codec's input is, and a decoded
-file at another rate is resampled to match. Writes OUTPUT/metrics.csv (per file),
-summary.json (mean and 95% confidence interval per metric), report.md (the Markdown table
-also printed) and spectrograms.png (the worst and best file by LSD).
+second form (no --decoded) runs the codec of the config's checkpoints over REF first,
+writes OUTPUT/decoded/ and adds STFT consistency, the nominal and measured bitrate and the
+real-time factor. Audio is evaluated at the config's sampling_rate (the codec's): a
+reference at another rate is resampled as the codec's input is, and a decoded file at
+another rate is resampled to match. The repository's config.json is used unless --config
+names another, so this works from any folder.
+
+Writes OUTPUT/metrics.csv (per file), summary.json (mean and 95% confidence interval per
+metric), report.md (the Markdown table also printed) and spectrograms.png (the worst and
+best file by LSD). The SNR of a silent reference is undefined: it is left empty and out
+of the mean, and the report says so.
 """
 import argparse
 import csv
@@ -19,7 +24,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -27,12 +31,13 @@ import scipy.stats
 import soundfile as sf
 import torch
 
-from dataset import AUDIO_EXTENSIONS, find_audio_files, load_audio
-from inference import codec_roundtrip, load_codec, write_wav
-from losses import anti_wrapping
-from metrics import (HIGHER_IS_BETTER, METRIC_N_FFT, POWER_FLOOR, compute_metrics, log_power,
-                     metric_stft, optional_metrics, stft_consistency)
-from utils import ConfigError, atomic_write, bitrate, load_config
+from config import AttrDict, bitrate, make_parser, run_cli
+from dataset import AUDIO_EXTENSIONS, audio_index, load_audio
+from inference import check_inputs, load_codec, resynthesize
+from metrics import (HIGHER_IS_BETTER, POWER_FLOOR, compute_metrics, log_power, metric_stft,
+                     optional_metrics, stft_consistency)
+from spectral import anti_wrapping
+from utils import atomic_write, pick_device
 
 # Codecs may pad their output to whole frames; beyond this the pairing is probably wrong.
 MAX_LENGTH_MISMATCH_S = 0.1
@@ -41,39 +46,17 @@ CONFIDENCE = 0.95
 Pair = Tuple[str, str, str]  # (name, reference path, decoded path)
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(__doc__)
     parser.add_argument("--reference", required=True, help="folder of reference audio")
-    parser.add_argument("--decoded", help="folder of decoded audio to compare")
-    parser.add_argument("--checkpoint_file_load_Encoder", help="encoder checkpoint: run the codec over --reference")
-    parser.add_argument("--checkpoint_file_load_Decoder", help="decoder checkpoint: run the codec over --reference")
-    parser.add_argument("--config", default="config.json", help="config of the codec (sampling rate, mel settings)")
+    parser.add_argument("--decoded", help="folder of decoded audio to compare; without it, run the codec")
     parser.add_argument("--output", default="eval_out", help="folder for the CSV, JSON, Markdown and PNG outputs")
     parser.add_argument("--speech", action="store_true", help="also compute PESQ-WB and STOI")
-    args = parser.parse_args(argv)
-    checkpoints = [args.checkpoint_file_load_Encoder, args.checkpoint_file_load_Decoder]
-    if args.decoded is None and None in checkpoints:
-        parser.error("give --decoded, or both --checkpoint_file_load_Encoder and --checkpoint_file_load_Decoder")
-    if args.decoded is not None and any(checkpoints):
-        parser.error("--decoded and the checkpoint options exclude each other")
-    return args
+    return parser
 
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def audio_index(folder: str) -> Dict[str, str]:
-    """Audio files under `folder`, keyed by relative path without extension, sorted."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"folder not found: {folder}")
-    index: Dict[str, str] = {}
-    for path in find_audio_files(folder):
-        key = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
-        if key in index:
-            raise ValueError(f"{index[key]} and {path} have the same name without extension")
-        index[key] = path
-    return index
 
 
 def match_files(reference: Dict[str, str], decoded: Dict[str, str]) -> Tuple[List[Pair], List[str], List[str]]:
@@ -90,9 +73,8 @@ def read_audio(path: str, sampling_rate: int) -> np.ndarray:
     native = sf.info(path).samplerate
     if native != sampling_rate:
         warn(f"{path} is {native} Hz; resampled to {sampling_rate} Hz")
-    if audio.size <= METRIC_N_FFT // 2:
-        raise ValueError(f"{path}: {audio.size} samples is too short to evaluate "
-                         f"(needs more than {METRIC_N_FFT // 2})")
+    if audio.size == 0:
+        raise ValueError(f"audio file {path} holds no samples")
     return audio
 
 
@@ -109,45 +91,36 @@ def read_pair(name: str, ref_path: str, dec_path: str, sampling_rate: int) -> Tu
     return ref, dec
 
 
-def run_codec(h, encoder_path: str, decoder_path: str, reference: Dict[str, str], decoded_dir: str,
-              device: torch.device) -> Tuple[Dict[str, float], Dict[str, object]]:
-    """Encode and decode every reference file into `decoded_dir`.
+def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: torch.device
+              ) -> Tuple[Dict[str, float], Dict[str, object]]:
+    """Resynthesise every reference file into `decoded_dir` with the config's checkpoints.
 
     Returns the STFT consistency of each file's predicted spectrum and the codec facts
     (nominal bitrate, bits of the codes actually produced per second of audio, real-time
     factor of encode + decode) for the summary.
     """
-    encoder, decoder = load_codec(h, encoder_path, decoder_path, device)
+    check_inputs(reference, "the reference folder")
+    encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder, device)
     consistency: Dict[str, float] = {}
-    codec_seconds = audio_seconds = 0.0
     code_bits = 0
     bits_per_code = math.ceil(math.log2(h.codebook_size))
-    for i, (key, path) in enumerate(reference.items()):
-        audio = torch.from_numpy(read_audio(path, h.sampling_rate)).to(device).unsqueeze(0)
-        if i == 0:
-            # One untimed pass: the first call pays for allocations and kernel selection.
-            codec_roundtrip(encoder, decoder, audio, h)
-        start = time.perf_counter()
-        out = codec_roundtrip(encoder, decoder, audio, h)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        codec_seconds += time.perf_counter() - start
-        audio_seconds += audio.size(-1) / h.sampling_rate
+
+    def measure(key: str, out: Dict[str, torch.Tensor]) -> None:
+        nonlocal code_bits
         code_bits += out["codes"].numel() * bits_per_code
         consistency[key] = stft_consistency(out["real"][0], out["imag"][0], h).item()
-        write_wav(os.path.join(decoded_dir, key + ".wav"), out["audio"][0].cpu().numpy(), h.sampling_rate)
+
+    totals = resynthesize(h, encoder, decoder, reference, decoded_dir, device, measure)
     # Measured from the codes, padding frames included; a codes-file container adds its header.
-    codec = {"bitrate_bps": bitrate(h), "bitrate_measured_bps": code_bits / audio_seconds,
-             "rtf": codec_seconds / audio_seconds,
-             "rtf_device": device.type, "rtf_threads": torch.get_num_threads()}
-    print(f"Decoded {len(reference)} files into {decoded_dir} (RTF {codec['rtf']:.4f} on {device.type})")
+    codec = {"bitrate_bps": bitrate(h), "bitrate_measured_bps": code_bits / totals["audio_seconds"],
+             "rtf": totals["rtf"], "rtf_device": device.type, "rtf_threads": torch.get_num_threads()}
     return consistency, codec
 
 
 def mean_and_ci(values: List[float]) -> Dict[str, object]:
     """Mean and the t-distribution confidence interval over files (none for a single file)."""
     x = np.asarray(values, dtype=np.float64)
-    mean = float(x.mean())
+    mean = float(x.mean()) if x.size else math.nan
     if x.size < 2:
         return {"mean": mean, "ci95": None, "n": int(x.size)}
     half = scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
@@ -189,7 +162,9 @@ def csv_text(rows: List[Dict[str, object]], names: List[str]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["file"] + names, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    # An undefined value (NaN) is an empty cell.
+    writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+                     for row in rows)
     return buffer.getvalue()
 
 
@@ -266,9 +241,8 @@ def write_outputs(output: str, rows: List[Dict[str, object]], summary: Dict[str,
     atomic_write(os.path.join(output, "spectrograms.png"), lambda f: plot_extremes(extremes, sampling_rate, f))
 
 
-def run(args: argparse.Namespace) -> None:
-    h = load_config(["--config", args.config])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run(h: AttrDict, args: argparse.Namespace) -> None:
+    device = pick_device()
     reference = audio_index(args.reference)
     if not reference:
         raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {args.reference}")
@@ -276,8 +250,7 @@ def run(args: argparse.Namespace) -> None:
     decoded_dir = args.decoded
     if decoded_dir is None:
         decoded_dir = os.path.join(args.output, "decoded")
-        consistency, codec = run_codec(h, args.checkpoint_file_load_Encoder, args.checkpoint_file_load_Decoder,
-                                       reference, decoded_dir, device)
+        consistency, codec = run_codec(h, reference, decoded_dir, device)
     pairs, missing, extra = match_files(reference, audio_index(decoded_dir))
     if not pairs:
         raise FileNotFoundError(f"no file of {args.reference} has a match in {decoded_dir}")
@@ -291,7 +264,11 @@ def run(args: argparse.Namespace) -> None:
         if row["file"] in consistency:
             row["STFT_consistency"] = consistency[row["file"]]
     names = [n for n in rows[0] if n != "file"]
-    stats = {n: mean_and_ci([row[n] for row in rows]) for n in names}
+    stats = {n: mean_and_ci([row[n] for row in rows if not math.isnan(row[n])]) for n in names}
+    undefined = [row["file"] for row in rows if math.isnan(row["SNR"])]
+    if undefined:
+        notes.append(f"SNR is undefined for {len(undefined)} silent reference(s), left out of its mean: "
+                     f"{', '.join(undefined)}")
     if codec:
         notes.append(f"Nominal bitrate {codec['bitrate_bps']:.0f} bit/s, measured from the codes "
                      f"{codec['bitrate_measured_bps']:.0f} bit/s; RTF (encode + decode) "
@@ -305,11 +282,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

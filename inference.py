@@ -1,67 +1,53 @@
-"""Resynthesise every audio file in `test_input_wavs_dir` through the trained codec.
+"""Resynthesise audio through a trained APCodec (encode, quantise, decode).
 
     python inference.py [--config config.json] [--KEY VALUE ...]
 
-Writes 16-bit PCM wavs named after the inputs (extension replaced by .wav) to
-`test_wav_output_dir`, each exactly as long as its (resampled) input.
+Every wav, flac and ogg file under `test_input_wavs_dir` (walked recursively; a single
+file works too) is written to `test_wav_output_dir` as a 16-bit PCM wav with the same
+relative path and name, each exactly as long as its input at the model's rate. All inputs
+are checked before anything is written. When the checkpoints were trained with another
+network than the config describes, the config.json that training wrote beside them is
+used for the network.
 """
 import os
 import time
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
 import torch
-import torch.nn.functional as F
 
-from dataset import AUDIO_EXTENSIONS, load_audio
+from checkpoints import load_generator
+from config import AttrDict, make_parser, run_cli
+from dataset import AUDIO_EXTENSIONS, audio_index, load_audio
 from models import Decoder, Encoder, remove_weight_norm
-from spectral import amp_pha_spectrum
-from utils import atomic_write, load_weights, run_cli
+from spectral import amp_pha_spectrum, pad_for_analysis
+from utils import atomic_write, pick_device, synchronize
 
 
-def load_codec(h, encoder_path: str, decoder_path: str, device: torch.device) -> Tuple[Encoder, Decoder]:
-    """Encoder and decoder from release-format checkpoints, in eval mode with weight norm folded."""
-    encoder, decoder = Encoder(h).to(device), Decoder(h).to(device)
-    load_weights(encoder, encoder_path, "encoder", device)
-    load_weights(decoder, decoder_path, "decoder", device)
-    return remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval()
-
-
-def pad_to_hops(audio: torch.Tensor, hop_size: int) -> torch.Tensor:
-    """Zero-pad (..., L) at the end to a whole number of hops (at most hop_size - 1 zeros)."""
-    return F.pad(audio, (0, -audio.size(-1) % hop_size))
+def load_codec(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
+               ) -> Tuple[Encoder, Decoder, AttrDict]:
+    """Encoder and decoder for inference (eval mode, weight norm folded), and the config that
+    matches their weights (see `checkpoints.load_generator`)."""
+    encoder, decoder, h = load_generator(h, encoder_path, decoder_path, device)
+    return remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval(), h
 
 
 @torch.no_grad()
 def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
-    """Encode and decode audio (B, L).
+    """Encode and decode audio (B, L), any L >= 1.
 
     Returns codes (B, n_codebooks, T'), the decoder's predicted real/imag spectra
-    (B, F, ratio*T') and audio (B, L): the input is padded to whole hops, run through the
-    release's path unchanged and the output trimmed back to L (SPEC §4).
+    (B, F, ratio*T') and audio (B, L). The input is zero-padded for the analysis (to whole
+    hops, and to n_fft / 2 for very short clips), run through the release's path unchanged
+    and the output trimmed back to L.
     """
     length = audio.size(-1)
-    logamp, pha, _, _ = amp_pha_spectrum(pad_to_hops(audio, h.hop_size), h.n_fft, h.hop_size, h.win_size)
-    # The quantizer's forward (straight-through sum included) keeps the release's exact numbers.
-    latent, codes, _, _ = encoder.quantizer(encoder.continuous_latent(logamp, pha))
-    _, _, real, imag, out = decoder(latent)
-    return {"codes": codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :length]}
-
-
-def list_audio_files(folder: str) -> List[str]:
-    """Audio files directly in `folder`, sorted; two with the same stem are an error."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"input folder not found: {folder}")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(AUDIO_EXTENSIONS))
-    stems: Dict[str, str] = {}
-    for name in files:
-        stem = os.path.splitext(name)[0]
-        if stem in stems:
-            raise ValueError(f"{os.path.join(folder, stems[stem])} and {os.path.join(folder, name)} "
-                             f"would both be written as {stem}.wav")
-        stems[stem] = name
-    return [os.path.join(folder, f) for f in files]
+    logamp, pha, _, _ = amp_pha_spectrum(pad_for_analysis(audio, h.n_fft, h.hop_size),
+                                         h.n_fft, h.hop_size, h.win_size)
+    quantized = encoder(logamp, pha)
+    _, _, real, imag, out = decoder(quantized.latent)
+    return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :length]}
 
 
 def write_wav(path: str, audio: np.ndarray, sampling_rate: int) -> None:
@@ -69,29 +55,63 @@ def write_wav(path: str, audio: np.ndarray, sampling_rate: int) -> None:
     atomic_write(path, lambda f: sf.write(f, audio, sampling_rate, subtype="PCM_16", format="WAV"))
 
 
-def inference(h) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    files = list_audio_files(h.test_input_wavs_dir)
-    encoder, decoder = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder, device)
-    os.makedirs(h.test_wav_output_dir, exist_ok=True)
-    total_audio = total_time = 0.0
-    for path in files:
-        audio = torch.from_numpy(load_audio(path, h.sampling_rate)).to(device)
-        start = time.time()
-        out = codec_roundtrip(encoder, decoder, audio.unsqueeze(0), h)["audio"][0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        total_time += time.time() - start
-        total_audio += audio.numel() / h.sampling_rate
-        name = os.path.splitext(os.path.basename(path))[0] + ".wav"
-        write_wav(os.path.join(h.test_wav_output_dir, name), out.cpu().numpy(), h.sampling_rate)
-    rtf = total_time / total_audio if total_audio else float("nan")
-    print(f"Wrote {len(files)} files to {os.path.abspath(h.test_wav_output_dir)} "
-          f"({total_audio:.1f} s of audio, RTF {rtf:.4f} on {device.type})")
+def check_inputs(files: Dict[str, str], location: str) -> None:
+    """Every input must be readable audio with at least one sample; one line names the first that is not."""
+    if not files:
+        raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {location}")
+    for path in files.values():
+        try:
+            frames = sf.info(path).frames
+        except Exception as e:
+            raise ValueError(f"cannot read audio file {path}: {e}") from None
+        if frames < 1:
+            raise ValueError(f"audio file {path} holds no samples")
 
 
-def main(argv=None) -> None:
-    run_cli(inference, argv, __doc__)
+OutputHook = Callable[[str, Dict[str, torch.Tensor]], None]
+
+
+def resynthesize(h, encoder: Encoder, decoder: Decoder, files: Dict[str, str], output_dir: str,
+                 device: torch.device, on_output: Optional[OutputHook] = None) -> Dict[str, float]:
+    """Resynthesise each file of {key: path} into output_dir/key.wav.
+
+    `on_output(key, codec_roundtrip result)` sees every result. Returns the totals: files,
+    audio seconds and the real-time factor of encode + decode (file I/O excluded; the first
+    file gets one untimed pass, which pays for allocations and kernel selection).
+    """
+    audio_seconds = codec_seconds = 0.0
+    for i, (key, path) in enumerate(files.items()):
+        audio = torch.from_numpy(load_audio(path, h.sampling_rate)).to(device).unsqueeze(0)
+        if i == 0:
+            codec_roundtrip(encoder, decoder, audio, h)
+        synchronize(device)
+        start = time.perf_counter()
+        out = codec_roundtrip(encoder, decoder, audio, h)
+        synchronize(device)
+        codec_seconds += time.perf_counter() - start
+        audio_seconds += audio.size(-1) / h.sampling_rate
+        write_wav(os.path.join(output_dir, key + ".wav"), out["audio"][0].cpu().numpy(), h.sampling_rate)
+        if on_output is not None:
+            on_output(key, out)
+    totals = {"files": len(files), "audio_seconds": audio_seconds, "rtf": codec_seconds / audio_seconds}
+    print(f"Resynthesised {len(files)} files ({audio_seconds:.1f} s of audio) into "
+          f"{os.path.abspath(output_dir)}: RTF {totals['rtf']:.4f} on {device.type} "
+          f"with {torch.get_num_threads()} threads")
+    return totals
+
+
+def inference(h: AttrDict) -> Dict[str, float]:
+    """The release's job: resynthesise `test_input_wavs_dir` into `test_wav_output_dir`."""
+    device = pick_device()
+    files = audio_index(h.test_input_wavs_dir)
+    check_inputs(files, h.test_input_wavs_dir)
+    encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder, device)
+    return resynthesize(h, encoder, decoder, files, h.test_wav_output_dir, device)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_cli(lambda h, args: inference(h), make_parser(__doc__), argv)
+
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,10 @@
-"""APCodec training losses (SPEC §6) and their weights, in one place."""
-import math
+"""APCodec training losses and their weights, in one place."""
 from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from spectral import amp_pha_spectrum, mel_spectrogram
+from spectral import amp_pha_spectrum, anti_wrapping, backward_difference, mel_spectrogram
 
 # The release's loss weights (paper Eq. for L_G, L_S, L_W and the discriminator sum).
 WEIGHTS = {
@@ -19,17 +18,6 @@ WEIGHTS = {
     "codebook": 10.0,
     "commitment": 2.5,
 }
-
-
-def anti_wrapping(x: torch.Tensor) -> torch.Tensor:
-    """|x - 2 pi round(x / 2 pi)|: the distance of a phase error to the nearest multiple of 2 pi."""
-    return torch.abs(x - torch.round(x / (2 * math.pi)) * 2 * math.pi)
-
-
-def backward_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x[k-1] - x[k] along `dim`, with x[-1] taken as 0 (the release's matrix formulation, in O(n))."""
-    previous = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.size(dim) - 1)], dim)
-    return previous - x
 
 
 def phase_losses(pha_r: torch.Tensor, pha_g: torch.Tensor) -> Dict[str, torch.Tensor]:

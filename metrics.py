@@ -1,19 +1,20 @@
-"""Objective codec metrics, as defined in EVALUATION.md.
+"""Objective codec metrics: LSD, anti-wrapped phase distances, SNR, mel distance, STFT consistency.
 
 Training validation and evaluate.py both call these functions, so training curves and
 final evaluation report the same numbers. Audio is (L,) or batched (B, L); every metric
 returns one value per item: a 0-d tensor for (L,), (B,) for (B, L).
 """
+import math
 from typing import Callable, Dict
 
 import librosa
 import numpy as np
 import torch
 
-from losses import anti_wrapping, backward_difference
-from spectral import istft, mel_spectrogram, stft
+from spectral import anti_wrapping, backward_difference, istft, mel_spectrogram, pad_short, stft
 
-# The metric STFT (EVALUATION.md), fixed so that numbers compare across configs and papers.
+# The metric STFT of the group's published evaluations, fixed so that numbers compare
+# across configs and papers.
 METRIC_N_FFT = 2048
 METRIC_HOP_SIZE = 512
 METRIC_WIN_SIZE = 2048
@@ -31,12 +32,11 @@ HIGHER_IS_BETTER = {
 
 
 def metric_stft(y: torch.Tensor) -> torch.Tensor:
-    """The STFT every spectral metric uses. y: (L,) or (B, L) -> complex (..., 1025, L // 512 + 1)."""
-    if y.size(-1) <= METRIC_N_FFT // 2:
-        # Reflect padding by n_fft / 2 needs a longer signal; say so instead of torch's message.
-        raise ValueError(f"audio of {y.size(-1)} samples is too short for the metric STFT "
-                         f"(needs more than {METRIC_N_FFT // 2})")
-    return stft(y.float(), METRIC_N_FFT, METRIC_HOP_SIZE, METRIC_WIN_SIZE)
+    """The STFT every spectral metric uses. y: (L,) or (B, L) -> complex (..., 1025, L' // 512 + 1).
+
+    Clips shorter than n_fft / 2 are zero-padded to L' = 1025 samples first (`pad_short`).
+    """
+    return stft(pad_short(y.float(), METRIC_N_FFT), METRIC_N_FFT, METRIC_HOP_SIZE, METRIC_WIN_SIZE)
 
 
 def log_power(spec: torch.Tensor) -> torch.Tensor:
@@ -78,15 +78,23 @@ def awpd(ref: torch.Tensor, deg: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 
 def snr(ref: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio in dB. ref, deg: (L,) or (B, L) -> () or (B,)."""
+    """Signal-to-noise ratio in dB. ref, deg: (L,) or (B, L) -> () or (B,).
+
+    NaN (undefined) for a silent reference, whose ratio would only measure the decoded noise.
+    """
     ref, deg = ref.double(), deg.double()
-    return 10 * torch.log10(ref.pow(2).sum(-1) / (ref - deg).pow(2).sum(-1))
+    signal = ref.pow(2).sum(-1)
+    value = 10 * torch.log10(signal / (ref - deg).pow(2).sum(-1))
+    return torch.where(signal > 0, value, torch.full_like(value, math.nan))
 
 
 def mel_distance(ref: torch.Tensor, deg: torch.Tensor, h) -> torch.Tensor:
-    """Mean L1 distance of the training loss's log-mel spectra. ref, deg: (L,) or (B, L) -> () or (B,)."""
+    """Mean L1 distance of the training loss's log-mel spectra. ref, deg: (L,) or (B, L) -> () or (B,).
+
+    Clips shorter than n_fft / 2 are zero-padded first, as in `metric_stft`.
+    """
     def mel(y: torch.Tensor) -> torch.Tensor:
-        return mel_spectrogram(y.float(), h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
+        return mel_spectrogram(pad_short(y.float(), h.n_fft), h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
     return torch.abs(mel(ref) - mel(deg)).mean(dim=(-2, -1))
 
 

@@ -1,9 +1,8 @@
-"""APCodec networks: encoder, residual VQ, decoder and the MPD / MRD discriminators (SPEC §2-§5).
+"""APCodec's generator: the parallel amplitude/phase encoder, the residual VQ and the decoder.
 
 Shapes: B batch, F = n_fft // 2 + 1 bins, T STFT frames, T' = ceil(T / ratio) latent frames.
 """
-from functools import lru_cache
-from typing import Dict, List, Sequence, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +11,6 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from spectral import istft
-
-LRELU_SLOPE = 0.1
-
-DiscriminatorOutput = Tuple[List[torch.Tensor], List[torch.Tensor],
-                            List[List[torch.Tensor]], List[List[torch.Tensor]]]
 
 
 def same_padding(kernel_size: int) -> int:
@@ -91,6 +85,14 @@ def wn_conv1d(in_channels: int, out_channels: int, kernel_size: int, stride: int
                                  padding=same_padding(kernel_size)))
 
 
+class QuantizerOutput(NamedTuple):
+    """What a quantizer stage or the whole residual VQ returns."""
+    latent: torch.Tensor      # quantised latent (B, D, T'), straight-through to the input
+    codes: torch.Tensor       # int64 (B, T') for one stage, (B, n_codebooks, T') for the RVQ
+    commitment: torch.Tensor  # mse(z_e, sg(z_q)): (B,) per stage, summed over stages and batch-averaged for the RVQ
+    codebook: torch.Tensor    # mse(z_q, sg(z_e)), shaped as commitment
+
+
 class VectorQuantize(nn.Module):
     """One RVQ stage: factorised projection, l2-normalised nearest-code lookup (DAC style)."""
 
@@ -113,15 +115,15 @@ class VectorQuantize(nn.Module):
         """Raw (un-normalised) codebook rows. (B, T) -> (B, D, T)."""
         return F.embedding(codes, self.codebook.weight).transpose(1, 2)
 
-    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z: (B, input_dim, T) -> (z_q, commitment (B,), codebook (B,), codes (B, T))."""
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """z: (B, input_dim, T) -> latent (B, input_dim, T), codes (B, T), per-item losses (B,)."""
         z_e = self.in_proj(z)
         codes = self.nearest_codes(z_e)
         z_q = self.lookup(codes)
         commitment = F.mse_loss(z_e, z_q.detach(), reduction="none").mean([1, 2])
         codebook = F.mse_loss(z_q, z_e.detach(), reduction="none").mean([1, 2])
         z_q = z_e + (z_q - z_e).detach()
-        return self.out_proj(z_q), commitment, codebook, codes
+        return QuantizerOutput(self.out_proj(z_q), codes, commitment, codebook)
 
 
 class ResidualVectorQuantize(nn.Module):
@@ -132,52 +134,29 @@ class ResidualVectorQuantize(nn.Module):
         self.quantizers = nn.ModuleList(
             [VectorQuantize(input_dim, codebook_size, codebook_dim) for _ in range(n_codebooks)])
 
-    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z: (B, D, T') -> (quantised latent (B, D, T'), codes (B, n_codebooks, T'),
-        commitment loss, codebook loss), the losses summed over stages and averaged over the batch."""
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """z: (B, D, T') -> latent (B, D, T'), codes (B, n_codebooks, T'), and the commitment and
+        codebook losses summed over stages and averaged over the batch (0-d)."""
         z_q = torch.zeros_like(z)
         residual = z
         commitment = codebook = z.new_zeros(())
         codes = []
         for quantizer in self.quantizers:
-            z_q_i, commitment_i, codebook_i, codes_i = quantizer(residual)
-            z_q = z_q + z_q_i
-            residual = residual - z_q_i
-            commitment = commitment + commitment_i.mean()
-            codebook = codebook + codebook_i.mean()
-            codes.append(codes_i)
-        return z_q, torch.stack(codes, dim=1), commitment, codebook
+            stage = quantizer(residual)
+            z_q = z_q + stage.latent
+            residual = residual - stage.latent
+            commitment = commitment + stage.commitment.mean()
+            codebook = codebook + stage.codebook.mean()
+            codes.append(stage.codes)
+        return QuantizerOutput(z_q, torch.stack(codes, dim=1), commitment, codebook)
 
     def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: (B, n_codebooks, T') -> quantised latent (B, D, T')."""
         return sum(q.out_proj(q.lookup(codes[:, i])) for i, q in enumerate(self.quantizers))
 
 
-# Our module names -> the release's, in the release's registration order. The release
-# names every layer twice (`*_logamp`, `*_pha`); here a `Branch` is used twice instead.
-# State dicts on disk and optimizer parameter positions follow the right-hand column.
-_BRANCH_NAMES = (
-    ("amp.embed", "embed_logamp"), ("pha.embed", "embed_pha"),
-    ("amp.norm", "norm_logamp"), ("pha.norm", "norm_pha"),
-    ("amp.blocks", "convnext_logamp"), ("pha.blocks", "convnext_pha"),
-    ("amp.final_norm", "final_layer_norm_logamp"), ("pha.final_norm", "final_layer_norm_pha"),
-    ("amp.out", "out_logamp"), ("pha.out", "out_pha"),
-)
-_WEIGHT_NORM_NAMES = (
-    (".parametrizations.weight.original0", ".weight_g"),
-    (".parametrizations.weight.original1", ".weight_v"),
-)
-
-
 class Encoder(nn.Module):
     """Parallel amplitude/phase encoder followed by the residual VQ."""
-
-    release_names = _BRANCH_NAMES + (
-        ("amp_down", "AMP_Encoder_downsample_output_conv"),
-        ("pha_down", "PHA_Encoder_downsample_output_conv"),
-        ("latent_conv", "latent_output_conv"),
-        ("quantizer", "quantizer"),
-    )
 
     def __init__(self, h):
         super().__init__()
@@ -199,33 +178,22 @@ class Encoder(nn.Module):
         pha = self.pha_down(self.pha(pha))
         return self.latent_conv(torch.cat((amp, pha), dim=1))
 
-    def forward(self, logamp: torch.Tensor, pha: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logamp, pha: (B, F, T) -> (quantised latent (B, latent_dim, T'), commitment, codebook loss)."""
-        latent, _, commitment, codebook = self.quantizer(self.continuous_latent(logamp, pha))
-        return latent, commitment, codebook
+    def forward(self, logamp: torch.Tensor, pha: torch.Tensor) -> QuantizerOutput:
+        """logamp, pha: (B, F, T) -> quantised latent (B, latent_dim, T') (the Decoder's input),
+        codes (B, n_codebooks, T') and the commitment and codebook losses."""
+        return self.quantizer(self.continuous_latent(logamp, pha))
 
     def encode(self, logamp: torch.Tensor, pha: torch.Tensor) -> torch.Tensor:
         """logamp, pha: (B, F, T) -> integer codes (B, n_codebooks, T')."""
-        return self.quantizer(self.continuous_latent(logamp, pha))[1]
+        return self(logamp, pha).codes
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def latent_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, n_codebooks, T') -> quantised latent (B, latent_dim, T'), the Decoder's input."""
         return self.quantizer.from_codes(codes)
 
 
 class Decoder(nn.Module):
     """Parallel amplitude/phase decoder; the waveform comes from the iSTFT of the predicted spectrum."""
-
-    release_names = (
-        ("latent_conv", "latent_input_conv"),
-        ("amp_up", "AMP_Decoder_upsample_input_conv"),
-        ("pha_up", "PHA_Decoder_upsample_input_conv"),
-    ) + _BRANCH_NAMES + (
-        ("amp_out", "AMP_Decoder_output_conv"),
-        ("pha_real", "PHA_Decoder_output_R_conv"),
-        ("pha_imag", "PHA_Decoder_output_I_conv"),
-    )
 
     def __init__(self, h):
         super().__init__()
@@ -264,172 +232,6 @@ class Decoder(nn.Module):
         imag = torch.exp(logamp) * torch.sin(pha)
         audio = istft(real, imag, self.n_fft, self.hop_size, self.win_size)
         return logamp, pha, real, imag, audio.unsqueeze(1)
-
-
-def wn_conv2d(in_channels: int, out_channels: int, kernel_size, stride, padding) -> nn.Module:
-    return weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding))
-
-
-def _score_with_features(x: torch.Tensor, convs: nn.ModuleList, conv_post: nn.Module
-                         ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Run a discriminator's conv stack; returns flattened scores and every layer's output."""
-    fmap = []
-    for conv in convs:
-        x = F.leaky_relu(conv(x), LRELU_SLOPE)
-        fmap.append(x)
-    x = conv_post(x)
-    fmap.append(x)
-    return torch.flatten(x, 1, -1), fmap
-
-
-class DiscriminatorP(nn.Module):
-    """HiFi-GAN period discriminator on the waveform folded to (B, 1, L / period, period)."""
-
-    def __init__(self, period: int, channels: Sequence[int] = (32, 128, 512, 1024)):
-        super().__init__()
-        self.period = period
-        widths = [1, *channels]
-        self.convs = nn.ModuleList(
-            [wn_conv2d(widths[i], widths[i + 1], (5, 1), (3, 1), (2, 0)) for i in range(len(channels))]
-            + [wn_conv2d(channels[-1], channels[-1], (5, 1), 1, (2, 0))])
-        self.conv_post = wn_conv2d(channels[-1], 1, (3, 1), 1, (1, 0))
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """x: (B, 1, L) -> (scores (B, N), feature maps of every layer)."""
-        b, c, t = x.shape
-        if t % self.period:
-            n_pad = self.period - t % self.period
-            x = F.pad(x, (0, n_pad), "reflect")
-            t += n_pad
-        x = x.view(b, c, t // self.period, self.period)
-        return _score_with_features(x, self.convs, self.conv_post)
-
-
-@lru_cache(maxsize=None)
-def _rectangular(win_size: int, device: torch.device) -> torch.Tensor:
-    # torch.stft pads a win_size window to n_fft, centred: what window=None means, without its warning.
-    return torch.ones(win_size, device=device)
-
-
-class DiscriminatorR(nn.Module):
-    """UniVNet resolution discriminator on a linear magnitude STFT (rectangular window)."""
-
-    def __init__(self, resolution: Sequence[int], channels: int = 64):
-        super().__init__()
-        self.resolution = tuple(resolution)
-        self.convs = nn.ModuleList([
-            wn_conv2d(1, channels, (7, 5), (2, 2), (3, 2)),
-            wn_conv2d(channels, channels, (5, 3), (2, 1), (2, 1)),
-            wn_conv2d(channels, channels, (5, 3), (2, 2), (2, 1)),
-            wn_conv2d(channels, channels, 3, (2, 1), 1),
-            wn_conv2d(channels, channels, 3, (2, 2), 1),
-        ])
-        self.conv_post = wn_conv2d(channels, 1, 3, 1, 1)
-
-    def spectrogram(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L) -> magnitude (B, n_fft // 2 + 1, L // hop + 1)."""
-        n_fft, hop, win = self.resolution
-        return torch.stft(x, n_fft, hop_length=hop, win_length=win, window=_rectangular(win, x.device),
-                          center=True, return_complex=True).abs()
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """x: (B, 1, L) -> (scores (B, N), feature maps of every layer)."""
-        x = self.spectrogram(x.squeeze(1)).unsqueeze(1)
-        return _score_with_features(x, self.convs, self.conv_post)
-
-
-class _MultiDiscriminator(nn.Module):
-    release_names = (("discriminators", "discriminators"),)
-
-    def forward(self, y: torch.Tensor, y_hat: torch.Tensor) -> DiscriminatorOutput:
-        """y, y_hat: (B, 1, L) -> (real scores, fake scores, real feature maps, fake feature maps)."""
-        real_scores, fake_scores, real_fmaps, fake_fmaps = [], [], [], []
-        for d in self.discriminators:
-            score, fmap = d(y)
-            real_scores.append(score)
-            real_fmaps.append(fmap)
-            score, fmap = d(y_hat)
-            fake_scores.append(score)
-            fake_fmaps.append(fmap)
-        return real_scores, fake_scores, real_fmaps, fake_fmaps
-
-
-class MultiPeriodDiscriminator(_MultiDiscriminator):
-    def __init__(self, h):
-        super().__init__()
-        self.discriminators = nn.ModuleList([DiscriminatorP(p, h.mpd_channels) for p in h.mpd_periods])
-
-
-class MultiResolutionDiscriminator(_MultiDiscriminator):
-    def __init__(self, h):
-        super().__init__()
-        self.discriminators = nn.ModuleList(
-            [DiscriminatorR(r, h.mrd_channels) for r in h.mrd_resolutions])
-
-
-def _to_release_name(name: str, table) -> Tuple[str, int]:
-    for ours, theirs in _WEIGHT_NORM_NAMES:
-        if name.endswith(ours):
-            name = name[: -len(ours)] + theirs
-    for position, (ours, theirs) in enumerate(table):
-        if name == ours or name.startswith(ours + "."):
-            return theirs + name[len(ours):], position
-    raise KeyError(f"no release name for parameter '{name}'")
-
-
-def _from_release_name(name: str, table) -> str:
-    for ours, theirs in table:
-        if name == theirs or name.startswith(theirs + "."):
-            name = ours + name[len(theirs):]
-            break
-    else:
-        raise KeyError(name)
-    for ours, theirs in _WEIGHT_NORM_NAMES:
-        if name.endswith(theirs):
-            name = name[: -len(theirs)] + ours
-    return name
-
-
-def _release_order(named: Sequence[Tuple[str, torch.Tensor]], table) -> List[Tuple[str, torch.Tensor]]:
-    renamed = [(*_to_release_name(name, table), i, tensor) for i, (name, tensor) in enumerate(named)]
-    renamed.sort(key=lambda item: (item[1], item[2]))
-    return [(name, tensor) for name, _, _, tensor in renamed]
-
-
-def release_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """The module's state dict with the release's key names and order (weight_g / weight_v)."""
-    return dict(_release_order(list(module.state_dict().items()), module.release_names))
-
-
-def release_parameters(module: nn.Module) -> List[nn.Parameter]:
-    """Parameters in the order the release's `module.parameters()` yields them.
-
-    AdamW state is stored by position, so optimizers built from this list save and load
-    `optim_g` / `optim_d` states that line up with the release's.
-    """
-    return [p for _, p in _release_order(list(module.named_parameters()), module.release_names)]
-
-
-def load_release_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "") -> None:
-    """Load a state dict saved by the release (or by `release_state_dict`) into `module`."""
-    where = f" in {source}" if source else ""
-    converted = {}
-    for name, tensor in state_dict.items():
-        try:
-            converted[_from_release_name(name, module.release_names)] = tensor
-        except KeyError:
-            raise ValueError(f"unexpected key '{name}'{where} for {type(module).__name__}") from None
-    expected = module.state_dict()
-    missing = [n for n in expected if n not in converted]
-    if missing:
-        raise ValueError(f"missing key '{_to_release_name(missing[0], module.release_names)[0]}'{where} "
-                       f"for {type(module).__name__} ({len(missing)} missing)")
-    for name, tensor in converted.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"key '{_to_release_name(name, module.release_names)[0]}'{where} has shape "
-                             f"{tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}: "
-                             f"does the config match the checkpoint?")
-    module.load_state_dict(converted)
 
 
 def remove_weight_norm(module: nn.Module) -> nn.Module:

@@ -1,13 +1,15 @@
-"""STFT analysis and synthesis: the one place where audio becomes spectra and back.
+"""STFT analysis and synthesis and phase arithmetic: the one place where audio becomes spectra and back.
 
 Dataset, losses, validation, evaluation and inference all call these functions, so the
-same audio always gives the same numbers (SPEC §1).
+same audio always gives the same numbers.
 """
+import math
 from functools import lru_cache
 from typing import Optional, Tuple
 
 import librosa
 import torch
+import torch.nn.functional as F
 
 
 @lru_cache(maxsize=None)
@@ -47,6 +49,9 @@ def amp_pha_spectrum(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int
     real, imag = spec.real, spec.imag
     # log(|S| + 1e-5) with |S| from real/imag, as the release computes it.
     log_amplitude = torch.log(torch.sqrt(real.pow(2) + imag.pow(2)) + 1e-5)
+    # atan2 as the release uses it, also for exactly silent bins: there the phase is 0 or
+    # +-pi depending on the signs of the FFT's zeros, which differ between backends and
+    # versions. Such bins carry no energy, and the anti-wrapped losses see +-pi as one value.
     phase = torch.atan2(imag, real)
     return log_amplitude, phase, real, imag
 
@@ -61,3 +66,36 @@ def mel_spectrogram(y: torch.Tensor, sampling_rate: int, n_fft: int, num_mels: i
     basis = _mel_basis(sampling_rate, n_fft, num_mels, fmin, fmax, y.device).to(magnitude.dtype)
     mel = torch.matmul(basis, magnitude)
     return torch.log(torch.clamp(mel, min=1e-5))
+
+
+def pad_short(y: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """Zero-pad (..., L) at the end to n_fft // 2 + 1 samples when shorter; the reflect padding
+    of a centred STFT needs more than n_fft / 2. Longer signals are returned as they are."""
+    return F.pad(y, (0, max(0, n_fft // 2 + 1 - y.size(-1))))
+
+
+def min_analysis_length(n_fft: int, hop_size: int) -> int:
+    """Shortest length, in whole hops, that the reflect-padded STFT accepts (more than n_fft / 2)."""
+    return (n_fft // 2 // hop_size + 1) * hop_size
+
+
+def pad_for_analysis(audio: torch.Tensor, n_fft: int, hop_size: int) -> torch.Tensor:
+    """Zero-pad (..., L) at the end to whole hops, and to `min_analysis_length` for very short clips.
+
+    Clips of at least n_fft / 2 samples get at most hop_size - 1 zeros; the codec's output
+    is trimmed back to L.
+    """
+    length = audio.size(-1)
+    target = max(-(-length // hop_size) * hop_size, min_analysis_length(n_fft, hop_size))
+    return F.pad(audio, (0, target - length))
+
+
+def anti_wrapping(x: torch.Tensor) -> torch.Tensor:
+    """|x - 2 pi round(x / 2 pi)|: the distance of a phase error to the nearest multiple of 2 pi."""
+    return torch.abs(x - torch.round(x / (2 * math.pi)) * 2 * math.pi)
+
+
+def backward_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x[k-1] - x[k] along `dim`, with x[-1] taken as 0 (the release's matrix formulation, in O(n))."""
+    previous = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.size(dim) - 1)], dim)
+    return previous - x

@@ -1,27 +1,33 @@
-"""Train APCodec (SPEC §7).
+"""Train APCodec.
 
     python train.py [--config config.json] [--KEY VALUE ...]
 
-Resumes automatically from the newest complete checkpoint set in `checkpoint_path`.
-Runs on CUDA when available, otherwise on the CPU.
+Each step updates the discriminators (MPD + MRD) on the detached generator output, then
+the encoder and decoder. Checkpoint sets, TensorBoard logs and the config used go to
+`checkpoint_path`; a restarted run resumes from the newest complete set there. Runs on
+CUDA when a GPU is visible, otherwise on the CPU.
 """
+import math
 import os
 import random
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import losses
-from dataset import AudioDataset, read_filelist, spectral_targets
+from checkpoints import (TRAINING_STATE_KEYS, checkpoint_file, load_checkpoint, load_release_state_dict,
+                         load_weights, newest_complete_step, release_parameters, release_state_dict,
+                         save_checkpoint)
+from config import AttrDict, bitrate, make_parser, run_cli, save_config
+from dataset import AudioDataset, read_filelist, spectral_targets, trim_for_validation
+from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from metrics import compute_metrics
-from models import (Decoder, Encoder, MultiPeriodDiscriminator, MultiResolutionDiscriminator,
-                    load_release_state_dict, release_parameters, release_state_dict)
-from utils import (bitrate, checkpoint_file, load_checkpoint, load_weights, newest_complete_step,
-                   plot_spectrogram, run_cli, save_checkpoint, save_config)
+from models import Decoder, Encoder
+from utils import pick_device, plot_spectrogram
 
 # Names of the terms printed and logged, in the release's stdout order.
 TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
@@ -67,7 +73,7 @@ class Trainer:
             load_weights(self.encoder, checkpoint_file(folder, "encoder", step), "encoder", self.device)
             load_weights(self.decoder, checkpoint_file(folder, "decoder", step), "decoder", self.device)
             do_path = checkpoint_file(folder, "do", step)
-            state = load_checkpoint(do_path, self.device, ["mpd", "mrd", "optim_g", "optim_d", "steps", "epoch"])
+            state = load_checkpoint(do_path, self.device, TRAINING_STATE_KEYS)
             load_release_state_dict(self.mpd, state["mpd"], do_path)
             load_release_state_dict(self.mrd, state["mrd"], do_path)
             self.optim_g.load_state_dict(state["optim_g"])
@@ -92,10 +98,10 @@ class Trainer:
     def codec(self, audio: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Targets of audio (B, L) and the codec's output for it, both as dicts of tensors."""
         ref = spectral_targets(audio, self.h)
-        latent, commitment, codebook = self.encoder(ref["logamp"], ref["pha"])
-        logamp, pha, real, imag, y_g = self.decoder(latent)
+        quantized = self.encoder(ref["logamp"], ref["pha"])
+        logamp, pha, real, imag, y_g = self.decoder(quantized.latent)
         gen = {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "audio": y_g,
-               "commitment": commitment, "codebook": codebook}
+               "commitment": quantized.commitment, "codebook": quantized.codebook}
         return ref, gen
 
     def discriminator_step(self, y: torch.Tensor, y_g: torch.Tensor) -> torch.Tensor:
@@ -142,24 +148,33 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, loader: DataLoader, writer: SummaryWriter) -> Dict[str, float]:
-        """Mean loss terms and metrics over whole validation utterances (batch 1)."""
+        """Mean loss terms and metrics over whole validation utterances (batch 1).
+
+        Each utterance is trimmed as the release trims it (`trim_for_validation`); metrics
+        compare it with the output over the utterance's own samples. A metric that is
+        undefined for an utterance (the SNR of silence) is left out of that metric's mean.
+        """
+        h = self.h
         self.encoder.eval()
         self.decoder.eval()
         totals: Dict[str, float] = {}
-        count = 0
+        counts: Dict[str, int] = {}
         for j, audio in enumerate(loader):
-            audio = audio.to(self.device)
+            length = audio.size(-1)
+            audio = trim_for_validation(audio, h.hop_size, h.ratio, h.n_fft).to(self.device)
             ref, gen = self.codec(audio)
-            values = {k: v.item() for k, v in losses.spectral_losses(ref, gen, self.h).items()}
-            values.update(compute_metrics(audio[0], gen["audio"][0, 0], self.h))
+            values = {k: v.item() for k, v in losses.spectral_losses(ref, gen, h).items()}
+            n = min(length, audio.size(-1))
+            values.update(compute_metrics(audio[0, :n], gen["audio"][0, 0, :n], h))
             for name, value in values.items():
-                totals[name] = totals.get(name, 0.0) + value
-            count += 1
+                if math.isfinite(value):
+                    totals[name] = totals.get(name, 0.0) + value
+                    counts[name] = counts.get(name, 0) + 1
             if j < LOGGED_VALIDATION_ITEMS:
                 self._log_example(writer, j, audio, ref, gen)
         self.encoder.train()
         self.decoder.train()
-        means = {name: total / max(count, 1) for name, total in totals.items()}
+        means = {name: total / counts[name] for name, total in totals.items()}
         for name, value in means.items():
             writer.add_scalar(f"Validation/{name}", value, self.steps)
         return means
@@ -221,8 +236,9 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
     return saved
 
 
-def train(h, device: Optional[torch.device] = None) -> Trainer:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
+    """Train (or resume) the run of config `h` to `training_epochs`; returns the trainer."""
+    device = device or pick_device()
     torch.manual_seed(h.seed)
     random.seed(h.seed)
     torch.backends.cudnn.benchmark = True
@@ -236,9 +252,14 @@ def train(h, device: Optional[torch.device] = None) -> Trainer:
           f"{os.path.abspath(h.checkpoint_path)}")
     for module in (trainer.encoder, trainer.decoder, trainer.mpd, trainer.mrd):
         module.train()
+    start_epoch = max(0, trainer.last_epoch)
+    if start_epoch >= h.training_epochs:
+        print(f"Nothing to train: the run in {h.checkpoint_path} has finished {start_epoch} epochs "
+              f"(training_epochs = {h.training_epochs}); raise training_epochs to continue")
+        return trainer
     last_saved = trainer.steps - 1
     with SummaryWriter(os.path.join(h.checkpoint_path, "logs")) as writer:
-        for epoch in range(max(0, trainer.last_epoch), h.training_epochs):
+        for epoch in range(start_epoch, h.training_epochs):
             epoch_start = time.time()
             print(f"Epoch: {epoch + 1}")
             for audio in train_loader:
@@ -258,8 +279,9 @@ def train(h, device: Optional[torch.device] = None) -> Trainer:
     return trainer
 
 
-def main(argv=None) -> None:
-    run_cli(train, argv, __doc__)
+def main(argv: Optional[List[str]] = None) -> None:
+    run_cli(lambda h, args: train(h), make_parser(__doc__), argv)
+
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import soundfile as sf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from utils import build_config  # noqa: E402
+from config import build_config  # noqa: E402
 
 # Small sizes for tests that train or save: same architecture, far fewer channels.
 TINY = {
@@ -61,3 +61,15 @@ def write_tone(path, seconds, sr=48000, channels=1, f0=220.0, seed=0):
         y = np.stack([y] * channels, axis=1)
     sf.write(path, y, sr)
     return path
+
+
+@pytest.fixture(scope="module")
+def full():
+    """Freshly initialised full-size (default config) modules, shared read-only by a test file."""
+    import torch
+    from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
+    from models import Decoder, Encoder
+    torch.manual_seed(0)
+    h = make_config()
+    return {"h": h, "encoder": Encoder(h), "decoder": Decoder(h),
+            "mpd": MultiPeriodDiscriminator(h), "mrd": MultiResolutionDiscriminator(h)}

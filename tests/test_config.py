@@ -1,12 +1,16 @@
-"""Config loading: release keys, added defaults, consistency checks and command-line overrides."""
+"""config.py: the key table, checks that name the key, command-line overrides, --help and the README table."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from config import (KEYS, NETWORK_KEYS, SCHEMA, ConfigError, bitrate, build_config, load_config,
+                    make_parser, markdown_table, parse_command_line)
 from conftest import ROOT, default_raw
-from utils import ADDED_DEFAULTS, RELEASE_KEYS, ConfigError, bitrate, build_config, load_config
+
+SCRIPTS = ("train.py", "inference.py", "evaluate.py", "bench.py", "demo.py")
 
 
 def _write(tmp_path, raw):
@@ -15,19 +19,24 @@ def _write(tmp_path, raw):
     return str(path)
 
 
-def test_default_config_is_release_plus_added_keys():
+def _parse(argv):
+    return parse_command_line(make_parser("test"), argv)[0]
+
+
+def test_default_config_holds_every_key_with_the_table_default():
     raw = default_raw()
-    assert set(raw) == set(RELEASE_KEYS) | set(ADDED_DEFAULTS)
+    assert list(raw) == [key.name for key in SCHEMA]
+    for key in SCHEMA:
+        assert raw[key.name] == key.default, key.name
     h = build_config(raw)
     assert (h.batch_size, h.learning_rate, h.adam_b1, h.adam_b2, h.lr_decay) == (16, 2e-4, 0.8, 0.99, 0.999)
     assert (h.segment_size, h.n_fft, h.hop_size, h.win_size, h.ratio, h.latent_dim) == (7960, 1024, 40, 320, 8, 32)
-    for key, value in ADDED_DEFAULTS.items():
-        assert h[key] == value
     assert bitrate(h) == 4 * 10 * 48000 / 320 == 6000
 
 
 def test_release_config_without_added_keys_gets_defaults():
-    raw = {k: v for k, v in default_raw().items() if k in RELEASE_KEYS}
+    raw = {k: v for k, v in default_raw().items() if KEYS[k].release}
+    assert len(raw) == 51
     h = build_config(raw)
     assert h.n_codebooks == 4 and h.codebook_size == 1024 and h.convnext_layers == 8
 
@@ -42,13 +51,26 @@ def test_release_config_without_added_keys_gets_defaults():
     ({"PHA_Decoder_input_upconv_kernel_size": 15}, "PHA_Decoder_input_upconv_kernel_size"),
     ({"latent_output_conv_kernel_size": 6}, "latent_output_conv_kernel_size"),
     ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": True}, "batch_size"),
     ({"mpd_channels": [32, 128]}, "mpd_channels"),
+    ({"mrd_resolutions": [[512, 20, 1024]]}, "mrd_resolutions"),
+    ({"adam_b1": 1.0}, "adam_b1"),
+    ({"adam_b2": 1.5}, "adam_b2"),
+    ({"adam_b1": -0.1}, "adam_b1"),
+    ({"learning_rate": 0}, "learning_rate"),
+    ({"checkpoint_path": ""}, "checkpoint_path"),
 ])
 def test_bad_values_name_the_key(change, key):
     raw = default_raw()
     raw.update(change)
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
         build_config(raw)
+
+
+@pytest.mark.parametrize("b1", [0.0, 0, 0.5, 0.999])
+def test_betas_accept_zero_to_one_exclusive(b1):
+    h = build_config(dict(default_raw(), adam_b1=b1, adam_b2=b1))
+    assert h.adam_b1 == b1 and h.adam_b2 == b1
 
 
 def test_missing_release_key_is_named():
@@ -60,14 +82,41 @@ def test_missing_release_key_is_named():
 
 def test_command_line_overrides(tmp_path):
     path = _write(tmp_path, default_raw())
-    h = load_config(["--config", path, "--batch_size", "4", "--mpd_periods", "[2, 3]",
-                     "--checkpoint_path", "runs/x", "--learning_rate", "1e-3"])
+    h = _parse(["--config", path, "--batch_size", "4", "--mpd_periods", "[2, 3]",
+                "--checkpoint_path", "runs/x", "--learning_rate", "1e-3", "--adam_b1", "0.0"])
     assert h.batch_size == 4 and h.mpd_periods == [2, 3] and h.checkpoint_path == "runs/x"
-    assert h.learning_rate == 1e-3
-    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
-        load_config(["--config", path, "--bogus", "1"])
+    assert h.learning_rate == 1e-3 and h.adam_b1 == 0.0
+    assert h.source == path and "source" not in h
     with pytest.raises(ConfigError, match="ratio"):
-        load_config(["--config", path, "--ratio", "7"])
+        _parse(["--config", path, "--ratio", "7"])
+    with pytest.raises(ConfigError, match="adam_b2"):
+        _parse(["--config", path, "--adam_b2", "1.5"])
+
+
+def test_unknown_option_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--config", _write(tmp_path, default_raw()), "--bogus", "1"])
+    assert "--bogus" in capsys.readouterr().err
+
+
+def test_overrides_fill_missing_keys_and_keep_paths_as_strings(tmp_path):
+    raw = default_raw()
+    del raw["num_workers"]
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError, match="missing config key 'num_workers'"):
+        load_config(path)
+    h = _parse(["--config", path, "--num_workers", "2", "--checkpoint_path", "2024"])
+    assert h.num_workers == 2 and h.checkpoint_path == "2024"
+    with pytest.raises(ConfigError, match="mrd_resolutions"):
+        _parse(["--config", path, "--num_workers", "2", "--mrd_resolutions", "5"])
+    with pytest.raises(ConfigError, match="learning_rate"):
+        _parse(["--config", path, "--num_workers", "2", "--learning_rate", "fast"])
+
+
+def test_network_keys_are_the_generator_shape_keys():
+    assert {"n_fft", "hop_size", "ratio", "latent_dim", "n_codebooks", "codebook_size", "sampling_rate",
+            "convnext_dim", "AMP_Encoder_channel"} <= set(NETWORK_KEYS)
+    assert not {"batch_size", "learning_rate", "mpd_periods", "checkpoint_path"} & set(NETWORK_KEYS)
 
 
 def test_train_script_reports_bad_config_in_one_line(tmp_path):
@@ -79,15 +128,34 @@ def test_train_script_reports_bad_config_in_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "win_size" in result.stderr
 
 
-def test_overrides_fill_missing_keys_and_keep_paths_as_strings(tmp_path):
-    raw = default_raw()
-    del raw["num_workers"]
-    path = _write(tmp_path, raw)
-    with pytest.raises(ConfigError, match="missing config key 'num_workers'"):
-        load_config(["--config", path])
-    h = load_config(["--config", path, "--num_workers", "2", "--checkpoint_path", "2024"])
-    assert h.num_workers == 2 and h.checkpoint_path == "2024"
-    with pytest.raises(ConfigError, match="mrd_resolutions"):
-        load_config(["--config", path, "--num_workers", "2", "--mrd_resolutions", "5"])
-    with pytest.raises(ConfigError, match="learning_rate"):
-        load_config(["--config", path, "--num_workers", "2", "--learning_rate", "fast"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_key_and_keeps_the_docstring_lines(script, tmp_path):
+    # From another folder: every script finds the repository's own config.json.
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for key in SCHEMA:
+        assert f"--{key.name} VALUE" in text, key.name
+    usage_line = next(line for line in text.splitlines() if line.strip().startswith(f"python {script}"))
+    assert usage_line.startswith("    python"), usage_line
+    assert "SPEC" not in text and "EVALUATION" not in text
+
+
+def test_readme_key_table_is_generated_from_the_schema():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert markdown_table() in readme
+
+
+def test_repository_cites_no_document_outside_it():
+    for folder, _, names in os.walk(ROOT):
+        if any(part.startswith(".") for part in os.path.relpath(folder, ROOT).split(os.sep)):
+            continue
+        for name in names:
+            if name.endswith((".py", ".md", ".json", ".txt")):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    text = f.read()
+                # Spelled in pieces so that this file does not match itself.
+                for word in ("SPEC" + " §", "SPEC" + ".md", "EVALUATION" + ".md", "STREAMING" + ".md", "../" + "shared"):
+                    assert word not in text, (name, word)

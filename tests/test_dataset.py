@@ -59,12 +59,23 @@ def test_training_crops_and_padding(tmp_path, tiny_h):
 @pytest.mark.parametrize("length, expected", [(7960, 7960), (7973, 7960), (8000, 7960), (8319, 8280),
                                               (8320, 8280), (48000, 47960)])
 def test_validation_trim(length, expected):
-    out = trim_for_validation(torch.zeros(length), 40, 8)
+    out = trim_for_validation(torch.zeros(length), 40, 8, 1024)
     assert out.numel() == expected
     assert out.numel() % 40 == 0 and (out.numel() // 40 + 1) % 8 == 0
 
 
-def test_too_short_validation_clip_is_named(tmp_path, tiny_h):
+@pytest.mark.parametrize("length", [1, 28, 480, 599, 639])
+def test_short_validation_clip_is_zero_padded_to_the_shortest_valid_length(length):
+    """Trimming would leave nothing analysable (n_fft / 2 = 512 samples are needed), so the
+    clip is padded instead: to 600 = (2 * 8 - 1) * 40 samples, the first length >= 520 with
+    T = L / 40 + 1 a multiple of 8. 639 samples trim to 600 as the release trims."""
+    audio = torch.arange(1, length + 1, dtype=torch.float32)
+    out = trim_for_validation(audio, 40, 8, 1024)
+    assert out.numel() == 600
+    kept = min(length, 600)
+    assert torch.equal(out[:kept], audio[:kept]) and not out[kept:].any()
+
+
+def test_validation_dataset_returns_whole_clips(tmp_path, tiny_h):
     path = write_tone(str(tmp_path / "tiny.wav"), 0.01)
-    with pytest.raises(ValueError, match="tiny.wav"):
-        AudioDataset([path], tiny_h, train=False)[0]
+    assert AudioDataset([path], tiny_h, train=False)[0].shape == (480,)

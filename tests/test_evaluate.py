@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 import types
 
@@ -17,8 +18,9 @@ from conftest import ROOT, TINY, make_config, tone, write_tone
 import evaluate
 from inference import codec_roundtrip, load_codec
 from metrics import stft_consistency
-from models import Decoder, Encoder, release_state_dict
-from utils import bitrate
+from checkpoints import release_state_dict
+from config import bitrate
+from models import Decoder, Encoder
 
 SR = 48000
 CONFIG = os.path.join(ROOT, "config.json")
@@ -131,8 +133,8 @@ def folders(tmp_path):
 
 
 @pytest.mark.parametrize("ref, dec, message", [
-    ("nowhere", "other", "folder not found: {tmp}/nowhere"),
-    ("ref", "nowhere", "folder not found: {tmp}/nowhere"),
+    ("nowhere", "other", "no such file or folder: {tmp}/nowhere"),
+    ("ref", "nowhere", "no such file or folder: {tmp}/nowhere"),
     ("ref", "other", "no file of {tmp}/ref has a match in {tmp}/other"),
 ])
 def test_bad_input_exits_with_one_line_naming_the_path(folders, ref, dec, message):
@@ -182,9 +184,58 @@ def test_checkpoint_mode_runs_the_codec(tmp_path):
     assert float(rows["t1"]["ViSQOL"]) == 4.0
     header, _ = markdown_table(stdout)
     assert header[-2:] == ["ViSQOL", "STFT_consistency"]
-    encoder, decoder = load_codec(h, str(tmp_path / "encoder"), str(tmp_path / "decoder"), torch.device("cpu"))
+    encoder, decoder, _ = load_codec(h, str(tmp_path / "encoder"), str(tmp_path / "decoder"), torch.device("cpu"))
     audio = torch.from_numpy(sf.read(ref / "t1.wav", dtype="float32")[0]).unsqueeze(0)
     result = codec_roundtrip(encoder, decoder, audio, h)
     expected = stft_consistency(result["real"][0], result["imag"][0], h).item()
     # Recomputed on the CPU; evaluate.py may have run on a GPU.
     assert float(rows["t1"]["STFT_consistency"]) == pytest.approx(expected, rel=1e-3)
+
+
+def test_folder_mode_works_from_any_folder(tmp_path):
+    """No --config: the repository's own config.json is found from another working folder."""
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "dec").mkdir()
+    x = tone(0.3, SR, seed=7)
+    sf.write(tmp_path / "ref" / "a.wav", x, SR, subtype="FLOAT")
+    sf.write(tmp_path / "dec" / "a.wav", 0.5 * x, SR, subtype="FLOAT")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--reference", "ref",
+                             "--decoded", "dec", "--output", "out"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(tmp_path / "out" / "metrics.csv")
+    assert float(rows[0]["SNR"]) == pytest.approx(10 * math.log10(4), abs=1e-4)
+
+
+def test_silent_reference_has_no_snr_and_is_left_out_of_the_mean(tmp_path):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "dec").mkdir()
+    x = tone(0.3, SR, seed=8)
+    sf.write(tmp_path / "ref" / "loud.wav", x, SR, subtype="FLOAT")
+    sf.write(tmp_path / "dec" / "loud.wav", 0.5 * x, SR, subtype="FLOAT")
+    sf.write(tmp_path / "ref" / "quiet.wav", np.zeros_like(x), SR, subtype="FLOAT")
+    sf.write(tmp_path / "dec" / "quiet.wav", 0.01 * x, SR, subtype="FLOAT")
+    stdout, _ = run_main(["--reference", str(tmp_path / "ref"), "--decoded", str(tmp_path / "dec"),
+                          "--output", str(tmp_path / "out"), "--config", CONFIG], {"visqol": None})
+    rows = {row["file"]: row for row in read_csv(tmp_path / "out" / "metrics.csv")}
+    assert rows["quiet"]["SNR"] == ""
+    with open(tmp_path / "out" / "summary.json") as f:
+        snr = json.load(f)["metrics"]["SNR"]
+    assert snr["n"] == 1 and snr["mean"] == pytest.approx(10 * math.log10(4), abs=1e-4)
+    assert "SNR is undefined for 1 silent reference(s), left out of its mean: quiet" in stdout
+
+
+def test_codec_mode_keeps_the_length_of_very_short_clips(tmp_path):
+    h = make_config(**TINY)
+    torch.manual_seed(0)
+    for name, module in (("encoder", Encoder(h)), ("decoder", Decoder(h))):
+        torch.save({name: release_state_dict(module)}, tmp_path / name)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(h))
+    (tmp_path / "ref").mkdir()
+    sf.write(tmp_path / "ref" / "blip.wav", tone(0.01, SR)[:28], SR)
+    run_main(["--reference", str(tmp_path / "ref"), "--checkpoint_file_load_Encoder", str(tmp_path / "encoder"),
+              "--checkpoint_file_load_Decoder", str(tmp_path / "decoder"), "--config", str(config),
+              "--output", str(tmp_path / "out")], {"visqol": None})
+    assert sf.info(str(tmp_path / "out" / "decoded" / "blip.wav")).frames == 28
+    assert len(read_csv(tmp_path / "out" / "metrics.csv")) == 1

@@ -6,10 +6,12 @@ import soundfile as sf
 import torch
 
 import inference
-from conftest import TINY, make_config, tone, write_tone
-from dataset import load_audio
-from models import Decoder, Encoder, load_release_state_dict, release_state_dict
-from spectral import amp_pha_spectrum
+from config import save_config
+from conftest import ROOT, TINY, make_config, tone, write_tone
+from dataset import audio_index, load_audio
+from checkpoints import load_release_state_dict, release_state_dict
+from models import Decoder, Encoder
+from spectral import amp_pha_spectrum, pad_for_analysis
 
 
 def _save_random_codec(h, folder):
@@ -46,7 +48,7 @@ def test_same_stem_is_an_error(tmp_path):
     write_tone(str(tmp_path / "x.wav"), 0.1)
     write_tone(str(tmp_path / "x.flac"), 0.1)
     with pytest.raises(ValueError, match="x.flac"):
-        inference.list_audio_files(str(tmp_path))
+        audio_index(str(tmp_path))
 
 
 def test_roundtrip_matches_release_path_bit_for_bit(tmp_path, tiny_h):
@@ -54,7 +56,7 @@ def test_roundtrip_matches_release_path_bit_for_bit(tmp_path, tiny_h):
     encoder(logamp, pha) -> decoder(latent) path with weight norm recomputed per call."""
     h = tiny_h
     enc_path, dec_path = _save_random_codec(h, str(tmp_path))
-    encoder, decoder = inference.load_codec(h, enc_path, dec_path, torch.device("cpu"))
+    encoder, decoder, _ = inference.load_codec(h, enc_path, dec_path, torch.device("cpu"))
     audio = torch.from_numpy(tone(0.3)[:(8 * 30 - 1) * h.hop_size])[None]
     assert (audio.size(-1) // h.hop_size + 1) % h.ratio == 0
     out = inference.codec_roundtrip(encoder, decoder, audio, h)
@@ -64,20 +66,20 @@ def test_roundtrip_matches_release_path_bit_for_bit(tmp_path, tiny_h):
     load_release_state_dict(ref_dec, torch.load(dec_path)["decoder"])
     with torch.no_grad():
         logamp, pha, _, _ = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
-        latent, _, _ = ref_enc(logamp, pha)
+        latent = ref_enc(logamp, pha).latent
         *_, real, imag, y_g = ref_dec(latent)
     assert y_g.size(-1) == audio.size(-1)
     assert torch.equal(out["audio"], y_g[:, 0])
     assert torch.equal(out["real"], real) and torch.equal(out["imag"], imag)
     assert out["codes"].shape == (1, h.n_codebooks, 30)
-    assert torch.allclose(encoder.decode(out["codes"]), latent, atol=1e-5)
+    assert torch.allclose(encoder.latent_from_codes(out["codes"]), latent, atol=1e-5)
 
 
 def test_roundtrip_pads_at_most_one_hop(tiny_h):
     encoder, decoder = Encoder(tiny_h).eval(), Decoder(tiny_h).eval()
     for length in (4001, 4039, 4040, 4041):
         audio = torch.from_numpy(tone(0.1, seed=length)[:length])[None]
-        padded = inference.pad_to_hops(audio, tiny_h.hop_size)
+        padded = pad_for_analysis(audio, tiny_h.n_fft, tiny_h.hop_size)
         assert padded.size(-1) % tiny_h.hop_size == 0 and 0 <= padded.size(-1) - length < tiny_h.hop_size
         assert torch.equal(padded[:, :length], audio) and not padded[:, length:].any()
         assert inference.codec_roundtrip(encoder, decoder, audio, tiny_h)["audio"].shape == (1, length)
@@ -90,3 +92,84 @@ def test_missing_checkpoint_exits_with_one_line(tmp_path, capsys):
                         "--checkpoint_file_load_Encoder", str(tmp_path / "nope")])
     message = str(exit_info.value)
     assert "nope" in message and "\n" not in message
+
+
+def _setup_folder(tmp_path, h, files):
+    """Input folder of {relative name: seconds}, random checkpoints, and h pointing at them."""
+    inputs = tmp_path / "in"
+    for name, seconds in files.items():
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
+        write_tone(str(inputs / name), seconds)
+    enc_path, dec_path = _save_random_codec(h, str(tmp_path))
+    h.update(test_input_wavs_dir=str(inputs), test_wav_output_dir=str(tmp_path / "out"),
+             checkpoint_file_load_Encoder=enc_path, checkpoint_file_load_Decoder=dec_path)
+    return inputs
+
+
+@pytest.mark.parametrize("length", [1, 28, 479, 480, 481, 513, 520, 521])
+def test_very_short_inputs_resynthesise_to_their_length(tiny_h, length):
+    encoder, decoder = Encoder(tiny_h).eval(), Decoder(tiny_h).eval()
+    audio = torch.from_numpy(tone(0.02, seed=length)[:length])[None]
+    out = inference.codec_roundtrip(encoder, decoder, audio, tiny_h)
+    assert out["audio"].shape == (1, length) and torch.isfinite(out["audio"]).all()
+    # Padded to 520 samples (13 hops, the first whole-hop length over n_fft / 2) or 560:
+    # 14 or 15 STFT frames, 2 latent frames.
+    assert out["codes"].shape[-1] == 2
+
+
+def test_folders_are_walked_recursively_and_mirrored(tmp_path, tiny_h):
+    _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "sub/b.wav": 0.01, "sub/deeper/c.wav": 0.001})
+    inference.inference(tiny_h)
+    for name, samples in (("a.wav", 2400), ("sub/b.wav", 480), ("sub/deeper/c.wav", 48)):
+        info = sf.info(str(tmp_path / "out" / name))
+        assert (info.frames, info.samplerate) == (samples, 48000)
+
+
+def test_empty_folder_is_an_error(tmp_path, tiny_h):
+    (tmp_path / "empty").mkdir()
+    enc_path, dec_path = _save_random_codec(tiny_h, str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--test_input_wavs_dir", str(tmp_path / "empty"),
+                        "--checkpoint_file_load_Encoder", enc_path, "--checkpoint_file_load_Decoder", dec_path])
+    message = str(exit_info.value)
+    assert message.startswith("error: no audio files") and "empty" in message and "\n" not in message
+
+
+def test_a_bad_input_stops_the_run_before_anything_is_written(tmp_path, tiny_h):
+    inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "c.wav": 0.05})
+    (inputs / "b.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    with pytest.raises(ValueError, match="b.wav"):
+        inference.inference(tiny_h)
+    assert not (tmp_path / "out").exists()
+
+
+def _train_config_beside(tmp_path, h):
+    """Random tiny checkpoints in a run folder, with the run's config.json beside them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    enc_path, dec_path = _save_random_codec(h, str(run))
+    save_config(h, str(run / "config.json"))
+    return enc_path, dec_path
+
+
+def test_checkpoints_of_another_network_use_the_config_beside_them(tmp_path, tiny_h, capsys):
+    write_tone(str(tmp_path / "a.wav"), 0.05)
+    enc_path, dec_path = _train_config_beside(tmp_path, tiny_h)
+    # The release's workflow: the repository's default config.json, only the paths changed.
+    inference.main(["--test_input_wavs_dir", str(tmp_path / "a.wav"), "--test_wav_output_dir", str(tmp_path / "out"),
+                    "--checkpoint_file_load_Encoder", enc_path, "--checkpoint_file_load_Decoder", dec_path])
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "run/config.json" in note[0] and "latent_dim" in note[0]
+    assert sf.info(str(tmp_path / "out" / "a.wav")).frames == 2400
+
+
+def test_checkpoints_of_another_network_without_a_config_fail_in_one_line(tmp_path, tiny_h):
+    write_tone(str(tmp_path / "a.wav"), 0.05)
+    enc_path, dec_path = _train_config_beside(tmp_path, tiny_h)
+    os.remove(tmp_path / "run" / "config.json")
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--test_input_wavs_dir", str(tmp_path / "a.wav"),
+                        "--checkpoint_file_load_Encoder", enc_path, "--checkpoint_file_load_Decoder", dec_path])
+    message = str(exit_info.value)
+    assert "\n" not in message and os.path.join(ROOT, "config.json") in message and "--config" in message
+    assert not (tmp_path / "out").exists()

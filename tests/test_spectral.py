@@ -1,4 +1,6 @@
-"""spectral.py against an independent numpy STFT (SPEC §1)."""
+"""spectral.py against an independent numpy STFT, hand values of the phase arithmetic, analysis padding."""
+import math
+
 import librosa
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import spectral
 from conftest import tone
 
 SR, N_FFT, HOP, WIN, MELS = 48000, 1024, 40, 320, 80
+TWO_PI = 2 * math.pi
 
 
 def hann_periodic(win):
@@ -86,7 +89,9 @@ def test_numpy_reference_is_sensitive_to_window_details():
 def test_silence_log_amplitude_floor():
     logamp, pha, real, imag = spectral.amp_pha_spectrum(torch.zeros(1, 800), N_FFT, HOP, WIN)
     assert torch.allclose(logamp, torch.full_like(logamp, np.log(1e-5)), atol=1e-6)
-    assert torch.all(real == 0) and torch.all(imag == 0) and torch.all(pha == 0)
+    assert torch.all(real == 0) and torch.all(imag == 0)
+    # atan2 of signed zeros, as in the release: 0 or +-pi, depending on the FFT backend's zeros.
+    assert torch.all((pha == 0) | (pha.abs() == torch.pi))
 
 
 @pytest.mark.parametrize("length", [4800, 7960])
@@ -159,3 +164,36 @@ def test_float64_input_matches_numpy_tightly():
     out = spectral.istft(real, imag, N_FFT, HOP, WIN)
     assert out.dtype == torch.float64
     assert (out - torch.from_numpy(y[:, :out.shape[1]]).double()).abs().max() < 1e-12
+
+
+def test_anti_wrapping_identity_inside_pi():
+    x = torch.linspace(-3.1, 3.1, 101, dtype=torch.float64)
+    assert torch.allclose(spectral.anti_wrapping(x), x.abs(), atol=1e-12)
+
+
+def test_anti_wrapping_is_2pi_periodic():
+    x = torch.linspace(-10.0, 10.0, 257, dtype=torch.float64)
+    base = spectral.anti_wrapping(x)
+    for k in (-3, -1, 1, 2, 5):
+        assert torch.allclose(spectral.anti_wrapping(x + k * TWO_PI), base, atol=1e-9)
+    assert torch.all(base <= math.pi + 1e-12) and torch.all(base >= 0)
+
+
+def test_anti_wrapping_hand_values():
+    x = torch.tensor([4.0, -4.0, 7.0, TWO_PI, -0.25, 10.0], dtype=torch.float64)
+    expected = torch.tensor([TWO_PI - 4.0, TWO_PI - 4.0, 7.0 - TWO_PI, 0.0, 0.25, 2 * TWO_PI - 10.0],
+                            dtype=torch.float64)
+    assert torch.allclose(spectral.anti_wrapping(x), expected, atol=1e-12)
+
+
+def test_backward_difference_by_hand():
+    x = torch.tensor([[1.0, 4.0, 9.0], [2.0, 3.0, 5.0]])
+    assert torch.equal(spectral.backward_difference(x, 1), torch.tensor([[-1.0, -3.0, -5.0], [-2.0, -1.0, -2.0]]))
+    assert torch.equal(spectral.backward_difference(x, 0), torch.tensor([[-1.0, -4.0, -9.0], [-1.0, 1.0, 4.0]]))
+    x3 = torch.arange(12.0).reshape(1, 3, 4) ** 2  # rows [0,1,4,9], [16,25,36,49], [64,81,100,121]
+    assert torch.equal(spectral.backward_difference(x3, 2),
+                       torch.tensor([[[0.0, -1.0, -3.0, -5.0], [-16.0, -9.0, -11.0, -13.0],
+                                      [-64.0, -17.0, -19.0, -21.0]]]))
+    assert torch.equal(spectral.backward_difference(x3, 1),
+                       torch.tensor([[[0.0, -1.0, -4.0, -9.0], [-16.0, -24.0, -32.0, -40.0],
+                                      [-48.0, -56.0, -64.0, -72.0]]]))

@@ -1,14 +1,18 @@
 """train.py: a few CPU steps write a checkpoint set in the release layout; a second run resumes."""
 import json
+import math
 import os
+
+import numpy as np
+import soundfile as sf
 
 import pytest
 import torch
 
 import train
 from conftest import TINY, make_config, tone, write_tone
-from models import Encoder, load_release_state_dict
-from utils import checkpoint_steps, newest_complete_step
+from checkpoints import checkpoint_steps, load_release_state_dict, newest_complete_step
+from models import Encoder
 
 
 def _setup(tmp_path, **overrides):
@@ -28,7 +32,7 @@ def _setup(tmp_path, **overrides):
     return make_config(**settings)
 
 
-def test_train_writes_checkpoints_and_resumes(tmp_path):
+def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     h = _setup(tmp_path)
     first = train.train(h, torch.device("cpu"))
     # 4 clips / batch 2 = 2 steps per epoch, 2 epochs: steps 0..3; checkpoint at 3.
@@ -55,7 +59,7 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
     h2 = _setup(tmp_path / "again", checkpoint_path=h.checkpoint_path, training_epochs=3)
     second = train.train(h2, torch.device("cpu"))
     assert second.steps == 8
-    assert checkpoint_steps(h.checkpoint_path, "do_") == [3, 6, 7]
+    assert checkpoint_steps(h.checkpoint_path, "do") == [3, 6, 7]
     do = torch.load(os.path.join(h.checkpoint_path, "do_00000007"), weights_only=False)
     # The final set stores the number of finished epochs, so a restart has nothing left to do.
     assert do["steps"] == 7 and do["epoch"] == 3
@@ -67,7 +71,20 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
     assert lr == pytest.approx(h.learning_rate * h.lr_decay ** 3, rel=1e-9)
 
     third = train.train(h2, torch.device("cpu"))
-    assert third.steps == 8 and checkpoint_steps(h.checkpoint_path, "do_") == [3, 6, 7]
+    assert third.steps == 8 and checkpoint_steps(h.checkpoint_path, "do") == [3, 6, 7]
+    assert "Nothing to train: the run in" in capsys.readouterr().out
+
+
+def test_short_and_silent_validation_clips_validate(tmp_path, capsys):
+    """A 28-sample clip is padded for the analysis; a silent one has no SNR, left out of the mean."""
+    h = _setup(tmp_path, training_epochs=1)
+    sf.write(tmp_path / "wavs" / "blip.wav", tone(0.01)[:28], 48000)
+    sf.write(tmp_path / "wavs" / "silence.wav", np.zeros(4000, np.float32), 48000)
+    (tmp_path / "valid.txt").write_text("wavs/clip0.wav\nwavs/blip.wav\nwavs/silence.wav\n")
+    train.train(h, torch.device("cpu"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("Validation at step 0"))
+    values = dict(item.rsplit(" ", 1) for item in line.split(": ", 1)[1].split(", "))
+    assert all(math.isfinite(float(v)) for v in values.values()), line
 
 
 def test_incomplete_checkpoint_set_is_ignored(tmp_path):

@@ -1,0 +1,205 @@
+"""Checkpoint files in the authors' release format: naming, atomic save and load, discovery.
+
+A checkpoint set of step N in `checkpoint_path` is three files, as the release writes them:
+`encoder_%08d` = {"encoder": state_dict}, `decoder_%08d` = {"decoder": state_dict} and
+`do_%08d` = {"mpd", "mrd", "optim_g", "optim_d", "steps", "epoch"}. State dicts on disk use
+the release's key names and order, with weight norm in the old `weight_g` / `weight_v` form.
+"""
+import glob
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from config import NETWORK_KEYS, AttrDict, build_config, read_config_file
+from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
+from models import Decoder, Encoder
+from utils import atomic_write
+
+# Our module names -> the release's, in the release's registration order. The release
+# names every layer twice (`*_logamp`, `*_pha`); here one `Branch` class is used twice.
+# State dicts on disk and optimizer parameter positions follow the right-hand column.
+_BRANCH_NAMES = (
+    ("amp.embed", "embed_logamp"), ("pha.embed", "embed_pha"),
+    ("amp.norm", "norm_logamp"), ("pha.norm", "norm_pha"),
+    ("amp.blocks", "convnext_logamp"), ("pha.blocks", "convnext_pha"),
+    ("amp.final_norm", "final_layer_norm_logamp"), ("pha.final_norm", "final_layer_norm_pha"),
+    ("amp.out", "out_logamp"), ("pha.out", "out_pha"),
+)
+RELEASE_NAMES: Dict[type, Tuple[Tuple[str, str], ...]] = {
+    Encoder: _BRANCH_NAMES + (
+        ("amp_down", "AMP_Encoder_downsample_output_conv"),
+        ("pha_down", "PHA_Encoder_downsample_output_conv"),
+        ("latent_conv", "latent_output_conv"),
+        ("quantizer", "quantizer"),
+    ),
+    Decoder: (
+        ("latent_conv", "latent_input_conv"),
+        ("amp_up", "AMP_Decoder_upsample_input_conv"),
+        ("pha_up", "PHA_Decoder_upsample_input_conv"),
+    ) + _BRANCH_NAMES + (
+        ("amp_out", "AMP_Decoder_output_conv"),
+        ("pha_real", "PHA_Decoder_output_R_conv"),
+        ("pha_imag", "PHA_Decoder_output_I_conv"),
+    ),
+    MultiPeriodDiscriminator: (("discriminators", "discriminators"),),
+    MultiResolutionDiscriminator: (("discriminators", "discriminators"),),
+}
+_WEIGHT_NORM_NAMES = (
+    (".parametrizations.weight.original0", ".weight_g"),
+    (".parametrizations.weight.original1", ".weight_v"),
+)
+# The entries of a `do_` file.
+TRAINING_STATE_KEYS = ("mpd", "mrd", "optim_g", "optim_d", "steps", "epoch")
+
+
+def _to_release_name(name: str, table) -> Tuple[str, int]:
+    for ours, theirs in _WEIGHT_NORM_NAMES:
+        if name.endswith(ours):
+            name = name[: -len(ours)] + theirs
+    for position, (ours, theirs) in enumerate(table):
+        if name == ours or name.startswith(ours + "."):
+            return theirs + name[len(ours):], position
+    raise KeyError(f"no release name for parameter '{name}'")
+
+
+def _from_release_name(name: str, table) -> str:
+    for ours, theirs in table:
+        if name == theirs or name.startswith(theirs + "."):
+            name = ours + name[len(theirs):]
+            break
+    else:
+        raise KeyError(name)
+    for ours, theirs in _WEIGHT_NORM_NAMES:
+        if name.endswith(theirs):
+            name = name[: -len(theirs)] + ours
+    return name
+
+
+def _release_order(module: nn.Module, named: Sequence[Tuple[str, torch.Tensor]]) -> List[Tuple[str, torch.Tensor]]:
+    table = RELEASE_NAMES[type(module)]
+    renamed = [(*_to_release_name(name, table), i, tensor) for i, (name, tensor) in enumerate(named)]
+    renamed.sort(key=lambda item: (item[1], item[2]))
+    return [(name, tensor) for name, _, _, tensor in renamed]
+
+
+def release_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The module's state dict with the release's key names and order (weight_g / weight_v)."""
+    return dict(_release_order(module, list(module.state_dict().items())))
+
+
+def release_parameters(module: nn.Module) -> List[nn.Parameter]:
+    """Parameters in the order the release's `module.parameters()` yields them.
+
+    AdamW state is stored by position, so optimizers built from this list save and load
+    `optim_g` / `optim_d` states that line up with the release's.
+    """
+    return [p for _, p in _release_order(module, list(module.named_parameters()))]
+
+
+def load_release_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "") -> None:
+    """Load a state dict saved by the release (or by `release_state_dict`) into `module`."""
+    table = RELEASE_NAMES[type(module)]
+    where = f" in {source}" if source else ""
+    converted = {}
+    for name, tensor in state_dict.items():
+        try:
+            converted[_from_release_name(name, table)] = tensor
+        except KeyError:
+            raise ValueError(f"unexpected key '{name}'{where} for {type(module).__name__}") from None
+    expected = module.state_dict()
+    missing = [n for n in expected if n not in converted]
+    if missing:
+        raise ValueError(f"missing key '{_to_release_name(missing[0], table)[0]}'{where} "
+                         f"for {type(module).__name__} ({len(missing)} missing)")
+    for name, tensor in converted.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"key '{_to_release_name(name, table)[0]}'{where} has shape "
+                             f"{tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}")
+    module.load_state_dict(converted)
+
+
+def save_checkpoint(path: str, obj: Dict[str, Any]) -> None:
+    """torch.save to a temp file renamed into place: a crash never leaves half a file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+    print(f"Saved checkpoint {path}")
+
+
+def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -> Dict[str, Any]:
+    """A checkpoint dict; each of `keys` must be in it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    for key in keys:
+        if not isinstance(checkpoint, dict) or key not in checkpoint:
+            raise ValueError(f"checkpoint {path} has no '{key}' entry")
+    return checkpoint
+
+
+def load_weights(module: nn.Module, path: str, key: str, device: torch.device) -> None:
+    """Load entry `key` of the release-format checkpoint at `path` into `module`."""
+    load_release_state_dict(module, load_checkpoint(path, device, [key])[key], path)
+
+
+def checkpoint_file(folder: str, kind: str, step: int) -> str:
+    """Path of the `kind` ('encoder', 'decoder' or 'do') checkpoint of `step`, named as the release names it."""
+    return os.path.join(folder, f"{kind}_{step:08d}")
+
+
+def checkpoint_steps(folder: str, kind: str) -> List[int]:
+    """Step numbers of the `{kind}_NNNNNNNN` files in `folder`, ascending."""
+    steps = []
+    for found in glob.glob(os.path.join(glob.escape(folder), kind + "_" + "?" * 8)):
+        match = re.fullmatch(re.escape(kind) + r"_(\d{8})", os.path.basename(found))
+        if match:
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def newest_complete_step(folder: str) -> Optional[int]:
+    """The newest step for which encoder_, decoder_ and do_ checkpoints all exist."""
+    complete = set.intersection(*(set(checkpoint_steps(folder, kind)) for kind in ("encoder", "decoder", "do")))
+    return max(complete) if complete else None
+
+
+def _config_beside(h: AttrDict, checkpoint: str) -> Optional[AttrDict]:
+    """`h` with the network keys of the config.json that training wrote beside `checkpoint`,
+    or None when there is none or it agrees with `h` already."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    if not os.path.isfile(path) or os.path.abspath(path) == os.path.abspath(h.source):
+        return None
+    beside = build_config(read_config_file(path), path)
+    changed = [k for k in NETWORK_KEYS if beside[k] != h[k]]
+    if not changed:
+        return None
+    print(f"note: {h.source} does not describe the network of {checkpoint}; using the network keys "
+          f"of {path} ({', '.join(changed)})")
+    merged = AttrDict(h, **{k: beside[k] for k in NETWORK_KEYS})
+    merged.source = path
+    return merged
+
+
+def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
+                   ) -> Tuple[Encoder, Decoder, AttrDict]:
+    """Encoder and decoder with the weights of two release-format checkpoints.
+
+    Training writes its config beside its checkpoints. When that config's network keys
+    differ from `h`'s, the network is built from them (said in one line); the returned
+    config is the one that matches the weights.
+    """
+    h = _config_beside(h, encoder_path) or h
+    encoder_state = load_checkpoint(encoder_path, device, ["encoder"])["encoder"]
+    decoder_state = load_checkpoint(decoder_path, device, ["decoder"])["decoder"]
+    encoder, decoder = Encoder(h).to(device), Decoder(h).to(device)
+    try:
+        load_release_state_dict(encoder, encoder_state, encoder_path)
+        load_release_state_dict(decoder, decoder_state, decoder_path)
+    except ValueError as e:
+        raise ValueError(f"{e}: the network of {h.source} does not match these checkpoints; "
+                         f"pass the config they were trained with as --config") from None
+    return encoder, decoder, h

@@ -1,0 +1,112 @@
+"""MPD and MRD discriminators (HiFi-GAN periods, UniVNet resolutions), weight-normalised throughout."""
+from functools import lru_cache
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+LRELU_SLOPE = 0.1
+
+DiscriminatorOutput = Tuple[List[torch.Tensor], List[torch.Tensor],
+                            List[List[torch.Tensor]], List[List[torch.Tensor]]]
+
+
+def wn_conv2d(in_channels: int, out_channels: int, kernel_size, stride, padding) -> nn.Module:
+    return weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding))
+
+
+def _score_with_features(x: torch.Tensor, convs: nn.ModuleList, conv_post: nn.Module
+                         ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Run a discriminator's conv stack; returns flattened scores and every layer's output."""
+    fmap = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        fmap.append(x)
+    x = conv_post(x)
+    fmap.append(x)
+    return torch.flatten(x, 1, -1), fmap
+
+
+class DiscriminatorP(nn.Module):
+    """HiFi-GAN period discriminator on the waveform folded to (B, 1, L / period, period)."""
+
+    def __init__(self, period: int, channels: Sequence[int] = (32, 128, 512, 1024)):
+        super().__init__()
+        self.period = period
+        widths = [1, *channels]
+        self.convs = nn.ModuleList(
+            [wn_conv2d(widths[i], widths[i + 1], (5, 1), (3, 1), (2, 0)) for i in range(len(channels))]
+            + [wn_conv2d(channels[-1], channels[-1], (5, 1), 1, (2, 0))])
+        self.conv_post = wn_conv2d(channels[-1], 1, (3, 1), 1, (1, 0))
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """x: (B, 1, L) -> (scores (B, N), feature maps of every layer)."""
+        b, c, t = x.shape
+        if t % self.period:
+            n_pad = self.period - t % self.period
+            x = F.pad(x, (0, n_pad), "reflect")
+            t += n_pad
+        x = x.view(b, c, t // self.period, self.period)
+        return _score_with_features(x, self.convs, self.conv_post)
+
+
+@lru_cache(maxsize=None)
+def _rectangular(win_size: int, device: torch.device) -> torch.Tensor:
+    # torch.stft pads a win_size window to n_fft, centred: what window=None means, without its warning.
+    return torch.ones(win_size, device=device)
+
+
+class DiscriminatorR(nn.Module):
+    """UniVNet resolution discriminator on a linear magnitude STFT (rectangular window)."""
+
+    def __init__(self, resolution: Sequence[int], channels: int = 64):
+        super().__init__()
+        self.resolution = tuple(resolution)
+        self.convs = nn.ModuleList([
+            wn_conv2d(1, channels, (7, 5), (2, 2), (3, 2)),
+            wn_conv2d(channels, channels, (5, 3), (2, 1), (2, 1)),
+            wn_conv2d(channels, channels, (5, 3), (2, 2), (2, 1)),
+            wn_conv2d(channels, channels, 3, (2, 1), 1),
+            wn_conv2d(channels, channels, 3, (2, 2), 1),
+        ])
+        self.conv_post = wn_conv2d(channels, 1, 3, 1, 1)
+
+    def spectrogram(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L) -> magnitude (B, n_fft // 2 + 1, L // hop + 1)."""
+        n_fft, hop, win = self.resolution
+        return torch.stft(x, n_fft, hop_length=hop, win_length=win, window=_rectangular(win, x.device),
+                          center=True, return_complex=True).abs()
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """x: (B, 1, L) -> (scores (B, N), feature maps of every layer)."""
+        x = self.spectrogram(x.squeeze(1)).unsqueeze(1)
+        return _score_with_features(x, self.convs, self.conv_post)
+
+
+class _MultiDiscriminator(nn.Module):
+    def forward(self, y: torch.Tensor, y_hat: torch.Tensor) -> DiscriminatorOutput:
+        """y, y_hat: (B, 1, L) -> (real scores, fake scores, real feature maps, fake feature maps)."""
+        real_scores, fake_scores, real_fmaps, fake_fmaps = [], [], [], []
+        for d in self.discriminators:
+            score, fmap = d(y)
+            real_scores.append(score)
+            real_fmaps.append(fmap)
+            score, fmap = d(y_hat)
+            fake_scores.append(score)
+            fake_fmaps.append(fmap)
+        return real_scores, fake_scores, real_fmaps, fake_fmaps
+
+
+class MultiPeriodDiscriminator(_MultiDiscriminator):
+    def __init__(self, h):
+        super().__init__()
+        self.discriminators = nn.ModuleList([DiscriminatorP(p, h.mpd_channels) for p in h.mpd_periods])
+
+
+class MultiResolutionDiscriminator(_MultiDiscriminator):
+    def __init__(self, h):
+        super().__init__()
+        self.discriminators = nn.ModuleList(
+            [DiscriminatorR(r, h.mrd_channels) for r in h.mrd_resolutions])

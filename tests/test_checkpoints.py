@@ -1,0 +1,240 @@
+"""checkpoints.py: release key names, order and shapes, optimizer positions, atomic save / load."""
+import copy
+import io
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import checkpoints
+import models
+import spectral
+from conftest import tone
+from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
+
+TSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_state_dict.tsv")
+
+
+def read_tsv():
+    rows = []
+    with open(TSV) as f:
+        for line in f:
+            if not line.strip() or line.startswith("#"):
+                continue
+            module, key, shape = line.rstrip("\n").split("\t")
+            rows.append((module, key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
+    return rows
+
+
+ROWS = read_tsv()  # global row index = position in this list
+
+
+def rows_of(name):
+    return [(i, key, shape) for i, (module, key, shape) in enumerate(ROWS) if module == name]
+
+
+_NOISE = (torch.arange(1000).float() / 1000).repeat(max(math.prod(s) for _, _, s in ROWS) // 1000 + 1)
+_DISTINCT = {}
+
+
+def distinct_state_dict(name):
+    """Release-named tensors of the TSV's shapes; tensor of global row r holds r + (k mod 1000) / 1000,
+    so every tensor differs from every other and floor(value) gives back its row.
+    (Cached; callers get a new dict and must not modify the tensors in place.)"""
+    if name not in _DISTINCT:
+        _DISTINCT[name] = {key: (_NOISE[:math.prod(shape)] + r).reshape(shape) for r, key, shape in rows_of(name)}
+    return dict(_DISTINCT[name])
+
+
+def fresh(full, name):
+    return copy.deepcopy(full[name])
+
+
+@pytest.fixture(scope="module")
+def loaded(full):
+    """Copies of the full modules with the TSV's distinct-valued state dicts loaded (release names)."""
+    out = {}
+    for name in ("encoder", "decoder", "mpd", "mrd"):
+        module = fresh(full, name)
+        checkpoints.load_release_state_dict(module, distinct_state_dict(name))
+        out[name] = module
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility with the release's key names, order and optimizer positions
+
+
+def test_tsv_is_complete():
+    counts = {m: len(rows_of(m)) for m in ("encoder", "decoder", "mpd", "mrd")}
+    assert counts == {"encoder": 213, "decoder": 194, "mpd": 90, "mrd": 54}
+    keys = [(m, k) for m, k, _ in ROWS]
+    assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("name", ["encoder", "decoder", "mpd", "mrd"])
+def test_release_state_dict_round_trip(loaded, name):
+    sd = distinct_state_dict(name)
+    out = checkpoints.release_state_dict(loaded[name])
+    assert list(out) == list(sd)
+    for key, tensor in sd.items():
+        assert torch.equal(out[key], tensor), key
+
+
+def effective_weight(g, v):
+    norm = v.flatten(1).norm(dim=1).reshape(-1, *([1] * (v.dim() - 1)))
+    return g * v / norm
+
+
+def test_release_keys_land_in_the_right_modules(loaded):
+    enc, dec, mpd, mrd = (loaded[n] for n in ("encoder", "decoder", "mpd", "mrd"))
+    sds = {n: distinct_state_dict(n) for n in ("encoder", "decoder", "mpd", "mrd")}
+    e, d = sds["encoder"], sds["decoder"]
+    checks = [
+        (enc.amp.embed.weight, e["embed_logamp.weight"]),
+        (enc.pha.embed.weight, e["embed_pha.weight"]),
+        (enc.pha.norm.bias, e["norm_pha.bias"]),
+        (enc.amp.blocks[5].grn.gamma, e["convnext_logamp.5.grn.gamma"]),
+        (enc.pha.blocks[7].pwconv2.bias, e["convnext_pha.7.pwconv2.bias"]),
+        (enc.amp.final_norm.weight, e["final_layer_norm_logamp.weight"]),
+        (enc.pha.out.weight, e["out_pha.weight"]),
+        (enc.pha_down.bias, e["PHA_Encoder_downsample_output_conv.bias"]),
+        (enc.amp_down.parametrizations.weight.original0, e["AMP_Encoder_downsample_output_conv.weight_g"]),
+        (enc.latent_conv.parametrizations.weight.original1, e["latent_output_conv.weight_v"]),
+        (enc.quantizer.quantizers[2].codebook.weight, e["quantizer.quantizers.2.codebook.weight"]),
+        (enc.quantizer.quantizers[1].out_proj.parametrizations.weight.original1,
+         e["quantizer.quantizers.1.out_proj.weight_v"]),
+        (dec.pha.blocks[3].pwconv1.weight, d["convnext_pha.3.pwconv1.weight"]),
+        (dec.amp.blocks[0].dwconv.weight, d["convnext_logamp.0.dwconv.weight"]),
+        (dec.pha_real.parametrizations.weight.original1, d["PHA_Decoder_output_R_conv.weight_v"]),
+        (dec.pha_real.parametrizations.weight.original0, d["PHA_Decoder_output_R_conv.weight_g"]),
+        (dec.pha_imag.bias, d["PHA_Decoder_output_I_conv.bias"]),
+        (dec.amp_out.bias, d["AMP_Decoder_output_conv.bias"]),
+        (dec.pha_up.parametrizations.weight.original1, d["PHA_Decoder_upsample_input_conv.weight_v"]),
+        (dec.latent_conv.bias, d["latent_input_conv.bias"]),
+        (mpd.discriminators[4].convs[3].parametrizations.weight.original1, sds["mpd"]["discriminators.4.convs.3.weight_v"]),
+        (mpd.discriminators[0].conv_post.bias, sds["mpd"]["discriminators.0.conv_post.bias"]),
+        (mrd.discriminators[2].convs[0].parametrizations.weight.original0, sds["mrd"]["discriminators.2.convs.0.weight_g"]),
+    ]
+    for ours, theirs in checks:
+        assert torch.equal(ours.detach(), theirs)
+    assert mpd.discriminators[4].period == 11 and mrd.discriminators[2].resolution == (2048, 80, 640)
+    # weight_g / weight_v keep their meaning: weight = g * v / ||v|| per output row (dim 0)
+    for layer, key in ((dec.pha_real, "PHA_Decoder_output_R_conv"), (dec.amp_up, "AMP_Decoder_upsample_input_conv")):
+        expected = effective_weight(d[key + ".weight_g"], d[key + ".weight_v"])
+        assert torch.allclose(layer.weight, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["encoder", "decoder", "mpd", "mrd"])
+def test_saved_state_dict_has_release_keys_in_order(full, name):
+    buf = io.BytesIO()
+    torch.save({name: checkpoints.release_state_dict(full[name])}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)[name]
+    assert [(k, tuple(v.shape)) for k, v in saved.items()] == [(k, s) for _, k, s in rows_of(name)]
+    # no constant buffers (windows, filterbanks) in the module's own state dict either
+    assert len(full[name].state_dict()) == len(rows_of(name))
+
+
+def optimizer_positions(full, loaded, names):
+    """Give each parameter of the loaded modules a gradient equal to its release position (found from its
+    values, not from our ordering), step AdamW over release_parameters and return its state dict."""
+    h = full["h"]
+    row_list = [row for name in names for row in rows_of(name)]
+    position_of_row = {r: pos for pos, (r, _, _) in enumerate(row_list)}
+    params = [p for name in names for p in checkpoints.release_parameters(loaded[name])]
+    assert len(params) == len(row_list)
+    for p in params:
+        p.grad = torch.full_like(p, float(position_of_row[int(p.detach().flatten()[0])]))
+    # lr 0 leaves the shared `loaded` modules unchanged; the moments do not depend on lr.
+    optim = torch.optim.AdamW(params, 0.0, betas=(h.adam_b1, h.adam_b2))
+    optim.step()
+    for p in params:
+        p.grad = None
+    # AdamW state is saved by position: the state dict is what `optim_g` / `optim_d` hold on disk.
+    return optim.state_dict(), row_list
+
+
+def check_positions(state, row_list, h):
+    assert state["param_groups"][0]["params"] == list(range(len(row_list)))
+    for pos, (_, key, shape) in enumerate(row_list):
+        s = state["state"][pos]
+        assert tuple(s["exp_avg"].shape) == shape, key
+        assert s["exp_avg"].flatten()[0].item() == pytest.approx((1 - h.adam_b1) * pos, rel=1e-5, abs=1e-7), key
+        assert torch.all(s["exp_avg"] == s["exp_avg"].flatten()[0]), key
+        assert s["exp_avg_sq"].flatten()[0].item() == pytest.approx((1 - h.adam_b2) * pos ** 2, rel=1e-5), key
+
+
+def test_optimizer_positions_generator(full, loaded):
+    state, rows = optimizer_positions(full, loaded, ["encoder", "decoder"])
+    check_positions(state, rows, full["h"])
+
+
+def test_optimizer_positions_discriminators(full, loaded):
+    state, rows = optimizer_positions(full, loaded, ["mrd", "mpd"])
+    assert rows[0][1] == "discriminators.0.convs.0.bias" and len(rows) == 54 + 90
+    check_positions(state, rows, full["h"])
+
+
+def test_load_errors_name_the_key(full):
+    dec = fresh(full, "decoder")
+    sd = distinct_state_dict("decoder")
+    del sd["PHA_Decoder_output_I_conv.weight_g"]
+    with pytest.raises(ValueError, match=re.escape("PHA_Decoder_output_I_conv.weight_g")):
+        checkpoints.load_release_state_dict(dec, sd)
+
+    sd = distinct_state_dict("decoder")
+    sd["convnext_logamp.2.pwconv1.weight"] = torch.zeros(512, 255)
+    with pytest.raises(ValueError, match=re.escape("convnext_logamp.2.pwconv1.weight")):
+        checkpoints.load_release_state_dict(dec, sd)
+
+    sd = distinct_state_dict("decoder")
+    sd["PHA_Decoder_output_X_conv.bias"] = torch.zeros(513)
+    with pytest.raises(ValueError, match=re.escape("PHA_Decoder_output_X_conv.bias")):
+        checkpoints.load_release_state_dict(dec, sd)
+
+    # nothing was half-loaded by the failed attempts
+    assert torch.equal(dec.amp_out.bias, full["decoder"].amp_out.bias)
+
+
+def test_load_error_for_wrong_config(tiny_h, full):
+    """A full-size checkpoint into tiny modules fails with a shape error naming a key."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"key '[\w.]+'.*shape"):
+        checkpoints.load_release_state_dict(models.Encoder(tiny_h), distinct_state_dict("encoder"))
+
+
+def test_save_load_round_trip_reproduces_outputs(tiny_h, tmp_path):
+    """Models saved in the release layout and loaded into fresh modules give identical outputs."""
+    torch.manual_seed(3)
+    built = [models.Encoder(tiny_h), models.Decoder(tiny_h),
+             MultiPeriodDiscriminator(tiny_h), MultiResolutionDiscriminator(tiny_h)]
+    for module in built:
+        # Non-zero GRN parameters, so every tensor matters for the outputs.
+        for name, p in module.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                torch.nn.init.normal_(p, std=0.1)
+    path = str(tmp_path / "set")
+    checkpoints.save_checkpoint(path, {f"m{i}": checkpoints.release_state_dict(m) for i, m in enumerate(built)})
+    torch.manual_seed(4)
+    fresh = [models.Encoder(tiny_h), models.Decoder(tiny_h),
+             MultiPeriodDiscriminator(tiny_h), MultiResolutionDiscriminator(tiny_h)]
+    saved = checkpoints.load_checkpoint(path, torch.device("cpu"))
+    for i, module in enumerate(fresh):
+        checkpoints.load_release_state_dict(module, saved[f"m{i}"])
+
+    audio = torch.from_numpy(tone(0.2))[None]
+    logamp, pha, _, _ = spectral.amp_pha_spectrum(audio, tiny_h.n_fft, tiny_h.hop_size, tiny_h.win_size)
+    with torch.no_grad():
+        outputs = []
+        for enc, dec, mpd, mrd in (built, fresh):
+            latent, _, commitment, _ = enc(logamp, pha)
+            decoded = dec(latent)
+            y = audio[:, None]
+            outputs.append([latent, commitment, *decoded,
+                            *mpd(y, decoded[-1])[1], *mrd(y, decoded[-1])[1]])
+    assert not torch.equal(outputs[0][0], torch.zeros_like(outputs[0][0]))
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
