@@ -287,18 +287,16 @@ def _parse_value(name: str, text: str) -> Any:
         return text
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's line breaks and shows every option's default."""
-
-
 def make_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
     """An argument parser with `--config` and `--KEY VALUE` for every config key.
 
     Scripts add their own options to it before calling `parse_command_line`.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter,
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [options] [--config FILE] [--KEY VALUE ...]",
                                      allow_abbrev=False)
-    parser.add_argument("--config", default=default_config, help="JSON config file")
+    parser.add_argument("--config", default=default_config, metavar="FILE",
+                        help=f"JSON config file (default {default_config})")
     keys = parser.add_argument_group(
         "config keys", "Each overrides the config file's value. VALUE is read as JSON when it parses "
                        "(numbers, lists), else as a string.")

@@ -153,13 +153,19 @@ def test_lengths_far_apart_are_refused(tmp_path):
                        "--output", str(tmp_path / "out"), "--config", CONFIG])
 
 
-def test_checkpoint_mode_runs_the_codec(tmp_path):
+def tiny_codec(tmp_path):
+    """A tiny config file and random encoder / decoder checkpoints in tmp_path."""
     h = make_config(**TINY)
     torch.manual_seed(0)
     for name, module in (("encoder", Encoder(h)), ("decoder", Decoder(h))):
         torch.save({name: release_state_dict(module)}, tmp_path / name)
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(h))
+    return h, config
+
+
+def test_checkpoint_mode_runs_the_codec(tmp_path):
+    h, config = tiny_codec(tmp_path)
     ref = tmp_path / "ref"
     ref.mkdir()
     for seed in (1, 2):
@@ -192,13 +198,19 @@ def test_checkpoint_mode_runs_the_codec(tmp_path):
     assert float(rows["t1"]["STFT_consistency"]) == pytest.approx(expected, rel=1e-3)
 
 
+def write_pairs(tmp_path, pairs):
+    """ref/NAME.wav and dec/NAME.wav float wavs from {NAME: (reference, decoded)}."""
+    for folder in ("ref", "dec"):
+        (tmp_path / folder).mkdir()
+    for name, (ref, dec) in pairs.items():
+        sf.write(tmp_path / "ref" / f"{name}.wav", ref, SR, subtype="FLOAT")
+        sf.write(tmp_path / "dec" / f"{name}.wav", dec, SR, subtype="FLOAT")
+
+
 def test_folder_mode_works_from_any_folder(tmp_path):
     """No --config: the repository's own config.json is found from another working folder."""
-    (tmp_path / "ref").mkdir()
-    (tmp_path / "dec").mkdir()
     x = tone(0.3, SR, seed=7)
-    sf.write(tmp_path / "ref" / "a.wav", x, SR, subtype="FLOAT")
-    sf.write(tmp_path / "dec" / "a.wav", 0.5 * x, SR, subtype="FLOAT")
+    write_pairs(tmp_path, {"a": (x, 0.5 * x)})
     result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--reference", "ref",
                              "--decoded", "dec", "--output", "out"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -208,13 +220,8 @@ def test_folder_mode_works_from_any_folder(tmp_path):
 
 
 def test_silent_reference_has_no_snr_and_is_left_out_of_the_mean(tmp_path):
-    (tmp_path / "ref").mkdir()
-    (tmp_path / "dec").mkdir()
     x = tone(0.3, SR, seed=8)
-    sf.write(tmp_path / "ref" / "loud.wav", x, SR, subtype="FLOAT")
-    sf.write(tmp_path / "dec" / "loud.wav", 0.5 * x, SR, subtype="FLOAT")
-    sf.write(tmp_path / "ref" / "quiet.wav", np.zeros_like(x), SR, subtype="FLOAT")
-    sf.write(tmp_path / "dec" / "quiet.wav", 0.01 * x, SR, subtype="FLOAT")
+    write_pairs(tmp_path, {"loud": (x, 0.5 * x), "quiet": (np.zeros_like(x), 0.01 * x)})
     stdout, _ = run_main(["--reference", str(tmp_path / "ref"), "--decoded", str(tmp_path / "dec"),
                           "--output", str(tmp_path / "out"), "--config", CONFIG], {"visqol": None})
     rows = {row["file"]: row for row in read_csv(tmp_path / "out" / "metrics.csv")}
@@ -226,12 +233,7 @@ def test_silent_reference_has_no_snr_and_is_left_out_of_the_mean(tmp_path):
 
 
 def test_codec_mode_keeps_the_length_of_very_short_clips(tmp_path):
-    h = make_config(**TINY)
-    torch.manual_seed(0)
-    for name, module in (("encoder", Encoder(h)), ("decoder", Decoder(h))):
-        torch.save({name: release_state_dict(module)}, tmp_path / name)
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(h))
+    _, config = tiny_codec(tmp_path)
     (tmp_path / "ref").mkdir()
     sf.write(tmp_path / "ref" / "blip.wav", tone(0.01, SR)[:28], SR)
     run_main(["--reference", str(tmp_path / "ref"), "--checkpoint_file_load_Encoder", str(tmp_path / "encoder"),
