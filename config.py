@@ -84,6 +84,18 @@ def beta(v: Any) -> Optional[str]:
     return None if _is_number(v) and 0 <= v < 1 else "a number in [0, 1)"
 
 
+def optional_path(v: Any) -> Optional[str]:
+    return None if isinstance(v, str) else "a path string (empty for none)"
+
+
+def boolean(v: Any) -> Optional[str]:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def non_negative_number(v: Any) -> Optional[str]:
+    return None if _is_number(v) and v >= 0 else "a number >= 0"
+
+
 def anything(v: Any) -> Optional[str]:
     return None
 
@@ -194,6 +206,16 @@ SCHEMA: Tuple[Key, ...] = (
     Key("num_mels_for_loss", 80, positive_int, "mel bands of the mel losses (must equal num_mels)"),
     Key("sampling_rate", 48000, positive_int, "audio is resampled to this rate", network=True),
     Key("num_workers", 4, non_negative_int, "DataLoader workers"),
+    Key("causal", False, boolean, "APCodec-S: causal encoder and decoder that stream (false: the paper's model)",
+        release=False, network=True),
+    Key("causal_kernel_size", 7, positive_int, "causal ConvNeXt depthwise kernel (1: pure feed-forward); "
+        "used when causal", release=False, network=True),
+    Key("kd_teacher_encoder", "", optional_path, "knowledge distillation: the frozen non-causal teacher's "
+        "encoder checkpoint (empty: no distillation)", release=False),
+    Key("kd_teacher_decoder", "", optional_path, "the teacher's decoder checkpoint (set with kd_teacher_encoder)",
+        release=False),
+    Key("kd_weight", 1.0, non_negative_number, "weight of the distillation loss added to the generator loss "
+        "(0: the 'w/o KD' ablation)", release=False),
 )
 
 KEYS: Dict[str, Key] = {key.name: key for key in SCHEMA}
@@ -214,6 +236,8 @@ def _check_consistency(h: Dict[str, Any]) -> None:
     if (h["segment_size"] // h["hop_size"] + 1) % h["ratio"]:
         fail("segment_size", f": segment_size/hop_size + 1 must be a multiple of ratio ({h['ratio']}), "
                              f"e.g. 7960 for hop 40, ratio 8")
+    if bool(h["kd_teacher_encoder"]) != bool(h["kd_teacher_decoder"]):
+        fail("kd_teacher_decoder", "and kd_teacher_encoder must be set together (or both left empty)")
     for branch in ("AMP", "PHA"):
         if h[f"{branch}_Decoder_channel"] != h[f"{branch}_Encoder_channel"]:
             fail(f"{branch}_Decoder_channel", f"must equal {branch}_Encoder_channel "

@@ -1,8 +1,15 @@
 """APCodec's generator: the parallel amplitude/phase encoder, the residual VQ and the decoder.
 
-Shapes: B batch, F = n_fft // 2 + 1 bins, T STFT frames, T' = ceil(T / ratio) latent frames.
+Shapes: B batch, F = n_fft // 2 + 1 bins, T STFT frames, T' = ceil(T / ratio) latent frames
+(floor(T / ratio) for the causal model).
+
+With `causal: true` (APCodec-S) every layer sees only the present and the past: convolutions
+are left-padded (`CausalConv1d`), the upsampler drops its right overhang
+(`CausalConvTranspose1d`) and GRN pools over one frame. The same layers stream: between
+`begin_stream` and `end_stream` each causal convolution keeps the last input frames it needs
+instead of zero padding, so chunks give exactly the frames of one offline pass.
 """
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,30 +24,112 @@ def same_padding(kernel_size: int) -> int:
     return (kernel_size - 1) // 2
 
 
-class GRN(nn.Module):
-    """Global response normalisation of ConvNeXt v2 on (B, T, C) inputs, pooled over time."""
+class CausalConv1d(nn.Conv1d):
+    """Conv1d whose output frame n sees input frames <= stride * n + stride - 1 only.
 
-    def __init__(self, dim: int):
+    (B, C_in, T) -> (B, C_out, T // stride), T a multiple of the stride. Offline the input is
+    left-padded with kernel - stride zeros (a negative count crops); while streaming, the
+    frames kept from the previous chunk stand in for those zeros.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups)
+        self.left = kernel_size - stride
+        self.context: Optional[torch.Tensor] = None  # (B, C_in, max(left, 0)) while streaming
+
+    def begin_stream(self, batch: int) -> None:
+        self.context = self.bias.new_zeros(batch, self.in_channels, max(self.left, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context is None:
+            return super().forward(F.pad(x, (self.left, 0)))
+        x = torch.cat((self.context, x), dim=-1)
+        self.context = x[..., x.size(-1) - max(self.left, 0):]
+        return super().forward(x[..., max(-self.left, 0):])
+
+
+class CausalConvTranspose1d(nn.ConvTranspose1d):
+    """Transposed conv whose output frames stride * n ... stride * n + stride - 1 see input frames
+    <= n only: no padding, and the right overhang is dropped. (B, C_in, T') -> (B, C_out, stride * T').
+
+    While streaming, the last inputs whose kernels reach into the next chunk's frames are kept.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int):
+        super().__init__(in_channels, out_channels, kernel_size, stride)
+        self.keep = -(-kernel_size // stride) - 1
+        self.context: Optional[torch.Tensor] = None  # (B, C_in, keep) while streaming
+
+    def begin_stream(self, batch: int) -> None:
+        self.context = self.bias.new_zeros(batch, self.in_channels, self.keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride = self.stride[0]
+        frames = x.size(-1) * stride
+        if self.context is None:
+            return super().forward(x)[..., :frames]
+        x = torch.cat((self.context, x), dim=-1)
+        self.context = x[..., x.size(-1) - self.keep:]
+        skip = self.keep * stride
+        return super().forward(x)[..., skip:skip + frames]
+
+
+def begin_stream(module: nn.Module, batch: int) -> None:
+    """Switch every causal convolution in `module` to streaming, from an all-zero past."""
+    for m in module.modules():
+        if isinstance(m, (CausalConv1d, CausalConvTranspose1d)):
+            m.begin_stream(batch)
+
+
+def end_stream(module: nn.Module) -> None:
+    """Back to offline (zero-padded) operation; the kept frames are dropped."""
+    for m in module.modules():
+        if isinstance(m, (CausalConv1d, CausalConvTranspose1d)):
+            m.context = None
+
+
+def conv1d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+           causal: bool = False) -> nn.Conv1d:
+    """'Same'-padded Conv1d for odd kernels, or its causal counterpart."""
+    if causal:
+        return CausalConv1d(in_channels, out_channels, kernel_size, stride, groups)
+    return nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding=same_padding(kernel_size),
+                     groups=groups)
+
+
+class GRN(nn.Module):
+    """Global response normalisation of ConvNeXt v2 on (B, T, C) inputs, pooled over time.
+
+    Causal: each frame's response is its own (an L2 norm over a one-frame window), divided by
+    its mean over channels, so no frame looks at another.
+    """
+
+    def __init__(self, dim: int, causal: bool = False):
         super().__init__()
+        self.causal = causal
         self.gamma = nn.Parameter(torch.zeros(1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = torch.norm(x, p=2, dim=1, keepdim=True)
+        gx = x.abs() if self.causal else torch.norm(x, p=2, dim=1, keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         return self.gamma * (x * nx) + self.beta + x
 
 
 class ConvNeXtBlock(nn.Module):
-    """ConvNeXt v2 block for 1-D sequences, without layer scale. (B, C, T) -> (B, C, T)."""
+    """ConvNeXt v2 block for 1-D sequences, without layer scale. (B, C, T) -> (B, C, T).
 
-    def __init__(self, dim: int, hidden_dim: int):
+    `causal_kernel`: None for the paper's centred kernel 7, else a causal depthwise kernel.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, causal_kernel: Optional[int] = None):
         super().__init__()
-        self.dwconv = nn.Conv1d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        causal = causal_kernel is not None
+        self.dwconv = conv1d(dim, dim, causal_kernel if causal else 7, groups=dim, causal=causal)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.grn = GRN(hidden_dim)
+        self.grn = GRN(hidden_dim, causal)
         self.pwconv2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,11 +144,12 @@ class Branch(nn.Module):
     Encoder and decoder each use it twice, once per spectrum. (B, in_channels, T) -> (B, out_channels, T).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dim: int, hidden_dim: int, num_layers: int):
+    def __init__(self, in_channels: int, out_channels: int, dim: int, hidden_dim: int, num_layers: int,
+                 causal_kernel: Optional[int] = None):
         super().__init__()
-        self.embed = nn.Conv1d(in_channels, dim, kernel_size=7, padding=3)
+        self.embed = conv1d(in_channels, dim, 7, causal=causal_kernel is not None)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.blocks = nn.ModuleList([ConvNeXtBlock(dim, hidden_dim) for _ in range(num_layers)])
+        self.blocks = nn.ModuleList([ConvNeXtBlock(dim, hidden_dim, causal_kernel) for _ in range(num_layers)])
         self.final_norm = nn.LayerNorm(dim, eps=1e-6)
         # The release applies its truncated-normal init before the output Linear exists,
         # so that layer keeps PyTorch's default init.
@@ -79,10 +169,15 @@ def _trunc_normal_init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def wn_conv1d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Module:
-    """Weight-normalised Conv1d with 'same' padding for odd kernels."""
-    return weight_norm(nn.Conv1d(in_channels, out_channels, kernel_size, stride,
-                                 padding=same_padding(kernel_size)))
+def wn_conv1d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+              causal: bool = False) -> nn.Module:
+    """Weight-normalised `conv1d`."""
+    return weight_norm(conv1d(in_channels, out_channels, kernel_size, stride, causal=causal))
+
+
+def branch_size(h) -> Tuple[int, int, int, Optional[int]]:
+    """Branch's size arguments after the channels: width, hidden width, blocks, causal kernel."""
+    return (h.convnext_dim, h.convnext_hidden_dim, h.convnext_layers, h.causal_kernel_size if h.causal else None)
 
 
 class QuantizerOutput(NamedTuple):
@@ -161,15 +256,14 @@ class Encoder(nn.Module):
     def __init__(self, h):
         super().__init__()
         n_bins = h.n_fft // 2 + 1
-        size = (h.convnext_dim, h.convnext_hidden_dim, h.convnext_layers)
-        self.amp = Branch(n_bins, h.AMP_Encoder_channel, *size)
-        self.pha = Branch(n_bins, h.PHA_Encoder_channel, *size)
+        self.amp = Branch(n_bins, h.AMP_Encoder_channel, *branch_size(h))
+        self.pha = Branch(n_bins, h.PHA_Encoder_channel, *branch_size(h))
         self.amp_down = wn_conv1d(h.AMP_Encoder_channel, h.AMP_Encoder_channel // 2,
-                                  h.AMP_Encoder_output_downconv_kernel_size, h.ratio)
+                                  h.AMP_Encoder_output_downconv_kernel_size, h.ratio, h.causal)
         self.pha_down = wn_conv1d(h.PHA_Encoder_channel, h.PHA_Encoder_channel // 2,
-                                  h.PHA_Encoder_output_downconv_kernel_size, h.ratio)
+                                  h.PHA_Encoder_output_downconv_kernel_size, h.ratio, h.causal)
         self.latent_conv = wn_conv1d(h.AMP_Encoder_channel // 2 + h.PHA_Encoder_channel // 2,
-                                     h.latent_dim, h.latent_output_conv_kernel_size)
+                                     h.latent_dim, h.latent_output_conv_kernel_size, causal=h.causal)
         self.quantizer = ResidualVectorQuantize(h.latent_dim, h.n_codebooks, h.codebook_size, h.latent_dim)
 
     def continuous_latent(self, logamp: torch.Tensor, pha: torch.Tensor) -> torch.Tensor:
@@ -200,20 +294,26 @@ class Decoder(nn.Module):
         self.n_fft, self.hop_size, self.win_size = h.n_fft, h.hop_size, h.win_size
         n_bins = h.n_fft // 2 + 1
         mid = h.AMP_Decoder_channel // 2 + h.PHA_Decoder_channel // 2
-        self.latent_conv = wn_conv1d(h.latent_dim, mid, h.latent_input_conv_kernel_size)
+        causal = h.causal
+        self.latent_conv = wn_conv1d(h.latent_dim, mid, h.latent_input_conv_kernel_size, causal=causal)
         # The release's init zeroes this bias (its weight-normalised weight is recomputed anyway).
         nn.init.zeros_(self.latent_conv.bias)
-        self.amp_up = self._upsampler(mid, h.AMP_Decoder_channel, h.AMP_Decoder_input_upconv_kernel_size, h.ratio)
-        self.pha_up = self._upsampler(mid, h.PHA_Decoder_channel, h.PHA_Decoder_input_upconv_kernel_size, h.ratio)
-        size = (h.convnext_dim, h.convnext_hidden_dim, h.convnext_layers)
-        self.amp = Branch(h.AMP_Decoder_channel, h.AMP_Encoder_channel, *size)
-        self.pha = Branch(h.PHA_Decoder_channel, h.PHA_Encoder_channel, *size)
-        self.amp_out = wn_conv1d(h.AMP_Decoder_channel, n_bins, h.AMP_Decoder_output_conv_kernel_size)
-        self.pha_real = wn_conv1d(h.PHA_Decoder_channel, n_bins, h.PHA_Decoder_output_R_conv_kernel_size)
-        self.pha_imag = wn_conv1d(h.PHA_Decoder_channel, n_bins, h.PHA_Decoder_output_I_conv_kernel_size)
+        self.amp_up = self._upsampler(mid, h.AMP_Decoder_channel, h.AMP_Decoder_input_upconv_kernel_size, h.ratio,
+                                      causal)
+        self.pha_up = self._upsampler(mid, h.PHA_Decoder_channel, h.PHA_Decoder_input_upconv_kernel_size, h.ratio,
+                                      causal)
+        self.amp = Branch(h.AMP_Decoder_channel, h.AMP_Encoder_channel, *branch_size(h))
+        self.pha = Branch(h.PHA_Decoder_channel, h.PHA_Encoder_channel, *branch_size(h))
+        self.amp_out = wn_conv1d(h.AMP_Decoder_channel, n_bins, h.AMP_Decoder_output_conv_kernel_size, causal=causal)
+        self.pha_real = wn_conv1d(h.PHA_Decoder_channel, n_bins, h.PHA_Decoder_output_R_conv_kernel_size,
+                                  causal=causal)
+        self.pha_imag = wn_conv1d(h.PHA_Decoder_channel, n_bins, h.PHA_Decoder_output_I_conv_kernel_size,
+                                  causal=causal)
 
     @staticmethod
-    def _upsampler(in_channels: int, out_channels: int, kernel_size: int, ratio: int) -> nn.Module:
+    def _upsampler(in_channels: int, out_channels: int, kernel_size: int, ratio: int, causal: bool) -> nn.Module:
+        if causal:
+            return weight_norm(CausalConvTranspose1d(in_channels, out_channels, kernel_size, ratio))
         # padding (k - ratio) / 2 makes the output exactly ratio x T' frames.
         return weight_norm(nn.ConvTranspose1d(in_channels, out_channels, kernel_size, ratio,
                                               padding=(kernel_size - ratio) // 2))
@@ -223,6 +323,12 @@ class Decoder(nn.Module):
 
         L = hop_size * (ratio * T' - 1).
         """
+        logamp, pha, real, imag = self.spectra(latent)
+        audio = istft(real, imag, self.n_fft, self.hop_size, self.win_size)
+        return logamp, pha, real, imag, audio.unsqueeze(1)
+
+    def spectra(self, latent: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """latent (B, latent_dim, T') -> the predicted logamp, pha, real, imag, each (B, F, ratio*T')."""
         latent = self.latent_conv(latent)
         logamp = self.amp_out(self.amp(self.amp_up(latent)))
         pha_features = self.pha(self.pha_up(latent))
@@ -230,8 +336,7 @@ class Decoder(nn.Module):
         pha = torch.atan2(self.pha_imag(pha_features), self.pha_real(pha_features))
         real = torch.exp(logamp) * torch.cos(pha)
         imag = torch.exp(logamp) * torch.sin(pha)
-        audio = istft(real, imag, self.n_fft, self.hop_size, self.win_size)
-        return logamp, pha, real, imag, audio.unsqueeze(1)
+        return logamp, pha, real, imag
 
 
 def remove_weight_norm(module: nn.Module) -> nn.Module:

@@ -24,13 +24,21 @@ def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float,
     return torch.from_numpy(mel).float().to(device)
 
 
-def stft(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int) -> torch.Tensor:
-    """Centred, reflect-padded STFT with a periodic Hann window of `win_size`.
+# How `stft` pads the signal's ends by n_fft // 2: mirrored (the release), with zeros (the
+# causal codec: the past before the signal is silence and nothing after the signal is
+# reflected back into it), or not at all (the caller brings the padding, as a stream does).
+PADDINGS = {"reflect": (True, "reflect"), "zeros": (True, "constant"), "none": (False, "constant")}
 
-    y: (B, L) -> complex (B, n_fft // 2 + 1, L // hop_size + 1)
+
+def stft(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int, pad: str = "reflect") -> torch.Tensor:
+    """STFT with a periodic Hann window of `win_size`; frame t is centred on sample t * hop_size.
+
+    y: (B, L) -> complex (B, n_fft // 2 + 1, L // hop_size + 1), or
+    (B, n_fft // 2 + 1, (L - n_fft) // hop_size + 1) with pad "none".
     """
+    center, pad_mode = PADDINGS[pad]
     return torch.stft(y, n_fft, hop_length=hop_size, win_length=win_size,
-                      window=_hann(win_size, y.device, y.dtype), center=True, pad_mode="reflect",
+                      window=_hann(win_size, y.device, y.dtype), center=center, pad_mode=pad_mode,
                       return_complex=True)
 
 
@@ -42,10 +50,10 @@ def istft(real: torch.Tensor, imag: torch.Tensor, n_fft: int, hop_size: int,
                        window=_hann(win_size, real.device, real.dtype), center=True)
 
 
-def amp_pha_spectrum(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int
+def amp_pha_spectrum(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int, pad: str = "reflect"
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log amplitude, phase, real and imaginary part, each (B, F, T), of y: (B, L)."""
-    spec = stft(y, n_fft, hop_size, win_size)
+    """Log amplitude, phase, real and imaginary part, each (B, F, T), of y: (B, L); `pad` as in `stft`."""
+    spec = stft(y, n_fft, hop_size, win_size, pad)
     real, imag = spec.real, spec.imag
     # log(|S| + 1e-5) with |S| from real/imag, as the release computes it.
     log_amplitude = torch.log(torch.sqrt(real.pow(2) + imag.pow(2)) + 1e-5)
