@@ -40,11 +40,23 @@ class CausalConv1d(nn.Conv1d):
     def begin_stream(self, batch: int) -> None:
         self.context = self.bias.new_zeros(batch, self.in_channels, max(self.left, 0))
 
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        # Unfolded windows times the weights: a stream's chunks are a few frames long, where
+        # this runs several times faster on a CPU than the convolution routines.
+        windows = x.unfold(-1, self.kernel_size[0], self.stride[0])  # (B, C_in, T', k)
+        if self.groups == self.in_channels == self.out_channels:
+            y = (windows * weight).sum(-1)
+        else:
+            b, c, t, k = windows.shape
+            y = torch.matmul(windows.permute(0, 2, 1, 3).reshape(b, t, c * k),
+                             weight.reshape(weight.size(0), -1).t()).transpose(1, 2)
+        return y + bias[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.context is None:
             return super().forward(F.pad(x, (self.left, 0)))
         x = torch.cat((self.context, x), dim=-1)
-        self.context = x[..., x.size(-1) - max(self.left, 0):]
+        self.context = x[..., x.size(-1) - max(self.left, 0):].clone()
         return super().forward(x[..., max(-self.left, 0):])
 
 
@@ -63,15 +75,25 @@ class CausalConvTranspose1d(nn.ConvTranspose1d):
     def begin_stream(self, batch: int) -> None:
         self.context = self.bias.new_zeros(batch, self.in_channels, self.keep)
 
+    def _transposed_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, n) -> (B, C_out, (n - 1) * stride + kernel): one matmul and an overlap-add,
+        several times faster on a CPU than the transposed-convolution routine for a few frames."""
+        stride, kernel = self.stride[0], self.kernel_size[0]
+        weight = self.weight
+        columns = torch.matmul(x.transpose(1, 2), weight.reshape(weight.size(0), -1)).transpose(1, 2)
+        length = (x.size(-1) - 1) * stride + kernel
+        y = F.fold(columns, (1, length), (1, kernel), stride=(1, stride)).flatten(2)
+        return y + self.bias[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride = self.stride[0]
         frames = x.size(-1) * stride
         if self.context is None:
-            return super().forward(x)[..., :frames]
+            return self._transposed_conv(x)[..., :frames]
         x = torch.cat((self.context, x), dim=-1)
-        self.context = x[..., x.size(-1) - self.keep:]
+        self.context = x[..., x.size(-1) - self.keep:].clone()
         skip = self.keep * stride
-        return super().forward(x)[..., skip:skip + frames]
+        return self._transposed_conv(x)[..., skip:skip + frames]
 
 
 def begin_stream(module: nn.Module, batch: int) -> None:
