@@ -1,7 +1,7 @@
 """Audio loading, audio-file discovery, file lists and the training / validation datasets."""
 import os
 import random
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import librosa
 import numpy as np
@@ -104,6 +104,18 @@ def spectral_targets(audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
     logamp, pha, real, imag = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
     mel = mel_spectrogram(audio, h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
     return {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "mel": mel}
+
+
+def encoder_input(audio: torch.Tensor, ref: Dict[str, torch.Tensor], h) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's logamp and pha (B, F, T) for audio (B, L) whose targets are `ref`.
+
+    The paper's model reads the targets themselves. The causal model's analysis pads with
+    zeros: reflect padding would fold later samples into the first frames.
+    """
+    if not h.causal:
+        return ref["logamp"], ref["pha"]
+    logamp, pha, _, _ = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size, pad="zeros")
+    return logamp, pha
 
 
 class AudioDataset(torch.utils.data.Dataset):

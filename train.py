@@ -23,8 +23,9 @@ from checkpoints import (TRAINING_STATE_KEYS, checkpoint_file, load_checkpoint, 
                          load_weights, newest_complete_step, release_parameters, release_state_dict,
                          save_checkpoint)
 from config import AttrDict, bitrate, make_parser, run_cli, save_config
-from dataset import AudioDataset, read_filelist, spectral_targets, trim_for_validation
+from dataset import AudioDataset, encoder_input, read_filelist, spectral_targets, trim_for_validation
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
+from distill import Distiller
 from metrics import compute_metrics
 from models import Decoder, Encoder
 from utils import pick_device, plot_spectrogram
@@ -63,6 +64,7 @@ class Trainer:
         self.optim_d = torch.optim.AdamW(
             release_parameters(self.mrd) + release_parameters(self.mpd), h.learning_rate, betas=betas)
         self.steps, self.last_epoch = 0, -1
+        self.distiller = Distiller(h, self.encoder, self.decoder, device) if h.kd_teacher_encoder else None
 
     def resume(self) -> None:
         """Load the newest complete checkpoint set, as the release does: continue at step + 1,
@@ -98,7 +100,7 @@ class Trainer:
     def codec(self, audio: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Targets of audio (B, L) and the codec's output for it, both as dicts of tensors."""
         ref = spectral_targets(audio, self.h)
-        quantized = self.encoder(ref["logamp"], ref["pha"])
+        quantized = self.encoder(*encoder_input(audio, ref, self.h))
         logamp, pha, real, imag, y_g = self.decoder(quantized.latent)
         gen = {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "audio": y_g,
                "commitment": quantized.commitment, "codebook": quantized.codebook}
@@ -132,6 +134,9 @@ class Trainer:
                            + w * losses.feature_matching_loss(mrd_real_fmaps, mrd_fake_fmaps))
             terms["codebook"], terms["commitment"] = gen["codebook"], gen["commitment"]
             terms["G"] = losses.generator_total(terms)
+            if "kd" in gen:
+                terms.update(gen["kd"])
+                terms["G"] = terms["G"] + self.h.kd_weight * terms["KD"]
             terms["G"].backward()
         self.optim_g.step()
         return terms
@@ -140,6 +145,8 @@ class Trainer:
         """D step then G step on a batch of segments (B, L); returns the detached loss terms."""
         audio = audio.to(self.device, non_blocking=True)
         ref, gen = self.codec(audio)
+        if self.distiller is not None:
+            gen["kd"] = self.distiller.loss(ref)
         y = audio.unsqueeze(1)
         loss_d = self.discriminator_step(y, gen["audio"])
         terms = self.generator_step(y, ref, gen)
@@ -209,7 +216,8 @@ def build_loaders(h) -> Tuple[DataLoader, DataLoader]:
 
 def format_terms(values: Dict[str, float]) -> str:
     """The stdout line's loss terms, in a fixed order."""
-    return ", ".join(f"{name} {values[name]:.3f}" for name in ("G", "D") + TERM_NAMES)
+    names = ("G", "D") + TERM_NAMES + (("KD",) if "KD" in values else ())
+    return ", ".join(f"{name} {values[name]:.3f}" for name in names)
 
 
 def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: int, step_start: float,

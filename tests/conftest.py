@@ -73,3 +73,14 @@ def full():
     h = make_config()
     return {"h": h, "encoder": Encoder(h), "decoder": Decoder(h),
             "mpd": MultiPeriodDiscriminator(h), "mrd": MultiResolutionDiscriminator(h)}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test file of many small ops: on a shared machine, thread
+    hand-offs cost more than such work."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

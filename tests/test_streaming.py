@@ -8,13 +8,7 @@ from conftest import TINY, make_config, tone
 from models import Decoder, Encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Many tiny convolutions: on a shared machine, thread hand-offs would cost more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
