@@ -173,3 +173,32 @@ def test_checkpoints_of_another_network_without_a_config_fail_in_one_line(tmp_pa
     message = str(exit_info.value)
     assert "\n" not in message and os.path.join(ROOT, "config.json") in message and "--config" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_stream_writes_the_same_files_as_offline(tmp_path):
+    """A causal codec trained elsewhere (its config beside the checkpoints): --stream --chunk_ms 10
+    writes the files of the offline run, each as long as its input."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_tone(str(inputs / "a.wav"), 0.1013)
+    write_tone(str(inputs / "b.wav"), 0.0203, sr=44100)
+    h = make_config(**TINY, causal=True)
+    enc_path, dec_path = _train_config_beside(tmp_path, h)
+    common = ["--test_input_wavs_dir", str(inputs), "--checkpoint_file_load_Encoder", enc_path,
+              "--checkpoint_file_load_Decoder", dec_path, "--num_workers", "0"]
+    inference.main(common + ["--test_wav_output_dir", str(tmp_path / "offline")])
+    inference.main(common + ["--test_wav_output_dir", str(tmp_path / "streamed"), "--stream", "--chunk_ms", "10"])
+    for name in ("a.wav", "b.wav"):
+        offline, sr = sf.read(str(tmp_path / "offline" / name), dtype="int16")
+        streamed, _ = sf.read(str(tmp_path / "streamed" / name), dtype="int16")
+        assert sr == 48000 and offline.size == load_audio(str(inputs / name), 48000).size
+        # 16-bit rounding of values within 1e-5 of each other: at most one step apart
+        assert offline.shape == streamed.shape and abs(offline.astype(int) - streamed).max() <= 1
+
+
+def test_stream_needs_a_causal_codec(tmp_path, tiny_h):
+    write_tone(str(tmp_path / "a.wav"), 0.05)
+    enc_path, dec_path = _train_config_beside(tmp_path, tiny_h)
+    with pytest.raises(SystemExit, match="causal"):
+        inference.main(["--test_input_wavs_dir", str(tmp_path / "a.wav"), "--checkpoint_file_load_Encoder", enc_path,
+                        "--checkpoint_file_load_Decoder", dec_path, "--stream"])

@@ -301,3 +301,62 @@ def test_straight_through_gradient_reaches_encoder(tiny_h):
     _, _, commitment, codebook = enc(la, ph)
     (codebook + commitment).backward()
     assert enc.quantizer.quantizers[0].codebook.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The causal layers of APCodec-S against the library's convolutions
+
+
+def test_causal_grn_normalises_each_frame_by_itself():
+    grn = models.GRN(6, causal=True)
+    randomise_(grn, 3)
+    x = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(4)).double()
+    g, b = grn.gamma.detach().double(), grn.beta.detach().double()
+    nx = x.abs() / (x.abs().mean(dim=2, keepdim=True) + 1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(grn.double()(x), g * (x * nx) + b + x)
+        # no frame looks at another
+        y = x.clone()
+        y[:, 5:] = 7.0
+        torch.testing.assert_close(grn(y)[:, :5], grn(x)[:, :5], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel, stride, groups", [(7, 1, 1), (3, 1, 5), (7, 4, 1), (3, 4, 1), (1, 1, 1)])
+def test_causal_conv_is_the_left_padded_convolution(kernel, stride, groups):
+    torch.manual_seed(0)
+    conv = models.CausalConv1d(5, 5 if groups > 1 else 7, kernel, stride, groups)
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (kernel - stride, 0)), conv.weight,
+                                              conv.bias, stride, groups=groups)
+        torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-6)
+    assert conv(x).shape[-1] == 12 // stride
+
+
+def test_causal_transposed_conv_drops_the_right_overhang():
+    torch.manual_seed(0)
+    up = models.CausalConvTranspose1d(5, 6, 16, 8)
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv_transpose1d(x, up.weight, up.bias, stride=8)[..., :24]
+        torch.testing.assert_close(up(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_model_keeps_the_parameter_names_and_shapes(tiny_h):
+    """Checkpoints of the causal model use the release's naming table unchanged."""
+    causal = dict(tiny_h, causal=True)
+    for part in (models.Encoder, models.Decoder):
+        a = {k: v.shape for k, v in part(tiny_h).state_dict().items()}
+        b = {k: v.shape for k, v in part(type(tiny_h)(causal)).state_dict().items()}
+        assert a == b
+
+
+def test_causal_frame_counts(tiny_h):
+    h = type(tiny_h)(tiny_h, causal=True)
+    encoder, decoder = models.Encoder(h), models.Decoder(h)
+    la = torch.randn(1, h.n_fft // 2 + 1, 4 * h.ratio + 3)
+    with torch.no_grad():
+        latent = encoder(la, la).latent
+        assert latent.shape[-1] == 4
+        logamp, _, _, _, audio = decoder(latent)
+    assert logamp.shape[-1] == 4 * h.ratio and audio.shape[-1] == h.hop_size * (4 * h.ratio - 1)

@@ -155,3 +155,22 @@ def test_generator_step_gradients_equal_unfrozen_discriminators(tiny_h):
         ours = dict(getattr(trainer, module).named_parameters())
         for name, p in getattr(reference, module).named_parameters():
             assert torch.allclose(ours[name].grad, p.grad, rtol=1e-5, atol=1e-7), (module, name)
+
+
+def test_causal_run_trains_and_its_checkpoints_load_as_causal(tmp_path, one_thread):
+    """APCodec-S trains through the same loop; inference rebuilds the causal network from the
+    config beside the checkpoints, even when handed the default (non-causal) config."""
+    from checkpoints import load_generator
+    from conftest import default_raw
+    from config import build_config
+    h = _setup(tmp_path, causal=True, causal_kernel_size=3, training_epochs=1)
+    trainer = train.train(h, torch.device("cpu"))
+    step = newest_complete_step(h.checkpoint_path)
+    default = build_config(default_raw())
+    encoder, decoder, used = load_generator(default, os.path.join(h.checkpoint_path, f"encoder_{step:08d}"),
+                                            os.path.join(h.checkpoint_path, f"decoder_{step:08d}"),
+                                            torch.device("cpu"))
+    assert used.causal and used.causal_kernel_size == 3
+    x = torch.randn(1, h.n_fft // 2 + 1, 16)
+    with torch.no_grad():
+        assert torch.equal(encoder(x, x).latent, trainer.encoder(x, x).latent)
