@@ -1,0 +1,146 @@
+"""Stream audio through the causal codec (APCodec-S) as it arrives, and time it.
+
+    python stream_demo.py --config configs/apcodec_s_48k.json --input in.wav --output out.wav
+    arecord -f S16_LE -r 48000 -c 1 -t raw | python stream_demo.py --config configs/apcodec_s_48k.json \\
+        --input - --output out.raw
+
+A wav (at the model's sampling rate; channels are averaged) or raw 16-bit little-endian mono
+PCM on stdin (`--input -`) is read in chunks of --chunk_ms, encoded and decoded as it comes,
+and the decoded audio written as it is produced (a wav is renamed into place when complete;
+`--output -` writes raw PCM to stdout). Prints the algorithmic latency and the compute time
+per latent frame against the frame's duration. --random_weights needs no checkpoints (for
+timing only).
+"""
+import statistics
+import sys
+import time
+from typing import BinaryIO, Callable, Iterator, List, Optional, TextIO
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from config import AttrDict, make_parser, run_cli
+from inference import load_codec
+from models import Decoder, Encoder, remove_weight_norm
+from streaming import StreamingCodec, latency_samples
+from utils import atomic_write
+
+
+def read_chunks(source: str, h: AttrDict, chunk: int) -> Iterator[np.ndarray]:
+    """Float32 mono chunks of `chunk` samples (the last may be shorter) from a wav or from stdin.
+
+    A wav is opened and checked here, before anything is written.
+    """
+    if source == "-":
+        return _stdin_chunks(chunk)
+    try:
+        audio = sf.SoundFile(source)
+    except Exception as e:
+        raise ValueError(f"cannot read audio file {source}: {e}") from None
+    if audio.samplerate != h.sampling_rate:
+        audio.close()
+        raise ValueError(f"{source} is sampled at {audio.samplerate} Hz; the codec streams "
+                         f"{h.sampling_rate} Hz (resample it first)")
+    return _wav_chunks(audio, chunk)
+
+
+def _stdin_chunks(chunk: int) -> Iterator[np.ndarray]:
+    while True:
+        data = sys.stdin.buffer.read(2 * chunk)
+        if not data:
+            return
+        yield np.frombuffer(data[:len(data) // 2 * 2], dtype="<i2").astype(np.float32) / 32768
+
+
+def _wav_chunks(audio: sf.SoundFile, chunk: int) -> Iterator[np.ndarray]:
+    with audio:
+        for block in audio.blocks(chunk, dtype="float32", always_2d=True):
+            yield block.mean(axis=1)
+
+
+def stream(h: AttrDict, codec: StreamingCodec, chunks: Iterator[np.ndarray], sink: BinaryIO, wav: bool) -> List[dict]:
+    """Push every chunk through the codec, writing decoded audio as it comes; per-push timings."""
+    if wav:
+        with sf.SoundFile(sink, "w", h.sampling_rate, 1, "PCM_16", format="WAV") as out:
+            return _stream(codec, chunks, lambda samples: out.write(samples))
+
+    def write_raw(samples: np.ndarray) -> None:
+        sink.write(np.round(np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        sink.flush()
+    return _stream(codec, chunks, write_raw)
+
+
+def _stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Callable[[np.ndarray], None]) -> List[dict]:
+    timings = []
+    with torch.inference_mode():
+        for chunk in chunks:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            codes, audio = codec.push(torch.from_numpy(chunk)[None])
+            timings.append({"frames": codes.size(-1), "wall": time.perf_counter() - wall,
+                            "cpu": time.thread_time() - cpu})
+            write(audio[0].numpy())
+        write(codec.flush()[1][0].numpy())
+    return timings
+
+
+def report(h: AttrDict, timings: List[dict], log: TextIO) -> None:
+    frame_ms = 1000 * h.ratio * h.hop_size / h.sampling_rate
+    frames = sum(t["frames"] for t in timings)
+    if not frames:
+        print("The input was shorter than one latent frame: nothing to time.", file=log)
+        return
+    # Per latent frame, over the pushes that completed at least one (the first pays for warm-up).
+    busy = [t for t in timings if t["frames"]][1:] or [t for t in timings if t["frames"]]
+    for clock in ("wall", "cpu"):
+        per_frame = [1000 * t[clock] / t["frames"] for t in busy]
+        median = statistics.median(per_frame)
+        print(f"Compute per latent frame ({clock} clock): median {median:.2f} ms, mean "
+              f"{statistics.fmean(per_frame):.2f} ms over {len(per_frame)} chunks, against {frame_ms:.2f} ms of "
+              f"audio: {'faster than' if median < frame_ms else 'SLOWER than'} real time "
+              f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})", file=log)
+
+
+def demo(h: AttrDict, args) -> None:
+    torch.set_num_threads(args.threads)
+    if not h.causal:
+        raise ValueError(f"streaming needs a causal codec ('causal': true); {h.source} describes the paper's "
+                         f"non-causal model (try --config configs/apcodec_s_48k.json)")
+    if args.chunk_ms <= 0:
+        raise ValueError(f"--chunk_ms must be positive, got {args.chunk_ms}")
+    if args.random_weights:
+        torch.manual_seed(h.seed)
+        encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
+    else:
+        encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder,
+                                         torch.device("cpu"))
+    chunk = max(1, round(args.chunk_ms * h.sampling_rate / 1000))
+    chunks = read_chunks(args.input, h, chunk)
+    # Raw audio on stdout leaves the messages to stderr.
+    log = sys.stderr if args.output == "-" else sys.stdout
+    latency = latency_samples(h)
+    print(f"Algorithmic latency {latency} samples = {1000 * latency / h.sampling_rate:.2f} ms; latent frame "
+          f"{h.ratio * h.hop_size} samples = {1000 * h.ratio * h.hop_size / h.sampling_rate:.2f} ms; chunks of "
+          f"{chunk} samples", file=log)
+    codec = StreamingCodec(encoder, decoder, h)
+    if args.output == "-":
+        timings = stream(h, codec, chunks, sys.stdout.buffer, wav=False)
+    else:
+        timings = []
+        raw = not args.output.lower().endswith(".wav")
+        atomic_write(args.output, lambda f: timings.extend(stream(h, codec, chunks, f, wav=not raw)))
+    report(h, timings, log)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = make_parser(__doc__)
+    parser.add_argument("--input", required=True, help="wav file, or - for raw 16-bit mono PCM on stdin")
+    parser.add_argument("--output", required=True, help="wav file (.wav), raw PCM file, or - for stdout")
+    parser.add_argument("--chunk_ms", type=float, default=10.0, help="chunk length in milliseconds (default 10)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--random_weights", action="store_true", help="random weights instead of checkpoints")
+    run_cli(demo, parser, argv)
+
+
+if __name__ == "__main__":
+    main()
