@@ -1,11 +1,14 @@
 """Measure parameter counts, training step time and memory, and inference speed.
 
     python bench.py [--device cuda|cpu] [--steps N] [--clip_seconds S] [--threads N]
-                    [--config config.json] [--KEY VALUE ...]
+                    [--stream_chunk_ms MS ...] [--config config.json] [--KEY VALUE ...]
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
-numbers; it never asserts anything about them.
+numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
+times the streaming codec on the CPU per latent frame for each chunk length, against the
+frame's duration (--threads 1 for one core).
 """
+import statistics
 import argparse
 import time
 from typing import List, Optional
@@ -14,9 +17,11 @@ import numpy as np
 import torch
 
 import inference
+import stream_demo
 import train
 from config import AttrDict, make_parser, run_cli
 from models import Decoder, Encoder, remove_weight_norm
+from streaming import StreamingCodec, latency_samples
 from utils import pick_device, synchronize
 
 
@@ -75,6 +80,29 @@ def bench_inference(h, device: torch.device, clip_seconds: float, repeats: int) 
     return {"infer_clip_s": clip_seconds, "infer_wall_s": round(seconds, 4), "infer_rtf": round(seconds / clip_seconds, 5)}
 
 
+def bench_streaming(h, clip_seconds: float, chunk_ms: List[float], repeats: int) -> dict:
+    """Median compute per latent frame (wall and this thread's CPU time) for each chunk length,
+    each the median of `repeats` streams of the clip; on the CPU."""
+    encoder = remove_weight_norm(Encoder(h)).eval()
+    decoder = remove_weight_norm(Decoder(h)).eval()
+    audio = synthetic_audio(1, int(clip_seconds * h.sampling_rate), h.sampling_rate)[0].numpy()
+    frame_ms = 1000 * h.ratio * h.hop_size / h.sampling_rate
+    result = {"stream_latency_ms": round(1000 * latency_samples(h) / h.sampling_rate, 2),
+              "stream_frame_ms": round(frame_ms, 2)}
+    for ms in chunk_ms:
+        chunk = max(1, round(ms * h.sampling_rate / 1000))
+        medians = {"wall": [], "cpu": []}
+        for _ in range(max(1, repeats)):
+            chunks = (audio[i:i + chunk] for i in range(0, audio.size, chunk))
+            timings = stream_demo.timed_stream(StreamingCodec(encoder, decoder, h), chunks, lambda samples: None)
+            for clock in medians:
+                medians[clock].append(statistics.median(stream_demo.per_frame_ms(timings, clock)))
+        for clock, values in medians.items():
+            result[f"stream_{chunk}_{clock}_ms"] = (f"{statistics.median(values):.2f} per frame (runs: "
+                                                    f"{', '.join(f'{v:.2f}' for v in values)})")
+    return result
+
+
 def run(h: AttrDict, args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +114,10 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         results.update(bench_training(h, device, args.steps, args.warmup))
     if args.repeats:
         results.update(bench_inference(h, device, args.clip_seconds, args.repeats))
+    if args.stream_chunk_ms:
+        if not h.causal:
+            raise ValueError(f"--stream_chunk_ms needs a causal config ('causal': true), not {h.source}")
+        results.update(bench_streaming(h, args.clip_seconds, args.stream_chunk_ms, args.repeats))
     for key, value in results.items():
         print(f"{key:24s} {value}")
 
@@ -98,6 +130,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the inference clip")
     parser.add_argument("--repeats", type=int, default=3, help="timed inference runs")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--stream_chunk_ms", type=float, nargs="*", default=[],
+                        help="time the causal codec streaming on the CPU in chunks of these lengths (ms)")
     run_cli(run, parser, argv)
 
 

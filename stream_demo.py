@@ -63,15 +63,18 @@ def stream(h: AttrDict, codec: StreamingCodec, chunks: Iterator[np.ndarray], sin
     """Push every chunk through the codec, writing decoded audio as it comes; per-push timings."""
     if wav:
         with sf.SoundFile(sink, "w", h.sampling_rate, 1, "PCM_16", format="WAV") as out:
-            return _stream(codec, chunks, lambda samples: out.write(samples))
+            return timed_stream(codec, chunks, lambda samples: out.write(samples))
 
     def write_raw(samples: np.ndarray) -> None:
         sink.write(np.round(np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
         sink.flush()
-    return _stream(codec, chunks, write_raw)
+    return timed_stream(codec, chunks, write_raw)
 
 
-def _stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Callable[[np.ndarray], None]) -> List[dict]:
+def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Callable[[np.ndarray], None]
+                 ) -> List[dict]:
+    """Push each chunk (L,) and write what comes out, then flush; returns per push the latent
+    frames completed and the wall and CPU (this thread) seconds it took."""
     timings = []
     with torch.inference_mode():
         for chunk in chunks:
@@ -84,16 +87,20 @@ def _stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Callable
     return timings
 
 
+def per_frame_ms(timings: List[dict], clock: str) -> List[float]:
+    """Milliseconds per latent frame ('wall' or 'cpu' clock) of each push that completed one or
+    more, leaving out the first such push (it pays for warm-up) when there are others."""
+    busy = [t for t in timings if t["frames"]]
+    return [1000 * t[clock] / t["frames"] for t in busy[1:] or busy]
+
+
 def report(h: AttrDict, timings: List[dict], log: TextIO) -> None:
     frame_ms = 1000 * h.ratio * h.hop_size / h.sampling_rate
-    frames = sum(t["frames"] for t in timings)
-    if not frames:
+    if not any(t["frames"] for t in timings):
         print("The input was shorter than one latent frame: nothing to time.", file=log)
         return
-    # Per latent frame, over the pushes that completed at least one (the first pays for warm-up).
-    busy = [t for t in timings if t["frames"]][1:] or [t for t in timings if t["frames"]]
     for clock in ("wall", "cpu"):
-        per_frame = [1000 * t[clock] / t["frames"] for t in busy]
+        per_frame = per_frame_ms(timings, clock)
         median = statistics.median(per_frame)
         print(f"Compute per latent frame ({clock} clock): median {median:.2f} ms, mean "
               f"{statistics.fmean(per_frame):.2f} ms over {len(per_frame)} chunks, against {frame_ms:.2f} ms of "
