@@ -5,9 +5,9 @@ Shapes: B batch, F = n_fft // 2 + 1 bins, T STFT frames, T' = ceil(T / ratio) la
 
 With `causal: true` (APCodec-S) every layer sees only the present and the past: convolutions
 are left-padded (`CausalConv1d`), the upsampler drops its right overhang
-(`CausalConvTranspose1d`) and GRN pools over one frame. The same layers stream: between
-`begin_stream` and `end_stream` each causal convolution keeps the last input frames it needs
-instead of zero padding, so chunks give exactly the frames of one offline pass.
+(`CausalConvTranspose1d`) and GRN pools over one frame. The same layers stream: after
+`begin_stream` each causal convolution keeps the last input frames it needs instead of zero
+padding, so chunks give exactly the frames of one offline pass.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -33,6 +33,8 @@ class CausalConv1d(nn.Conv1d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
+        if groups != 1 and not groups == in_channels == out_channels:
+            raise ValueError("CausalConv1d is dense or depthwise (groups 1 or the channel count)")
         super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups)
         self.left = kernel_size - stride
         self.context: Optional[torch.Tensor] = None  # (B, C_in, max(left, 0)) while streaming
@@ -44,7 +46,7 @@ class CausalConv1d(nn.Conv1d):
         # Unfolded windows times the weights: a stream's chunks are a few frames long, where
         # this runs several times faster on a CPU than the convolution routines.
         windows = x.unfold(-1, self.kernel_size[0], self.stride[0])  # (B, C_in, T', k)
-        if self.groups == self.in_channels == self.out_channels:
+        if self.groups > 1:
             y = (windows * weight).sum(-1)
         else:
             b, c, t, k = windows.shape
@@ -101,13 +103,6 @@ def begin_stream(module: nn.Module, batch: int) -> None:
     for m in module.modules():
         if isinstance(m, (CausalConv1d, CausalConvTranspose1d)):
             m.begin_stream(batch)
-
-
-def end_stream(module: nn.Module) -> None:
-    """Back to offline (zero-padded) operation; the kept frames are dropped."""
-    for m in module.modules():
-        if isinstance(m, (CausalConv1d, CausalConvTranspose1d)):
-            m.context = None
 
 
 def conv1d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
