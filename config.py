@@ -84,6 +84,10 @@ def beta(v: Any) -> Optional[str]:
     return None if _is_number(v) and 0 <= v < 1 else "a number in [0, 1)"
 
 
+def boolean(v: Any) -> Optional[str]:
+    return None if isinstance(v, bool) else "true or false"
+
+
 def anything(v: Any) -> Optional[str]:
     return None
 
@@ -194,6 +198,13 @@ SCHEMA: Tuple[Key, ...] = (
     Key("num_mels_for_loss", 80, positive_int, "mel bands of the mel losses (must equal num_mels)"),
     Key("sampling_rate", 48000, positive_int, "audio is resampled to this rate", network=True),
     Key("num_workers", 4, non_negative_int, "DataLoader workers"),
+
+    Key("strict_data", False, boolean, "stop at start-up on any unusable file in a list, instead of "
+        "reporting and skipping it", release=False),
+    Key("keep_last_checkpoints", 0, non_negative_int, "checkpoint sets to keep; older ones are deleted once "
+        "a new set is complete (0 keeps all, as the release does)", release=False),
+    Key("max_nonfinite_steps", 50, positive_int, "consecutive steps with a non-finite loss (each skipped) "
+        "after which training stops", release=False),
 )
 
 KEYS: Dict[str, Key] = {key.name: key for key in SCHEMA}
