@@ -161,10 +161,61 @@ def checkpoint_steps(folder: str, kind: str) -> List[int]:
     return sorted(steps)
 
 
+KINDS = ("encoder", "decoder", "do")
+
+
+def complete_steps(folder: str) -> List[int]:
+    """Steps for which encoder_, decoder_ and do_ checkpoints all exist, ascending."""
+    return sorted(set.intersection(*(set(checkpoint_steps(folder, kind)) for kind in KINDS)))
+
+
 def newest_complete_step(folder: str) -> Optional[int]:
     """The newest step for which encoder_, decoder_ and do_ checkpoints all exist."""
-    complete = set.intersection(*(set(checkpoint_steps(folder, kind)) for kind in ("encoder", "decoder", "do")))
-    return max(complete) if complete else None
+    steps = complete_steps(folder)
+    return steps[-1] if steps else None
+
+
+def load_newest_set(folder: str, device: torch.device) -> Optional[Tuple[int, Dict[str, Dict[str, Any]]]]:
+    """(step, {"encoder", "decoder", "do": checkpoint dict}) of the newest set that reads back whole.
+
+    Newer sets with a member missing or unreadable (a run killed mid-save, a truncated
+    file) are passed over with a one-line warning each. None when no set is usable.
+    """
+    complete = complete_steps(folder)
+    newest_any = max((s for kind in KINDS for s in checkpoint_steps(folder, kind)), default=None)
+    if newest_any is not None and (not complete or newest_any > complete[-1]):
+        print(f"warning: checkpoint set {newest_any} in {folder} is incomplete; resuming from an older one")
+    keys = {"encoder": ["encoder"], "decoder": ["decoder"], "do": TRAINING_STATE_KEYS}
+    for step in reversed(complete):
+        try:
+            return step, {kind: load_checkpoint(checkpoint_file(folder, kind, step), device, keys[kind])
+                          for kind in KINDS}
+        except ValueError as e:
+            print(f"warning: skipping checkpoint set {step}: {e}")
+    return None
+
+
+def prune_checkpoints(folder: str, keep: int) -> None:
+    """Delete every checkpoint file older than the newest `keep` complete sets (0 keeps all)."""
+    complete = complete_steps(folder)
+    if keep <= 0 or len(complete) <= keep:
+        return
+    oldest_kept = complete[-keep]
+    for kind in KINDS:
+        for step in checkpoint_steps(folder, kind):
+            if step < oldest_kept:
+                os.remove(checkpoint_file(folder, kind, step))
+
+
+def checkpoint_set_bytes(h: AttrDict) -> int:
+    """About how many bytes one checkpoint set of config `h` takes on disk.
+
+    Every parameter is stored as float32 with its two AdamW moments; the modules are built
+    on the meta device, so nothing is allocated.
+    """
+    with torch.device("meta"):
+        modules = (Encoder(h), Decoder(h), MultiPeriodDiscriminator(h), MultiResolutionDiscriminator(h))
+    return 3 * 4 * sum(p.numel() for m in modules for p in m.parameters())
 
 
 def _config_beside(h: AttrDict, checkpoint: str) -> Optional[AttrDict]:

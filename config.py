@@ -216,6 +216,13 @@ SCHEMA: Tuple[Key, ...] = (
         release=False),
     Key("kd_weight", 1.0, non_negative_number, "weight of the distillation loss added to the generator loss "
         "(0: the 'w/o KD' ablation)", release=False),
+
+    Key("strict_data", False, boolean, "stop at start-up on any unusable file in a list, instead of "
+        "reporting and skipping it", release=False),
+    Key("keep_last_checkpoints", 0, non_negative_int, "checkpoint sets to keep; older ones are deleted once "
+        "a new set is complete (0 keeps all, as the release does)", release=False),
+    Key("max_nonfinite_steps", 50, positive_int, "consecutive steps with a non-finite loss (each skipped) "
+        "after which training stops", release=False),
 )
 
 KEYS: Dict[str, Key] = {key.name: key for key in SCHEMA}

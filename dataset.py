@@ -1,7 +1,10 @@
-"""Audio loading, audio-file discovery, file lists and the training / validation datasets."""
+"""Audio loading, audio-file discovery, file lists and their checks, and the training / validation datasets."""
+import json
 import os
 import random
-from typing import Dict, List, Tuple
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
 
 import librosa
 import numpy as np
@@ -9,8 +12,10 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 import torch.utils.data
+from tqdm import tqdm
 
 from spectral import amp_pha_spectrum, mel_spectrogram, min_analysis_length
+from utils import atomic_write
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
@@ -58,26 +63,136 @@ def read_filelist(list_path: str) -> List[str]:
     """Audio paths from a list file: one per line, blank lines and `#` comments ignored.
 
     A relative path is used as is when it exists from the working directory (as in the
-    release), otherwise it is taken relative to the list file's folder.
+    release), otherwise it is taken relative to the list file's folder. Whether the files
+    exist and hold usable audio is `check_audio_files`' business.
     """
     try:
         with open(list_path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise FileNotFoundError(f"file list not found: {list_path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read file list {list_path}: {e}") from None
     base = os.path.dirname(os.path.abspath(list_path))
     paths = []
-    for number, line in enumerate(lines, 1):
+    for line in lines:
         line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        path = line if os.path.isabs(line) or os.path.exists(line) else os.path.join(base, line)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{list_path}:{number}: audio file not found: {line}")
-        paths.append(path)
+        if line and not line.startswith("#"):
+            paths.append(line if os.path.isabs(line) or os.path.exists(line) else os.path.join(base, line))
     if not paths:
         raise ValueError(f"file list {list_path} names no audio files")
     return paths
+
+
+# libsndfile's report on a WAV whose data chunk is shorter than its header says.
+_TRUNCATED = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
+
+
+def audio_problem(path: str) -> Tuple[Optional[str], float]:
+    """(why `path` cannot be trained on, or None; its duration in seconds).
+
+    Reads the whole file once: a header alone hides truncated data and NaN samples.
+    """
+    if not os.path.isfile(path):
+        return "file not found", 0.0
+    try:
+        truncated = _TRUNCATED.search(sf.info(path).extra_info)
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})", 0.0
+    # Writers that stream set the size to 0 or 0xFFFFFFFF ("unknown"): not a truncation.
+    if truncated and 0 < int(truncated.group(1)) < 0xFFFFFFF0:
+        return (f"truncated (its header promises {truncated.group(1)} bytes of audio, "
+                f"the file holds {truncated.group(2)})"), 0.0
+    seconds = audio.shape[0] / sr
+    if audio.shape[0] == 0:
+        return "holds no samples", 0.0
+    if not np.isfinite(audio).all():
+        return "has NaN or infinite samples", seconds
+    if not audio.any():
+        return "is silent (every sample is zero)", seconds
+    return None, seconds
+
+
+class DataCheckCache:
+    """Results of `audio_problem` by path, valid while the file's size and mtime are unchanged.
+
+    Stored as JSON (atomically) so that a restarted run does not read a large corpus again.
+    """
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.entries: Dict[str, list] = {}
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    self.entries = json.load(f)
+            except (OSError, ValueError):
+                self.entries = {}
+
+    @staticmethod
+    def _stamp(path: str) -> Optional[List[int]]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns]
+
+    def get(self, path: str) -> Optional[Tuple[Optional[str], float]]:
+        entry = self.entries.get(os.path.abspath(path))
+        stamp = self._stamp(path)
+        if entry is None or stamp is None or entry[0] != stamp:
+            return None
+        return entry[1], entry[2]
+
+    def put(self, path: str, result: Tuple[Optional[str], float]) -> None:
+        stamp = self._stamp(path)
+        if stamp is not None:
+            self.entries[os.path.abspath(path)] = [stamp, *result]
+
+    def save(self) -> None:
+        if self.path:
+            text = json.dumps(self.entries)
+            atomic_write(self.path, lambda f: f.write(text.encode()))
+
+
+def check_audio_files(paths: List[str], list_path: str, segment_seconds: float, strict: bool,
+                      cache: DataCheckCache, workers: int = 4) -> List[str]:
+    """The usable files of a list, after reading each once (in parallel, cached).
+
+    Bad files (missing, unreadable, empty, NaN/Inf, silent) are reported by path and reason
+    and left out, or stop the run when `strict`. Clips shorter than a training segment are
+    kept (they are zero-padded, as in the release) and counted in the report.
+    """
+    results: Dict[str, Tuple[Optional[str], float]] = {}
+    todo = []
+    for path in paths:
+        cached = cache.get(path)
+        if cached is None:
+            todo.append(path)
+        else:
+            results[path] = cached
+    if todo:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for path, result in zip(todo, tqdm(pool.map(audio_problem, todo), total=len(todo),
+                                               desc=f"checking {os.path.basename(list_path)}", unit="file",
+                                               leave=False)):
+                results[path] = result
+                cache.put(path, result)
+        cache.save()
+    bad = [(path, results[path][0]) for path in paths if results[path][0]]
+    if bad and strict:
+        raise ValueError(f"{list_path}: {len(bad)} unusable file(s), e.g. {bad[0][0]}: {bad[0][1]} "
+                         f"(strict_data is on; set it to false to skip them)")
+    for path, problem in bad:
+        print(f"warning: {list_path}: skipping {path}: {problem}")
+    good = [path for path in paths if not results[path][0]]
+    if not good:
+        raise ValueError(f"{list_path}: no usable audio file among its {len(paths)} entries")
+    short = sum(results[path][1] < segment_seconds for path in good)
+    print(f"{list_path}: {len(good)} usable files ({sum(results[p][1] for p in good) / 3600:.2f} h), "
+          f"{len(bad)} skipped" + (f", {short} shorter than a training segment (zero-padded)" if short else ""))
+    return good
 
 
 def trim_for_validation(audio: torch.Tensor, hop_size: int, ratio: int, n_fft: int) -> torch.Tensor:
@@ -116,14 +231,36 @@ def encoder_input(audio: torch.Tensor, ref: Dict[str, torch.Tensor], h) -> Tuple
         return ref["logamp"], ref["pha"]
     logamp, pha, _, _ = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size, pad="zeros")
     return logamp, pha
+class EpochSampler(torch.utils.data.Sampler):
+    """Training keys (epoch, index) of one epoch, in the list's fixed order, from a given batch on.
+
+    The epoch travels with each index to the data workers (which keep their own copy of the
+    dataset), and starting at any batch lets a resumed run continue mid-epoch exactly.
+    """
+
+    def __init__(self, size: int, batch_size: int):
+        self.size, self.batch_size = size, batch_size
+        self.epoch = self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in range(self.start_batch * self.batch_size, self.size))
+
+    def __len__(self) -> int:
+        return max(0, self.size - self.start_batch * self.batch_size)
 
 
 class AudioDataset(torch.utils.data.Dataset):
     """Waveforms (L,) from a file list: random `segment_size` crops for training (short clips
     zero-padded at the end), or whole utterances for validation.
 
-    Features are computed from the batch on the training device (`spectral_targets`), with
-    the same functions the release applies per item.
+    Training items are looked up by (epoch, index) keys (`EpochSampler`): the crop position
+    is drawn from a generator seeded by the seed, epoch and index, so it does not depend on
+    which worker reads the file or on where a run was resumed. Features are computed from
+    the batch on the training device (`spectral_targets`), with the same functions the
+    release applies per item.
     """
 
     def __init__(self, files: List[str], h, train: bool):
@@ -134,12 +271,13 @@ class AudioDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key) -> torch.Tensor:
         h = self.h
+        epoch, index = key if self.train else (0, key)
         audio = torch.from_numpy(load_audio(self.files[index], h.sampling_rate))
         if not self.train:
             return audio
         if audio.numel() >= h.segment_size:
-            start = random.randint(0, audio.numel() - h.segment_size)
+            start = random.Random(f"{h.seed}-{epoch}-{index}").randint(0, audio.numel() - h.segment_size)
             return audio[start:start + h.segment_size]
         return F.pad(audio, (0, h.segment_size - audio.numel()))

@@ -238,3 +238,54 @@ def test_save_load_round_trip_reproduces_outputs(tiny_h, tmp_path):
     assert not torch.equal(outputs[0][0], torch.zeros_like(outputs[0][0]))
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a usable set, pruning, disk use
+
+
+def _write_sets(folder, steps, h):
+    encoder, decoder = models.Encoder(h), models.Decoder(h)
+    mpd, mrd = MultiPeriodDiscriminator(h), MultiResolutionDiscriminator(h)
+    for step in steps:
+        checkpoints.save_checkpoint(checkpoints.checkpoint_file(folder, "encoder", step),
+                                    {"encoder": checkpoints.release_state_dict(encoder)})
+        checkpoints.save_checkpoint(checkpoints.checkpoint_file(folder, "decoder", step),
+                                    {"decoder": checkpoints.release_state_dict(decoder)})
+        checkpoints.save_checkpoint(checkpoints.checkpoint_file(folder, "do", step), {
+            "mpd": checkpoints.release_state_dict(mpd), "mrd": checkpoints.release_state_dict(mrd),
+            "optim_g": {}, "optim_d": {}, "steps": step, "epoch": 0})
+
+
+def test_newest_readable_set_is_found_and_broken_ones_are_named(tmp_path, tiny_h, capsys):
+    folder = str(tmp_path)
+    _write_sets(folder, [10, 20, 30, 40], tiny_h)
+    os.remove(checkpoints.checkpoint_file(folder, "do", 40))                      # killed mid-save
+    do_30 = checkpoints.checkpoint_file(folder, "do", 30)
+    with open(do_30, "r+b") as f:                                                 # truncated
+        f.truncate(os.path.getsize(do_30) // 2)
+    step, sets = checkpoints.load_newest_set(folder, torch.device("cpu"))
+    assert step == 20 and sets["do"]["steps"] == 20 and set(sets) == {"encoder", "decoder", "do"}
+    out = capsys.readouterr().out
+    assert "checkpoint set 40" in out and "incomplete" in out
+    assert "skipping checkpoint set 30" in out and "do_00000030" in out
+    assert checkpoints.load_newest_set(str(tmp_path / "empty"), torch.device("cpu")) is None
+
+
+def test_prune_keeps_the_newest_complete_sets(tmp_path, tiny_h):
+    folder = str(tmp_path)
+    _write_sets(folder, [1, 2, 3, 4], tiny_h)
+    os.remove(checkpoints.checkpoint_file(folder, "do", 4))
+    checkpoints.prune_checkpoints(folder, 0)
+    assert checkpoints.complete_steps(folder) == [1, 2, 3]
+    checkpoints.prune_checkpoints(folder, 2)
+    assert checkpoints.complete_steps(folder) == [2, 3]
+    assert sorted(os.listdir(folder)) == ["decoder_00000002", "decoder_00000003", "decoder_00000004",
+                                          "do_00000002", "do_00000003",
+                                          "encoder_00000002", "encoder_00000003", "encoder_00000004"]
+
+
+def test_checkpoint_set_bytes_counts_weights_and_adam_moments(full):
+    params = sum(p.numel() for name in ("encoder", "decoder", "mpd", "mrd") for p in full[name].parameters())
+    assert params == 6893120 + 10232582 + 41105770 + 600198
+    assert checkpoints.checkpoint_set_bytes(full["h"]) == 12 * params

@@ -1,12 +1,15 @@
-"""File lists, audio loading, training crops and validation trimming."""
+"""File lists and their checks, audio loading, training crops and validation trimming."""
+import os
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from conftest import write_tone
-from dataset import AudioDataset, load_audio, read_filelist, trim_for_validation
+import dataset
+from conftest import tone, write_tone
+from dataset import (AudioDataset, DataCheckCache, EpochSampler, audio_problem, check_audio_files, load_audio, read_filelist,
+                     trim_for_validation)
 
 
 def test_filelist_format(tmp_path, monkeypatch):
@@ -21,9 +24,9 @@ def test_filelist_format(tmp_path, monkeypatch):
     # A path that exists from the working directory is used as is (the release's behaviour).
     lst.write_text("data/a.wav\n")
     assert read_filelist(str(lst)) == ["data/a.wav"]
+    # Missing files are listed too; check_audio_files reports and skips them.
     lst.write_text("b.wav\nmissing.wav\n")
-    with pytest.raises(FileNotFoundError, match=r"train.txt:2: .*missing.wav"):
-        read_filelist(str(lst))
+    assert read_filelist(str(lst))[1] == str(tmp_path / "lists" / "missing.wav")
     lst.write_text("# nothing\n")
     with pytest.raises(ValueError, match="names no audio"):
         read_filelist(str(lst))
@@ -40,18 +43,31 @@ def test_load_audio_mono_and_resampled(tmp_path):
         load_audio(str(tmp_path / "bad.wav"), 48000)
 
 
+def test_epoch_sampler_keys_and_mid_epoch_start():
+    sampler = EpochSampler(7, 2)
+    sampler.set_epoch(3)
+    assert list(sampler) == [(3, i) for i in range(7)] and len(sampler) == 7
+    sampler.set_epoch(4, start_batch=2)
+    assert list(sampler) == [(4, i) for i in range(4, 7)] and len(sampler) == 3
+
+
 def test_training_crops_and_padding(tmp_path, tiny_h):
     long_path = write_tone(str(tmp_path / "long.wav"), 0.5, seed=1)
     short_path = write_tone(str(tmp_path / "short.wav"), 0.05, seed=2)
     full = torch.from_numpy(load_audio(long_path, 48000))
     short = torch.from_numpy(load_audio(short_path, 48000))
     ds = AudioDataset([long_path, short_path], tiny_h, train=True)
-    for _ in range(3):
-        crop = ds[0]
+    starts = []
+    for epoch in range(4):
+        crop = ds[(epoch, 0)]
         assert crop.shape == (tiny_h.segment_size,)
-        starts = [s for s in range(full.numel() - crop.numel() + 1) if torch.equal(full[s:s + crop.numel()], crop)]
-        assert starts, "a crop is a contiguous slice of the clip"
-    padded = ds[1]
+        found = [s for s in range(full.numel() - crop.numel() + 1) if torch.equal(full[s:s + crop.numel()], crop)]
+        assert found, "a crop is a contiguous slice of the clip"
+        starts.append(found[0])
+        # The crop is a function of (seed, epoch, index): the same key gives the same crop.
+        assert torch.equal(ds[(epoch, 0)], crop)
+    assert len(set(starts)) > 1, "crops move from epoch to epoch"
+    padded = ds[(0, 1)]
     assert padded.shape == (tiny_h.segment_size,)
     assert torch.equal(padded[:short.numel()], short) and not padded[short.numel():].any()
 
@@ -79,3 +95,65 @@ def test_short_validation_clip_is_zero_padded_to_the_shortest_valid_length(lengt
 def test_validation_dataset_returns_whole_clips(tmp_path, tiny_h):
     path = write_tone(str(tmp_path / "tiny.wav"), 0.01)
     assert AudioDataset([path], tiny_h, train=False)[0].shape == (480,)
+
+
+def _bad_files(folder):
+    """{name: expected reason} for every kind of unusable file, written into `folder`."""
+    folder.mkdir(exist_ok=True)
+    full = write_tone(str(folder / "full.wav"), 0.5)
+    data = open(full, "rb").read()
+    (folder / "truncated.wav").write_bytes(data[:100])
+    (folder / "empty.wav").write_bytes(b"")
+    sf.write(folder / "no_samples.wav", np.zeros(0, np.float32), 48000)
+    (folder / "text.wav").write_text("this is not audio\n")
+    nan = tone(0.1)
+    nan[100] = np.nan
+    sf.write(folder / "nan.wav", nan, 48000, subtype="FLOAT")
+    sf.write(folder / "silent.wav", np.zeros(4800, np.float32), 48000)
+    return {"missing.wav": "file not found", "truncated.wav": "truncated", "empty.wav": "unreadable",
+            "no_samples.wav": "holds no samples", "text.wav": "unreadable", "nan.wav": "NaN or infinite",
+            "silent.wav": "silent"}
+
+
+def test_every_kind_of_bad_file_is_named_with_its_reason(tmp_path):
+    expected = _bad_files(tmp_path)
+    for name, reason in expected.items():
+        problem, _ = audio_problem(str(tmp_path / name))
+        assert problem is not None and reason in problem, (name, problem)
+    assert audio_problem(str(tmp_path / "full.wav")) == (None, 0.5)
+
+
+def test_check_skips_bad_files_reports_them_and_caches(tmp_path, capsys):
+    expected = _bad_files(tmp_path / "w")
+    paths = [str(tmp_path / "w" / n) for n in ["full.wav", *expected]]
+    cache_path = str(tmp_path / "cache.json")
+    good = check_audio_files(paths, "list.txt", 0.2, False, DataCheckCache(cache_path))
+    assert good == [paths[0]]
+    out = capsys.readouterr().out
+    for name, reason in expected.items():
+        assert f"skipping {tmp_path / 'w' / name}: " in out and reason in out.split(name + ": ")[1].split("\n")[0]
+    # A second check reads nothing: every result comes from the cache (size and mtime unchanged).
+    cache = DataCheckCache(cache_path)
+    assert all(cache.get(p) is not None for p in paths if os.path.exists(p))
+    original = dataset.audio_problem
+
+    def read_only_missing(path):
+        assert not os.path.exists(path), f"re-read {path}"
+        return original(path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataset, "audio_problem", read_only_missing)
+        assert check_audio_files(paths[:3], "list.txt", 0.2, False, cache) == [paths[0]]
+    # A changed file is read again.
+    write_tone(paths[0], 0.3)
+    os.utime(paths[0], ns=(1, 1))
+    assert cache.get(paths[0]) is None
+
+
+def test_strict_mode_and_lists_without_usable_files_fail(tmp_path):
+    expected = _bad_files(tmp_path)
+    paths = [str(tmp_path / n) for n in ["full.wav", "silent.wav"]]
+    with pytest.raises(ValueError, match="silent.wav: is silent.*strict_data is on"):
+        check_audio_files(paths, "list.txt", 0.2, True, DataCheckCache(None))
+    with pytest.raises(ValueError, match="list.txt: no usable audio file among its 2 entries"):
+        check_audio_files([str(tmp_path / n) for n in list(expected)[:2]], "list.txt", 0.2, False,
+                          DataCheckCache(None))
