@@ -38,6 +38,7 @@ CODES_EXTENSION = ".apc"
 # sample comes from at least a quarter overlap away from its window's edges (the network's
 # receptive field is about 0.11 s at the default settings).
 OVERLAP_SECONDS = 1.0
+CHUNK_SECONDS = 30.0        # default window stride of long inputs
 BLOCK_SAMPLES = 1 << 16     # file read size
 Audio = Union[np.ndarray, torch.Tensor]
 
@@ -335,7 +336,7 @@ class Codec:
     """
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
-                 chunk_seconds: float = 30.0):
+                 chunk_seconds: float = CHUNK_SECONDS):
         if not chunk_seconds > 0:
             raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
@@ -346,7 +347,7 @@ class Codec:
 
     @classmethod
     def load(cls, h: AttrDict, encoder_path: Optional[str] = None, decoder_path: Optional[str] = None,
-             device: Optional[torch.device] = None, chunk_seconds: float = 30.0) -> "Codec":
+             device: Optional[torch.device] = None, chunk_seconds: float = CHUNK_SECONDS) -> "Codec":
         """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
         device = device or pick_device()
         encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,

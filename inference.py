@@ -24,7 +24,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from codec import CODES_EXTENSION, Codec, CodesFile
+from codec import CHUNK_SECONDS, CODES_EXTENSION, Codec, CodesFile
 from config import AttrDict, make_parser, run_cli
 from dataset import AUDIO_EXTENSIONS, audio_index
 from utils import pick_device
@@ -56,7 +56,7 @@ def _load_codes_files(files: Dict[str, str], location: str, codec: Codec) -> Dic
 
 
 def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = None,
-              keep_model_rate: bool = False, chunk_seconds: float = 30.0) -> Dict[str, float]:
+              keep_model_rate: bool = False, chunk_seconds: float = CHUNK_SECONDS) -> Dict[str, float]:
     """Code every input of `test_input_wavs_dir` into `test_wav_output_dir` (see the module docstring).
 
     Returns the totals: files, failed, audio_seconds, wall_seconds and rtf (wall time over audio time).
@@ -113,9 +113,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--mode", choices=MODES, default="resynth", help="what to do (default resynth)")
     parser.add_argument("--keep_model_rate", action="store_true",
                         help="write outputs at the model's sampling rate, not the input's")
-    parser.add_argument("--chunk_seconds", type=float, default=30.0, metavar="S",
+    parser.add_argument("--chunk_seconds", type=float, default=CHUNK_SECONDS, metavar="S",
                         help="inputs longer than S seconds (+ 1 s) are coded in overlapping windows of "
-                             "S seconds with a crossfade, bounding memory (default 30)")
+                             f"S seconds with a crossfade, bounding memory (default {CHUNK_SECONDS:g})")
     run_cli(lambda h, args: inference(h, args.mode, args.use_codebooks, args.keep_model_rate, args.chunk_seconds),
             parser, argv)
 
