@@ -15,11 +15,10 @@ The model knows nothing of files or rates; this module adds, around `codec_round
 """
 import hashlib
 import math
-import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, NoReturn, Optional, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -105,6 +104,8 @@ HEADER_FIELDS = (
     ("crc32", "I", "CRC-32 of the header before this field and of the codes"),
 )
 _HEADER = struct.Struct("<" + "".join(code for _, code, _ in HEADER_FIELDS))
+# Header fields that are not CodesFile attributes: constants, the codes' shape and the checksum.
+_DERIVED = ("magic", "version", "n_codebooks", "channels", "frames", "crc32")
 
 
 def code_bits(codebook_size: int) -> int:
@@ -159,8 +160,7 @@ class CodesFile:
         payload = pack_codes(self.codes.cpu().numpy(), code_bits(self.codebook_size))
         fields = dict(magic=MAGIC, version=FORMAT_VERSION, n_codebooks=self.n_codebooks, channels=self.channels,
                       frames=self.codes.size(2), crc32=0,
-                      **{name: getattr(self, name) for name, _, _ in HEADER_FIELDS
-                         if name not in ("magic", "version", "n_codebooks", "channels", "frames", "crc32")})
+                      **{name: getattr(self, name) for name, _, _ in HEADER_FIELDS if name not in _DERIVED})
         header = _HEADER.pack(*(fields[name] for name, _, _ in HEADER_FIELDS))
         crc = zlib.crc32(payload, zlib.crc32(header[:-4]))
         return header[:-4] + struct.pack("<I", crc) + payload
@@ -168,7 +168,7 @@ class CodesFile:
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "<codes>") -> "CodesFile":
         """Parse and check a codes file; a foreign, truncated or corrupted one is a ValueError naming `name`."""
-        def fail(problem: str) -> None:
+        def fail(problem: str) -> NoReturn:
             raise ValueError(f"{name}: {problem}")
 
         if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
@@ -189,9 +189,7 @@ class CodesFile:
         if count and codes.max() >= fields["codebook_size"]:
             fail("corrupted codes file (code out of range)")
         codes = torch.from_numpy(codes).reshape(fields["channels"], fields["n_codebooks"], fields["frames"])
-        kept = {n: fields[n] for n, _, _ in HEADER_FIELDS
-                if n not in ("magic", "version", "n_codebooks", "channels", "frames", "crc32")}
-        return cls(codes=codes, name=name, **kept)
+        return cls(codes=codes, name=name, **{n: fields[n] for n, _, _ in HEADER_FIELDS if n not in _DERIVED})
 
     def save(self, path: str) -> None:
         """Write atomically: a crash never leaves half a codes file."""

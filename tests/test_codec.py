@@ -15,7 +15,7 @@ from config import bitrate, build_config, read_config_file
 from conftest import ROOT, TINY, default_raw, make_config, tone, write_tone
 from dataset import load_audio
 from models import Decoder, Encoder, remove_weight_norm
-from test_inference import _save_random_codec
+from test_inference import _train_config_beside
 
 # Tiny sizes with the paper's 10-bit codebooks, so that bitrates are the paper's.
 TINY_1024 = dict(TINY, codebook_size=1024)
@@ -216,7 +216,7 @@ def test_inference_encode_and_decode_modes_mirror_the_tree(tmp_path, tiny_h):
     for name, seconds in (("a.wav", 0.2), ("sub/b.wav", 0.1), ("sub/deeper/c.flac", 0.05)):
         (inputs / name).parent.mkdir(parents=True, exist_ok=True)
         write_tone(str(inputs / name), seconds, sr=44100 if name.endswith("flac") else 48000)
-    enc_path, dec_path = _save_random_codec(tiny_h, str(tmp_path))
+    enc_path, dec_path = _train_config_beside(tmp_path, tiny_h)
     common = ["--checkpoint_file_load_Encoder", enc_path, "--checkpoint_file_load_Decoder", dec_path]
     inference.main(["--mode", "encode", "--n_codebooks", "2", "--test_input_wavs_dir", str(inputs),
                     "--test_wav_output_dir", str(tmp_path / "codes")] + common)
@@ -237,7 +237,7 @@ def test_inference_encode_and_decode_modes_mirror_the_tree(tmp_path, tiny_h):
 
 def test_inference_decode_checks_every_file_before_writing(tmp_path, tiny_h, capsys):
     write_tone(str(tmp_path / "a.wav"), 0.1)
-    enc_path, dec_path = _save_random_codec(tiny_h, str(tmp_path))
+    enc_path, dec_path = _train_config_beside(tmp_path, tiny_h)
     common = ["--checkpoint_file_load_Encoder", enc_path, "--checkpoint_file_load_Decoder", dec_path]
     inference.main(["--mode", "encode", "--test_input_wavs_dir", str(tmp_path / "a.wav"),
                     "--test_wav_output_dir", str(tmp_path / "codes")] + common)
