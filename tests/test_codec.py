@@ -128,7 +128,7 @@ def test_resampled_inputs_come_back_at_their_rate_and_length(codec):
 
 
 def test_channels_are_coded_separately_and_keep_their_order(codec):
-    left, right = tone(0.4, f0=150, seed=1), tone(0.4, f0=600, seed=2) * 0.5
+    left, right = tone(0.2, f0=150, seed=1), tone(0.2, f0=600, seed=2) * 0.5
     stereo, _ = codec.resynthesize(np.stack([left, right]), 48000)
     for channel, mono in enumerate((left, right)):
         alone, _ = codec.resynthesize(mono, 48000)
@@ -163,12 +163,12 @@ def test_chunked_output_matches_whole_file_output_on_a_long_signal():
     h = make_config(**TINY_1024)
     whole, chunked = _codec(h, chunk_seconds=60), _codec(h, chunk_seconds=2)
     rng = np.random.default_rng(0)
-    # Ten 1.2 s notes of different pitch and loudness: not stationary across windows.
+    # Five 1.2 s notes of different pitch and loudness: not stationary across windows.
     audio = np.concatenate([tone(1.2, f0=f0, seed=i) * rng.uniform(0.2, 1.0)
-                            for i, f0 in enumerate(rng.uniform(100, 400, 10))])
+                            for i, f0 in enumerate(rng.uniform(100, 400, 5))])
     reference, _ = whole.resynthesize(audio, 48000)
     out, _ = chunked.resynthesize(audio, 48000)
-    assert len(chunked.windows(audio.size)) == 6 and out.shape == reference.shape == (1, audio.size)
+    assert len(chunked.windows(audio.size)) == 3 and out.shape == reference.shape == (1, audio.size)
     assert _snr(reference, out) >= 40
     codes = CodesFile.from_bytes(chunked.encode(audio, 48000).to_bytes())
     assert codes.chunk_length == 96000 and codes.chunk_overlap == 48000
@@ -178,7 +178,7 @@ def test_chunked_output_matches_whole_file_output_on_a_long_signal():
 
 def test_chunked_files_stream_to_exact_length(codec, tmp_path):
     h = codec.h
-    chunked = Codec(h, codec.encoder, codec.decoder, torch.device("cpu"), chunk_seconds=0.5)
+    chunked = Codec(h, codec.encoder, codec.decoder, torch.device("cpu"), chunk_seconds=1.0)
     source = write_tone(str(tmp_path / "in.flac"), 2.3, sr=44100, channels=2)
     out_path = str(tmp_path / "out.wav")
     seconds = chunked.resynthesize_file(source, out_path)
@@ -265,7 +265,7 @@ def test_presets_build_and_have_their_bitrate(name):
     h = build_config(read_config_file(path), path)
     assert bitrate(h) == PRESETS[name]
     encoder, decoder = Encoder(h).eval(), Decoder(h).eval()
-    audio = torch.from_numpy(tone(0.2, sr=h.sampling_rate))[None]
+    audio = torch.from_numpy(tone(0.1, sr=h.sampling_rate))[None]
     out = codec_roundtrip(encoder, decoder, audio, h)
     assert out["audio"].shape == audio.shape and out["codes"].shape[1] == h.n_codebooks
     if name == "apcodec_48k_6kbps":
