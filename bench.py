@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-import inference
+import codec
 import stream_demo
 import train
 from config import AttrDict, make_parser, run_cli
@@ -70,11 +70,11 @@ def bench_inference(h, device: torch.device, clip_seconds: float, repeats: int) 
     encoder = remove_weight_norm(Encoder(h).to(device)).eval()
     decoder = remove_weight_norm(Decoder(h).to(device)).eval()
     audio = synthetic_audio(1, int(clip_seconds * h.sampling_rate), h.sampling_rate).to(device)
-    inference.codec_roundtrip(encoder, decoder, audio, h)
+    codec.codec_roundtrip(encoder, decoder, audio, h)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        inference.codec_roundtrip(encoder, decoder, audio, h)
+        codec.codec_roundtrip(encoder, decoder, audio, h)
     synchronize(device)
     seconds = (time.perf_counter() - start) / repeats
     return {"infer_clip_s": clip_seconds, "infer_wall_s": round(seconds, 4), "infer_rtf": round(seconds / clip_seconds, 5)}

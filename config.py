@@ -94,6 +94,8 @@ def boolean(v: Any) -> Optional[str]:
 
 def non_negative_number(v: Any) -> Optional[str]:
     return None if _is_number(v) and v >= 0 else "a number >= 0"
+def fraction(v: Any) -> Optional[str]:
+    return None if _is_number(v) and 0 <= v <= 1 else "a number in [0, 1]"
 
 
 def anything(v: Any) -> Optional[str]:
@@ -223,6 +225,8 @@ SCHEMA: Tuple[Key, ...] = (
         "a new set is complete (0 keeps all, as the release does)", release=False),
     Key("max_nonfinite_steps", 50, positive_int, "consecutive steps with a non-finite loss (each skipped) "
         "after which training stops", release=False),
+    Key("quantizer_dropout", 0.0, fraction, "fraction of each training batch coded with a random number "
+        "of codebooks (DAC style), so that fewer codebooks decode well; 0 = the paper", release=False),
 )
 
 KEYS: Dict[str, Key] = {key.name: key for key in SCHEMA}
@@ -318,10 +322,12 @@ def _parse_value(name: str, text: str) -> Any:
         return text
 
 
-def make_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
-    """An argument parser with `--config` and `--KEY VALUE` for every config key.
+def make_parser(description: str, default_config: str = DEFAULT_CONFIG,
+                replaced: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """An argument parser with `--config` and `--KEY VALUE` for every config key but `replaced`.
 
-    Scripts add their own options to it before calling `parse_command_line`.
+    Scripts add their own options to it (those named in `replaced` among them) before
+    calling `parse_command_line`.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s [options] [--config FILE] [--KEY VALUE ...]",
@@ -332,6 +338,8 @@ def make_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argpa
         "config keys", "Each overrides the config file's value. VALUE is read as JSON when it parses "
                        "(numbers, lists), else as a string.")
     for key in SCHEMA:
+        if key.name in replaced:
+            continue
         default = json.dumps(key.default)
         keys.add_argument(f"--{key.name}", metavar="VALUE", default=argparse.SUPPRESS,
                           help=f"{key.help} (default {default})".replace("%", "%%"))

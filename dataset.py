@@ -4,7 +4,7 @@ import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import librosa
 import numpy as np
@@ -32,16 +32,17 @@ def load_audio(path: str, sampling_rate: int) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-def find_audio_files(folder: str) -> List[str]:
-    """Paths of the audio files anywhere under `folder`, sorted."""
+def find_audio_files(folder: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> List[str]:
+    """Paths of the audio files (or of other `extensions`) anywhere under `folder`, sorted."""
     found = []
     for root, _, names in os.walk(folder):
-        found.extend(os.path.join(root, n) for n in names if n.lower().endswith(AUDIO_EXTENSIONS))
+        found.extend(os.path.join(root, n) for n in names if n.lower().endswith(tuple(extensions)))
     return sorted(found)
 
 
-def audio_index(location: str) -> Dict[str, str]:
-    """Audio files under a folder (or one file), keyed by relative path without extension.
+def audio_index(location: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> Dict[str, str]:
+    """Audio files (or files of other `extensions`) under a folder, or one file, keyed by
+    relative path without extension.
 
     The key names the file's outputs (`key + ".wav"` in an output folder that mirrors the
     input tree) and pairs files across folders; two files with the same key are an error.
@@ -51,7 +52,7 @@ def audio_index(location: str) -> Dict[str, str]:
     if not os.path.isdir(location):
         raise FileNotFoundError(f"no such file or folder: {location}")
     index: Dict[str, str] = {}
-    for path in find_audio_files(location):
+    for path in find_audio_files(location, extensions):
         key = os.path.splitext(os.path.relpath(path, location))[0].replace(os.sep, "/")
         if key in index:
             raise ValueError(f"{index[key]} and {path} have the same name without extension")

@@ -1,63 +1,39 @@
-"""Resynthesise audio through a trained APCodec (encode, quantise, decode).
+"""Code audio with a trained APCodec: resynthesise, encode to codes files, or decode them.
 
-    python inference.py [--config config.json] [--stream --chunk_ms MS] [--KEY VALUE ...]
+    python inference.py [--mode resynth|encode|decode] [--config config.json] [--KEY VALUE ...]
 
-Every wav, flac and ogg file under `test_input_wavs_dir` (walked recursively; a single
-file works too) is written to `test_wav_output_dir` as a 16-bit PCM wav with the same
-relative path and name, each exactly as long as its input at the model's rate. All inputs
-are checked before anything is written. When the checkpoints were trained with another
-network than the config describes, the config.json that training wrote beside them is
-used for the network. With --stream a causal codec (`causal: true`) takes each file in
-chunks of --chunk_ms milliseconds, as a live stream would, and writes the same files.
+Inputs come from `test_input_wavs_dir` (a folder, walked recursively, or a single file),
+outputs go to `test_wav_output_dir` with the same relative path and name:
+
+  resynth  (default, the release's job) wav, flac, ogg -> 16-bit PCM wav, encoded and decoded in memory
+  encode   wav, flac, ogg -> .apc codes files
+  decode   .apc codes files -> 16-bit PCM wav
+
+Any sample rate and channel count: audio is resampled to the model's rate, each channel is
+coded on its own, and the output returns to the input's rate (unless --keep_model_rate)
+with exactly the input's length. Inputs longer than --chunk_seconds are coded in
+overlapping windows with a crossfade, so memory stays bounded. All inputs are checked
+before anything is written. When the checkpoints were trained with another network than
+the config describes, the config.json that training wrote beside them is used for the network.
+
+With --stream (resynth mode, causal codecs: `causal: true`), each file goes through the
+streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live stream
+would, and gives the same files as the offline pass.
 """
-import functools
 import os
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-import numpy as np
 import soundfile as sf
 import torch
+from tqdm import tqdm
 
-from checkpoints import load_generator
+from codec import CHUNK_SECONDS, CODES_EXTENSION, Codec, CodesFile
 from config import AttrDict, make_parser, run_cli
-from dataset import AUDIO_EXTENSIONS, audio_index, load_audio
-from models import Decoder, Encoder, remove_weight_norm
-from spectral import amp_pha_spectrum, pad_for_analysis
-from streaming import causal_roundtrip, stream_roundtrip
-from utils import atomic_write, pick_device, synchronize
+from dataset import AUDIO_EXTENSIONS, audio_index
+from utils import pick_device
 
-
-def load_codec(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
-               ) -> Tuple[Encoder, Decoder, AttrDict]:
-    """Encoder and decoder for inference (eval mode, weight norm folded), and the config that
-    matches their weights (see `checkpoints.load_generator`)."""
-    encoder, decoder, h = load_generator(h, encoder_path, decoder_path, device)
-    return remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval(), h
-
-
-@torch.no_grad()
-def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
-    """Encode and decode audio (B, L), any L >= 1.
-
-    Returns codes (B, n_codebooks, T'), the decoder's predicted real/imag spectra
-    (B, F, ratio*T') and audio (B, L). The input is zero-padded for the analysis (to whole
-    hops, and to n_fft / 2 for very short clips), run through the release's path unchanged
-    and the output trimmed back to L. A causal codec runs `streaming.causal_roundtrip`.
-    """
-    if h.causal:
-        return causal_roundtrip(encoder, decoder, audio, h)
-    length = audio.size(-1)
-    logamp, pha, _, _ = amp_pha_spectrum(pad_for_analysis(audio, h.n_fft, h.hop_size),
-                                         h.n_fft, h.hop_size, h.win_size)
-    quantized = encoder(logamp, pha)
-    _, _, real, imag, out = decoder(quantized.latent)
-    return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :length]}
-
-
-def write_wav(path: str, audio: np.ndarray, sampling_rate: int) -> None:
-    """16-bit PCM wav, written atomically."""
-    atomic_write(path, lambda f: sf.write(f, audio, sampling_rate, subtype="PCM_16", format="WAV"))
+MODES = ("resynth", "encode", "decode")
 
 
 def check_inputs(files: Dict[str, str], location: str) -> None:
@@ -73,65 +49,89 @@ def check_inputs(files: Dict[str, str], location: str) -> None:
             raise ValueError(f"audio file {path} holds no samples")
 
 
-OutputHook = Callable[[str, Dict[str, torch.Tensor]], None]
+def _load_codes_files(files: Dict[str, str], location: str, codec: Codec) -> Dict[str, CodesFile]:
+    """Every codes file, read and checked against the model; one line names the first bad one."""
+    if not files:
+        raise FileNotFoundError(f"no codes files ({CODES_EXTENSION}) in {location}")
+    codes = {key: CodesFile.load(path) for key, path in files.items()}
+    for one in codes.values():
+        codec.check_compatible(one)
+    return codes
 
 
-Roundtrip = Callable[[Encoder, Decoder, torch.Tensor, AttrDict], Dict[str, torch.Tensor]]
+def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = None,
+              keep_model_rate: bool = False, chunk_seconds: float = CHUNK_SECONDS,
+              stream_ms: Optional[float] = None) -> Dict[str, float]:
+    """Code every input of `test_input_wavs_dir` into `test_wav_output_dir` (see the module docstring).
 
-
-def resynthesize(h, encoder: Encoder, decoder: Decoder, files: Dict[str, str], output_dir: str,
-                 device: torch.device, on_output: Optional[OutputHook] = None,
-                 roundtrip: Roundtrip = codec_roundtrip) -> Dict[str, float]:
-    """Resynthesise each file of {key: path} into output_dir/key.wav with `roundtrip`.
-
-    `on_output(key, roundtrip result)` sees every result. Returns the totals: files,
-    audio seconds and the real-time factor of encode + decode (file I/O excluded; the first
-    file gets one untimed pass, which pays for allocations and kernel selection).
+    `stream_ms`: resynthesise through the streaming codec in chunks of that many milliseconds.
+    Returns the totals: files, failed, audio_seconds, wall_seconds and rtf (wall time over audio time).
     """
-    audio_seconds = codec_seconds = 0.0
-    for i, (key, path) in enumerate(files.items()):
-        audio = torch.from_numpy(load_audio(path, h.sampling_rate)).to(device).unsqueeze(0)
-        if i == 0:
-            roundtrip(encoder, decoder, audio, h)
-        synchronize(device)
-        start = time.perf_counter()
-        out = roundtrip(encoder, decoder, audio, h)
-        synchronize(device)
-        codec_seconds += time.perf_counter() - start
-        audio_seconds += audio.size(-1) / h.sampling_rate
-        write_wav(os.path.join(output_dir, key + ".wav"), out["audio"][0].cpu().numpy(), h.sampling_rate)
-        if on_output is not None:
-            on_output(key, out)
-    totals = {"files": len(files), "audio_seconds": audio_seconds, "rtf": codec_seconds / audio_seconds}
-    print(f"Resynthesised {len(files)} files ({audio_seconds:.1f} s of audio) into "
-          f"{os.path.abspath(output_dir)}: RTF {totals['rtf']:.4f} on {device.type} "
-          f"with {torch.get_num_threads()} threads")
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "decode" and n_codebooks is not None:
+        raise ValueError("--n_codebooks applies to encode and resynth; a codes file records its own")
+    if stream_ms is not None and (mode != "resynth" or n_codebooks is not None):
+        raise ValueError("--stream resynthesises with every codebook: it takes no --mode or --n_codebooks")
+    source, target = h.test_input_wavs_dir, h.test_wav_output_dir
+    files = audio_index(source, (CODES_EXTENSION,) if mode == "decode" else AUDIO_EXTENSIONS)
+    if mode != "decode":
+        check_inputs(files, source)
+    start = time.perf_counter()
+    codec = Codec.load(h, device=pick_device(), chunk_seconds=chunk_seconds)
+    if stream_ms is not None:
+        codec.stream(stream_ms)
+    if n_codebooks is not None:
+        codec.check_n_codebooks(n_codebooks)
+    codes = _load_codes_files(files, source, codec) if mode == "decode" else {}
+
+    def code(key: str, path: str) -> float:
+        if mode == "encode":
+            one = codec.encode_file(path, n_codebooks)
+            one.save(os.path.join(target, key + CODES_EXTENSION))
+            return one.seconds()
+        output = os.path.join(target, key + ".wav")
+        if mode == "decode":
+            return codec.decode_to_file(codes[key], output, keep_model_rate)
+        return codec.resynthesize_file(path, output, keep_model_rate, n_codebooks)
+
+    audio_seconds, failed = 0.0, 0
+    for key, path in tqdm(files.items(), desc=mode, unit="file", disable=len(files) == 1):
+        try:
+            audio_seconds += code(key, path)
+        except (OSError, ValueError, RuntimeError) as e:
+            failed += 1
+            tqdm.write(f"failed: {path}: {e}")
+    wall = time.perf_counter() - start
+    totals = {"files": len(files) - failed, "failed": failed, "audio_seconds": audio_seconds,
+              "wall_seconds": wall, "rtf": wall / audio_seconds if audio_seconds else float("nan")}
+    print(f"{mode}: {totals['files']} files done, {failed} failed, {audio_seconds:.1f} s of audio, "
+          f"{wall:.1f} s wall, RTF {totals['rtf']:.4f} ({codec.device.type}, {torch.get_num_threads()} threads) "
+          f"-> {os.path.abspath(target)}")
+    if failed:
+        raise ValueError(f"{failed} of {len(files)} files failed (listed above)")
     return totals
 
 
-def inference(h: AttrDict, chunk_ms: Optional[float] = None) -> Dict[str, float]:
-    """The release's job: resynthesise `test_input_wavs_dir` into `test_wav_output_dir`;
-    streamed in chunks of `chunk_ms` milliseconds when given (causal codecs only)."""
-    device = pick_device()
-    files = audio_index(h.test_input_wavs_dir)
-    check_inputs(files, h.test_input_wavs_dir)
-    encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder, device)
-    roundtrip = codec_roundtrip
-    if chunk_ms is not None:
-        if chunk_ms <= 0:
-            raise ValueError(f"--chunk_ms must be positive, got {chunk_ms}")
-        if not h.causal:
-            raise ValueError(f"--stream needs a causal codec ('causal': true); {h.source} describes the paper's "
-                             f"non-causal model")
-        roundtrip = functools.partial(stream_roundtrip, chunks=max(1, round(chunk_ms * h.sampling_rate / 1000)))
-    return resynthesize(h, encoder, decoder, files, h.test_wav_output_dir, device, roundtrip=roundtrip)
-
-
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = make_parser(__doc__)
-    parser.add_argument("--stream", action="store_true", help="stream each file through the causal codec")
-    parser.add_argument("--chunk_ms", type=float, default=10.0, help="stream chunk in milliseconds (default 10)")
-    run_cli(lambda h, args: inference(h, args.chunk_ms if args.stream else None), parser, argv)
+    # Here --n_codebooks chooses how many of the model's codebooks to use; the network's
+    # own count comes from the config (or the config beside the checkpoints).
+    parser = make_parser(__doc__, replaced=("n_codebooks",))
+    parser.add_argument("--n_codebooks", type=int, default=None, metavar="N", dest="use_codebooks",
+                        help="encode / resynth with the first N codebooks (1 ... the model's n_codebooks; "
+                             "default all): N x 1.5 kbit/s at the default settings")
+    parser.add_argument("--mode", choices=MODES, default="resynth", help="what to do (default resynth)")
+    parser.add_argument("--keep_model_rate", action="store_true",
+                        help="write outputs at the model's sampling rate, not the input's")
+    parser.add_argument("--chunk_seconds", type=float, default=CHUNK_SECONDS, metavar="S",
+                        help="inputs longer than S seconds (+ 1 s) are coded in overlapping windows of "
+                             f"S seconds with a crossfade, bounding memory (default {CHUNK_SECONDS:g})")
+    parser.add_argument("--stream", action="store_true",
+                        help="resynthesise through the streaming codec (causal codecs only)")
+    parser.add_argument("--chunk_ms", type=float, default=10.0, metavar="MS",
+                        help="stream chunk in milliseconds, with --stream (default 10)")
+    run_cli(lambda h, args: inference(h, args.mode, args.use_codebooks, args.keep_model_rate, args.chunk_seconds,
+                                      args.chunk_ms if args.stream else None), parser, argv)
 
 
 if __name__ == "__main__":

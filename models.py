@@ -239,32 +239,59 @@ class VectorQuantize(nn.Module):
 
 
 class ResidualVectorQuantize(nn.Module):
-    """Residual VQ: each stage quantises what the previous stages left over."""
+    """Residual VQ: each stage quantises what the previous stages left over.
 
-    def __init__(self, input_dim: int, n_codebooks: int, codebook_size: int, codebook_dim: int):
+    With `quantizer_dropout` p > 0, in training mode the first floor(p * B) items of each
+    batch keep only the first k stages, k drawn uniformly from 1 ... n_codebooks per item
+    (as in DAC), so that the decoder learns to work from fewer codebooks.
+    """
+
+    def __init__(self, input_dim: int, n_codebooks: int, codebook_size: int, codebook_dim: int,
+                 quantizer_dropout: float = 0.0):
         super().__init__()
         self.quantizers = nn.ModuleList(
             [VectorQuantize(input_dim, codebook_size, codebook_dim) for _ in range(n_codebooks)])
+        self.quantizer_dropout = quantizer_dropout
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """z: (B, D, T') -> latent (B, D, T'), codes (B, n_codebooks, T'), and the commitment and
-        codebook losses summed over stages and averaged over the batch (0-d)."""
+    def stages_per_item(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Stages each item keeps under quantizer dropout, (B,); None when all keep every stage."""
+        if not (self.training and self.quantizer_dropout > 0):
+            return None
+        n = len(self.quantizers)
+        keep = torch.full((batch,), n, device=device)
+        dropped = int(batch * self.quantizer_dropout)
+        keep[:dropped] = torch.randint(1, n + 1, (dropped,), device=device)
+        return keep
+
+    def forward(self, z: torch.Tensor, n_codebooks: Optional[int] = None) -> QuantizerOutput:
+        """z: (B, D, T') -> latent (B, D, T'), codes (B, n, T'), and the commitment and codebook
+        losses summed over stages and averaged over the batch (0-d).
+
+        Only the first `n_codebooks` stages run (all by default); n = that number.
+        """
         z_q = torch.zeros_like(z)
         residual = z
         commitment = codebook = z.new_zeros(())
         codes = []
-        for quantizer in self.quantizers:
+        keep = self.stages_per_item(z.size(0), z.device)
+        for i, quantizer in enumerate(self.quantizers[:n_codebooks]):
             stage = quantizer(residual)
-            z_q = z_q + stage.latent
             residual = residual - stage.latent
-            commitment = commitment + stage.commitment.mean()
-            codebook = codebook + stage.codebook.mean()
+            if keep is None:
+                z_q = z_q + stage.latent
+                commitment = commitment + stage.commitment.mean()
+                codebook = codebook + stage.codebook.mean()
+            else:
+                used = (i < keep).to(z.dtype)
+                z_q = z_q + stage.latent * used[:, None, None]
+                commitment = commitment + (stage.commitment * used).mean()
+                codebook = codebook + (stage.codebook * used).mean()
             codes.append(stage.codes)
         return QuantizerOutput(z_q, torch.stack(codes, dim=1), commitment, codebook)
 
     def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: (B, n_codebooks, T') -> quantised latent (B, D, T')."""
-        return sum(q.out_proj(q.lookup(codes[:, i])) for i, q in enumerate(self.quantizers))
+        """codes: (B, n, T') of the first n <= n_codebooks stages -> quantised latent (B, D, T')."""
+        return sum(q.out_proj(q.lookup(codes[:, i])) for i, q in enumerate(self.quantizers[:codes.size(1)]))
 
 
 class Encoder(nn.Module):
@@ -281,7 +308,8 @@ class Encoder(nn.Module):
                                   h.PHA_Encoder_output_downconv_kernel_size, h.ratio, h.causal)
         self.latent_conv = wn_conv1d(h.AMP_Encoder_channel // 2 + h.PHA_Encoder_channel // 2,
                                      h.latent_dim, h.latent_output_conv_kernel_size, causal=h.causal)
-        self.quantizer = ResidualVectorQuantize(h.latent_dim, h.n_codebooks, h.codebook_size, h.latent_dim)
+        self.quantizer = ResidualVectorQuantize(h.latent_dim, h.n_codebooks, h.codebook_size, h.latent_dim,
+                                                h.quantizer_dropout)
 
     def continuous_latent(self, logamp: torch.Tensor, pha: torch.Tensor) -> torch.Tensor:
         """logamp, pha: (B, F, T) -> unquantised latent (B, latent_dim, T')."""
@@ -289,17 +317,18 @@ class Encoder(nn.Module):
         pha = self.pha_down(self.pha(pha))
         return self.latent_conv(torch.cat((amp, pha), dim=1))
 
-    def forward(self, logamp: torch.Tensor, pha: torch.Tensor) -> QuantizerOutput:
+    def forward(self, logamp: torch.Tensor, pha: torch.Tensor, n_codebooks: Optional[int] = None
+                ) -> QuantizerOutput:
         """logamp, pha: (B, F, T) -> quantised latent (B, latent_dim, T') (the Decoder's input),
-        codes (B, n_codebooks, T') and the commitment and codebook losses."""
-        return self.quantizer(self.continuous_latent(logamp, pha))
+        codes (B, n, T') and the commitment and codebook losses; n = n_codebooks (all by default)."""
+        return self.quantizer(self.continuous_latent(logamp, pha), n_codebooks)
 
-    def encode(self, logamp: torch.Tensor, pha: torch.Tensor) -> torch.Tensor:
-        """logamp, pha: (B, F, T) -> integer codes (B, n_codebooks, T')."""
-        return self(logamp, pha).codes
+    def encode(self, logamp: torch.Tensor, pha: torch.Tensor, n_codebooks: Optional[int] = None) -> torch.Tensor:
+        """logamp, pha: (B, F, T) -> integer codes (B, n, T') of the first n stages (all by default)."""
+        return self(logamp, pha, n_codebooks).codes
 
     def latent_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, n_codebooks, T') -> quantised latent (B, latent_dim, T'), the Decoder's input."""
+        """codes (B, n, T') of the first n stages -> quantised latent (B, latent_dim, T'), the Decoder's input."""
         return self.quantizer.from_codes(codes)
 
 

@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 
 from config import AttrDict, make_parser, run_cli
-from inference import load_codec
+from codec import load_codec
 from models import Decoder, Encoder, remove_weight_norm
 from streaming import StreamingCodec, latency_samples
 from utils import atomic_write

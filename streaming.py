@@ -15,7 +15,7 @@ pass they reproduce: the same codes, and the same audio up to float rounding.
 """
 import copy
 import itertools
-from typing import Dict, Iterable, Iterator, List, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,8 @@ def latent_frames(length: int, h) -> int:
 
 
 @torch.no_grad()
-def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
+def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
+                     n_codebooks: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Offline pass of the causal codec over audio (B, L), any L >= 1: what a stream gives.
 
     The signal is followed by the zeros a stream is flushed with, far enough that every
@@ -63,7 +64,7 @@ def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h)
     frames = latent_frames(length, h) * h.ratio
     padded = F.pad(audio, (0, (frames - 1) * h.hop_size + b - length))
     logamp, pha, _, _ = amp_pha_spectrum(padded, h.n_fft, h.hop_size, h.win_size, pad="zeros")
-    quantized = encoder(logamp[..., :frames], pha[..., :frames])
+    quantized = encoder(logamp[..., :frames], pha[..., :frames], n_codebooks)
     _, _, real, imag, out = decoder(quantized.latent)
     return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :length]}
 

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, TINY, make_config, tone, write_tone
 import evaluate
-from inference import codec_roundtrip, load_codec
+from codec import codec_roundtrip, load_codec
 from metrics import stft_consistency
 from checkpoints import release_state_dict
 from config import bitrate

@@ -360,3 +360,64 @@ def test_causal_frame_counts(tiny_h):
         assert latent.shape[-1] == 4
         logamp, _, _, _, audio = decoder(latent)
     assert logamp.shape[-1] == 4 * h.ratio and audio.shape[-1] == h.hop_size * (4 * h.ratio - 1)
+def _rvq_by_hand(rvq, z, keep=None):
+    """Residual VQ from its definition, stage by stage; `keep` (B,) stages per item (all by default)."""
+    keep = torch.full((z.size(0),), len(rvq.quantizers)) if keep is None else keep
+    z_q, residual, commitment, codebook = torch.zeros_like(z), z, 0.0, 0.0
+    for i, q in enumerate(rvq.quantizers):
+        z_e = q.in_proj(residual)
+        codes = q.nearest_codes(z_e)
+        stage = q.out_proj(q.lookup(codes))
+        used = (i < keep).float()
+        z_q = z_q + stage * used[:, None, None]
+        residual = residual - stage
+        commitment = commitment + ((z_e - q.lookup(codes)) ** 2).mean([1, 2]).mul(used).mean()
+        codebook = codebook + ((z_e - q.lookup(codes)) ** 2).mean([1, 2]).mul(used).mean()
+    return z_q, commitment, codebook
+
+
+def test_quantizer_dropout_default_leaves_training_unchanged():
+    """quantizer_dropout = 0 (the paper): the training forward is the definition, and it draws
+    no random numbers, so seeded training runs are unchanged."""
+    torch.manual_seed(0)
+    rvq = models.ResidualVectorQuantize(8, 4, 16, 8).train()
+    z = torch.randn(6, 8, 11)
+    state = torch.get_rng_state()
+    out = rvq(z)
+    assert torch.equal(torch.get_rng_state(), state)
+    z_q, commitment, codebook = _rvq_by_hand(rvq, z)
+    assert torch.allclose(out.latent, z_q, atol=1e-6)
+    assert torch.allclose(out.commitment, commitment) and torch.allclose(out.codebook, codebook)
+
+
+def test_quantizer_dropout_uses_fewer_codebooks_on_its_fraction_of_the_batch():
+    torch.manual_seed(0)
+    rvq = models.ResidualVectorQuantize(8, 4, 16, 8, quantizer_dropout=0.5).train()
+    z = torch.randn(64, 8, 5)
+    torch.manual_seed(1)
+    keep = rvq.stages_per_item(64, z.device)
+    torch.manual_seed(1)
+    out = rvq(z)
+    # The first floor(0.5 * 64) items draw 1 ... 4 stages uniformly; the rest keep all 4.
+    assert torch.all(keep[32:] == 4) and keep[:32].min() >= 1 and keep[:32].max() <= 4
+    assert 16 <= int((keep[:32] < 4).sum()) <= 32          # expected 24 of 32
+    for b in range(64):
+        expected = rvq.from_codes(out.codes[b:b + 1, :int(keep[b])])
+        assert torch.allclose(out.latent[b:b + 1], expected, atol=1e-5), b
+    z_q, commitment, codebook = _rvq_by_hand(rvq, z, keep)
+    assert torch.allclose(out.latent, z_q, atol=1e-5)
+    assert torch.allclose(out.commitment, commitment) and torch.allclose(out.codebook, codebook)
+    # Inference ignores dropout.
+    assert torch.allclose(rvq.eval()(z).latent, _rvq_by_hand(rvq, z)[0], atol=1e-5)
+
+
+def test_encoding_with_fewer_codebooks(tiny_h):
+    encoder = models.Encoder(tiny_h).eval()
+    audio = torch.from_numpy(tone(0.1))[None]
+    logamp, pha, _, _ = spectral.amp_pha_spectrum(audio, tiny_h.n_fft, tiny_h.hop_size, tiny_h.win_size)
+    with torch.no_grad():
+        full = encoder(logamp, pha)
+        for n in (1, 2, 3):
+            fewer = encoder(logamp, pha, n)
+            assert torch.equal(fewer.codes, full.codes[:, :n])
+            assert torch.allclose(fewer.latent, encoder.latent_from_codes(full.codes[:, :n]), atol=1e-5)

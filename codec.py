@@ -1,0 +1,527 @@
+"""APCodec as a codec: audio to codes and back, codes files, any input rate and channel count, long files.
+
+    codec = Codec.load(h, encoder_path, decoder_path)
+    codes = codec.encode(audio, sample_rate)        # audio (C, L) or (L,) -> CodesFile
+    codes.save("speech.apc")
+    audio, rate = codec.decode(CodesFile.load("speech.apc"))
+
+The model knows nothing of files or rates; this module adds, around `codec_roundtrip`:
+
+* resampling to the model's rate and back to the input's (soxr, as librosa uses it);
+* channels coded separately (each is one batch item) and restored in order;
+* long inputs cut into overlapping windows whose outputs are crossfaded, so that memory
+  stays bounded: files are read, coded and written window by window;
+* `CodesFile`, a small container for codes with what decoding needs, bit-packed.
+"""
+import hashlib
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Tuple, Union
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from tqdm import tqdm
+
+from checkpoints import load_generator
+from config import AttrDict
+from models import Decoder, Encoder, remove_weight_norm
+from spectral import amp_pha_spectrum, pad_for_analysis
+from streaming import causal_roundtrip, stream_roundtrip
+from utils import atomic_write, pick_device
+
+CODES_EXTENSION = ".apc"
+# Windows overlap by this long; the crossfade is its middle half, so that every output
+# sample comes from at least a quarter overlap away from its window's edges (the network's
+# receptive field is about 0.11 s at the default settings).
+OVERLAP_SECONDS = 1.0
+CHUNK_SECONDS = 30.0        # default window stride of long inputs
+BLOCK_SAMPLES = 1 << 16     # file read size
+Audio = Union[np.ndarray, torch.Tensor]
+
+
+def load_codec(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
+               ) -> Tuple[Encoder, Decoder, AttrDict]:
+    """Encoder and decoder for inference (eval mode, weight norm folded), and the config that
+    matches their weights (see `checkpoints.load_generator`)."""
+    encoder, decoder, h = load_generator(h, encoder_path, decoder_path, device)
+    return remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval(), h
+
+
+def _analysis(audio: torch.Tensor, h) -> Tuple[torch.Tensor, torch.Tensor]:
+    logamp, pha, _, _ = amp_pha_spectrum(pad_for_analysis(audio, h.n_fft, h.hop_size),
+                                         h.n_fft, h.hop_size, h.win_size)
+    return logamp, pha
+
+
+@torch.no_grad()
+def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
+                    n_codebooks: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Encode and decode audio (B, L), any L >= 1, with the first `n_codebooks` stages (all by default).
+
+    Returns codes (B, n, T'), the decoder's predicted real/imag spectra (B, F, ratio*T')
+    and audio (B, L). The input is zero-padded for the analysis (to whole hops, and to
+    n_fft / 2 for very short clips), run through the release's path unchanged and the
+    output trimmed back to L. A causal codec runs `streaming.causal_roundtrip`.
+    """
+    if h.causal:
+        return causal_roundtrip(encoder, decoder, audio, h, n_codebooks)
+    quantized = encoder(*_analysis(audio, h), n_codebooks)
+    _, _, real, imag, out = decoder(quantized.latent)
+    return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :audio.size(-1)]}
+
+
+def latent_frames(length: int, h) -> int:
+    """Latent frames T' that `codec_roundtrip` gives for `length` samples."""
+    padded = max(-(-length // h.hop_size) * h.hop_size, (h.n_fft // 2 // h.hop_size + 1) * h.hop_size)
+    return -(-(padded // h.hop_size + 1) // h.ratio)
+
+
+# ---------------------------------------------------------------------------------------
+# Codes files
+# ---------------------------------------------------------------------------------------
+
+MAGIC = b"APCD"
+FORMAT_VERSION = 1
+# (field, struct code, meaning): the header, little-endian, in file order. README documents it.
+HEADER_FIELDS = (
+    ("magic", "4s", "b'APCD'"),
+    ("version", "H", "format version (1)"),
+    ("sampling_rate", "I", "model sampling rate, Hz"),
+    ("n_fft", "I", "STFT size"),
+    ("hop_size", "I", "STFT hop, samples"),
+    ("ratio", "I", "STFT frames per latent frame"),
+    ("codebook_size", "I", "codes per codebook"),
+    ("n_codebooks", "H", "codebooks used (1 ... the model's)"),
+    ("channels", "H", "channels, each coded separately"),
+    ("original_sample_rate", "I", "input sampling rate, Hz"),
+    ("original_length", "Q", "input length, samples per channel at the input rate"),
+    ("model_length", "Q", "length at the model rate"),
+    ("frames", "Q", "latent frames per channel and codebook (all windows)"),
+    ("chunk_length", "Q", "window stride at the model rate, samples; 0 = one window"),
+    ("chunk_overlap", "Q", "window overlap, samples"),
+    ("model_hash", "16s", "first 16 bytes of the SHA-256 of the decoding weights"),
+    ("crc32", "I", "CRC-32 of the header before this field and of the codes"),
+)
+_HEADER = struct.Struct("<" + "".join(code for _, code, _ in HEADER_FIELDS))
+# Header fields that are not CodesFile attributes: constants, the codes' shape and the checksum.
+_DERIVED = ("magic", "version", "n_codebooks", "channels", "frames", "crc32")
+
+
+def code_bits(codebook_size: int) -> int:
+    """Bits per code: ceil(log2(codebook_size))."""
+    return max(1, math.ceil(math.log2(codebook_size)))
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Non-negative integers < 2**bits, most significant bit first, packed into bytes (zero-padded)."""
+    values = codes.reshape(-1).astype(np.uint32)
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint32)
+    return np.packbits(((values[:, None] >> shifts) & 1).astype(np.uint8)).tobytes()
+
+
+def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of `pack_codes`: the first `count` values, int64."""
+    bit_array = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits).reshape(count, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
+    return bit_array.astype(np.int64) @ weights
+
+
+@dataclass
+class CodesFile:
+    """Codes of one input, with what decoding needs.
+
+    `codes`: int64 (channels, n_codebooks, frames). Windows of a long input are stored one
+    after another along the frame axis; `Codec.windows(model_length)` finds them again.
+    """
+    codes: torch.Tensor
+    sampling_rate: int
+    n_fft: int
+    hop_size: int
+    ratio: int
+    codebook_size: int
+    model_hash: bytes
+    original_sample_rate: int
+    original_length: int
+    model_length: int
+    chunk_length: int = 0
+    chunk_overlap: int = 0
+    name: str = "<codes>"
+
+    @property
+    def channels(self) -> int:
+        return self.codes.size(0)
+
+    @property
+    def n_codebooks(self) -> int:
+        return self.codes.size(1)
+
+    def to_bytes(self) -> bytes:
+        payload = pack_codes(self.codes.cpu().numpy(), code_bits(self.codebook_size))
+        fields = dict(magic=MAGIC, version=FORMAT_VERSION, n_codebooks=self.n_codebooks, channels=self.channels,
+                      frames=self.codes.size(2), crc32=0,
+                      **{name: getattr(self, name) for name, _, _ in HEADER_FIELDS if name not in _DERIVED})
+        header = _HEADER.pack(*(fields[name] for name, _, _ in HEADER_FIELDS))
+        crc = zlib.crc32(payload, zlib.crc32(header[:-4]))
+        return header[:-4] + struct.pack("<I", crc) + payload
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "<codes>") -> "CodesFile":
+        """Parse and check a codes file; a foreign, truncated or corrupted one is a ValueError naming `name`."""
+        def fail(problem: str) -> NoReturn:
+            raise ValueError(f"{name}: {problem}")
+
+        if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
+            fail("not an APCodec codes file (no APCD magic bytes)")
+        if len(data) < _HEADER.size:
+            fail(f"truncated codes file ({len(data)} bytes, the header alone is {_HEADER.size})")
+        fields = dict(zip((n for n, _, _ in HEADER_FIELDS), _HEADER.unpack_from(data)))
+        if fields["version"] != FORMAT_VERSION:
+            fail(f"codes file format version {fields['version']}, this program reads version {FORMAT_VERSION}")
+        count = fields["channels"] * fields["n_codebooks"] * fields["frames"]
+        bits = code_bits(max(fields["codebook_size"], 1))
+        expected = _HEADER.size + -(-count * bits // 8)
+        if len(data) < expected:
+            fail(f"truncated codes file ({len(data)} of {expected} bytes)")
+        if len(data) > expected or zlib.crc32(data[_HEADER.size:], zlib.crc32(data[:_HEADER.size - 4])) != fields["crc32"]:
+            fail("corrupted codes file (checksum mismatch)")
+        codes = unpack_codes(data[_HEADER.size:], bits, count)
+        if count and codes.max() >= fields["codebook_size"]:
+            fail("corrupted codes file (code out of range)")
+        codes = torch.from_numpy(codes).reshape(fields["channels"], fields["n_codebooks"], fields["frames"])
+        return cls(codes=codes, name=name, **{n: fields[n] for n, _, _ in HEADER_FIELDS if n not in _DERIVED})
+
+    def save(self, path: str) -> None:
+        """Write atomically: a crash never leaves half a codes file."""
+        data = self.to_bytes()
+        atomic_write(path, lambda f: f.write(data))
+
+    @classmethod
+    def load(cls, path: str) -> "CodesFile":
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read codes file {path}: {e.strerror}") from None
+        return cls.from_bytes(data, path)
+
+    def seconds(self) -> float:
+        return self.original_length / self.original_sample_rate
+
+
+# ---------------------------------------------------------------------------------------
+# Streams of audio blocks (n, channels) float32
+# ---------------------------------------------------------------------------------------
+
+def _exact_length(blocks: Iterable[np.ndarray], length: int, channels: int) -> Iterator[np.ndarray]:
+    """The blocks cut or zero-padded at the end to `length` samples in all."""
+    done = 0
+    for block in blocks:
+        block = block[:length - done]
+        done += len(block)
+        if len(block):
+            yield block
+    if done < length:
+        yield np.zeros((length - done, channels), np.float32)
+
+
+def _resampled(blocks: Iterable[np.ndarray], from_rate: int, to_rate: int, channels: int,
+               length: int) -> Iterator[np.ndarray]:
+    """The blocks resampled as one stream (soxr HQ, as librosa's default), `length` samples in all."""
+    if from_rate == to_rate:
+        return _exact_length(blocks, length, channels)
+
+    def stream() -> Iterator[np.ndarray]:
+        resampler = soxr.ResampleStream(from_rate, to_rate, channels, dtype="float32", quality="HQ")
+        for block in blocks:
+            yield resampler.resample_chunk(block)
+        yield resampler.resample_chunk(np.zeros((0, channels), np.float32), last=True)
+    return _exact_length(stream(), length, channels)
+
+
+def resampled_length(length: int, from_rate: int, to_rate: int) -> int:
+    return -(-length * to_rate // from_rate)
+
+
+def window_spans(length: int, stride: int, overlap: int) -> List[Tuple[int, int]]:
+    """(start, length) of the windows of `length` samples: one window when it fits in
+    stride + overlap, else windows of stride + overlap every `stride` samples, the last shorter."""
+    if not stride or length <= stride + overlap:
+        return [(0, length)]
+    return [(k * stride, min(stride + overlap, length - k * stride)) for k in range(-(-(length - overlap) // stride))]
+
+
+def _cut(blocks: Iterable[np.ndarray], windows: List[Tuple[int, int]]) -> Iterator[np.ndarray]:
+    """The windows (start, length) of a stream of blocks, each (length, channels), in order.
+
+    Only the current window is held in memory.
+    """
+    blocks = iter(blocks)
+    pending: List[np.ndarray] = []
+    offset = held = 0          # stream position of the held samples' start; samples held
+    for i, (start, length) in enumerate(windows):
+        while offset + held < start + length:
+            pending.append(next(blocks))
+            held += len(pending[-1])
+        joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        yield joined[start - offset:start - offset + length]
+        drop = (windows[i + 1][0] if i + 1 < len(windows) else start + length) - offset
+        pending, offset, held = [joined[drop:]], offset + drop, held - drop
+
+
+def _crossfade(outputs: Iterable[np.ndarray], overlap: int) -> Iterator[np.ndarray]:
+    """Join window outputs (length, channels) that overlap by `overlap` samples into one stream.
+
+    Inside each overlap the first quarter comes from the earlier window, the middle half is
+    a raised-cosine crossfade and the last quarter comes from the later window.
+    """
+    quarter = overlap // 4
+    ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap - 2 * quarter) + 0.5) / (overlap - 2 * quarter))
+    fade = np.concatenate([np.zeros(quarter), ramp, np.ones(quarter)]).astype(np.float32)[:, None]
+    tail = None
+    for out in outputs:
+        if tail is not None:
+            out = np.concatenate([tail * (1 - fade) + out[:overlap] * fade, out[overlap:]])
+        yield out[:len(out) - overlap]
+        tail = out[len(out) - overlap:]
+    if tail is not None and len(tail):
+        yield tail
+
+
+def _blocks_of(audio: Audio) -> Tuple[List[np.ndarray], int, int]:
+    """In-memory audio (L,) or (C, L) as one block (L, C) float32, its channels and length."""
+    audio = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    audio = np.atleast_2d(audio).astype(np.float32)
+    if audio.size == 0:
+        raise ValueError("no samples to code")
+    return [np.ascontiguousarray(audio.T)], audio.shape[0], audio.shape[1]
+
+
+def _file_blocks(path: str) -> Tuple[Iterator[np.ndarray], int, int, int]:
+    """A file's blocks (n, channels) float32, read lazily, with its rate, channels and length."""
+    try:
+        info = sf.info(path)
+    except Exception as e:
+        raise ValueError(f"cannot read audio file {path}: {e}") from None
+    if info.frames < 1:
+        raise ValueError(f"audio file {path} holds no samples")
+
+    def blocks() -> Iterator[np.ndarray]:
+        with sf.SoundFile(path) as f:
+            yield from f.blocks(blocksize=BLOCK_SAMPLES, dtype="float32", always_2d=True)
+    return blocks(), info.samplerate, info.channels, info.frames
+
+
+def _write_stream(path: str, blocks: Iterable[np.ndarray], rate: int, channels: int) -> None:
+    """A 16-bit PCM wav written block by block, atomically."""
+    def write(f) -> None:
+        with sf.SoundFile(f, "w", rate, channels, subtype="PCM_16", format="WAV") as out:
+            for block in blocks:
+                out.write(block)
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------
+# The codec
+# ---------------------------------------------------------------------------------------
+
+class Codec:
+    """A trained APCodec as an audio codec: any rate, any channel count, any length.
+
+    Inputs up to `chunk_seconds` (+ the overlap) are coded in one window, which gives
+    exactly `codec_roundtrip`'s output; longer ones in windows of `chunk_seconds` that
+    overlap by `OVERLAP_SECONDS` and are crossfaded.
+    """
+
+    def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
+                 chunk_seconds: float = CHUNK_SECONDS):
+        if not chunk_seconds > 0:
+            raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
+        self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
+        # Resynthesis of one window; `stream` swaps in the streaming codec.
+        self.roundtrip: Callable[..., Dict[str, torch.Tensor]] = codec_roundtrip
+        frame = h.hop_size * h.ratio   # windows start on latent frames, as the whole-file analysis does
+        self.chunk_length = max(1, round(chunk_seconds * h.sampling_rate / frame)) * frame
+        self.chunk_overlap = max(1, round(OVERLAP_SECONDS * h.sampling_rate / frame)) * frame
+        self.model_hash = self._weights_hash()
+
+    @classmethod
+    def load(cls, h: AttrDict, encoder_path: Optional[str] = None, decoder_path: Optional[str] = None,
+             device: Optional[torch.device] = None, chunk_seconds: float = CHUNK_SECONDS) -> "Codec":
+        """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
+        device = device or pick_device()
+        encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,
+                                         decoder_path or h.checkpoint_file_load_Decoder, device)
+        return cls(h, encoder, decoder, device, chunk_seconds)
+
+    def stream(self, chunk_ms: float) -> None:
+        """Resynthesise through the streaming encoder and decoder in chunks of `chunk_ms`
+        milliseconds (causal codecs; the output equals the offline pass up to float rounding)."""
+        if not chunk_ms > 0:
+            raise ValueError(f"--chunk_ms must be positive, got {chunk_ms}")
+        if not self.h.causal:
+            raise ValueError(f"--stream needs a causal codec ('causal': true); {self.h.source} describes the "
+                             f"paper's non-causal model")
+        chunk = max(1, round(chunk_ms * self.h.sampling_rate / 1000))
+        self.roundtrip = lambda encoder, decoder, audio, h, n_codebooks: stream_roundtrip(
+            encoder, decoder, audio, h, chunk)
+
+    def _weights_hash(self) -> bytes:
+        """SHA-256 of what decoding uses: the quantizer (codes -> latent) and the decoder."""
+        digest = hashlib.sha256()
+        for module in (self.encoder.quantizer, self.decoder):
+            for name, tensor in module.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.digest()[:16]
+
+    def windows(self, length: int) -> List[Tuple[int, int]]:
+        """(start, length) of the windows of an input of `length` samples at the model rate."""
+        return window_spans(length, self.chunk_length, self.chunk_overlap)
+
+    def _chunking(self, windows: List[Tuple[int, int]]) -> Tuple[int, int]:
+        """(chunk_length, chunk_overlap) as a codes file records them; (0, 0) for one window."""
+        return (self.chunk_length, self.chunk_overlap) if len(windows) > 1 else (0, 0)
+
+    @staticmethod
+    def _progress(items: Iterable, count: int, what: str) -> Iterable:
+        return tqdm(items, total=count, desc=what, unit="chunk", leave=False, disable=count == 1)
+
+    # -- encoding ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_stream(self, blocks: Iterable[np.ndarray], rate: int, channels: int, length: int,
+                       n_codebooks: Optional[int] = None) -> CodesFile:
+        h = self.h
+        self._no_causal_files()
+        n_codebooks = self.check_n_codebooks(n_codebooks)
+        model_length = resampled_length(length, rate, h.sampling_rate)
+        windows = self.windows(model_length)
+        cut = _cut(_resampled(blocks, rate, h.sampling_rate, channels, model_length), windows)
+        codes = []
+        for window in self._progress(cut, len(windows), "encoding"):
+            audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
+            codes.append(self.encoder.encode(*_analysis(audio, h), n_codebooks).cpu())
+        return CodesFile(torch.cat(codes, dim=-1), h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size,
+                         self.model_hash, rate, length, model_length, *self._chunking(windows))
+
+    def _no_causal_files(self) -> None:
+        # The causal analysis (zero padding, flushed tail) is not what the windows here cut.
+        if self.h.causal:
+            raise ValueError("codes files of a causal (APCodec-S) model are not supported yet; "
+                             "use --mode resynth (or --stream)")
+
+    def check_n_codebooks(self, n_codebooks: Optional[int]) -> int:
+        total = self.h.n_codebooks
+        if n_codebooks is None:
+            return total
+        if not 1 <= n_codebooks <= total:
+            raise ValueError(f"--n_codebooks must be in 1 ... {total} (the model's codebooks), got {n_codebooks}")
+        return n_codebooks
+
+    def encode(self, audio: Audio, sample_rate: int, n_codebooks: Optional[int] = None) -> CodesFile:
+        """Audio (L,) or (C, L) at `sample_rate` -> its codes, with the first `n_codebooks` stages."""
+        blocks, channels, length = _blocks_of(audio)
+        return self._encode_stream(blocks, sample_rate, channels, length, n_codebooks)
+
+    def encode_file(self, path: str, n_codebooks: Optional[int] = None) -> CodesFile:
+        """The codes of an audio file (wav, flac, ogg; any rate and channel count), read window by window."""
+        blocks, rate, channels, length = _file_blocks(path)
+        codes = self._encode_stream(blocks, rate, channels, length, n_codebooks)
+        codes.name = path
+        return codes
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def check_compatible(self, codes: CodesFile) -> None:
+        """A ValueError naming the file when `codes` was not made by this model."""
+        self._no_causal_files()
+        h = self.h
+        ours = (h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size)
+        theirs = (codes.sampling_rate, codes.n_fft, codes.hop_size, codes.ratio, codes.codebook_size)
+        if ours != theirs or codes.n_codebooks > h.n_codebooks or codes.model_hash != self.model_hash:
+            raise ValueError(f"{codes.name}: encoded by another model (weights {codes.model_hash.hex()[:12]}, "
+                             f"this model {self.model_hash.hex()[:12]}); decode it with the checkpoints it was "
+                             f"encoded with")
+        frames = sum(latent_frames(n, h) for _, n in self._stored_windows(codes))
+        if frames != codes.codes.size(-1) or not codes.model_length or not codes.original_sample_rate:
+            raise ValueError(f"{codes.name}: corrupted codes file ({codes.codes.size(-1)} frames, "
+                             f"its lengths need {frames})")
+
+    @staticmethod
+    def _stored_windows(codes: CodesFile) -> List[Tuple[int, int]]:
+        return window_spans(codes.model_length, codes.chunk_length, codes.chunk_overlap)
+
+    def _decode_windows(self, codes: CodesFile) -> Iterator[np.ndarray]:
+        """Each window's decoded audio (length, channels) at the model rate; checks `codes` first."""
+        self.check_compatible(codes)
+        windows = self._stored_windows(codes)
+
+        @torch.no_grad()
+        def outputs() -> Iterator[np.ndarray]:
+            start = 0
+            for _, length in self._progress(windows, len(windows), "decoding"):
+                frames = latent_frames(length, self.h)
+                latent = self.encoder.latent_from_codes(codes.codes[..., start:start + frames].to(self.device))
+                start += frames
+                yield self.decoder(latent)[-1][:, 0, :length].cpu().numpy().T
+        return outputs()
+
+    def _output(self, windows: Iterable[np.ndarray], overlap: int, channels: int, rate: int, length: int,
+                keep_model_rate: bool) -> Tuple[Iterator[np.ndarray], int]:
+        """The crossfaded window outputs, back at the input's `rate` and `length` unless `keep_model_rate`."""
+        joined = _crossfade(windows, overlap)
+        if keep_model_rate:
+            return joined, self.h.sampling_rate
+        return _resampled(joined, self.h.sampling_rate, rate, channels, length), rate
+
+    def _decoded(self, codes: CodesFile, keep_model_rate: bool) -> Tuple[Iterator[np.ndarray], int]:
+        return self._output(self._decode_windows(codes), codes.chunk_overlap, codes.channels,
+                            codes.original_sample_rate, codes.original_length, keep_model_rate)
+
+    def decode(self, codes: CodesFile, keep_model_rate: bool = False) -> Tuple[np.ndarray, int]:
+        """Codes -> (audio (C, L) float32, its rate): the input's rate and length unless `keep_model_rate`."""
+        stream, rate = self._decoded(codes, keep_model_rate)
+        return np.concatenate(list(stream)).T, rate
+
+    def decode_to_file(self, codes: CodesFile, path: str, keep_model_rate: bool = False) -> float:
+        """Decode into a 16-bit PCM wav, window by window; returns the audio's seconds."""
+        stream, rate = self._decoded(codes, keep_model_rate)
+        _write_stream(path, stream, rate, codes.channels)
+        return codes.seconds()
+
+    # -- resynthesis (encode and decode in memory) ---------------------------------------
+
+    def _resynth_stream(self, blocks: Iterable[np.ndarray], rate: int, channels: int, length: int,
+                        keep_model_rate: bool, n_codebooks: Optional[int] = None) -> Tuple[Iterator[np.ndarray], int]:
+        h = self.h
+        n_codebooks = self.check_n_codebooks(n_codebooks)
+        model_length = resampled_length(length, rate, h.sampling_rate)
+        windows = self.windows(model_length)
+
+        @torch.no_grad()
+        def outputs() -> Iterator[np.ndarray]:
+            cut = _cut(_resampled(blocks, rate, h.sampling_rate, channels, model_length), windows)
+            for window in self._progress(cut, len(windows), "resynthesising"):
+                audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
+                yield self.roundtrip(self.encoder, self.decoder, audio, h, n_codebooks)["audio"].cpu().numpy().T
+        return self._output(outputs(), self._chunking(windows)[1], channels, rate, length, keep_model_rate)
+
+    def resynthesize(self, audio: Audio, sample_rate: int, keep_model_rate: bool = False,
+                     n_codebooks: Optional[int] = None) -> Tuple[np.ndarray, int]:
+        """Audio (L,) or (C, L) -> (coded audio (C, L), its rate), as `decode(encode(audio))` up to
+        float rounding (the straight-through latent instead of the codebook rows)."""
+        blocks, channels, length = _blocks_of(audio)
+        stream, rate = self._resynth_stream(blocks, sample_rate, channels, length, keep_model_rate, n_codebooks)
+        return np.concatenate(list(stream)).T, rate
+
+    def resynthesize_file(self, path: str, output_path: str, keep_model_rate: bool = False,
+                          n_codebooks: Optional[int] = None) -> float:
+        """Resynthesise an audio file into a 16-bit PCM wav, window by window; returns its seconds."""
+        blocks, rate, channels, length = _file_blocks(path)
+        stream, out_rate = self._resynth_stream(blocks, rate, channels, length, keep_model_rate, n_codebooks)
+        _write_stream(output_path, stream, out_rate, channels)
+        return length / rate
