@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 
-from spectral import amp_pha_spectrum, mel_spectrogram, min_analysis_length
+from spectral import amp_pha_spectrum, mel_from_spectrum, min_analysis_length
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
@@ -102,7 +102,7 @@ def trim_for_validation(audio: torch.Tensor, hop_size: int, ratio: int, n_fft: i
 def spectral_targets(audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
     """Training targets of audio (B, L): logamp, pha, real, imag (B, F, T) and mel (B, M, T)."""
     logamp, pha, real, imag = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
-    mel = mel_spectrogram(audio, h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
+    mel = mel_from_spectrum(real, imag, h.sampling_rate, h.n_fft, h.num_mels_for_loss)
     return {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "mel": mel}
 
 

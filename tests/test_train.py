@@ -12,6 +12,7 @@ import torch
 import train
 from conftest import TINY, make_config, tone, write_tone
 from checkpoints import checkpoint_steps, load_release_state_dict, newest_complete_step
+from config import save_config
 from models import Encoder
 
 
@@ -155,3 +156,73 @@ def test_generator_step_gradients_equal_unfrozen_discriminators(tiny_h):
         ours = dict(getattr(trainer, module).named_parameters())
         for name, p in getattr(reference, module).named_parameters():
             assert torch.allclose(ours[name].grad, p.grad, rtol=1e-5, atol=1e-7), (module, name)
+
+
+# A torchrun worker: trains with the config in argv[1], then each rank saves its weights.
+_WORKER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+from config import load_config
+h = load_config(sys.argv[1])
+trainer = train.train(h, torch.device("cpu"))
+state = {{name: {{k: v.detach().clone() for k, v in getattr(trainer, name).state_dict().items()}}
+          for name in ("encoder", "decoder", "mpd", "mrd")}}
+torch.save(state, os.path.join(h.checkpoint_path, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def _clips(tmp_path, n):
+    """n clips shorter than a segment: zero-padded, so no random crop differs between runs."""
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    names = []
+    for i in range(n):
+        write_tone(str(wavs / f"c{i}.wav"), 0.1 + 0.005 * i, f0=120 + 30 * i, seed=i)
+        names.append(str(wavs / f"c{i}.wav"))
+    (tmp_path / "train.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "valid.txt").write_text(names[0] + "\n")
+    return dict(TINY, input_training_wav_list=str(tmp_path / "train.txt"),
+                input_validation_wav_list=str(tmp_path / "valid.txt"), training_epochs=2,
+                checkpoint_interval=3, stdout_interval=1, summary_interval=2, validation_interval=1000)
+
+
+def _printed_terms(stdout, step):
+    line = next(l for l in stdout.splitlines() if l.startswith(f"Steps {step}:"))
+    return {name: float(value) for name, value in (item.rsplit(" ", 1) for item in line.split(": ", 1)[1].split(", "))}
+
+
+def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, capsys):
+    """2 gloo processes x batch 2 == 1 process x batch 4: same files per step, mean losses,
+    DDP averages the gradients. 8 clips: 2 steps per epoch, 2 epochs, a checkpoint at step 3."""
+    import subprocess
+    import sys
+    settings = _clips(tmp_path, 8)
+    ddp = dict(settings, batch_size=2, checkpoint_path=str(tmp_path / "ddp"))
+    save_config(make_config(**ddp), str(tmp_path / "ddp.json"))
+    (tmp_path / "worker.py").write_text(_WORKER.format(root=os.path.dirname(os.path.dirname(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "worker.py"), str(tmp_path / "ddp.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 processes x batch_size 2 = effective batch 4" in run.stdout
+    assert run.stdout.count("Steps 0:") == 1  # rank 0 alone prints
+    assert checkpoint_steps(ddp["checkpoint_path"], "do") == [3]
+
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    single = train.train(make_config(**dict(settings, batch_size=4, checkpoint_path=str(tmp_path / "one"))),
+                         torch.device("cpu"))
+    assert torch.load(tmp_path / "ddp" / "do_00000003", weights_only=False)["steps"] == 3
+    for name in ("encoder", "decoder", "mpd", "mrd"):
+        for key, value in getattr(single, name).state_dict().items():
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)
+            # Float-rounding noise, a tenth of one AdamW step (lr 2e-4); other data or a missing
+            # gradient average moves weights by whole steps.
+            assert torch.allclose(ranks[0][name][key], value, rtol=0, atol=2e-5), (name, key)
+    # What rank 0 prints is the mean over ranks, i.e. the single process's losses.
+    printed = _printed_terms(capsys.readouterr().out, 3)
+    for name, value in _printed_terms(run.stdout, 3).items():
+        if name != "s/b":
+            assert value == pytest.approx(printed[name], abs=2e-3), name
