@@ -139,6 +139,8 @@ class Trainer:
         self.frozen_mrd = prepare(self.mrd, False) if ddp else self.train_mrd
         # Code counts since the last summary, for codebook usage and perplexity.
         self.code_counts = torch.zeros(h.n_codebooks, h.codebook_size, device=device)
+        # Called with each phase's name as it ends (bench.py times the phases with it).
+        self.phase_done: Callable[[str], None] = lambda name: None
 
     def resume(self) -> None:
         """Load the newest complete checkpoint set, as the release does: continue at step + 1,
@@ -242,7 +244,9 @@ class Trainer:
             terms["codebook"], terms["commitment"] = gen["codebook"], gen["commitment"]
             terms["G"] = losses.generator_total(terms)
             self.scaler_g.scale(terms["G"]).backward()
+        self.phase_done("generator backward")
         norm = self._update(self.optim_g, self.scaler_g, self.params_g, want_norm)
+        self.phase_done("optimizer")
         if norm is not None:
             terms["grad_norm_G"] = norm
         return terms
@@ -258,10 +262,13 @@ class Trainer:
         """D step then G step on a batch of segments (B, L); returns the detached loss terms
         (and the gradient norms, with `want_norms` or `grad_clip`)."""
         audio = audio.to(self.device, non_blocking=True)
+        self.phase_done("data")
         ref, gen = self.codec(audio, training=True)
         self.count_codes(gen["codes"])
+        self.phase_done("generator forward")
         y = audio.unsqueeze(1)
         terms_d = self.discriminator_step(y, gen["audio"], want_norms)
+        self.phase_done("discriminator step")
         terms = self.generator_step(y, ref, gen, want_norms)
         terms.update(terms_d)
         return {name: value.detach() for name, value in terms.items()}
