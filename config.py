@@ -217,6 +217,8 @@ SCHEMA: Tuple[Key, ...] = (
         release=False),
     Key("grad_clip", 0, non_negative_number, "max gradient norm of G and of D (0: no clipping; "
         "the norms are logged either way)", release=False),
+    Key("fused_adamw", False, boolean, "fused AdamW kernels: faster, equal to the default up to float rounding",
+        release=False),
 )
 
 KEYS: Dict[str, Key] = {key.name: key for key in SCHEMA}

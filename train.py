@@ -110,8 +110,11 @@ class Trainer:
         betas = (h.adam_b1, h.adam_b2)
         self.params_g = release_parameters(self.encoder) + release_parameters(self.decoder)
         self.params_d = release_parameters(self.mrd) + release_parameters(self.mpd)
-        self.optim_g = torch.optim.AdamW(self.params_g, h.learning_rate, betas=betas)
-        self.optim_d = torch.optim.AdamW(self.params_d, h.learning_rate, betas=betas)
+        # The multi-tensor (foreach) AdamW gives the same numbers as the per-tensor loop, bit
+        # for bit, in fewer kernels; it is already CUDA's default, and faster on CPUs too.
+        kernels = {"fused": True} if h.fused_adamw else {"foreach": True}
+        self.optim_g = torch.optim.AdamW(self.params_g, h.learning_rate, betas=betas, **kernels)
+        self.optim_d = torch.optim.AdamW(self.params_d, h.learning_rate, betas=betas, **kernels)
         self.steps, self.last_epoch = 0, -1
 
         half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[h.mixed_precision]
