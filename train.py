@@ -149,6 +149,13 @@ class Trainer:
         """Load the newest complete checkpoint set, as the release does: continue at step + 1,
         restart the saved epoch, rebuild the schedulers from the epoch."""
         step = newest_complete_step(self.h.checkpoint_path)
+        if distributed():
+            seen: List[Optional[int]] = [None] * dist.get_world_size()
+            dist.all_gather_object(seen, step)
+            if len(set(seen)) > 1:
+                raise ValueError(f"the processes see different newest checkpoint sets in {self.h.checkpoint_path} "
+                                 f"(steps by rank: {seen}); every node needs the same checkpoint_path, "
+                                 f"e.g. on a shared file system")
         if step is not None:
             folder = self.h.checkpoint_path
             load_weights(self.encoder, checkpoint_file(folder, "encoder", step), "encoder", self.device)
@@ -163,7 +170,8 @@ class Trainer:
                 if name in state and getattr(self, name).is_enabled():
                     getattr(self, name).load_state_dict(state[name])
             self.steps, self.last_epoch = state["steps"] + 1, state["epoch"]
-            print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}")
+            if not distributed() or dist.get_rank() == 0:
+                print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}")
         self.scheduler_g = torch.optim.lr_scheduler.ExponentialLR(
             self.optim_g, gamma=self.h.lr_decay, last_epoch=self.last_epoch)
         self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(
