@@ -4,11 +4,11 @@
                     [--steps N] [--train_steps N] [--config config.json] [--KEY VALUE ...]
 
 --suite step (default): training steps of the config's model on a fixed synthetic batch,
-for each configuration in --precisions (float32, bf16, fp16, optionally with +compile or
-+cudagraphs): steps/s, audio-seconds/s, peak memory, and the step split into phases (data
-copy, generator forward, discriminator step, generator losses and backward, generator
-optimizer), timed in a second pass that waits for the device after each phase. Then
-parameter counts and the inference real-time factor.
+for each configuration in --precisions (float32, bf16 or fp16, optionally with +compile or
++cudagraphs, and +fused for fused AdamW): steps/s, audio-seconds/s, peak memory, and the
+step split into phases (data copy, generator forward, discriminator step, generator
+losses and backward, generator optimizer), timed in a second pass that waits for the
+device after each phase. Then parameter counts and the inference real-time factor.
 
 --suite train: `train.py` itself, end to end with its DataLoader, on wav files generated
 in a temporary folder, for --train_steps steps per configuration: seconds per step over
@@ -63,13 +63,14 @@ def count(module: torch.nn.Module) -> int:
 
 
 def configuration(h: AttrDict, name: str) -> AttrDict:
-    """h with the keys of a configuration name such as "bf16+compile"."""
-    precision, *rest = name.split("+")
-    if precision not in PRECISIONS or len(rest) > 1 or (rest and rest[0] not in COMPILE_MODES):
-        raise ValueError(f"unknown configuration '{name}': use one of {', '.join(PRECISIONS)}, "
-                         f"optionally followed by +{' or +'.join(COMPILE_MODES)}")
-    return build_config(dict(h, mixed_precision=PRECISIONS[precision],
-                             compile=COMPILE_MODES[rest[0]] if rest else "no"), h.source)
+    """h with the keys of a configuration name such as "bf16+compile" or "bf16+cudagraphs+fused"."""
+    precision, *options = name.split("+")
+    modes = [COMPILE_MODES[o] for o in options if o in COMPILE_MODES]
+    if precision not in PRECISIONS or len(modes) > 1 or any(o not in COMPILE_MODES and o != "fused" for o in options):
+        raise ValueError(f"unknown configuration '{name}': use one of {', '.join(PRECISIONS)}, optionally "
+                         f"followed by +{' or +'.join(COMPILE_MODES)} and by +fused (fused AdamW)")
+    return build_config(dict(h, mixed_precision=PRECISIONS[precision], compile=modes[0] if modes else "no",
+                             fused_adamw=h.fused_adamw or "fused" in options), h.source)
 
 
 def peak_memory(device: torch.device) -> Dict[str, float]:
@@ -113,7 +114,7 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
         trainer.train_step(audio)
     return {"compiled": trainer.train_encoder is not trainer.encoder, "batch_size": h.batch_size,
             "s_per_step": round(seconds, 4), "steps_per_s": round(1 / seconds, 3),
-            "audio_s_per_s": round(h.batch_size * h.segment_size / h.sampling_rate / seconds, 2),
+            "audio_s_per_s": round(h.batch_size * h.segment_size / h.sampling_rate / seconds, 4),
             **peak_memory(device), "phases_s": {k: round(v, 4) for k, v in phases.items()},
             "G": values["G"], "Mel": values["Mel"]}
 
@@ -227,7 +228,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--suite", choices=("step", "train", "all"), default="step", help="what to measure")
     parser.add_argument("--precisions", default="float32,bf16,bf16+compile",
-                        help="comma-separated configurations: float32|bf16|fp16, optionally +compile or +cudagraphs")
+                        help="comma-separated configurations: float32|bf16|fp16, optionally +compile or "
+                             "+cudagraphs, and +fused")
     parser.add_argument("--device", default=pick_device().type, help="cuda or cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation happens here)")

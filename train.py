@@ -16,7 +16,7 @@ import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -118,8 +118,8 @@ class Trainer:
         self.steps, self.last_epoch = 0, -1
 
         half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[h.mixed_precision]
-        self.autocast: Callable[[], torch.autocast] = lambda: torch.autocast(
-            device.type, dtype=half or torch.float32, enabled=half is not None)
+        self.autocast: Callable[[], ContextManager] = (
+            (lambda: torch.autocast(device.type, dtype=half)) if half else nullcontext)
         # Disabled scalers pass losses and steps through unchanged.
         self.scaler_g = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
