@@ -211,7 +211,8 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         if args.repeats:
             emit({"bench": "inference", **common, **bench_inference(h, device, args.clip_seconds, args.repeats)})
     if args.suite in ("train", "all"):
-        steps_per_epoch = min(50, args.train_steps)
+        # At least two epochs: the first holds compilation and the step-0 validation.
+        steps_per_epoch = min(50, max(1, args.train_steps // 2))
         epochs = max(1, -(-args.train_steps // steps_per_epoch))
         with tempfile.TemporaryDirectory() as folder:
             write_dataset(folder, steps_per_epoch * h.batch_size, 1.0, h.sampling_rate)
