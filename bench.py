@@ -1,28 +1,55 @@
-"""Measure parameter counts, training step time and memory, and inference speed.
+"""Measure training and inference speed and memory; prints JSON lines, one per measurement.
 
-    python bench.py [--device cuda|cpu] [--steps N] [--clip_seconds S] [--threads N]
-                    [--stream_chunk_ms MS ...] [--config config.json] [--KEY VALUE ...]
+    python bench.py [--suite step|train|all] [--precisions float32,bf16,bf16+compile]
+                    [--steps N] [--train_steps N] [--stream_chunk_ms MS ...] [--config config.json] [--KEY VALUE ...]
+
+--suite step (default): training steps of the config's model on a fixed synthetic batch,
+for each configuration in --precisions (float32, bf16 or fp16, optionally with +compile or
++cudagraphs, and +fused for fused AdamW): steps/s, audio-seconds/s, peak memory, and the
+step split into phases (data copy, generator forward, discriminator step, generator
+losses and backward, generator optimizer), timed in a second pass that waits for the
+device after each phase. Then parameter counts and the inference real-time factor.
+
+--suite train: `train.py` itself, end to end with its DataLoader, on wav files generated
+in a temporary folder, for --train_steps steps per configuration: seconds per step over
+the epochs after the first (which holds compilation and the step-0 validation) and the
+mean loss terms per 50 steps, to compare the curves of the configurations.
+>>>>>>> issue9
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
 times the streaming codec on the CPU per latent frame for each chunk length, against the
 frame's duration (--threads 1 for one core).
 """
-import statistics
 import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from typing import List, Optional
+from collections import defaultdict
+from typing import Dict, List, Optional
 
 import numpy as np
+import soundfile as sf
 import torch
 
 import codec
 import stream_demo
 import train
-from config import AttrDict, make_parser, run_cli
+from config import AttrDict, build_config, make_parser, run_cli, save_config
 from models import Decoder, Encoder, remove_weight_norm
 from streaming import StreamingCodec, latency_samples
 from utils import pick_device, synchronize
+
+# Configuration names of --precisions: a precision, optionally "+" a torch.compile mode.
+PRECISIONS = {"float32": "no", "bf16": "bf16", "fp16": "fp16"}
+COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}
+CURVE_WINDOW = 50
 
 
 def synthetic_audio(batch: int, length: int, sr: int, seed: int = 0) -> torch.Tensor:
@@ -41,9 +68,31 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def bench_training(h, device: torch.device, steps: int, warmup: int) -> dict:
+def configuration(h: AttrDict, name: str) -> AttrDict:
+    """h with the keys of a configuration name such as "bf16+compile" or "bf16+cudagraphs+fused"."""
+    precision, *options = name.split("+")
+    modes = [COMPILE_MODES[o] for o in options if o in COMPILE_MODES]
+    if precision not in PRECISIONS or len(modes) > 1 or any(o not in COMPILE_MODES and o != "fused" for o in options):
+        raise ValueError(f"unknown configuration '{name}': use one of {', '.join(PRECISIONS)}, optionally "
+                         f"followed by +{' or +'.join(COMPILE_MODES)} and by +fused (fused AdamW)")
+    return build_config(dict(h, mixed_precision=PRECISIONS[precision], compile=modes[0] if modes else "no",
+                             fused_adamw=h.fused_adamw or "fused" in options), h.source)
+
+
+def peak_memory(device: torch.device) -> Dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)}
+    # ru_maxrss is in KiB on Linux: the whole process's peak, so the largest configuration's.
+    return {"peak_host_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+
+
+def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -> dict:
+    """Time `steps` training steps after `warmup`, then the same number again split into phases."""
+    torch.manual_seed(h.seed)
     trainer = train.Trainer(h, device)
-    audio = synthetic_audio(h.batch_size, h.segment_size, h.sampling_rate).to(device)
+    audio = synthetic_audio(h.batch_size, h.segment_size, h.sampling_rate)
+    if device.type == "cuda":
+        audio = audio.pin_memory()
     for _ in range(warmup):
         trainer.train_step(audio)
     synchronize(device)
@@ -52,18 +101,28 @@ def bench_training(h, device: torch.device, steps: int, warmup: int) -> dict:
     start = time.perf_counter()
     for _ in range(steps):
         terms = trainer.train_step(audio)
-    terms["G"].item()
+    values = {name: round(value.item(), 4) for name, value in terms.items()}
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
-    result = {
-        "params_encoder": count(trainer.encoder), "params_decoder": count(trainer.decoder),
-        "params_mpd": count(trainer.mpd), "params_mrd": count(trainer.mrd),
-        "train_batch_size": h.batch_size, "train_s_per_step": round(seconds, 4),
-        "train_segments_per_s": round(h.batch_size / seconds, 2),
-    }
-    if device.type == "cuda":
-        result["train_peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    return result
+
+    phases: Dict[str, float] = defaultdict(float)
+    last = [0.0]
+
+    def phase_done(name: str) -> None:
+        synchronize(device)
+        now = time.perf_counter()
+        phases[name] += (now - last[0]) / steps
+        last[0] = now
+
+    trainer.phase_done = phase_done
+    for _ in range(steps):
+        last[0] = time.perf_counter()
+        trainer.train_step(audio)
+    return {"compiled": trainer.train_encoder is not trainer.encoder, "batch_size": h.batch_size,
+            "s_per_step": round(seconds, 4), "steps_per_s": round(1 / seconds, 3),
+            "audio_s_per_s": round(h.batch_size * h.segment_size / h.sampling_rate / seconds, 4),
+            **peak_memory(device), "phases_s": {k: round(v, 4) for k, v in phases.items()},
+            "G": values["G"], "Mel": values["Mel"]}
 
 
 def bench_inference(h, device: torch.device, clip_seconds: float, repeats: int) -> dict:
@@ -77,7 +136,64 @@ def bench_inference(h, device: torch.device, clip_seconds: float, repeats: int) 
         codec.codec_roundtrip(encoder, decoder, audio, h)
     synchronize(device)
     seconds = (time.perf_counter() - start) / repeats
-    return {"infer_clip_s": clip_seconds, "infer_wall_s": round(seconds, 4), "infer_rtf": round(seconds / clip_seconds, 5)}
+    return {"clip_s": clip_seconds, "wall_s": round(seconds, 4), "rtf": round(seconds / clip_seconds, 5)}
+
+
+def write_dataset(folder: str, n_files: int, seconds: float, sr: int) -> None:
+    """n_files wavs (circular shifts of a few synthetic clips) and train.txt / valid.txt in `folder`."""
+    length = int(seconds * sr)
+    clips = synthetic_audio(16, length, sr).numpy()
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(n_files):
+        name = os.path.join(folder, f"clip{i:05d}.wav")
+        sf.write(name, np.roll(clips[i % len(clips)], int(rng.integers(length))), sr)
+        names.append(name)
+    with open(os.path.join(folder, "train.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    with open(os.path.join(folder, "valid.txt"), "w") as f:
+        f.write("\n".join(names[:2]) + "\n")
+
+
+def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: int) -> dict:
+    """Run `python train.py` on the dataset in `folder`; s/step after the first epoch and loss curves."""
+    run_folder = tempfile.mkdtemp(dir=folder)
+    settings = dict(h, input_training_wav_list=os.path.join(folder, "train.txt"),
+                    input_validation_wav_list=os.path.join(folder, "valid.txt"),
+                    checkpoint_path=os.path.join(run_folder, "cp"), training_epochs=epochs,
+                    stdout_interval=10, summary_interval=100, checkpoint_interval=10 ** 9,
+                    validation_interval=10 ** 9)
+    config_path = os.path.join(run_folder, "config.json")
+    save_config(build_config(settings), config_path)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    process = subprocess.Popen([sys.executable, script, "--config", config_path],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    epoch_seconds, logged = [], {}
+    for line in process.stdout:
+        print("  " + line.rstrip(), file=sys.stderr, flush=True)
+        if line.startswith("Steps "):
+            step, rest = line[len("Steps "):].split(": ", 1)
+            logged[int(step)] = {k: float(v) for k, v in (item.rsplit(" ", 1) for item in rest.split(", "))
+                                 if k != "s/b"}
+        match = re.match(r"Time taken for epoch \d+ is ([\d.]+) s", line)
+        if match:
+            epoch_seconds.append(float(match.group(1)))
+    if process.wait():
+        raise RuntimeError(f"train.py exited with status {process.returncode}")
+    curve = {}
+    for start in range(0, steps_per_epoch * epochs, CURVE_WINDOW):
+        window = [logged[s] for s in logged if start <= s < start + CURVE_WINDOW]
+        curve[f"{start}-{start + CURVE_WINDOW - 1}"] = {
+            name: round(float(np.mean([w[name] for w in window])), 4) for name in ("G", "D", "Mel", "A", "IP")}
+    later = epoch_seconds[1:]
+    return {"batch_size": h.batch_size, "steps": steps_per_epoch * epochs,
+            "first_epoch_s": round(epoch_seconds[0], 1),
+            "s_per_step_after_first_epoch": round(sum(later) / (len(later) * steps_per_epoch), 4) if later else None,
+            "loss_means_per_50_steps": curve}
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
 
 
 def bench_streaming(h, clip_seconds: float, chunk_ms: List[float], repeats: int) -> dict:
@@ -107,28 +223,53 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(h.seed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    results = {"device": name, "torch": torch.__version__}
-    if args.steps:
-        results.update(bench_training(h, device, args.steps, args.warmup))
-    if args.repeats:
-        results.update(bench_inference(h, device, args.clip_seconds, args.repeats))
+    common = {"device": name, "torch": torch.__version__}
+    configs = [(c, configuration(h, c)) for c in args.precisions.split(",")]
+    if args.suite in ("step", "all") and args.steps:
+        for label, hc in configs:
+            try:
+                emit({"bench": "train_step", "config": label, **common,
+                      **bench_training(hc, device, args.steps, args.warmup)})
+            except Exception as e:  # one failing configuration (e.g. compile) must not stop the rest
+                emit({"bench": "train_step", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
+        torch.manual_seed(h.seed)
+        emit({"bench": "params", **{part: count(cls(h)) for part, cls in (
+            ("encoder", Encoder), ("decoder", Decoder), ("mpd", train.MultiPeriodDiscriminator),
+            ("mrd", train.MultiResolutionDiscriminator))}})
+        if args.repeats:
+            emit({"bench": "inference", **common, **bench_inference(h, device, args.clip_seconds, args.repeats)})
+    if args.suite in ("train", "all"):
+        # At least two epochs: the first holds compilation and the step-0 validation.
+        steps_per_epoch = min(50, max(1, args.train_steps // 2))
+        epochs = max(1, -(-args.train_steps // steps_per_epoch))
+        with tempfile.TemporaryDirectory() as folder:
+            write_dataset(folder, steps_per_epoch * h.batch_size, 1.0, h.sampling_rate)
+            for label, hc in configs:
+                print(f"train.py with {label}, {steps_per_epoch * epochs} steps:", file=sys.stderr, flush=True)
+                try:
+                    emit({"bench": "train.py", "config": label, **common,
+                          **bench_train_script(hc, folder, steps_per_epoch, epochs)})
+                except Exception as e:
+                    emit({"bench": "train.py", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
     if args.stream_chunk_ms:
         if not h.causal:
             raise ValueError(f"--stream_chunk_ms needs a causal config ('causal': true), not {h.source}")
-        results.update(bench_streaming(h, args.clip_seconds, args.stream_chunk_ms, args.repeats))
-    for key, value in results.items():
-        print(f"{key:24s} {value}")
+        emit({"bench": "stream", **common, **bench_streaming(h, args.clip_seconds, args.stream_chunk_ms, args.repeats)})
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = make_parser(__doc__)
+    parser.add_argument("--suite", choices=("step", "train", "all"), default="step", help="what to measure")
+    parser.add_argument("--precisions", default="float32,bf16,bf16+compile",
+                        help="comma-separated configurations: float32|bf16|fp16, optionally +compile or "
+                             "+cudagraphs, and +fused")
     parser.add_argument("--device", default=pick_device().type, help="cuda or cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation happens here)")
+    parser.add_argument("--train_steps", type=int, default=300, help="train.py steps per configuration (--suite train)")
     parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the inference clip")
-    parser.add_argument("--repeats", type=int, default=3, help="timed inference runs")
+    parser.add_argument("--repeats", type=int, default=3, help="timed inference runs (0: none)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--stream_chunk_ms", type=float, nargs="*", default=[],
                         help="time the causal codec streaming on the CPU in chunks of these lengths (ms)")

@@ -94,8 +94,16 @@ def boolean(v: Any) -> Optional[str]:
 
 def non_negative_number(v: Any) -> Optional[str]:
     return None if _is_number(v) and v >= 0 else "a number >= 0"
+
+
 def fraction(v: Any) -> Optional[str]:
     return None if _is_number(v) and 0 <= v <= 1 else "a number in [0, 1]"
+
+
+def one_of(*choices: str) -> Check:
+    def check(v: Any) -> Optional[str]:
+        return None if v in choices else "one of " + ", ".join(f'"{c}"' for c in choices)
+    return check
 
 
 def anything(v: Any) -> Optional[str]:
@@ -227,6 +235,17 @@ SCHEMA: Tuple[Key, ...] = (
         "after which training stops", release=False),
     Key("quantizer_dropout", 0.0, fraction, "fraction of each training batch coded with a random number "
         "of codebooks (DAC style), so that fewer codebooks decode well; 0 = the paper", release=False),
+    Key("shuffle_every_epoch", False, boolean, "reshuffle the training list every epoch (seeded); "
+        "false keeps the release's one-time shuffle", release=False),
+    Key("mixed_precision", "no", one_of("no", "bf16", "fp16"), "autocast of the conv stacks in training "
+        "(fp16 adds gradient scalers); STFTs, phase, quantizer and losses stay float32", release=False),
+    Key("compile", "no", one_of("no", "default", "reduce-overhead", "max-autotune"),
+        "torch.compile mode for the generator and discriminators in training (reduce-overhead: CUDA graphs)",
+        release=False),
+    Key("grad_clip", 0, non_negative_number, "max gradient norm of G and of D (0: no clipping; "
+        "the norms are logged either way)", release=False),
+    Key("fused_adamw", False, boolean, "fused AdamW kernels: faster, equal to the default up to float rounding",
+        release=False),
 )
 
 KEYS: Dict[str, Key] = {key.name: key for key in SCHEMA}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.utils.data
 from tqdm import tqdm
 
-from spectral import amp_pha_spectrum, mel_spectrogram, min_analysis_length
+from spectral import amp_pha_spectrum, mel_from_spectrum, min_analysis_length
 from utils import atomic_write
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -218,7 +218,7 @@ def trim_for_validation(audio: torch.Tensor, hop_size: int, ratio: int, n_fft: i
 def spectral_targets(audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
     """Training targets of audio (B, L): logamp, pha, real, imag (B, F, T) and mel (B, M, T)."""
     logamp, pha, real, imag = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
-    mel = mel_spectrogram(audio, h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
+    mel = mel_from_spectrum(real, imag, h.sampling_rate, h.n_fft, h.num_mels_for_loss)
     return {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "mel": mel}
 
 
@@ -233,24 +233,38 @@ def encoder_input(audio: torch.Tensor, ref: Dict[str, torch.Tensor], h) -> Tuple
     logamp, pha, _, _ = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size, pad="zeros")
     return logamp, pha
 class EpochSampler(torch.utils.data.Sampler):
-    """Training keys (epoch, index) of one epoch, in the list's fixed order, from a given batch on.
+    """Training keys (epoch, index) of one epoch for one rank, from a given batch on.
 
-    The epoch travels with each index to the data workers (which keep their own copy of the
-    dataset), and starting at any batch lets a resumed run continue mid-epoch exactly.
+    The order is the list's own (the release's fixed order), or with `shuffle` a permutation
+    seeded by seed + epoch, the same on every rank. Whole steps of batch_size x world_size
+    items are kept, and rank r takes every world_size-th of them, so that one step of all
+    ranks covers the items of one single-process step at the global batch. The epoch
+    travels with each index to the data workers (which keep their own copy of the dataset),
+    and starting at any batch lets a resumed run continue mid-epoch exactly.
     """
 
-    def __init__(self, size: int, batch_size: int):
-        self.size, self.batch_size = size, batch_size
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = False,
+                 seed: int = 0):
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+        self.shuffle, self.seed = shuffle, seed
         self.epoch = self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def indices(self) -> List[int]:
+        """This rank's list indices of the epoch, in order (all batches, from the first)."""
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        steps = self.size // (self.batch_size * self.world_size)
+        return order[:steps * self.batch_size * self.world_size][self.rank::self.world_size]
+
     def __iter__(self):
-        return ((self.epoch, i) for i in range(self.start_batch * self.batch_size, self.size))
+        return ((self.epoch, i) for i in self.indices()[self.start_batch * self.batch_size:])
 
     def __len__(self) -> int:
-        return max(0, self.size - self.start_batch * self.batch_size)
+        return max(0, len(self.indices()) - self.start_batch * self.batch_size)
 
 
 class AudioDataset(torch.utils.data.Dataset):

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from utils import full_precision
+
 LRELU_SLOPE = 0.1
 
 DiscriminatorOutput = Tuple[List[torch.Tensor], List[torch.Tensor],
@@ -19,14 +21,17 @@ def wn_conv2d(in_channels: int, out_channels: int, kernel_size, stride, padding)
 
 def _score_with_features(x: torch.Tensor, convs: nn.ModuleList, conv_post: nn.Module
                          ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Run a discriminator's conv stack; returns flattened scores and every layer's output."""
+    """Run a discriminator's conv stack; returns flattened scores and every layer's output.
+
+    Both are float32 even when the convolutions ran under autocast, so the losses are float32.
+    """
     fmap = []
     for conv in convs:
         x = F.leaky_relu(conv(x), LRELU_SLOPE)
-        fmap.append(x)
+        fmap.append(x.float())
     x = conv_post(x)
-    fmap.append(x)
-    return torch.flatten(x, 1, -1), fmap
+    fmap.append(x.float())
+    return torch.flatten(x.float(), 1, -1), fmap
 
 
 class DiscriminatorP(nn.Module):
@@ -76,8 +81,9 @@ class DiscriminatorR(nn.Module):
     def spectrogram(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, L) -> magnitude (B, n_fft // 2 + 1, L // hop + 1)."""
         n_fft, hop, win = self.resolution
-        return torch.stft(x, n_fft, hop_length=hop, win_length=win, window=_rectangular(win, x.device),
-                          center=True, return_complex=True).abs()
+        with full_precision(x):
+            return torch.stft(x.float(), n_fft, hop_length=hop, win_length=win, window=_rectangular(win, x.device),
+                              center=True, return_complex=True).abs()
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """x: (B, 1, L) -> (scores (B, N), feature maps of every layer)."""

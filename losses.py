@@ -4,7 +4,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from spectral import amp_pha_spectrum, anti_wrapping, backward_difference, mel_spectrogram
+from spectral import anti_wrapping, backward_difference, mel_from_spectrum, stft
 
 # The release's loss weights (paper Eq. for L_G, L_S, L_W and the discriminator sum).
 WEIGHTS = {
@@ -42,8 +42,10 @@ def spectral_losses(ref: Dict[str, torch.Tensor], gen: Dict[str, torch.Tensor], 
     gen: the same names from the decoder plus audio (B, 1, L).
     """
     audio = gen["audio"].squeeze(1)
-    _, _, real_final, imag_final = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
-    mel_g = mel_spectrogram(audio, h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
+    # One STFT of the output serves the consistency loss and the mel losses.
+    spec = stft(audio, h.n_fft, h.hop_size, h.win_size)
+    real_final, imag_final = spec.real, spec.imag
+    mel_g = mel_from_spectrum(real_final, imag_final, h.sampling_rate, h.n_fft, h.num_mels_for_loss)
     terms = {"A": F.mse_loss(gen["logamp"], ref["logamp"])}
     terms.update(phase_losses(ref["pha"], gen["pha"]))
     terms["C"] = stft_consistency_loss(gen["real"], real_final, gen["imag"], imag_final)

@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from spectral import istft
+from utils import full_precision
 
 
 def same_padding(kernel_size: int) -> int:
@@ -267,8 +268,13 @@ class ResidualVectorQuantize(nn.Module):
         """z: (B, D, T') -> latent (B, D, T'), codes (B, n, T'), and the commitment and codebook
         losses summed over stages and averaged over the batch (0-d).
 
-        Only the first `n_codebooks` stages run (all by default); n = that number.
+        Only the first `n_codebooks` stages run (all by default); n = that number. Runs in
+        float32 under autocast: code distances and their ranking are precision-sensitive.
         """
+        with full_precision(z):
+            return self._quantize(z.float(), n_codebooks)
+
+    def _quantize(self, z: torch.Tensor, n_codebooks: Optional[int]) -> QuantizerOutput:
         z_q = torch.zeros_like(z)
         residual = z
         commitment = codebook = z.new_zeros(())
@@ -370,7 +376,8 @@ class Decoder(nn.Module):
         L = hop_size * (ratio * T' - 1).
         """
         logamp, pha, real, imag = self.spectra(latent)
-        audio = istft(real, imag, self.n_fft, self.hop_size, self.win_size)
+        with full_precision(latent):
+            audio = istft(real, imag, self.n_fft, self.hop_size, self.win_size)
         return logamp, pha, real, imag, audio.unsqueeze(1)
 
     def spectra(self, latent: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -378,10 +385,15 @@ class Decoder(nn.Module):
         latent = self.latent_conv(latent)
         logamp = self.amp_out(self.amp(self.amp_up(latent)))
         pha_features = self.pha(self.pha_up(latent))
-        # Parallel phase estimation: atan2 of two learned components, wrapped by construction.
-        pha = torch.atan2(self.pha_imag(pha_features), self.pha_real(pha_features))
-        real = torch.exp(logamp) * torch.cos(pha)
-        imag = torch.exp(logamp) * torch.sin(pha)
+        pha_imag, pha_real = self.pha_imag(pha_features), self.pha_real(pha_features)
+        # Under autocast the convolutions above may run in half precision; the spectrum is
+        # always built in float32.
+        with full_precision(latent):
+            logamp = logamp.float()
+            # Parallel phase estimation: atan2 of two learned components, wrapped by construction.
+            pha = torch.atan2(pha_imag.float(), pha_real.float())
+            real = torch.exp(logamp) * torch.cos(pha)
+            imag = torch.exp(logamp) * torch.sin(pha)
         return logamp, pha, real, imag
 
 

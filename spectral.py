@@ -69,9 +69,18 @@ def mel_spectrogram(y: torch.Tensor, sampling_rate: int, n_fft: int, num_mels: i
                     fmax: Optional[float] = None) -> torch.Tensor:
     """Log Slaney mel spectrogram used by the mel losses. y: (B, L) -> (B, num_mels, T)."""
     spec = stft(y, n_fft, hop_size, win_size)
+    return mel_from_spectrum(spec.real, spec.imag, sampling_rate, n_fft, num_mels, fmin, fmax)
+
+
+def mel_from_spectrum(real: torch.Tensor, imag: torch.Tensor, sampling_rate: int, n_fft: int, num_mels: int,
+                      fmin: float = 0.0, fmax: Optional[float] = None) -> torch.Tensor:
+    """`mel_spectrogram` from an STFT already computed (real, imag: (B, F, T)) -> (B, num_mels, T).
+
+    Training takes the mel and the other features from one STFT instead of two.
+    """
     # The 1e-9 keeps the sqrt differentiable at exact zeros.
-    magnitude = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-9)
-    basis = _mel_basis(sampling_rate, n_fft, num_mels, fmin, fmax, y.device).to(magnitude.dtype)
+    magnitude = torch.sqrt(real.pow(2) + imag.pow(2) + 1e-9)
+    basis = _mel_basis(sampling_rate, n_fft, num_mels, fmin, fmax, real.device).to(magnitude.dtype)
     mel = torch.matmul(basis, magnitude)
     return torch.log(torch.clamp(mel, min=1e-5))
 

@@ -6,6 +6,10 @@ Each step updates the discriminators (MPD + MRD) on the detached generator outpu
 the encoder and decoder. Checkpoint sets, TensorBoard logs and the config used go to
 `checkpoint_path`; a restarted run resumes from the newest complete set there. Runs on
 CUDA when a GPU is visible, otherwise on the CPU.
+
+Several GPUs or nodes: `torchrun --nproc_per_node N train.py ...` trains with
+DistributedDataParallel; `batch_size` is per process, so the effective batch is
+batch_size x N. Rank 0 alone prints, logs, validates and writes checkpoints.
 """
 import math
 import os
@@ -15,11 +19,13 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
@@ -70,8 +76,52 @@ def frozen(*modules: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def gradient_norm(parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of all gradients together, as clip_grad_norm_ computes it (0-d, no host sync)."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def codebook_health(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Usage (fraction of codes drawn at least once) and perplexity (exp of the entropy of the
+    code frequencies; codebook_size when uniform, 1 when collapsed) of code counts (n_codebooks, K)."""
+    p = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    return {"usage": (counts > 0).float().mean(1), "perplexity": torch.exp(-torch.special.xlogy(p, p).sum(1))}
+
+
+def compile_available() -> bool:
+    """Whether torch.compile works here; says in one line why not."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1))
+        return True
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        print(f"compile: torch.compile is unavailable here ({type(e).__name__}: {reason}); training without it")
+        return False
+
+
+def init_distributed() -> Tuple[int, int]:
+    """(rank, world size). Under torchrun this joins the process group (NCCL on GPUs, gloo on
+    CPUs) and picks this process's GPU; a plain `python train.py` is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 class Trainer:
-    """Models, optimizers and schedulers of one run, with the release's parameter order."""
+    """Models, optimizers and schedulers of one run, with the release's parameter order.
+
+    `encoder`, `decoder`, `mpd`, `mrd` are the plain modules (checkpoints, validation); the
+    training step calls them through DistributedDataParallel under torchrun and through
+    torch.compile when `compile` asks for it.
+    """
 
     def __init__(self, h, device: torch.device):
         self.h, self.device = h, device
@@ -80,10 +130,13 @@ class Trainer:
         self.mpd = MultiPeriodDiscriminator(h).to(device)
         self.mrd = MultiResolutionDiscriminator(h).to(device)
         betas = (h.adam_b1, h.adam_b2)
-        self.optim_g = torch.optim.AdamW(
-            release_parameters(self.encoder) + release_parameters(self.decoder), h.learning_rate, betas=betas)
-        self.optim_d = torch.optim.AdamW(
-            release_parameters(self.mrd) + release_parameters(self.mpd), h.learning_rate, betas=betas)
+        self.params_g = release_parameters(self.encoder) + release_parameters(self.decoder)
+        self.params_d = release_parameters(self.mrd) + release_parameters(self.mpd)
+        # The multi-tensor (foreach) AdamW gives the same numbers as the per-tensor loop, bit
+        # for bit, in fewer kernels; it is already CUDA's default, and faster on CPUs too.
+        kernels = {"fused": True} if h.fused_adamw else {"foreach": True}
+        self.optim_g = torch.optim.AdamW(self.params_g, h.learning_rate, betas=betas, **kernels)
+        self.optim_d = torch.optim.AdamW(self.params_d, h.learning_rate, betas=betas, **kernels)
         self.steps, self.last_epoch = 0, -1
         self.distiller = Distiller(h, self.encoder, self.decoder, device) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on.
@@ -91,6 +144,34 @@ class Trainer:
         # Consecutive and total steps whose loss was not finite (their updates were skipped).
         self.nonfinite_streak = self.nonfinite_total = 0
         self.step_finite = True
+
+        half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[h.mixed_precision]
+        self.autocast: Callable[[], ContextManager] = (
+            (lambda: torch.autocast(device.type, dtype=half)) if half else nullcontext)
+        # Disabled scalers pass losses and steps through unchanged.
+        self.scaler_g = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
+        self.scaler_d = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
+
+        compile_mode = h.compile if h.compile != "no" and compile_available() else None
+        ddp = distributed()
+
+        def prepare(module: torch.nn.Module, sync: bool) -> Callable:
+            if sync and ddp:
+                module = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+            return torch.compile(module, mode=compile_mode) if compile_mode else module
+
+        self.train_encoder = prepare(self.encoder, True)
+        self.train_decoder = prepare(self.decoder, True)
+        self.train_mpd = prepare(self.mpd, True)
+        self.train_mrd = prepare(self.mrd, True)
+        # In the generator step the discriminators' gradients are not needed (see `frozen`), so
+        # they run outside DDP there: DDP would wait for gradients that never come.
+        self.frozen_mpd = prepare(self.mpd, False) if ddp else self.train_mpd
+        self.frozen_mrd = prepare(self.mrd, False) if ddp else self.train_mrd
+        # Code counts since the last summary, for codebook usage and perplexity.
+        self.code_counts = torch.zeros(h.n_codebooks, h.codebook_size, device=device)
+        # Called with each phase's name as it ends (bench.py times the phases with it).
+        self.phase_done: Callable[[str], None] = lambda name: None
 
     def resume(self) -> None:
         """Load the newest checkpoint set that reads back whole.
@@ -102,6 +183,13 @@ class Trainer:
         """
         folder = self.h.checkpoint_path
         found = load_newest_set(folder, self.device)
+        if distributed():
+            seen: List[Optional[int]] = [None] * dist.get_world_size()
+            dist.all_gather_object(seen, found[0] if found else None)
+            if len(set(seen)) > 1:
+                raise ValueError(f"the processes see different newest checkpoint sets in {folder} "
+                                 f"(steps by rank: {seen}); every node needs the same checkpoint_path, "
+                                 f"e.g. on a shared file system")
         state = None
         if found is not None:
             step, sets = found
@@ -117,6 +205,9 @@ class Trainer:
         if state is not None:
             self.optim_g.load_state_dict(state["optim_g"])
             self.optim_d.load_state_dict(state["optim_d"])
+            for name in ("scaler_g", "scaler_d"):
+                if name in state and getattr(self, name).is_enabled():
+                    getattr(self, name).load_state_dict(state[name])
         self.scheduler_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, self.h.lr_decay, last_epoch)
         self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, self.h.lr_decay, last_epoch)
         if exact:
@@ -127,54 +218,84 @@ class Trainer:
         if state is not None:
             self.last_epoch = state["epoch"]
             where = f", batch {self.position} of the epoch" if exact else " (release checkpoint: epoch restarts)"
-            print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}{where}")
+            if not distributed() or dist.get_rank() == 0:
+                print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}{where}")
 
     def save(self, step: int, epoch: int) -> None:
         """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists."""
         folder = self.h.checkpoint_path
         save_checkpoint(checkpoint_file(folder, "encoder", step), {"encoder": release_state_dict(self.encoder)})
         save_checkpoint(checkpoint_file(folder, "decoder", step), {"decoder": release_state_dict(self.decoder)})
-        save_checkpoint(checkpoint_file(folder, "do", step), {
-            "mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
-            "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
-            "steps": step, "epoch": epoch,
-            # Not in the release's files: what an exact resume needs beyond them.
-            "position": self.position, "scheduler_g": self.scheduler_g.state_dict(),
-            "scheduler_d": self.scheduler_d.state_dict(), "random_states": random_states(),
-            "nonfinite_total": self.nonfinite_total})
+        state = {"mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
+                 "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
+                 "steps": step, "epoch": epoch,
+                 # Not in the release's files: what an exact resume needs beyond them.
+                 "position": self.position, "scheduler_g": self.scheduler_g.state_dict(),
+                 "scheduler_d": self.scheduler_d.state_dict(), "random_states": random_states(),
+                 "nonfinite_total": self.nonfinite_total}
+        if self.scaler_g.is_enabled():
+            state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
+        save_checkpoint(checkpoint_file(folder, "do", step), state)
         prune_checkpoints(folder, self.h.keep_last_checkpoints)
 
-    def codec(self, audio: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        """Targets of audio (B, L) and the codec's output for it, both as dicts of tensors."""
+    def codec(self, audio: torch.Tensor, training: bool = False
+              ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Targets of audio (B, L) and the codec's output for it, both as dicts of tensors.
+
+        training: through the training wrappers (DDP, compile) and under autocast.
+        """
         ref = spectral_targets(audio, self.h)
-        quantized = self.encoder(*encoder_input(audio, ref, self.h))
-        logamp, pha, real, imag, y_g = self.decoder(quantized.latent)
+        encoder, decoder = (self.train_encoder, self.train_decoder) if training else (self.encoder, self.decoder)
+        with self.autocast() if training else nullcontext():
+            quantized = encoder(*encoder_input(audio, ref, self.h))
+            logamp, pha, real, imag, y_g = decoder(quantized.latent)
         gen = {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "audio": y_g,
-               "commitment": quantized.commitment, "codebook": quantized.codebook}
+               "commitment": quantized.commitment, "codebook": quantized.codebook, "codes": quantized.codes}
         return ref, gen
 
-    def discriminator_step(self, y: torch.Tensor, y_g: torch.Tensor) -> torch.Tensor:
-        """One discriminator update on the detached generator output. y, y_g: (B, 1, L)."""
+    def _update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                params: List[torch.nn.Parameter], want_norm: bool) -> Optional[torch.Tensor]:
+        """Clip (when `grad_clip` is set) and step; returns the gradient norm before clipping
+        when it was computed (clipping, or `want_norm`), else None. Measuring leaves the update as is."""
+        norm = None
+        if self.h.grad_clip or want_norm:
+            scaler.unscale_(optimizer)
+            if self.h.grad_clip:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip)
+            else:
+                norm = gradient_norm(params)
+        scaler.step(optimizer)
+        scaler.update()
+        return norm
+
+    def discriminator_step(self, y: torch.Tensor, y_g: torch.Tensor, want_norm: bool = False
+                           ) -> Dict[str, torch.Tensor]:
+        """One discriminator update on the detached generator output. y, y_g: (B, 1, L).
+
+        Returns the loss as 'D' and, when computed, the gradient norm as 'grad_norm_D'.
+        """
         self.optim_d.zero_grad()
-        mpd_real, mpd_fake, _, _ = self.mpd(y, y_g.detach())
-        mrd_real, mrd_fake, _, _ = self.mrd(y, y_g.detach())
+        with self.autocast():
+            mpd_real, mpd_fake, _, _ = self.train_mpd(y, y_g.detach())
+            mrd_real, mrd_fake, _, _ = self.train_mrd(y, y_g.detach())
         loss = (losses.discriminator_loss(mpd_real, mpd_fake)
                 + losses.WEIGHTS["mrd"] * losses.discriminator_loss(mrd_real, mrd_fake))
-        loss.backward()
-        if self._finite(loss, "D"):
-            self.optim_d.step()
-        return loss
+        self.scaler_d.scale(loss).backward()
+        norm = self._update(self.optim_d, self.scaler_d, self.params_d, want_norm) if self._finite(loss, "D") else None
+        return {"D": loss} if norm is None else {"D": loss, "grad_norm_D": norm}
 
     def generator_step(self, y: torch.Tensor, ref: Dict[str, torch.Tensor],
-                       gen: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One encoder + decoder update; returns every loss term and the total as 'G'."""
+                       gen: Dict[str, torch.Tensor], want_norm: bool = False) -> Dict[str, torch.Tensor]:
+        """One encoder + decoder update; returns every loss term, the total as 'G' and, when
+        computed, the gradient norm as 'grad_norm_G'."""
         self.optim_g.zero_grad()
         terms = losses.spectral_losses(ref, gen, self.h)
         # The discriminators' weight gradients from this backward would be discarded by the
         # next discriminator_step's zero_grad; not computing them saves time and changes nothing.
         with frozen(self.mpd, self.mrd):
-            _, mpd_fake, mpd_real_fmaps, mpd_fake_fmaps = self.mpd(y, gen["audio"])
-            _, mrd_fake, mrd_real_fmaps, mrd_fake_fmaps = self.mrd(y, gen["audio"])
+            with self.autocast():
+                _, mpd_fake, mpd_real_fmaps, mpd_fake_fmaps = self.frozen_mpd(y, gen["audio"])
+                _, mrd_fake, mrd_real_fmaps, mrd_fake_fmaps = self.frozen_mrd(y, gen["audio"])
             w = losses.WEIGHTS["mrd"]
             terms["GAN"] = (losses.generator_adversarial_loss(mpd_fake)
                             + w * losses.generator_adversarial_loss(mrd_fake))
@@ -185,30 +306,51 @@ class Trainer:
             if "kd" in gen:
                 terms.update(gen["kd"])
                 terms["G"] = terms["G"] + self.h.kd_weight * terms["KD"]
-            terms["G"].backward()
+            self.scaler_g.scale(terms["G"]).backward()
+        self.phase_done("generator backward")
         if self._finite(terms["G"], "G"):
-            self.optim_g.step()
+            norm = self._update(self.optim_g, self.scaler_g, self.params_g, want_norm)
+            if norm is not None:
+                terms["grad_norm_G"] = norm
+        self.phase_done("optimizer")
         return terms
 
     def _finite(self, loss: torch.Tensor, name: str) -> bool:
-        """Whether `loss` is finite; a non-finite one is reported, and its update is skipped."""
-        if torch.isfinite(loss).item():
+        """Whether `loss` is finite (on every rank); a non-finite one is reported, and its
+        update is skipped everywhere, so the ranks keep equal weights."""
+        finite = torch.isfinite(loss.detach()).float()
+        if distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():
             return True
-        print(f"warning: non-finite {name} loss at step {self.steps}; its update is skipped")
+        if not distributed() or dist.get_rank() == 0:
+            print(f"warning: non-finite {name} loss at step {self.steps}; its update is skipped")
         self.step_finite = False
         return False
 
-    def train_step(self, audio: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """D step then G step on a batch of segments (B, L); returns the detached loss terms."""
+    def count_codes(self, codes: torch.Tensor) -> None:
+        """Add codes (B, n_codebooks, T') to `code_counts`. index_add_ rather than bincount,
+        whose CUDA version reads the largest code back to the host."""
+        n, size = self.code_counts.shape
+        index = codes + torch.arange(n, device=codes.device).view(1, n, 1) * size
+        self.code_counts.view(-1).index_add_(0, index.flatten(), torch.ones(index.numel(), device=codes.device))
+
+    def train_step(self, audio: torch.Tensor, want_norms: bool = False) -> Dict[str, torch.Tensor]:
+        """D step then G step on a batch of segments (B, L); returns the detached loss terms
+        (and the gradient norms, with `want_norms` or `grad_clip`)."""
         audio = audio.to(self.device, non_blocking=True)
         self.step_finite = True
-        ref, gen = self.codec(audio)
+        self.phase_done("data")
+        ref, gen = self.codec(audio, training=True)
         if self.distiller is not None:
             gen["kd"] = self.distiller.loss(ref)
+        self.count_codes(gen["codes"])
+        self.phase_done("generator forward")
         y = audio.unsqueeze(1)
-        loss_d = self.discriminator_step(y, gen["audio"])
-        terms = self.generator_step(y, ref, gen)
-        terms["D"] = loss_d
+        terms_d = self.discriminator_step(y, gen["audio"], want_norms)
+        self.phase_done("discriminator step")
+        terms = self.generator_step(y, ref, gen, want_norms)
+        terms.update(terms_d)
         self.nonfinite_streak = 0 if self.step_finite else self.nonfinite_streak + 1
         self.nonfinite_total += not self.step_finite
         return {name: value.detach() for name, value in terms.items()}
@@ -301,30 +443,40 @@ def check_run_folder(h: AttrDict) -> None:
                          f"checkpoint set needs about {needed / 1e9:.2f} GB")
 
 
-def build_loaders(h) -> Tuple[DataLoader, DataLoader]:
-    """Loaders of the usable files of both lists (each file read once at start-up, cached)."""
-    cache = DataCheckCache(os.path.join(h.checkpoint_path, "data_check.json"))
-    segment_seconds = h.segment_size / h.sampling_rate
-    lists = {}
-    for key in ("input_training_wav_list", "input_validation_wav_list"):
-        lists[key] = check_audio_files(read_filelist(h[key]), h[key], segment_seconds, h.strict_data, cache,
-                                       workers=max(1, h.num_workers))
-    train_files, valid_files = lists["input_training_wav_list"], lists["input_validation_wav_list"]
-    if len(train_files) < h.batch_size:
+def build_loaders(h, rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, Optional[DataLoader]]:
+    """Training loader (this rank's share) and validation loader (rank 0 only, else None).
+
+    Rank 0 reads every listed file once at start-up (cached) and keeps the usable ones.
+    """
+    lists: List[Optional[List[str]]] = [None, None]
+    if rank == 0:
+        cache = DataCheckCache(os.path.join(h.checkpoint_path, "data_check.json"))
+        segment_seconds = h.segment_size / h.sampling_rate
+        lists = [check_audio_files(read_filelist(h[key]), h[key], segment_seconds, h.strict_data, cache,
+                                   workers=max(1, h.num_workers))
+                 for key in ("input_training_wav_list", "input_validation_wav_list")]
+    if world_size > 1:
+        dist.broadcast_object_list(lists, src=0)
+    train_files, valid_files = lists
+    if len(train_files) < h.batch_size * world_size:
         raise ValueError(f"{h.input_training_wav_list} has {len(train_files)} usable files, fewer than "
-                         f"batch_size ({h.batch_size}): no full batch can be drawn")
-    # Shuffled once with the seed and kept in that order every epoch, as in the release.
+                         f"batch_size x processes ({h.batch_size} x {world_size}): no full batch can be drawn")
+    # Shuffled once with the seed, as in the release; with shuffle_every_epoch the sampler
+    # reshuffles it every epoch (seed + epoch), the same permutation on every rank.
     random.Random(h.seed).shuffle(train_files)
-    left_out = train_files[len(train_files) - len(train_files) % h.batch_size:]
-    if left_out:
+    per_step = h.batch_size * world_size
+    left_out = train_files[len(train_files) - len(train_files) % per_step:]
+    if left_out and rank == 0 and not h.shuffle_every_epoch:
         shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
         print(f"note: the last incomplete batch is dropped, so in this fixed order {len(left_out)} file(s) "
-              f"are left out of every epoch: {shown}")
+              f"are left out of every epoch: {shown} (shuffle_every_epoch: true avoids that)")
+    sampler = EpochSampler(len(train_files), h.batch_size, rank, world_size, h.shuffle_every_epoch, h.seed)
     pin = torch.cuda.is_available()
-    train_loader = DataLoader(AudioDataset(train_files, h, train=True), batch_size=h.batch_size,
-                              sampler=EpochSampler(len(train_files), h.batch_size),
+    train_loader = DataLoader(AudioDataset(train_files, h, train=True), batch_size=h.batch_size, sampler=sampler,
                               num_workers=h.num_workers, pin_memory=pin, drop_last=True,
                               persistent_workers=h.num_workers > 0, worker_init_fn=_ignore_stop_signals)
+    if rank != 0:
+        return train_loader, None
     valid_loader = DataLoader(AudioDataset(valid_files, h, train=False), batch_size=1,
                               shuffle=False, num_workers=min(1, h.num_workers), pin_memory=pin,
                               worker_init_fn=_ignore_stop_signals)
@@ -337,25 +489,47 @@ def format_terms(values: Dict[str, float]) -> str:
     return ", ".join(f"{name} {values[name]:.3f}" for name in names)
 
 
+def mean_over_ranks(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Each 0-d tensor averaged over all processes (every rank must call this)."""
+    stacked = torch.stack([v.float() for v in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked / dist.get_world_size()))
+
+
 def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: int, step_start: float,
-                       writer: SummaryWriter, valid_loader: DataLoader) -> bool:
+                       writer: Optional[SummaryWriter], valid_loader: Optional[DataLoader]) -> bool:
     """The interval work after a step: stdout, checkpoint, TensorBoard, validation.
 
-    Returns whether a checkpoint set was written.
+    Every rank calls it: logged values are averaged over ranks, and rank 0 (the one with a
+    writer) prints, logs, saves and validates. Returns whether a checkpoint set was written.
     """
     h, steps = trainer.h, trainer.steps
+    printing, summary = steps % h.stdout_interval == 0, steps % h.summary_interval == 0
+    if (printing or summary) and distributed():
+        terms = mean_over_ranks(terms)
+    health = None
+    if summary:
+        if distributed():
+            dist.all_reduce(trainer.code_counts)
+        health = codebook_health(trainer.code_counts)
+        trainer.code_counts.zero_()
+    saved = steps % h.checkpoint_interval == 0 and steps != 0
+    if writer is None:
+        return saved
     # .item() waits for the GPU, so values are read only on logging steps.
-    if steps % h.stdout_interval == 0:
+    if printing:
         values = {name: value.item() for name, value in terms.items()}
         print(f"Steps {steps:d}: {format_terms(values)}, s/b {time.time() - step_start:.3f}")
-    saved = steps % h.checkpoint_interval == 0 and steps != 0
     if saved:
         trainer.save(steps, epoch)
-    if steps % h.summary_interval == 0:
+    if health is not None:
         for name, value in terms.items():
             writer.add_scalar(f"Training/{name}", value.item(), steps)
         writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
         writer.add_scalar("Training/nonfinite_steps", trainer.nonfinite_total, steps)
+        for name, per_codebook in health.items():
+            for i, value in enumerate(per_codebook.tolist()):
+                writer.add_scalar(f"Codebook/{name}_{i}", value, steps)
     if steps % h.validation_interval == 0:
         means = trainer.validate(valid_loader, writer)
         print(f"Validation at step {steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
@@ -363,76 +537,115 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
 
 
 def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
-    """Train (or resume) the run of config `h` to `training_epochs`; returns the trainer."""
-    device = device or pick_device()
+    """Train (or resume) the run of config `h` to `training_epochs`; returns the trainer.
+
+    Under torchrun every process calls this; it joins the process group and leaves it at the end.
+    """
+    rank, world_size = init_distributed()
+    try:
+        return _train(h, device, rank, world_size)
+    finally:
+        if distributed():
+            dist.destroy_process_group()
+
+
+def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: int) -> Trainer:
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else pick_device()
+    main = rank == 0
     torch.manual_seed(h.seed)
-    random.seed(h.seed)
+    random.seed(h.seed + rank)
     torch.backends.cudnn.benchmark = True
-    check_run_folder(h)
-    train_loader, valid_loader = build_loaders(h)
-    save_config(h, os.path.join(h.checkpoint_path, "config.json"))
+    if main:
+        check_run_folder(h)
+    train_loader, valid_loader = build_loaders(h, rank, world_size)
+    if main:
+        save_config(h, os.path.join(h.checkpoint_path, "config.json"))
 
     trainer = Trainer(h, device)
     trainer.resume()
-    print(f"Training on {device.type}: {bitrate(h):.0f} bit/s codec, checkpoints and logs in "
-          f"{os.path.abspath(h.checkpoint_path)}")
+    say = print if main else (lambda *args: None)
+    say(f"Training on {device.type}: {bitrate(h):.0f} bit/s codec, checkpoints and logs in "
+        f"{os.path.abspath(h.checkpoint_path)}")
+    if world_size > 1:
+        say(f"{world_size} processes x batch_size {h.batch_size} = effective batch {world_size * h.batch_size}")
     for module in (trainer.encoder, trainer.decoder, trainer.mpd, trainer.mrd):
         module.train()
     start_epoch = max(0, trainer.last_epoch)
     if start_epoch >= h.training_epochs:
-        print(f"Nothing to train: the run in {h.checkpoint_path} has finished {start_epoch} epochs "
-              f"(training_epochs = {h.training_epochs}); raise training_epochs to continue")
+        say(f"Nothing to train: the run in {h.checkpoint_path} has finished {start_epoch} epochs "
+            f"(training_epochs = {h.training_epochs}); raise training_epochs to continue")
         return trainer
-    with SummaryWriter(os.path.join(h.checkpoint_path, "logs")) as writer, stop_requests() as request:
+    writing = SummaryWriter(os.path.join(h.checkpoint_path, "logs")) if main else nullcontext()
+    with writing as writer, stop_requests() as request:
         try:
             run_epochs(trainer, start_epoch, train_loader, valid_loader, writer, request)
         except Exception:
             last = newest_complete_step(h.checkpoint_path)
             where = checkpoint_file(h.checkpoint_path, "do", last) if last is not None else "none yet"
-            print(f"Training failed at step {trainer.steps}; the last complete checkpoint set is {where}",
-                  file=sys.stderr)
+            if main:
+                print(f"Training failed at step {trainer.steps}; the last complete checkpoint set is {where}",
+                      file=sys.stderr)
             raise
     return trainer
 
 
-def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, valid_loader: DataLoader,
-               writer: SummaryWriter, request: Dict[str, int]) -> None:
+def should_stop(trainer: Trainer, request: Dict[str, int]) -> Optional[str]:
+    """'signal' after SIGINT / SIGTERM, 'nonfinite' after `max_nonfinite_steps` non-finite steps
+    in a row, else None. Under torchrun the ranks agree (a signal may reach only some of them)."""
+    flags = [bool(request), trainer.nonfinite_streak >= trainer.h.max_nonfinite_steps]
+    if distributed():
+        agreed = torch.tensor(flags, dtype=torch.float32, device=trainer.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        flags = [bool(v) for v in agreed.tolist()]
+    return "signal" if flags[0] else "nonfinite" if flags[1] else None
+
+
+def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, valid_loader: Optional[DataLoader],
+               writer: Optional[SummaryWriter], request: Dict[str, int]) -> None:
     """The loop over epochs and steps. A stop request or too many non-finite losses in a row
     save a set at the last finished step and end the process with one line."""
     h = trainer.h
     last_saved = trainer.steps - 1
+    say = print if writer is not None else (lambda *args: None)
     for epoch in range(start_epoch, h.training_epochs):
         epoch_start = time.time()
-        print(f"Epoch: {epoch + 1}")
+        say(f"Epoch: {epoch + 1}")
         train_loader.sampler.set_epoch(epoch, trainer.position)
         for audio in train_loader:
             step_start = time.time()
-            terms = trainer.train_step(audio)
+            terms = trainer.train_step(audio, want_norms=trainer.steps % h.summary_interval == 0)
             trainer.position += 1
             if log_and_checkpoint(trainer, terms, epoch, step_start, writer, valid_loader):
                 last_saved = trainer.steps
             trainer.steps += 1
-            if request or trainer.nonfinite_streak >= h.max_nonfinite_steps:
+            reason = should_stop(trainer, request)
+            if reason:
                 step = trainer.steps - 1
-                if step > last_saved:
+                if step > last_saved and writer is not None:
                     trainer.save(step, epoch)
+                if distributed():
+                    dist.barrier()
                 where = checkpoint_file(h.checkpoint_path, "do", step)
-                if request:
-                    name = signal.Signals(request["signal"]).name
-                    print(f"Stopped by {name} after step {step}; checkpoint set saved ({where}). "
-                          f"Run the same command to resume.")
-                    raise SystemExit(128 + request["signal"])
+                if reason == "signal":
+                    signum = request.get("signal", signal.SIGTERM)
+                    say(f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint set saved "
+                        f"({where}). Run the same command to resume.")
+                    raise SystemExit(128 + signum)
                 raise SystemExit(f"error: {trainer.nonfinite_streak} steps in a row had a non-finite loss; "
                                  f"stopped after step {step}, the last finite state is saved ({where})")
         trainer.scheduler_g.step()
         trainer.scheduler_d.step()
         trainer.position = 0
-        print(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
+        say(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
     # Keep the final weights even when the run ends between checkpoint intervals. The epoch
     # stored is the number of finished epochs, so restarting a finished run trains nothing
     # and raising training_epochs continues with the next epoch.
-    if trainer.steps - 1 > last_saved:
+    if trainer.steps - 1 > last_saved and writer is not None:
         trainer.save(trainer.steps - 1, h.training_epochs)
+    if distributed():
+        # No rank leaves (and tears down the group) while rank 0 still writes.
+        dist.barrier()
 
 
 def main(argv: Optional[List[str]] = None) -> None:

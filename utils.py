@@ -21,6 +21,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """A block where autocast is off, so that it runs in float32 inside a mixed-precision region.
+
+    Cast its inputs with .float(): that is a no-op on float32 tensors, so full-precision
+    runs are unchanged.
+    """
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Call write(binary_file) on a temp file next to `path`, then rename it into place.
 

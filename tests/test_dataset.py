@@ -43,12 +43,21 @@ def test_load_audio_mono_and_resampled(tmp_path):
         load_audio(str(tmp_path / "bad.wav"), 48000)
 
 
-def test_epoch_sampler_keys_and_mid_epoch_start():
+def test_epoch_sampler_keys_ranks_and_mid_epoch_start():
     sampler = EpochSampler(7, 2)
     sampler.set_epoch(3)
-    assert list(sampler) == [(3, i) for i in range(7)] and len(sampler) == 7
+    # Whole batches only (the release's drop_last), in the list's order.
+    assert list(sampler) == [(3, i) for i in range(6)] and len(sampler) == 6
     sampler.set_epoch(4, start_batch=2)
-    assert list(sampler) == [(4, i) for i in range(4, 7)] and len(sampler) == 3
+    assert list(sampler) == [(4, 4), (4, 5)] and len(sampler) == 2
+    # Two ranks at batch 2: each global step of 4 items is split between them.
+    ranks = [EpochSampler(11, 2, rank, 2) for rank in range(2)]
+    assert [[i for _, i in r] for r in ranks] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    shuffled = [EpochSampler(11, 2, rank, 2, shuffle=True, seed=5) for rank in range(2)]
+    for r in shuffled:
+        r.set_epoch(1)
+    a, b = ([i for _, i in r] for r in shuffled)
+    assert len(a) == len(b) == 4 and not set(a) & set(b)
 
 
 def test_training_crops_and_padding(tmp_path, tiny_h):

@@ -153,3 +153,21 @@ def test_spectral_losses_terms(tiny_h):
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value.item(), rel=1e-5), name
     assert expected["C"].item() > 0.01 and expected["Mel"].item() > 0.01
+
+
+def test_spectral_losses_equal_separate_analyses(tiny_h):
+    """One STFT of the output serves C, Mel and Mel_L2: the same values as separate analyses."""
+    import torch.nn.functional as F
+    from dataset import spectral_targets
+    from spectral import amp_pha_spectrum, mel_spectrogram
+    h = tiny_h
+    torch.manual_seed(0)
+    ref = spectral_targets(torch.randn(2, h.segment_size) * 0.1, h)
+    audio = torch.randn(2, h.segment_size) * 0.1
+    gen = dict(spectral_targets(torch.randn(2, h.segment_size) * 0.1, h), audio=audio[:, None])
+    terms = losses.spectral_losses(ref, gen, h)
+    _, _, real_final, imag_final = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
+    mel_g = mel_spectrogram(audio, h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
+    assert torch.equal(terms["C"], losses.stft_consistency_loss(gen["real"], real_final, gen["imag"], imag_final))
+    assert torch.equal(terms["Mel"], F.l1_loss(ref["mel"], mel_g))
+    assert torch.equal(terms["Mel_L2"], F.mse_loss(ref["mel"], mel_g))

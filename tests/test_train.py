@@ -16,6 +16,7 @@ import torch
 import train
 from conftest import ROOT, TINY, make_config, tone, write_tone
 from checkpoints import checkpoint_steps, load_release_state_dict, newest_complete_step
+from config import save_config
 from models import Encoder
 
 
@@ -162,9 +163,9 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, 
     real_codec = train.Trainer.codec
     calls = {"n": 0}
 
-    def codec(self, audio):
+    def codec(self, audio, training=False):
         calls["n"] += 1
-        ref, gen = real_codec(self, audio)
+        ref, gen = real_codec(self, audio, training)
         if calls["n"] >= 2:            # every step from the second on has a NaN amplitude loss
             gen["logamp"] = gen["logamp"] * float("nan")
         return ref, gen
@@ -286,6 +287,8 @@ def test_causal_run_trains_and_its_checkpoints_load_as_causal(tmp_path, one_thre
     x = torch.randn(1, h.n_fft // 2 + 1, 16)
     with torch.no_grad():
         assert torch.equal(encoder(x, x).latent, trainer.encoder(x, x).latent)
+
+
 def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path):
     """The set saved mid-epoch at step 3 of an uninterrupted 6-step run, resumed in a new run,
     ends with the same weights and optimizer states, bit for bit."""
@@ -329,3 +332,229 @@ def test_release_checkpoints_resume_with_release_semantics(tmp_path, capsys):
     assert "release checkpoint: epoch restarts" in capsys.readouterr().out
     # Epochs 0 (restarted) and 1 are trained: 2 + 2 steps after step 1.
     assert trainer.steps == 6
+# A torchrun worker: trains with the config in argv[1], then each rank saves its weights.
+_WORKER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+from config import load_config
+h = load_config(sys.argv[1])
+trainer = train.train(h, torch.device("cpu"))
+state = {{name: {{k: v.detach().clone() for k, v in getattr(trainer, name).state_dict().items()}}
+          for name in ("encoder", "decoder", "mpd", "mrd")}}
+torch.save(state, os.path.join(h.checkpoint_path, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def _clips(tmp_path, n):
+    """n clips shorter than a segment: zero-padded, so no random crop differs between runs."""
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    names = []
+    for i in range(n):
+        write_tone(str(wavs / f"c{i}.wav"), 0.1 + 0.005 * i, f0=120 + 30 * i, seed=i)
+        names.append(str(wavs / f"c{i}.wav"))
+    (tmp_path / "train.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "valid.txt").write_text(names[0] + "\n")
+    return dict(TINY, input_training_wav_list=str(tmp_path / "train.txt"),
+                input_validation_wav_list=str(tmp_path / "valid.txt"), training_epochs=2,
+                checkpoint_interval=3, stdout_interval=1, summary_interval=2, validation_interval=1000)
+
+
+def _printed_terms(stdout, step):
+    line = next(l for l in stdout.splitlines() if l.startswith(f"Steps {step}:"))
+    return {name: float(value) for name, value in (item.rsplit(" ", 1) for item in line.split(": ", 1)[1].split(", "))}
+
+
+def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, capsys):
+    """2 gloo processes x batch 2 == 1 process x batch 4: same files per step, mean losses,
+    DDP averages the gradients. 8 clips: 2 steps per epoch, 2 epochs, a checkpoint at step 3."""
+    import subprocess
+    import sys
+    settings = _clips(tmp_path, 8)
+    ddp = dict(settings, batch_size=2, checkpoint_path=str(tmp_path / "ddp"))
+    save_config(make_config(**ddp), str(tmp_path / "ddp.json"))
+    (tmp_path / "worker.py").write_text(_WORKER.format(root=os.path.dirname(os.path.dirname(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "worker.py"), str(tmp_path / "ddp.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 processes x batch_size 2 = effective batch 4" in run.stdout
+    assert run.stdout.count("Steps 0:") == 1  # rank 0 alone prints
+    assert checkpoint_steps(ddp["checkpoint_path"], "do") == [3]
+
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    single = train.train(make_config(**dict(settings, batch_size=4, checkpoint_path=str(tmp_path / "one"))),
+                         torch.device("cpu"))
+    torch.manual_seed(single.h.seed)
+    init = train.Trainer(single.h, torch.device("cpu"))
+    assert torch.load(tmp_path / "ddp" / "do_00000003", weights_only=False)["steps"] == 3
+    for name in ("encoder", "decoder", "mpd", "mrd"):
+        start = getattr(init, name).state_dict()
+        for key, value in getattr(single, name).state_dict().items():
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)
+            # The 4 updates agree up to float rounding, amplified by AdamW where a gradient is
+            # near 0; other data or unaveraged gradients give a different update altogether.
+            update = (value - start[key]).norm()
+            assert update > 0 and (ranks[0][name][key] - value).norm() < 0.02 * update, (name, key)
+    # What rank 0 prints is the mean over ranks, i.e. the single process's losses.
+    printed = _printed_terms(capsys.readouterr().out, 3)
+    for name, value in _printed_terms(run.stdout, 3).items():
+        if name != "s/b":
+            assert value == pytest.approx(printed[name], abs=2e-3), name
+
+
+def _batch(h):
+    audio = torch.from_numpy(tone(h.segment_size / h.sampling_rate))[None].repeat(2, 1)
+    audio[1] *= 0.5
+    return audio
+
+
+def _trained(h, steps, **step_options):
+    torch.manual_seed(0)
+    trainer = train.Trainer(h, torch.device("cpu"))
+    terms = None
+    for _ in range(steps):
+        terms = trainer.train_step(_batch(h), **step_options)
+    return trainer, terms
+
+
+def test_measuring_gradient_norms_leaves_the_update_unchanged(tiny_h):
+    measured, terms = _trained(tiny_h, 2, want_norms=True)
+    plain, plain_terms = _trained(tiny_h, 2)
+    assert "grad_norm_G" not in plain_terms
+    for a, b in zip(measured.params_g + measured.params_d, plain.params_g + plain.params_d):
+        assert torch.equal(a, b)
+    # Gradients stay in .grad after the step: the norm is theirs.
+    for name, params in (("grad_norm_G", measured.params_g), ("grad_norm_D", measured.params_d)):
+        expected = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+        assert terms[name].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_grad_clip_scales_the_gradients_to_the_max_norm(tiny_h):
+    h = make_config(**dict(TINY, grad_clip=0.01))
+    trainer, terms = _trained(h, 1)
+    for name, params in (("grad_norm_G", trainer.params_g), ("grad_norm_D", trainer.params_d)):
+        clipped = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+        assert terms[name].item() > 0.01 and clipped == pytest.approx(0.01, rel=1e-4), name
+
+
+def test_codebook_health_golden_values():
+    counts = torch.zeros(3, 4)
+    counts[0] = 5            # uniform: every code, perplexity = codebook size
+    counts[1, 2] = 7         # collapsed to one code
+    counts[2, :2] = 1        # two codes equally often
+    health = train.codebook_health(counts)
+    assert health["usage"].tolist() == [1.0, 0.25, 0.5]
+    assert health["perplexity"].tolist() == pytest.approx([4.0, 1.0, 2.0])
+
+
+def test_code_counts_are_the_codes_drawn(tiny_h):
+    trainer = train.Trainer(tiny_h, torch.device("cpu"))
+    codes = torch.randint(0, tiny_h.codebook_size, (2, tiny_h.n_codebooks, 5))
+    trainer.count_codes(codes)
+    trainer.count_codes(codes[:1])
+    for i in range(tiny_h.n_codebooks):
+        expected = torch.bincount(torch.cat([codes[:, i].flatten(), codes[0, i]]), minlength=tiny_h.codebook_size)
+        assert torch.equal(trainer.code_counts[i], expected.float())
+
+
+def test_summary_logs_codebook_health_and_gradient_norms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    h = _setup(tmp_path, training_epochs=1, summary_interval=1)
+    train.train(h, torch.device("cpu"))
+    events = EventAccumulator(os.path.join(h.checkpoint_path, "logs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {f"Codebook/{kind}_{i}" for kind in ("usage", "perplexity") for i in range(h.n_codebooks)}
+    assert expected | {"Training/grad_norm_G", "Training/grad_norm_D", "Training/learning_rate"} <= tags
+    usage = events.Scalars("Codebook/usage_0")
+    assert [e.step for e in usage] == [0, 1] and all(0 < e.value <= 1 for e in usage)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_spectra_quantizer_and_losses_float32(precision):
+    h = make_config(**dict(TINY, mixed_precision=precision))
+    trainer = train.Trainer(h, torch.device("cpu"))
+    assert trainer.scaler_g.is_enabled() == (precision == "fp16")
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output.dtype)
+        return hook
+    trainer.encoder.amp.blocks[0].register_forward_hook(record("branch"))
+    trainer.mpd.discriminators[0].convs[0].register_forward_hook(record("mpd"))
+    ref, gen = trainer.codec(_batch(h), training=True)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen["branch"] == half
+    for name in ("logamp", "pha", "real", "imag", "audio", "commitment", "codebook"):
+        assert gen[name].dtype == torch.float32, name
+    terms = trainer.train_step(_batch(h))
+    assert seen["mpd"] == half
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+
+
+def test_compile_unavailable_falls_back_with_one_line(tiny_h, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+    monkeypatch.setattr(torch, "compile", broken)
+    trainer = train.Trainer(make_config(**dict(TINY, compile="default")), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert out == "compile: torch.compile is unavailable here (RuntimeError: no compiler here); training without it\n"
+    assert trainer.train_encoder is trainer.encoder
+    trainer.train_step(_batch(tiny_h))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_h):
+    """torch.compile of the tiny model: the same losses as eager, within float tolerance."""
+    eager = _trained(tiny_h, 2)[1]
+    compiled = _trained(make_config(**dict(TINY, compile="default")), 2)[1]
+    for name, value in eager.items():
+        assert compiled[name].item() == pytest.approx(value.item(), rel=1e-3, abs=1e-4), name
+
+
+def _epoch_orders(h, epochs):
+    loader, _ = train.build_loaders(h)
+    orders = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        orders.append([loader.dataset.files[i] for _, i in loader.sampler])
+    return orders
+
+
+def test_training_order_fixed_by_default_and_reshuffled_when_asked(tmp_path):
+    import random
+    h = _setup(tmp_path)
+    fixed = _epoch_orders(h, 3)
+    expected = train.read_filelist(h.input_training_wav_list)
+    random.Random(h.seed).shuffle(expected)
+    assert fixed == [expected] * 3
+    h = _setup(tmp_path / "b", shuffle_every_epoch=True)
+    shuffled = _epoch_orders(h, 3)
+    assert all(sorted(order) == sorted(shuffled[0]) for order in shuffled)
+    assert shuffled[0] != shuffled[1] or shuffled[1] != shuffled[2]
+    assert shuffled == _epoch_orders(h, 3)  # seeded
+
+
+def test_optimizer_kernels_keep_the_numbers(tiny_h):
+    """foreach AdamW (the default here) equals the per-tensor loop bit for bit; fused equals it
+    up to float rounding."""
+    foreach, _ = _trained(tiny_h, 2)
+    assert foreach.optim_g.defaults["foreach"] and not foreach.optim_g.defaults["fused"]
+    loop = _trained(tiny_h, 0)[0]
+    for optimizer in (loop.optim_g, loop.optim_d):
+        optimizer.defaults["foreach"] = False
+        for group in optimizer.param_groups:
+            group["foreach"] = False
+    for _ in range(2):
+        loop.train_step(_batch(tiny_h))
+    fused, _ = _trained(make_config(**dict(TINY, fused_adamw=True)), 2)
+    for a, b, c in zip(foreach.params_g + foreach.params_d, loop.params_g + loop.params_d,
+                       fused.params_g + fused.params_d):
+        assert torch.equal(a, b)
+        # Two AdamW steps move a weight by about 2 lr = 4e-4; rounding differences stay far below.
+        assert torch.allclose(a, c, rtol=0, atol=1e-5)
