@@ -89,25 +89,37 @@ def read_filelist(list_path: str) -> List[str]:
 _TRUNCATED = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
 
 
-def audio_problem(path: str) -> Tuple[Optional[str], float]:
-    """(why `path` cannot be trained on, or None; its duration in seconds).
-
-    Reads the whole file once: a header alone hides truncated data and NaN samples.
-    """
+def header_problem(path: str) -> Optional[str]:
+    """Why `path` is not readable audio judging by its header, or None. Reads no samples."""
     if not os.path.isfile(path):
-        return "file not found", 0.0
+        return "file not found"
     try:
-        truncated = _TRUNCATED.search(sf.info(path).extra_info)
-        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+        info = sf.info(path)
     except Exception as e:
-        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})", 0.0
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if info.frames < 1:
+        return "holds no samples"
+    truncated = _TRUNCATED.search(info.extra_info)
     # Writers that stream set the size to 0 or 0xFFFFFFFF ("unknown"): not a truncation.
     if truncated and 0 < int(truncated.group(1)) < 0xFFFFFFF0:
         return (f"truncated (its header promises {truncated.group(1)} bytes of audio, "
-                f"the file holds {truncated.group(2)})"), 0.0
+                f"the file holds {truncated.group(2)})")
+    return None
+
+
+def audio_problem(path: str) -> Tuple[Optional[str], float]:
+    """(why `path` cannot be trained on, or None; its duration in seconds).
+
+    Reads the whole file once: a header alone hides NaN samples and silence.
+    """
+    problem = header_problem(path)
+    if problem:
+        return problem, 0.0
+    try:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})", 0.0
     seconds = audio.shape[0] / sr
-    if audio.shape[0] == 0:
-        return "holds no samples", 0.0
     if not np.isfinite(audio).all():
         return "has NaN or infinite samples", seconds
     if not audio.any():

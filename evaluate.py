@@ -136,7 +136,7 @@ def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: 
     (nominal bitrate, bits of the codes actually produced per second of audio, real-time
     factor of encode + decode) for the summary.
     """
-    check_inputs(reference, "the reference folder")
+    reference = check_inputs(reference, "the reference folder")
     encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder, device)
     consistency: Dict[str, float] = {}
     code_bits = 0
@@ -253,19 +253,27 @@ def _track_extremes(extremes: Dict, name: str, value: float, ref: np.ndarray, de
 
 
 def evaluate(pairs: List[Pair], h, speech: bool, device: torch.device
-             ) -> Tuple[List[Dict[str, object]], Dict[str, Tuple]]:
-    """Per-file metric rows, and the worst and best file by LSD with their audio."""
+             ) -> Tuple[List[Dict[str, object]], Dict[str, Tuple], List[str]]:
+    """Per-file metric rows, the worst and best file by LSD with their audio, and the files
+    that could not be read (each reported on stderr and left out)."""
     scorers = optional_metrics(speech)
-    rows, extremes = [], {}
+    rows, extremes, failed = [], {}, []
     for name, ref_path, dec_path in pairs:
-        ref, dec = read_pair(name, ref_path, dec_path, h.sampling_rate)
+        try:
+            ref, dec = read_pair(name, ref_path, dec_path, h.sampling_rate)
+        except ValueError as e:
+            print(f"failed: {e}", file=sys.stderr)
+            failed.append(str(e))
+            continue
         row = {"file": name}
         row.update(compute_metrics(torch.from_numpy(ref).to(device), torch.from_numpy(dec).to(device), h))
         for metric, score in scorers.items():
             row[metric] = score(ref, dec, h.sampling_rate)
         rows.append(row)
         _track_extremes(extremes, name, row["LSD"], ref, dec)
-    return rows, extremes
+    if not rows:
+        raise ValueError(f"no file could be evaluated: {failed[0]}")
+    return rows, extremes, failed
 
 
 def write_outputs(output: str, rows: List[Dict[str, object]], summary: Dict[str, object], report: str,
@@ -296,7 +304,9 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         notes.append(f"Missing from {decoded_dir} ({len(missing)}): {', '.join(missing)}")
     if extra:
         notes.append(f"Only in {decoded_dir} ({len(extra)}): {', '.join(extra)}")
-    rows, extremes = evaluate(pairs, h, args.speech, device)
+    rows, extremes, failed = evaluate(pairs, h, args.speech, device)
+    if failed:
+        notes.append(f"Failed ({len(failed)}), left out: " + "; ".join(failed))
     for row in rows:
         if row["file"] in consistency:
             row["STFT_consistency"] = consistency[row["file"]]
@@ -316,6 +326,10 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     write_outputs(args.output, rows, summary, report, extremes, h.sampling_rate)
     print(report, end="")
     print(f"Wrote metrics.csv, summary.json, report.md and spectrograms.png to {args.output}")
+    # In codec mode, references that could not be read were never decoded.
+    unread = len(failed) + (len(reference) - len(consistency) if codec else 0)
+    if unread:
+        raise ValueError(f"{unread} file(s) could not be evaluated (listed above)")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

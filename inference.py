@@ -21,32 +21,36 @@ streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live st
 would, and gives the same files as the offline pass.
 """
 import os
+import sys
 import time
 from typing import Dict, List, Optional
 
-import soundfile as sf
 import torch
 from tqdm import tqdm
 
 from codec import CHUNK_SECONDS, CODES_EXTENSION, Codec, CodesFile
 from config import AttrDict, make_parser, run_cli
-from dataset import AUDIO_EXTENSIONS, audio_index
+from dataset import AUDIO_EXTENSIONS, audio_index, header_problem
 from utils import pick_device
 
 MODES = ("resynth", "encode", "decode")
 
 
-def check_inputs(files: Dict[str, str], location: str) -> None:
-    """Every input must be readable audio with at least one sample; one line names the first that is not."""
+def check_inputs(files: Dict[str, str], location: str) -> Dict[str, str]:
+    """The inputs whose headers read as audio with at least one sample, checked before anything
+    is written; each other one is reported by path and reason. No usable input is an error."""
     if not files:
         raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {location}")
-    for path in files.values():
-        try:
-            frames = sf.info(path).frames
-        except Exception as e:
-            raise ValueError(f"cannot read audio file {path}: {e}") from None
-        if frames < 1:
-            raise ValueError(f"audio file {path} holds no samples")
+    usable = {}
+    for key, path in files.items():
+        problem = header_problem(path)
+        if problem:
+            print(f"failed: {path}: {problem}", file=sys.stderr)
+        else:
+            usable[key] = path
+    if not usable:
+        raise ValueError(f"no usable audio file in {location} ({len(files)} failed, listed above)")
+    return usable
 
 
 def _load_codes_files(files: Dict[str, str], location: str, codec: Codec) -> Dict[str, CodesFile]:
@@ -75,8 +79,9 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
         raise ValueError("--stream resynthesises with every codebook: it takes no --mode or --n_codebooks")
     source, target = h.test_input_wavs_dir, h.test_wav_output_dir
     files = audio_index(source, (CODES_EXTENSION,) if mode == "decode" else AUDIO_EXTENSIONS)
+    listed = len(files)
     if mode != "decode":
-        check_inputs(files, source)
+        files = check_inputs(files, source)
     start = time.perf_counter()
     codec = Codec.load(h, device=pick_device(), chunk_seconds=chunk_seconds)
     if stream_ms is not None:
@@ -95,7 +100,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
             return codec.decode_to_file(codes[key], output, keep_model_rate)
         return codec.resynthesize_file(path, output, keep_model_rate, n_codebooks)
 
-    audio_seconds, failed = 0.0, 0
+    audio_seconds, failed = 0.0, listed - len(files)
     for key, path in tqdm(files.items(), desc=mode, unit="file", disable=len(files) == 1):
         try:
             audio_seconds += code(key, path)
@@ -103,13 +108,13 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
             failed += 1
             tqdm.write(f"failed: {path}: {e}")
     wall = time.perf_counter() - start
-    totals = {"files": len(files) - failed, "failed": failed, "audio_seconds": audio_seconds,
+    totals = {"files": listed - failed, "failed": failed, "audio_seconds": audio_seconds,
               "wall_seconds": wall, "rtf": wall / audio_seconds if audio_seconds else float("nan")}
     print(f"{mode}: {totals['files']} files done, {failed} failed, {audio_seconds:.1f} s of audio, "
           f"{wall:.1f} s wall, RTF {totals['rtf']:.4f} ({codec.device.type}, {torch.get_num_threads()} threads) "
           f"-> {os.path.abspath(target)}")
     if failed:
-        raise ValueError(f"{failed} of {len(files)} files failed (listed above)")
+        raise ValueError(f"{failed} of {listed} files failed (listed above)")
     return totals
 
 

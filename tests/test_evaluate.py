@@ -241,3 +241,15 @@ def test_codec_mode_keeps_the_length_of_very_short_clips(tmp_path):
               "--output", str(tmp_path / "out")], {"visqol": None})
     assert sf.info(str(tmp_path / "out" / "decoded" / "blip.wav")).frames == 28
     assert len(read_csv(tmp_path / "out" / "metrics.csv")) == 1
+
+
+def test_unreadable_files_are_reported_the_rest_evaluated_and_the_run_fails(tmp_path, capsys):
+    x = tone(0.3, SR, seed=9)
+    write_pairs(tmp_path, {"good": (x, 0.5 * x), "bad": (x, x)})
+    (tmp_path / "dec" / "bad.wav").write_bytes(b"not audio at all")
+    with pytest.raises(SystemExit, match="1 file\\(s\\) could not be evaluated"):
+        evaluate.main(["--reference", str(tmp_path / "ref"), "--decoded", str(tmp_path / "dec"),
+                       "--output", str(tmp_path / "out"), "--config", CONFIG])
+    assert "bad.wav" in capsys.readouterr().err
+    rows = read_csv(tmp_path / "out" / "metrics.csv")
+    assert [row["file"] for row in rows] == ["good"]

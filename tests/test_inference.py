@@ -137,12 +137,22 @@ def test_empty_folder_is_an_error(tmp_path, tiny_h):
     assert message.startswith("error: no audio files") and "empty" in message and "\n" not in message
 
 
-def test_a_bad_input_stops_the_run_before_anything_is_written(tmp_path, tiny_h):
+def test_bad_inputs_are_named_the_rest_coded_and_the_run_fails(tmp_path, tiny_h, capsys):
+    """Every input is checked before anything is written; bad ones are reported by path and
+    reason, the good ones coded, and the exit status says that something failed."""
     inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "c.wav": 0.05})
     (inputs / "b.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
-    with pytest.raises(ValueError, match="b.wav"):
+    data = open(inputs / "a.wav", "rb").read()
+    (inputs / "d.wav").write_bytes(data[:100])
+    with pytest.raises(ValueError, match="2 of 4 files failed"):
         inference.inference(tiny_h)
-    assert not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    assert f"failed: {inputs / 'b.wav'}: unreadable" in err and f"failed: {inputs / 'd.wav'}: truncated" in err
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.wav", "c.wav"]
+    (inputs / "a.wav").write_bytes(b"")
+    (inputs / "c.wav").unlink()
+    with pytest.raises(ValueError, match="no usable audio file"):
+        inference.inference(tiny_h)
 
 
 def _train_config_beside(tmp_path, h):
