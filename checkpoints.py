@@ -141,11 +141,6 @@ def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -
     return checkpoint
 
 
-def load_weights(module: nn.Module, path: str, key: str, device: torch.device) -> None:
-    """Load entry `key` of the release-format checkpoint at `path` into `module`."""
-    load_release_state_dict(module, load_checkpoint(path, device, [key])[key], path)
-
-
 def checkpoint_file(folder: str, kind: str, step: int) -> str:
     """Path of the `kind` ('encoder', 'decoder' or 'do') checkpoint of `step`, named as the release names it."""
     return os.path.join(folder, f"{kind}_{step:08d}")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from checkpoints import load_generator
 from config import AttrDict
 from models import Decoder, Encoder, remove_weight_norm
-from spectral import amp_pha_spectrum, pad_for_analysis
+from spectral import amp_pha_spectrum, min_analysis_length, pad_for_analysis
 from streaming import causal_roundtrip, stream_roundtrip
 from utils import atomic_write, pick_device
 
@@ -76,7 +76,7 @@ def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
 
 def latent_frames(length: int, h) -> int:
     """Latent frames T' that `codec_roundtrip` gives for `length` samples."""
-    padded = max(-(-length // h.hop_size) * h.hop_size, (h.n_fft // 2 // h.hop_size + 1) * h.hop_size)
+    padded = max(-(-length // h.hop_size) * h.hop_size, min_analysis_length(h.n_fft, h.hop_size))
     return -(-(padded // h.hop_size + 1) // h.ratio)
 
 

@@ -289,10 +289,13 @@ def test_causal_run_trains_and_its_checkpoints_load_as_causal(tmp_path, one_thre
         assert torch.equal(encoder(x, x).latent, trainer.encoder(x, x).latent)
 
 
-def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, workers):
     """The set saved mid-epoch at step 3 of an uninterrupted 6-step run, resumed in a new run,
-    ends with the same weights and optimizer states, bit for bit."""
-    h = _setup(tmp_path / "a", training_epochs=3, checkpoint_interval=3, validation_interval=100)
+    ends with the same weights and optimizer states, bit for bit (crops do not depend on the
+    data workers)."""
+    h = _setup(tmp_path / "a", training_epochs=3, checkpoint_interval=3, validation_interval=100,
+               num_workers=workers)
     train.train(h, torch.device("cpu"))
     assert checkpoint_steps(h.checkpoint_path, "do") == [3, 5]
     resumed = tmp_path / "b" / "cp"
@@ -300,7 +303,7 @@ def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path):
     for kind in ("encoder", "decoder", "do"):
         shutil.copy(os.path.join(h.checkpoint_path, f"{kind}_00000003"), resumed)
     h2 = _setup(tmp_path / "b", training_epochs=3, checkpoint_interval=3, validation_interval=100,
-                checkpoint_path=str(resumed))
+                checkpoint_path=str(resumed), num_workers=workers)
     second = train.train(h2, torch.device("cpu"))
     assert second.steps == 6
     for kind in ("encoder", "decoder", "do"):
@@ -558,3 +561,19 @@ def test_optimizer_kernels_keep_the_numbers(tiny_h):
         assert torch.equal(a, b)
         # Two AdamW steps move a weight by about 2 lr = 4e-4; rounding differences stay far below.
         assert torch.allclose(a, c, rtol=0, atol=1e-5)
+
+
+def test_an_exception_says_where_the_last_complete_set_is(tmp_path, monkeypatch, capsys):
+    h = _setup(tmp_path, training_epochs=3, checkpoint_interval=1, validation_interval=100)
+    real_step = train.Trainer.train_step
+
+    def failing_step(self, audio, **options):
+        if self.steps == 2:
+            raise RuntimeError("out of memory (injected)")
+        return real_step(self, audio, **options)
+    monkeypatch.setattr(train.Trainer, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        train.train(h, torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert f"Training failed at step 2; the last complete checkpoint set is " \
+           f"{os.path.join(h.checkpoint_path, 'do_00000001')}" in err
