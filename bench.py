@@ -14,7 +14,6 @@ device after each phase. Then parameter counts and the inference real-time facto
 in a temporary folder, for --train_steps steps per configuration: seconds per step over
 the epochs after the first (which holds compilation and the step-0 validation) and the
 mean loss terms per 50 steps, to compare the curves of the configurations.
->>>>>>> issue9
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
