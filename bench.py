@@ -1,19 +1,28 @@
 """Measure training and inference speed and memory; prints JSON lines, one per measurement.
 
-    python bench.py [--suite step|train|all] [--precisions float32,bf16,bf16+compile]
-                    [--steps N] [--train_steps N] [--stream_chunk_ms MS ...] [--config config.json] [--KEY VALUE ...]
+    python bench.py [--suite step|train|inference|all] [--precisions float32,bf16,bf16+compile]
+                    [--steps N] [--train_steps N] [--clips S ...] [--inference_precisions LIST] [--batch N]
+                    [--stream_chunk_ms MS ...] [--config config.json] [--KEY VALUE ...]
 
 --suite step (default): training steps of the config's model on a fixed synthetic batch,
 for each configuration in --precisions (float32, bf16 or fp16, optionally with +compile or
 +cudagraphs, and +fused for fused AdamW): steps/s, audio-seconds/s, peak memory, and the
 step split into phases (data copy, generator forward, discriminator step, generator
 losses and backward, generator optimizer), timed in a second pass that waits for the
-device after each phase. Then parameter counts and the inference real-time factor.
+device after each phase. Then parameter counts.
 
 --suite train: `train.py` itself, end to end with its DataLoader, on wav files generated
 in a temporary folder, for --train_steps steps per configuration: seconds per step over
 the epochs after the first (which holds compilation and the step-0 validation) and the
 mean loss terms per 50 steps, to compare the curves of the configurations.
+
+--suite inference: first the floor, the model's FLOPs per second of audio (torch's FLOP
+counter, encode + decode) over the machine's float32 rate for a 2048 x 2048 matrix product
+on the threads in use. Then for each clip length in --clips and each precision, the
+reference path (`codec.codec_roundtrip`, the release's computation) and the fast path
+(`fastpath.FastGenerator`, what inference.py runs) on one clip and on --batch clips of
+different lengths: seconds per audio-second, times real time, times the floor and the peak
+memory of that measurement.
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
@@ -23,6 +32,7 @@ frame's duration (--threads 1 for one core).
 import argparse
 import json
 import os
+import platform
 import re
 import resource
 import statistics
@@ -31,13 +41,15 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import codec
+import fastpath
 import stream_demo
 import train
 from config import AttrDict, build_config, make_parser, run_cli, save_config
@@ -78,13 +90,6 @@ def configuration(h: AttrDict, name: str) -> AttrDict:
                              fused_adamw=h.fused_adamw or "fused" in options), h.source)
 
 
-def peak_memory(device: torch.device) -> Dict[str, float]:
-    if device.type == "cuda":
-        return {"peak_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)}
-    # ru_maxrss is in KiB on Linux: the whole process's peak, so the largest configuration's.
-    return {"peak_host_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
-
-
 def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -> dict:
     """Time `steps` training steps after `warmup`, then the same number again split into phases."""
     torch.manual_seed(h.seed)
@@ -95,8 +100,7 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
     for _ in range(warmup):
         trainer.train_step(audio)
     synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     start = time.perf_counter()
     for _ in range(steps):
         terms = trainer.train_step(audio)
@@ -124,18 +128,119 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
             "G": values["G"], "Mel": values["Mel"]}
 
 
-def bench_inference(h, device: torch.device, clip_seconds: float, repeats: int) -> dict:
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.MULTILINE)
+    except OSError:
+        match = None
+    return match.group(1) if match else (platform.processor() or "unknown")
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """The best float32 GFLOP/s of a size x size matrix product on `device` (the CPU: the threads in use)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def model_gflop_per_second(encoder: Encoder, decoder: Decoder, h: AttrDict, seconds: float = 10.0) -> float:
+    """GFLOP per second of audio of encoding and decoding, by torch's FLOP counter."""
+    audio = synthetic_audio(1, int(seconds * h.sampling_rate), h.sampling_rate).to(next(encoder.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        codec.codec_roundtrip(encoder, decoder, audio, h)
+    return counter.get_total_flops() / seconds / 1e9
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or the process's peak RSS (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> Dict[str, float]:
+    """Peak memory since `reset_peak_memory` (GiB): CUDA allocations, or the process's RSS."""
+    if device.type == "cuda":
+        return {"peak_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)}
+    try:
+        with open("/proc/self/status") as f:
+            kib = int(re.search(r"^VmHWM:\s*(\d+)", f.read(), re.MULTILINE).group(1))
+    except (OSError, AttributeError):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # the whole run's peak
+    return {"peak_host_rss_GiB": round(kib / 2 ** 20, 3)}
+
+
+def _timed(run: Callable[[], object], device: torch.device, repeats: int) -> Tuple[float, Dict[str, float]]:
+    """Best wall time of `repeats` runs after one untimed run, and the peak memory of one run."""
+    run()
+    reset_peak_memory(device)
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best, peak_memory(device)
+
+
+def bench_inference(h: AttrDict, device: torch.device, clips: List[float], precisions: List[str], batch: int,
+                    repeats: int) -> Iterator[dict]:
+    """Inference speed of the reference path and the fast path in each precision, one clip
+    (single) and `batch` clips of decreasing length down to half (batched, as a folder runs),
+    against the floor: the model's FLOPs at the machine's float32 matrix-product rate."""
+    torch.manual_seed(0)
     encoder = remove_weight_norm(Encoder(h).to(device)).eval()
     decoder = remove_weight_norm(Decoder(h).to(device)).eval()
-    audio = synthetic_audio(1, int(clip_seconds * h.sampling_rate), h.sampling_rate).to(device)
-    codec.codec_roundtrip(encoder, decoder, audio, h)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        codec.codec_roundtrip(encoder, decoder, audio, h)
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / repeats
-    return {"clip_s": clip_seconds, "wall_s": round(seconds, 4), "rtf": round(seconds / clip_seconds, 5)}
+    gflop = model_gflop_per_second(encoder, decoder, h)
+    rate = matmul_gflops(device)
+    floor = gflop / rate
+    yield {"bench": "inference_floor", "model_GFLOP_per_audio_s": round(gflop, 2),
+           "float32_matmul_GFLOP_per_s": round(rate, 1), "floor_s_per_audio_s": round(floor, 4),
+           "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_flags": " ".join(sorted({"amx_bf16", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni"}
+                                        & fastpath.cpu_flags()))}
+    for seconds in clips:
+        length = int(seconds * h.sampling_rate)
+        one = synthetic_audio(1, length, h.sampling_rate).to(device)
+        many = [synthetic_audio(1, length - i * length // (2 * batch), h.sampling_rate, seed=i)[0].to(device)
+                for i in range(batch)]
+        for precision in ["reference"] + precisions:
+            tf32 = precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+            try:
+                if precision == "reference":
+                    runs = {"single": lambda: codec.codec_roundtrip(encoder, decoder, one, h)}
+                else:
+                    fast = fastpath.FastGenerator(encoder, decoder, h, "float32" if tf32 else precision,
+                                                  None if device.type == "cuda" else fastpath.CHUNK_FRAMES)
+                    runs = {"single": lambda: fast.roundtrip([one[0]]), "batched": lambda: fast.roundtrip(many)}
+                for mode, run in runs.items():
+                    audio_seconds = seconds if mode == "single" else sum(c.numel() for c in many) / h.sampling_rate
+                    wall, memory = _timed(run, device, repeats)
+                    yield {"bench": "inference", "precision": precision, "mode": mode, "clip_s": seconds,
+                           "clips": 1 if mode == "single" else batch, "audio_s": round(audio_seconds, 2),
+                           "wall_s": round(wall, 4), "s_per_audio_s": round(wall / audio_seconds, 4),
+                           "x_real_time": round(audio_seconds / wall, 1), "x_floor": round(wall / audio_seconds / floor, 2),
+                           **memory}
+            except Exception as e:  # e.g. int8 on a GPU: report it and go on
+                yield {"bench": "inference", "precision": precision, "clip_s": seconds,
+                       "error": f"{type(e).__name__}: {e}"[:300]}
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def write_dataset(folder: str, n_files: int, seconds: float, sr: int) -> None:
@@ -236,8 +341,12 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         emit({"bench": "params", **{part: count(cls(h)) for part, cls in (
             ("encoder", Encoder), ("decoder", Decoder), ("mpd", train.MultiPeriodDiscriminator),
             ("mrd", train.MultiResolutionDiscriminator))}})
-        if args.repeats:
-            emit({"bench": "inference", **common, **bench_inference(h, device, args.clip_seconds, args.repeats)})
+    if args.suite in ("inference", "all") and args.repeats:
+        precisions = args.inference_precisions or ("float32,tf32,bfloat16" if device.type == "cuda"
+                                                   else "float32," + fastpath.reduced_precision(device))
+        for record in bench_inference(h, device, args.clips, precisions.split(","),
+                                      args.batch or (100 if device.type == "cuda" else 4), args.repeats):
+            emit({**record, **common})
     if args.suite in ("train", "all"):
         # At least two epochs: the first holds compilation and the step-0 validation.
         steps_per_epoch = min(50, max(1, args.train_steps // 2))
@@ -259,7 +368,8 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = make_parser(__doc__)
-    parser.add_argument("--suite", choices=("step", "train", "all"), default="step", help="what to measure")
+    parser.add_argument("--suite", choices=("step", "train", "inference", "all"), default="step",
+                        help="what to measure")
     parser.add_argument("--precisions", default="float32,bf16,bf16+compile",
                         help="comma-separated configurations: float32|bf16|fp16, optionally +compile or "
                              "+cudagraphs, and +fused")
@@ -267,7 +377,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation happens here)")
     parser.add_argument("--train_steps", type=int, default=300, help="train.py steps per configuration (--suite train)")
-    parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the inference clip")
+    parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the streamed clip")
+    parser.add_argument("--clips", type=float, nargs="+", default=[1.0, 10.0, 60.0],
+                        help="inference clip lengths in seconds (--suite inference)")
+    parser.add_argument("--inference_precisions", metavar="LIST",
+                        help="comma-separated: float32, bfloat16, int8, tf32 (GPU) (default: float32 and the "
+                             "reduced precision of this machine; on a GPU float32,tf32,bfloat16)")
+    parser.add_argument("--batch", type=int, help="clips of the batched measurement (default 100 on a GPU, 4 on "
+                                                  "the CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed inference runs (0: none)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--stream_chunk_ms", type=float, nargs="*", default=[],

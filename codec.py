@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from checkpoints import load_generator
 from config import AttrDict
+from fastpath import CHUNK_FRAMES, FastGenerator
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, min_analysis_length, pad_for_analysis
 from streaming import causal_roundtrip, stream_roundtrip
@@ -332,17 +333,27 @@ class Codec:
     """A trained APCodec as an audio codec: any rate, any channel count, any length.
 
     Inputs up to `chunk_seconds` (+ the overlap) are coded in one window, which gives
-    exactly `codec_roundtrip`'s output; longer ones in windows of `chunk_seconds` that
-    overlap by `OVERLAP_SECONDS` and are crossfaded.
+    `codec_roundtrip`'s output (to float rounding); longer ones in windows of `chunk_seconds`
+    that overlap by `OVERLAP_SECONDS` and are crossfaded.
+
+    The paper's codec runs `fastpath.FastGenerator` in `precision` ("float32": the reference
+    numbers; "bfloat16" or "int8": faster, approximate); a causal one runs `codec_roundtrip`.
     """
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
-                 chunk_seconds: float = CHUNK_SECONDS):
+                 chunk_seconds: float = CHUNK_SECONDS, precision: str = "float32"):
         if not chunk_seconds > 0:
             raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
-        # Resynthesis of one window; `stream` swaps in the streaming codec.
-        self.roundtrip: Callable[..., Dict[str, torch.Tensor]] = codec_roundtrip
+        # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
+        self.fast = None if h.causal else FastGenerator(encoder, decoder, h, precision,
+                                                        None if device.type == "cuda" else CHUNK_FRAMES)
+        # Resynthesis of one window, (C, L) -> (C, L); `stream` swaps in the streaming codec.
+        self.roundtrip: Callable[[torch.Tensor, Optional[int]], torch.Tensor] = (
+            lambda audio, n_codebooks: codec_roundtrip(encoder, decoder, audio, h, n_codebooks)["audio"])
+        if self.fast is not None:
+            self.roundtrip = lambda audio, n_codebooks: torch.stack(
+                [out["audio"] for out in self.fast.roundtrip(list(audio), n_codebooks)])
         frame = h.hop_size * h.ratio   # windows start on latent frames, as the whole-file analysis does
         self.chunk_length = max(1, round(chunk_seconds * h.sampling_rate / frame)) * frame
         self.chunk_overlap = max(1, round(OVERLAP_SECONDS * h.sampling_rate / frame)) * frame
@@ -350,12 +361,13 @@ class Codec:
 
     @classmethod
     def load(cls, h: AttrDict, encoder_path: Optional[str] = None, decoder_path: Optional[str] = None,
-             device: Optional[torch.device] = None, chunk_seconds: float = CHUNK_SECONDS) -> "Codec":
+             device: Optional[torch.device] = None, chunk_seconds: float = CHUNK_SECONDS,
+             precision: str = "float32") -> "Codec":
         """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
         device = device or pick_device()
         encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,
                                          decoder_path or h.checkpoint_file_load_Decoder, device)
-        return cls(h, encoder, decoder, device, chunk_seconds)
+        return cls(h, encoder, decoder, device, chunk_seconds, precision)
 
     def stream(self, chunk_ms: float) -> None:
         """Resynthesise through the streaming encoder and decoder in chunks of `chunk_ms`
@@ -366,8 +378,8 @@ class Codec:
             raise ValueError(f"--stream needs a causal codec ('causal': true); {self.h.source} describes the "
                              f"paper's non-causal model")
         chunk = max(1, round(chunk_ms * self.h.sampling_rate / 1000))
-        self.roundtrip = lambda encoder, decoder, audio, h, n_codebooks: stream_roundtrip(
-            encoder, decoder, audio, h, chunk)
+        self.roundtrip = lambda audio, n_codebooks: stream_roundtrip(
+            self.encoder, self.decoder, audio, self.h, chunk)["audio"]
 
     def _weights_hash(self) -> bytes:
         """SHA-256 of what decoding uses: the quantizer (codes -> latent) and the decoder."""
@@ -404,7 +416,7 @@ class Codec:
         codes = []
         for window in self._progress(cut, len(windows), "encoding"):
             audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
-            codes.append(self.encoder.encode(*_analysis(audio, h), n_codebooks).cpu())
+            codes.append(torch.stack(self.fast.encode(list(audio), n_codebooks)).cpu())
         return CodesFile(torch.cat(codes, dim=-1), h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size,
                          self.model_hash, rate, length, model_length, *self._chunking(windows))
 
@@ -465,9 +477,9 @@ class Codec:
             start = 0
             for _, length in self._progress(windows, len(windows), "decoding"):
                 frames = latent_frames(length, self.h)
-                latent = self.encoder.latent_from_codes(codes.codes[..., start:start + frames].to(self.device))
+                decoded = self.fast.decode(list(codes.codes[..., start:start + frames]))
                 start += frames
-                yield self.decoder(latent)[-1][:, 0, :length].cpu().numpy().T
+                yield torch.stack([out["audio"][:length] for out in decoded], dim=1).cpu().numpy()
         return outputs()
 
     def _output(self, windows: Iterable[np.ndarray], overlap: int, channels: int, rate: int, length: int,
@@ -507,7 +519,7 @@ class Codec:
             cut = _cut(_resampled(blocks, rate, h.sampling_rate, channels, model_length), windows)
             for window in self._progress(cut, len(windows), "resynthesising"):
                 audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
-                yield self.roundtrip(self.encoder, self.decoder, audio, h, n_codebooks)["audio"].cpu().numpy().T
+                yield self.roundtrip(audio, n_codebooks).cpu().numpy().T
         return self._output(outputs(), self._chunking(windows)[1], channels, rate, length, keep_model_rate)
 
     def resynthesize(self, audio: Audio, sample_rate: int, keep_model_rate: bool = False,

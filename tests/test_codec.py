@@ -193,14 +193,15 @@ def test_chunked_files_stream_to_exact_length(codec, tmp_path):
 
 
 def test_default_resynthesis_is_the_whole_file_roundtrip(codec, tmp_path):
-    """A 48 kHz mono file shorter than a chunk gives exactly codec_roundtrip's samples (today's numbers)."""
+    """A 48 kHz mono file shorter than a chunk gives codec_roundtrip's samples (the reference path),
+    to float rounding: at most one 16-bit step apart."""
     path = write_tone(str(tmp_path / "a.wav"), 0.77)
     codec.resynthesize_file(path, str(tmp_path / "out.wav"))
     audio = torch.from_numpy(load_audio(path, 48000))[None]
     expected = codec_roundtrip(codec.encoder, codec.decoder, audio, codec.h)["audio"][0].numpy()
     sf.write(str(tmp_path / "expected.wav"), expected, 48000, subtype="PCM_16")
-    assert np.array_equal(sf.read(str(tmp_path / "out.wav"), dtype="int16")[0],
-                          sf.read(str(tmp_path / "expected.wav"), dtype="int16")[0])
+    got = sf.read(str(tmp_path / "out.wav"), dtype="int16")[0].astype(int)
+    assert np.abs(got - sf.read(str(tmp_path / "expected.wav"), dtype="int16")[0]).max() <= 1
 
 
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32", "FLOAT"])

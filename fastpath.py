@@ -1,0 +1,370 @@
+"""The generator's inference forward, arranged for speed: the same computation as `models.Encoder`
+and `models.Decoder` (non-causal), to float rounding, at a cost that grows linearly with length.
+
+* Activations are (B, T, C), so every pointwise layer and every convolution (as one product
+  over unfolded frames) is a matrix product over contiguous rows, with no transposes between
+  layers.
+* Time runs in chunks of `chunk_frames`, so a layer's output is still in cache when the next
+  one reads it; each ConvNeXt stack updates one residual buffer in place.
+* GRN pools over the whole sequence: a first pass over the chunks gathers its statistics, a
+  second applies it and the block's second pointwise layer.
+* LayerNorm's scale and shift are folded into the following layer, weight norm into the
+  weights, and the two phase output convolutions share one product: all once, at build time.
+* Clips of different lengths run as one batch: frames past a clip's end are zeroed after every
+  layer and left out of GRN's statistics, so each clip gets what it gets alone.
+
+Precision: "float32" (default) is the reference computation. "bfloat16" runs the products and
+activations in bfloat16, "int8" runs the products as int8 dynamic quantisation (8-bit weights
+per output channel, activations quantised per call). The STFT, the quantizer and the iSTFT
+always run in float32.
+"""
+import re
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import Branch, ConvNeXtBlock, Decoder, Encoder
+from spectral import amp_pha_spectrum, istft, pad_for_analysis
+
+PRECISIONS = ("float32", "bfloat16", "int8")
+CHUNK_FRAMES = 1024         # rows per chunk on the CPU: a chunk's activations stay in cache
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (Linux /proc/cpuinfo), empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^flags\s*:(.*)$", f.read(), re.MULTILINE)
+    except OSError:
+        return set()
+    return set(match.group(1).split()) if match else set()
+
+
+def reduced_precision(device: torch.device) -> str:
+    """The reduced precision this machine runs fastest: bfloat16 on GPUs and on CPUs with
+    bfloat16 hardware (AMX or AVX512-BF16), else int8."""
+    if device.type == "cuda" or {"amx_bf16", "avx512_bf16"} & cpu_flags():
+        return "bfloat16"
+    return "int8"
+
+
+def kernels(precision: str, device: torch.device) -> str:
+    """One line naming the kernels that `precision` uses on `device`."""
+    if device.type == "cuda":
+        return f"{precision} products on {torch.cuda.get_device_name(device)} (cuBLAS)"
+    isa = torch.backends.cpu.get_cpu_capability()
+    hardware = sorted({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni"} & cpu_flags())
+    library = {"float32": "oneDNN/MKL float32 GEMM", "bfloat16": "oneDNN bfloat16 GEMM",
+               "int8": f"{torch.backends.quantized.engine} int8 dynamic-quantised GEMM"}[precision]
+    return f"{precision}: {library}, torch CPU capability {isa}, CPU flags {' '.join(hardware) or 'none of AMX/BF16/VNNI'}"
+
+
+class Product:
+    """x (N, K) -> x @ W.T + b (N, M) in one precision; W (M, K) and b (M,) given in float32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, precision: str):
+        self.int8 = precision == "int8"
+        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        if self.int8:
+            scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
+            with warnings.catch_warnings():
+                # PyTorch marks its quantized tensors deprecated (in favour of torchao); its
+                # int8 kernels are what this path runs until they go.
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
+                                               0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, bias)
+        else:
+            self.weight_t, self.bias = weight.t().contiguous().to(self.dtype), bias.to(self.dtype)
+
+    def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The product, into `out` (contiguous, (N, M)) when given."""
+        if self.int8:
+            y = torch.ops.quantized.linear_dynamic(x, self.packed, True)
+            return y if out is None else out.copy_(y)
+        return torch.addmm(self.bias, x.to(self.dtype), self.weight_t, out=out)
+
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += the product, in place."""
+        if self.int8 or out.dtype != self.dtype:
+            out += self(x)
+        else:
+            out.addmm_(x, self.weight_t).add_(self.bias)
+
+
+def _folded_conv(conv: nn.Conv1d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A stride-1 Conv1d's weight as (C_out, C_in * k), rows matching `_unfold`, and its bias."""
+    weight = conv.weight.detach().float()
+    return weight.reshape(weight.size(0), -1), conv.bias.detach().float()
+
+
+def _folded_norm_linear(norm: nn.LayerNorm, linear: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
+    """linear(norm(x)) = linear'(normalised x): the LayerNorm's scale and shift moved into the Linear."""
+    w, b = linear.weight.detach().float(), linear.bias.detach().float()
+    return w * norm.weight.detach().float(), b + w @ norm.bias.detach().float()
+
+
+def _unfold(x: torch.Tensor, start: int, rows: int, kernel: int) -> torch.Tensor:
+    """Rows start ... start + rows - 1 of x (B, T, C) with their kernel - 1 successors: (B * rows, C * kernel)."""
+    return x[:, start:start + rows + kernel - 1].unfold(1, kernel, 1).reshape(-1, x.size(2) * kernel)
+
+
+def _normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+class FastBlock:
+    """ConvNeXtBlock applied in place to the rows of a residual buffer."""
+
+    def __init__(self, block: ConvNeXtBlock, precision: str):
+        self.precision = precision
+        self.dw_weight = block.dwconv.weight.detach()[:, 0].t().contiguous()   # (k, C)
+        self.dw_bias = block.dwconv.bias.detach()
+        self.kernel = block.dwconv.kernel_size[0]
+        self.eps = block.norm.eps
+        self.pw1 = Product(*_folded_norm_linear(block.norm, block.pwconv1), precision)
+        self.pw2_weight = block.pwconv2.weight.detach().float()
+        # GRN's shift goes through the second pointwise layer into its bias.
+        self.pw2_bias = block.pwconv2.bias.detach().float() + self.pw2_weight @ block.grn.beta.detach().flatten()
+        self.gamma = block.grn.gamma.detach().flatten().float()
+        self.hidden = block.pwconv1.out_features
+
+    def depthwise(self, x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+        """The depthwise convolution of rows start ... of a buffer with kernel // 2 rows of margin."""
+        y = torch.addcmul(self.dw_bias, x[:, start:start + rows], self.dw_weight[0])
+        for k in range(1, self.kernel):
+            y.addcmul_(x[:, start + k:start + k + rows], self.dw_weight[k])
+        return y
+
+    def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
+                 valid: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
+        """x: (B, margin + T + margin, C), updated in place; rows outside a clip must be zero.
+        hidden: (B, T, hidden width) workspace. With several spans (chunks), B must be 1."""
+        b, _, c = x.shape
+        sumsq = torch.zeros(b, self.hidden, device=x.device)
+        offset = margin - self.kernel // 2
+        for start, rows in spans:
+            h = hidden[:, start:start + rows]
+            y = _normalise(self.depthwise(x, offset + start, rows), self.eps)
+            torch.ops.aten.gelu_(self.pw1(y.view(-1, c), out=h.view(-1, self.hidden)))
+            if valid is not None:
+                h.mul_(valid[:, start:start + rows])
+            sumsq += h.float().square().sum(1)
+        gx = sumsq.sqrt()
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        for i in range(b):
+            # GRN's per-channel scale (gamma * nx + 1, the residual) folded into this item's weights.
+            pw2 = Product(self.pw2_weight * (self.gamma * nx[i] + 1), self.pw2_bias, self.precision)
+            for start, rows in spans:
+                pw2.accumulate(hidden[i, start:start + rows], x[i, margin + start:margin + start + rows])
+        if valid is not None:
+            x[:, margin:x.size(1) - margin].mul_(valid)
+
+
+class FastBranch:
+    """Branch: embed conv -> LayerNorm -> ConvNeXt blocks -> LayerNorm -> Linear, (B, T, C) in and out."""
+
+    def __init__(self, branch: Branch, precision: str, dtype: torch.dtype):
+        self.dtype = dtype
+        self.kernel = branch.embed.kernel_size[0]
+        self.embed = Product(*_folded_conv(branch.embed), precision)
+        self.norm, self.final_norm = branch.norm.eps, branch.final_norm.eps
+        self.norm_affine = (branch.norm.weight.detach(), branch.norm.bias.detach())
+        self.blocks = [FastBlock(block, precision) for block in branch.blocks]
+        self.out = Product(*_folded_norm_linear(branch.final_norm, branch.out), precision)
+        self.width, self.out_width = branch.out.in_features, branch.out.out_features
+        self.margin = max([self.kernel // 2] + [block.kernel // 2 for block in self.blocks])
+
+    def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
+                 valid: Optional[torch.Tensor], out: torch.Tensor) -> None:
+        """x: (B, margin + T + margin, C_in) with zero margins -> out (B, T, C_out), written in place."""
+        b, t = x.size(0), x.size(1) - 2 * margin
+        m = self.margin
+        stream = x.new_zeros(b, t + 2 * m, self.width)
+        hidden = x.new_empty(b, t, self.blocks[0].hidden if self.blocks else 0, dtype=self.dtype)
+        weight, bias = self.norm_affine
+        for start, rows in spans:
+            y = self.embed(_unfold(x, margin - self.kernel // 2 + start, rows, self.kernel)).float()
+            stream[:, m + start:m + start + rows] = F.layer_norm(y.view(b, rows, -1), (self.width,), weight, bias,
+                                                                 self.norm)
+        if valid is not None:
+            stream[:, m:m + t].mul_(valid)
+        for block in self.blocks:
+            block(stream, m, spans, valid, hidden)
+        for start, rows in spans:
+            y = _normalise(stream[:, m + start:m + start + rows], self.final_norm)
+            out[:, start:start + rows] = self.out(y.reshape(-1, self.width)).view(b, rows, self.out_width).float()
+
+
+class FastGenerator:
+    """Encoder and decoder (weight norm folded, eval mode) run by the fast forward.
+
+    `chunk_frames` None runs each layer over the whole sequence at once (best on a GPU).
+    """
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, h, precision: str = "float32",
+                 chunk_frames: Optional[int] = CHUNK_FRAMES):
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        if h.causal:
+            raise ValueError("the fast forward runs the paper's non-causal codec; a causal one streams instead")
+        self.h, self.encoder, self.decoder, self.precision = h, encoder, decoder, precision
+        self.device = next(decoder.parameters()).device
+        if precision == "int8" and self.device.type != "cpu":
+            raise ValueError("--precision int8 runs on the CPU; use bfloat16 on a GPU")
+        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        self.chunk_frames = chunk_frames
+        with torch.no_grad():
+            branches = (encoder.amp, encoder.pha, decoder.amp, decoder.pha)
+            self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha = (
+                FastBranch(branch, precision, self.dtype) for branch in branches)
+            self.amp_out = Product(*_folded_conv(decoder.amp_out), precision)
+            imag, real = _folded_conv(decoder.pha_imag), _folded_conv(decoder.pha_real)
+            self.pha_out = Product(torch.cat((imag[0], real[0])), torch.cat((imag[1], real[1])), precision)
+        self.out_kernel = (decoder.amp_out.kernel_size[0], decoder.pha_imag.kernel_size[0])
+        if decoder.pha_imag.kernel_size != decoder.pha_real.kernel_size:
+            raise ValueError("the fast forward needs PHA_Decoder_output_R_conv_kernel_size == "
+                             "PHA_Decoder_output_I_conv_kernel_size")
+        self.margin = max(self.enc_amp.kernel, *self.out_kernel) // 2
+
+    def _spans(self, frames: int) -> List[Tuple[int, int]]:
+        step = self.chunk_frames or frames
+        return [(start, min(step, frames - start)) for start in range(0, frames, step)]
+
+    def _batches(self, items: Sequence) -> List[Sequence]:
+        """Chunked runs take one clip at a time (a batch's chunks would not be contiguous rows)."""
+        return [[item] for item in items] if self.chunk_frames else [items]
+
+    def _valid(self, lengths: Sequence[int], frames: int) -> Optional[torch.Tensor]:
+        """(B, frames, 1) 1 inside each clip and 0 past its end; None when all are full length."""
+        if all(n == frames for n in lengths):
+            return None
+        mask = torch.arange(frames, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        return mask[..., None].float()
+
+    def _buffer(self, items: Sequence[torch.Tensor], frames: int) -> torch.Tensor:
+        """(C, T_i) items -> (B, margin + frames + margin, C), zero outside each item."""
+        m = self.margin
+        x = torch.zeros(len(items), frames + 2 * m, items[0].size(0), device=self.device)
+        for i, item in enumerate(items):
+            x[i, m:m + item.size(1)] = item.t()
+        return x
+
+    def _run_branch(self, branch: FastBranch, x: torch.Tensor, lengths: Sequence[int], frames: int
+                    ) -> torch.Tensor:
+        """x (B, margin + T + margin, C_in) -> (B, margin + T + margin, C_out), zero outside each clip."""
+        m = self.margin
+        out = x.new_zeros(x.size(0), frames + 2 * m, branch.out_width)
+        valid = self._valid(lengths, frames)
+        branch(x, m, self._spans(frames), valid, out[:, m:m + frames])
+        if valid is not None:
+            out[:, m:m + frames].mul_(valid)
+        return out
+
+    def _encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int]
+                ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """Clips (L_i,) -> quantised latent (B, D, T'), codes (B, n, T') and each clip's T'_i."""
+        h = self.h
+        spectra = [amp_pha_spectrum(pad_for_analysis(a[None].float(), h.n_fft, h.hop_size), h.n_fft, h.hop_size,
+                                    h.win_size)[:2] for a in audio]
+        lengths = [s[0].size(-1) for s in spectra]
+        frames = max(lengths)
+        amp = self._run_branch(self.enc_amp, self._buffer([s[0][0] for s in spectra], frames), lengths, frames)
+        pha = self._run_branch(self.enc_pha, self._buffer([s[1][0] for s in spectra], frames), lengths, frames)
+        enc = self.encoder
+        m = self.margin
+        amp, pha = (x[:, m:m + frames].float().transpose(1, 2) for x in (amp, pha))
+        down = torch.cat((enc.amp_down(amp), enc.pha_down(pha)), 1)
+        latent_lengths = [-(-n // h.ratio) for n in lengths]
+        latent = enc.latent_conv(self._masked(down, latent_lengths))
+        quantized = enc.quantizer(latent, n_codebooks)
+        return quantized.latent, quantized.codes, latent_lengths
+
+    def _masked(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """(B, C, T) with frames past each item's length zeroed."""
+        if all(n == x.size(-1) for n in lengths):
+            return x
+        mask = torch.arange(x.size(-1), device=x.device)[None] < torch.tensor(lengths, device=x.device)[:, None]
+        return x * mask[:, None]
+
+    def _decode(self, latent: torch.Tensor, latent_lengths: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
+        """Quantised latent (B, D, T') -> per clip the predicted spectrum real, imag (F, ratio * T'_i)
+        and audio (hop * (ratio * T'_i - 1),)."""
+        h, dec = self.h, self.decoder
+        latent = self._masked(dec.latent_conv(self._masked(latent.float(), latent_lengths)), latent_lengths)
+        lengths = [n * h.ratio for n in latent_lengths]
+        frames = latent.size(-1) * h.ratio
+        amp = self._run_branch(self.dec_amp, self._head_input(dec.amp_up(latent)), lengths, frames)
+        pha = self._run_branch(self.dec_pha, self._head_input(dec.pha_up(latent)), lengths, frames)
+        spec = self._spectrum(amp, pha, frames)
+        outputs = []
+        for i, n in enumerate(lengths):
+            s = spec[i, :n].t()
+            audio = istft(s.real, s.imag, h.n_fft, h.hop_size, h.win_size)
+            outputs.append({"real": s.real, "imag": s.imag, "audio": audio})
+        return outputs
+
+    def _head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> (B, margin + T + margin, C) with zero margins."""
+        m = self.margin
+        out = x.new_zeros(x.size(0), x.size(2) + 2 * m, x.size(1))
+        out[:, m:m + x.size(2)] = x.transpose(1, 2)
+        return out
+
+    def _spectrum(self, amp: torch.Tensor, pha: torch.Tensor, frames: int) -> torch.Tensor:
+        """Branch outputs (B, T, C) -> the complex spectrum (B, T, F) in float32, as Decoder.spectra."""
+        m, b = self.margin, amp.size(0)
+        bins = self.h.n_fft // 2 + 1
+        spec = torch.empty(b, frames, bins, dtype=torch.complex64, device=self.device)
+        parts = torch.view_as_real(spec)
+        k_amp, k_pha = self.out_kernel
+        for start, rows in self._spans(frames):
+            logamp = self.amp_out(_unfold(amp, m - k_amp // 2 + start, rows, k_amp)).float().view(b, rows, bins)
+            pha_ir = self.pha_out(_unfold(pha, m - k_pha // 2 + start, rows, k_pha)).float().view(b, rows, 2 * bins)
+            imag, real = pha_ir[..., :bins], pha_ir[..., bins:]
+            # exp(logamp) * (cos, sin)(atan2(imag, real)) without the trigonometry: the
+            # component pair scaled to the amplitude. atan2(0, 0) = 0 gives the direction (1, 0).
+            norm = torch.hypot(real, imag)
+            scale = torch.exp(logamp).div_(norm)
+            torch.mul(real, scale, out=parts[:, start:start + rows, :, 0])
+            torch.mul(imag, scale, out=parts[:, start:start + rows, :, 1])
+            silent = norm == 0
+            if silent.any():
+                parts[:, start:start + rows, :, 0][silent] = torch.exp(logamp[silent])
+                parts[:, start:start + rows, :, 1][silent] = 0
+        return spec
+
+    @torch.no_grad()
+    def encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None) -> List[torch.Tensor]:
+        """Clips (L_i,) -> their codes (n, T'_i), the first `n_codebooks` stages (all by default)."""
+        codes = []
+        for batch in self._batches(audio):
+            _, batch_codes, lengths = self._encode(batch, n_codebooks)
+            codes += [c[:, :n] for c, n in zip(batch_codes, lengths)]
+        return codes
+
+    @torch.no_grad()
+    def decode(self, codes: Sequence[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+        """Codes (n, T'_i) -> per clip the spectrum real, imag (F, ratio * T'_i) and audio
+        (hop * (ratio * T'_i - 1),)."""
+        outputs = []
+        for batch in self._batches(codes):
+            lengths = [c.size(-1) for c in batch]
+            padded = torch.stack([F.pad(c, (0, max(lengths) - n)) for c, n in zip(batch, lengths)])
+            outputs += self._decode(self.encoder.latent_from_codes(padded.to(self.device)), lengths)
+        return outputs
+
+    @torch.no_grad()
+    def roundtrip(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None
+                  ) -> List[Dict[str, torch.Tensor]]:
+        """Clips (L_i,) -> per clip its codes (n, T'_i), spectrum real/imag (F, T_i) and audio (L_i,),
+        as `codec.codec_roundtrip` gives each alone."""
+        outputs = []
+        for batch in self._batches(audio):
+            latent, codes, lengths = self._encode(batch, n_codebooks)
+            for out, clip, c, n in zip(self._decode(latent, lengths), batch, codes, lengths):
+                outputs.append(dict(out, codes=c[:, :n], audio=out["audio"][:clip.numel()]))
+        return outputs
