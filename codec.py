@@ -18,7 +18,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoints import load_generator
 from config import AttrDict
-from fastpath import CHUNK_FRAMES, FastGenerator
+from fastpath import CHUNK_FRAMES, FastGenerator, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, min_analysis_length, pad_for_analysis
 from streaming import causal_roundtrip, stream_roundtrip
@@ -40,6 +40,7 @@ CODES_EXTENSION = ".apc"
 # receptive field is about 0.11 s at the default settings).
 OVERLAP_SECONDS = 1.0
 CHUNK_SECONDS = 30.0        # default window stride of long inputs
+BATCH_SECONDS = 600.0       # padded audio per batch of short files (one forward pass on a GPU)
 BLOCK_SAMPLES = 1 << 16     # file read size
 Audio = Union[np.ndarray, torch.Tensor]
 
@@ -337,7 +338,8 @@ class Codec:
     that overlap by `OVERLAP_SECONDS` and are crossfaded.
 
     The paper's codec runs `fastpath.FastGenerator` in `precision` ("float32": the reference
-    numbers; "bfloat16" or "int8": faster, approximate); a causal one runs `codec_roundtrip`.
+    numbers; "bfloat16" or "int8": faster, approximate; "auto": the faster of those two on
+    this machine); a causal one runs `codec_roundtrip`.
     """
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
@@ -346,14 +348,16 @@ class Codec:
             raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
         # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
-        self.fast = None if h.causal else FastGenerator(encoder, decoder, h, precision,
+        if h.causal and precision != "float32":
+            raise ValueError("--precision applies to the paper's non-causal codec; a causal one runs in float32")
+        self.precision = resolve_precision(precision, device)
+        self.fast = None if h.causal else FastGenerator(encoder, decoder, h, self.precision,
                                                         None if device.type == "cuda" else CHUNK_FRAMES)
         # Resynthesis of one window, (C, L) -> (C, L); `stream` swaps in the streaming codec.
         self.roundtrip: Callable[[torch.Tensor, Optional[int]], torch.Tensor] = (
             lambda audio, n_codebooks: codec_roundtrip(encoder, decoder, audio, h, n_codebooks)["audio"])
         if self.fast is not None:
-            self.roundtrip = lambda audio, n_codebooks: torch.stack(
-                [out["audio"] for out in self.fast.roundtrip(list(audio), n_codebooks)])
+            self.roundtrip = self._fast_roundtrip
         frame = h.hop_size * h.ratio   # windows start on latent frames, as the whole-file analysis does
         self.chunk_length = max(1, round(chunk_seconds * h.sampling_rate / frame)) * frame
         self.chunk_overlap = max(1, round(OVERLAP_SECONDS * h.sampling_rate / frame)) * frame
@@ -368,6 +372,9 @@ class Codec:
         encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,
                                          decoder_path or h.checkpoint_file_load_Decoder, device)
         return cls(h, encoder, decoder, device, chunk_seconds, precision)
+
+    def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int]) -> torch.Tensor:
+        return torch.stack([out["audio"] for out in self.fast.roundtrip(list(audio), n_codebooks)])
 
     def stream(self, chunk_ms: float) -> None:
         """Resynthesise through the streaming encoder and decoder in chunks of `chunk_ms`
@@ -529,6 +536,66 @@ class Codec:
         blocks, channels, length = _blocks_of(audio)
         stream, rate = self._resynth_stream(blocks, sample_rate, channels, length, keep_model_rate, n_codebooks)
         return np.concatenate(list(stream)).T, rate
+
+    def resynthesize_files(self, jobs: Sequence[Tuple[str, str]], keep_model_rate: bool = False,
+                           n_codebooks: Optional[int] = None, batch_seconds: float = BATCH_SECONDS
+                           ) -> Iterator[Tuple[str, Union[float, Exception]]]:
+        """Resynthesise (input, output) file pairs; yields each input with its seconds, or the
+        error that stopped it (the others go on).
+
+        Files that fit one window run in batches of similar length, sorted by length, up to
+        `batch_seconds` of padded audio per batch: on a GPU each batch is one forward pass.
+        The outputs are those of `resynthesize_file`, to float rounding.
+        """
+        limit = self.chunk_length + self.chunk_overlap
+        batchable, alone = [], []
+        for path, output in jobs:
+            try:
+                info = sf.info(path)
+            except Exception as e:
+                yield path, ValueError(f"cannot read audio file {path}: {e}")
+                continue
+            length = resampled_length(info.frames, info.samplerate, self.h.sampling_rate)
+            fits = self.fast is not None and self.roundtrip == self._fast_roundtrip and length <= limit
+            (batchable if fits else alone).append((length * info.channels, path, output))
+        batchable.sort()
+        batch: List[Tuple[int, str, str]] = []
+        for item in batchable:
+            if batch and (len(batch) + 1) * item[0] > batch_seconds * self.h.sampling_rate:
+                yield from self._resynth_batch(batch, keep_model_rate, n_codebooks)
+                batch = []
+            batch.append(item)
+        if batch:
+            yield from self._resynth_batch(batch, keep_model_rate, n_codebooks)
+        for _, path, output in alone:
+            try:
+                yield path, self.resynthesize_file(path, output, keep_model_rate, n_codebooks)
+            except (OSError, ValueError, RuntimeError) as e:
+                yield path, e
+
+    @torch.no_grad()
+    def _resynth_batch(self, batch: Sequence[Tuple[int, str, str]], keep_model_rate: bool,
+                       n_codebooks: Optional[int]) -> Iterator[Tuple[str, Union[float, Exception]]]:
+        h = self.h
+        loaded = []
+        for _, path, output in batch:
+            try:
+                blocks, rate, channels, length = _file_blocks(path)
+                model_length = resampled_length(length, rate, h.sampling_rate)
+                audio = np.concatenate(list(_resampled(blocks, rate, h.sampling_rate, channels, model_length)))
+                loaded.append((path, output, rate, channels, length, torch.from_numpy(audio.T.copy())))
+            except (OSError, ValueError, RuntimeError) as e:
+                yield path, e
+        clips = [channel.to(self.device) for *_, audio in loaded for channel in audio]
+        outputs = iter(self.fast.roundtrip(clips, n_codebooks))
+        for path, output, rate, channels, length, _ in loaded:
+            try:
+                audio = torch.stack([next(outputs)["audio"] for _ in range(channels)], dim=1).cpu().numpy()
+                stream, out_rate = self._output([audio], 0, channels, rate, length, keep_model_rate)
+                _write_stream(output, stream, out_rate, channels)
+                yield path, length / rate
+            except (OSError, ValueError, RuntimeError) as e:
+                yield path, e
 
     def resynthesize_file(self, path: str, output_path: str, keep_model_rate: bool = False,
                           n_codebooks: Optional[int] = None) -> float:

@@ -1,0 +1,207 @@
+"""fastpath.py: the reference numbers in float32, batches equal to single clips, reduced precision close."""
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import demo
+import fastpath
+import inference
+import metrics
+import train
+from codec import Codec, codec_roundtrip
+from config import build_config, read_config_file
+from conftest import ROOT, TINY, make_config, tone, write_tone
+from fastpath import FastGenerator, Product
+from models import GRN, Decoder, Encoder, remove_weight_norm
+from test_inference import _save_random_codec
+
+TOLERANCE = 1e-4     # max abs audio difference allowed against the reference path in float32
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Full-size random modules, GRN given weight: at initialisation it is the identity, and
+    then its pooling over time and the masking of padded frames would go untested."""
+    torch.manual_seed(0)
+    h = make_config()
+    encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
+    with torch.no_grad():
+        for grn in (m for m in [*encoder.modules(), *decoder.modules()] if isinstance(m, GRN)):
+            grn.gamma.normal_(0, 0.5)
+            grn.beta.normal_(0, 0.1)
+    return h, encoder, decoder
+
+
+def _clip(length, seed):
+    return torch.from_numpy(tone((length + 1) / 48000, seed=seed, f0=110.0 + 20 * seed)[:length])
+
+
+@pytest.mark.parametrize("length", [1, 700, 4801, 30011])
+def test_float32_equals_the_reference_path(model, length):
+    """Chunks of 64 frames (several, the last one short) give codec_roundtrip's codes and audio."""
+    h, encoder, decoder = model
+    audio = _clip(length, 0)
+    reference = codec_roundtrip(encoder, decoder, audio[None], h)
+    out = FastGenerator(encoder, decoder, h, chunk_frames=64).roundtrip([audio])[0]
+    assert torch.equal(out["codes"], reference["codes"][0])
+    assert out["audio"].shape == (length,)
+    assert (out["audio"] - reference["audio"][0]).abs().max() < TOLERANCE
+    scale = reference["real"].abs().max()
+    assert (out["real"] - reference["real"][0]).abs().max() < 1e-3 * scale
+    assert (out["imag"] - reference["imag"][0]).abs().max() < 1e-3 * scale
+
+
+def test_fewer_codebooks_and_codes_decode_like_the_reference(model):
+    h, encoder, decoder = model
+    audio = _clip(9000, 1)
+    fast = FastGenerator(encoder, decoder, h)
+    reference = codec_roundtrip(encoder, decoder, audio[None], h, n_codebooks=2)
+    out = fast.roundtrip([audio], n_codebooks=2)[0]
+    assert out["codes"].shape == (2, reference["codes"].size(-1))
+    assert torch.equal(out["codes"], reference["codes"][0])
+    assert (out["audio"] - reference["audio"][0]).abs().max() < TOLERANCE
+    codes = fast.encode([audio])
+    assert torch.equal(codes[0], codec_roundtrip(encoder, decoder, audio[None], h)["codes"][0])
+    # Decoding the codes looks the codebook rows up instead of the straight-through latent.
+    latent = encoder.latent_from_codes(codes[0][None])
+    expected = decoder(latent)[-1][0, 0]
+    decoded = fast.decode(codes)[0]["audio"]
+    assert decoded.shape == expected.shape and (decoded - expected).abs().max() < TOLERANCE
+
+
+def test_a_batch_of_different_lengths_equals_one_clip_at_a_time(model):
+    """The batched forward (a GPU's) pads, masks the padding out of every layer and of GRN's
+    pooling, and trims: each clip gets what it gets alone."""
+    h, encoder, decoder = model
+    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 48000, 4801, 1))]
+    batched = FastGenerator(encoder, decoder, h, chunk_frames=None).roundtrip(clips)
+    alone = FastGenerator(encoder, decoder, h).roundtrip(clips)
+    for clip, b, a in zip(clips, batched, alone):
+        assert b["audio"].shape == a["audio"].shape == clip.shape
+        assert torch.equal(b["codes"], a["codes"])
+        assert (b["audio"] - a["audio"]).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("precision,tolerance", [("bfloat16", 0.02), ("int8", 0.03)])
+def test_products_in_reduced_precision_are_close(precision, tolerance):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(96, 160) / 12, torch.randn(96), torch.randn(300, 160)
+    exact = x @ weight.t() + bias
+    product = Product(weight, bias, precision)
+    got = product(x).float()
+    assert (got - exact).norm() < tolerance * exact.norm()
+    out = torch.ones(300, 96)
+    product.accumulate(x, out)
+    assert (out - 1 - exact).norm() < tolerance * exact.norm()
+
+
+def test_float32_product_is_exact_and_writes_into_out():
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(8, 5), torch.randn(8), torch.randn(7, 5)
+    out = torch.empty(7, 8)
+    assert Product(weight, bias, "float32")(x, out=out) is out
+    assert torch.allclose(out, x @ weight.t() + bias, atol=1e-6)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512f", "amx_bf16", "avx512_bf16"})
+    assert fastpath.resolve_precision("auto", cpu) == "bfloat16"
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "avx512_vnni"})
+    assert fastpath.resolve_precision("auto", cpu) == "int8"
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx2"})
+    assert fastpath.resolve_precision("auto", cpu) == "int8"
+    assert fastpath.resolve_precision("float32", cpu) == "float32"
+    assert fastpath.reduced_precision(torch.device("cuda")) == "bfloat16"
+    line = fastpath.kernels("int8", cpu)
+    assert "int8" in line and torch.backends.quantized.engine in line and "avx2" not in line
+
+
+def test_bad_precision_and_causal_models_are_refused(model):
+    h, encoder, decoder = model
+    with pytest.raises(ValueError, match="--precision must be one of float32, bfloat16, int8, got 'fp8'"):
+        FastGenerator(encoder, decoder, h, "fp8")
+    causal = make_config(**TINY, causal=True)
+    with pytest.raises(ValueError, match="non-causal"):
+        FastGenerator(Encoder(causal), Decoder(causal), causal)
+
+
+def _folder(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_tone(str(inputs / "a.wav"), 0.31, seed=1)
+    write_tone(str(inputs / "b.wav"), 0.12, sr=44100, channels=2, seed=2)
+    write_tone(str(inputs / "c.wav"), 0.05, sr=16000, seed=3)
+    write_tone(str(inputs / "d.wav"), 0.2, seed=4)
+    (inputs / "e.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    return inputs
+
+
+def test_folder_batches_give_each_file_its_own_output(tmp_path):
+    """Codec.resynthesize_files in the GPU's batched mode writes what resynthesize_file writes
+    file by file (to a 16-bit step), reports the bad file and goes on."""
+    inputs = _folder(tmp_path)
+    torch.manual_seed(0)
+    h = make_config(**TINY)
+    codec = Codec(h, remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval(),
+                  torch.device("cpu"))
+    codec.fast.chunk_frames = None
+    names = sorted(os.listdir(inputs))
+    jobs = [(str(inputs / n), str(tmp_path / f"batched_{n}")) for n in names]
+    results = dict(codec.resynthesize_files(jobs, batch_seconds=0.5))
+    assert set(results) == {path for path, _ in jobs}
+    assert isinstance(results[str(inputs / "e.wav")], ValueError)
+    for name in names[:-1]:
+        assert results[str(inputs / name)] == pytest.approx(sf.info(str(inputs / name)).duration)
+        codec.resynthesize_file(str(inputs / name), str(tmp_path / f"alone_{name}"))
+        batched, rate = sf.read(str(tmp_path / f"batched_{name}"), dtype="int16")
+        alone, _ = sf.read(str(tmp_path / f"alone_{name}"), dtype="int16")
+        assert rate == sf.info(str(inputs / name)).samplerate and batched.shape == alone.shape
+        assert np.abs(batched.astype(int) - alone).max() <= 1
+
+
+def test_inference_precision_option_prints_its_kernels(tmp_path, capsys):
+    inputs = _folder(tmp_path)
+    (inputs / "e.wav").unlink()
+    h = make_config(**TINY)
+    enc_path, dec_path = _save_random_codec(h, str(tmp_path))
+    for precision in ("int8", "bfloat16"):
+        h.update(test_input_wavs_dir=str(inputs), test_wav_output_dir=str(tmp_path / precision),
+                 checkpoint_file_load_Encoder=enc_path, checkpoint_file_load_Decoder=dec_path)
+        totals = inference.inference(h, precision=precision)
+        assert totals["files"] == 4 and totals["failed"] == 0
+        assert f"precision {precision}: " in capsys.readouterr().out
+        for name in os.listdir(inputs):
+            assert sf.info(str(tmp_path / precision / name)).frames == sf.info(str(inputs / name)).frames
+
+
+@pytest.mark.slow
+def test_reduced_precision_keeps_quality_on_the_demo_checkpoint(tmp_path, monkeypatch):
+    """Train the demo's model, then code its test clips in each precision: LSD and mel distance
+    within 2% of float32's, and at least 99% of the codes identical."""
+    monkeypatch.chdir(tmp_path)
+    h = build_config(read_config_file(os.path.join(ROOT, "config_demo.json")))
+    demo.make_demo_data(h)
+    train.train(h)
+    step = max(int(name.split("_")[1]) for name in os.listdir(h.checkpoint_path) if name.startswith("encoder_"))
+    codec = Codec.load(h, os.path.join(h.checkpoint_path, f"encoder_{step:08d}"),
+                       os.path.join(h.checkpoint_path, f"decoder_{step:08d}"), torch.device("cpu"))
+    clips = [torch.from_numpy(sf.read(os.path.join(h.test_input_wavs_dir, name), dtype="float32")[0])
+             for name in sorted(os.listdir(h.test_input_wavs_dir))]
+
+    def scores(outputs):
+        return {"lsd": np.mean([metrics.lsd(c[None], o["audio"][None]).item() for c, o in zip(clips, outputs)]),
+                "mel": np.mean([metrics.mel_distance(c[None], o["audio"][None], codec.h).item()
+                                for c, o in zip(clips, outputs)])}
+
+    reference = codec.fast.roundtrip(clips)
+    base = scores(reference)
+    for precision in ("bfloat16", "int8"):
+        outputs = FastGenerator(codec.encoder, codec.decoder, codec.h, precision).roundtrip(clips)
+        for name, value in scores(outputs).items():
+            assert abs(value / base[name] - 1) <= 0.02, (precision, name, value, base[name])
+        same = sum((o["codes"] == r["codes"]).sum().item() for o, r in zip(outputs, reference))
+        assert same >= 0.99 * sum(r["codes"].numel() for r in reference), precision
