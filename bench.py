@@ -22,7 +22,8 @@ on the threads in use. Then for each clip length in --clips and each precision, 
 reference path (`codec.codec_roundtrip`, the release's computation) and the fast path
 (`fastpath.FastGenerator`, what inference.py runs) on one clip and on --batch clips of
 different lengths: seconds per audio-second, times real time, times the floor and the peak
-memory of that measurement.
+memory of that measurement. --file_seconds adds whole files through `Codec.resynthesize_file`,
+as inference.py runs them: a file longer than a window (30 s) goes through the chunked path.
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
@@ -243,6 +244,34 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
+def bench_files(h: AttrDict, device: torch.device, seconds: List[float], precisions: List[str]) -> Iterator[dict]:
+    """`Codec.resynthesize_file` (what inference.py runs) on generated wav files of each length:
+    files longer than a window go through the chunked path. One run each, peak memory included."""
+    torch.manual_seed(0)
+    encoder = remove_weight_norm(Encoder(h).to(device)).eval()
+    decoder = remove_weight_norm(Decoder(h).to(device)).eval()
+    base = synthetic_audio(1, 10 * h.sampling_rate, h.sampling_rate)[0].numpy()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        for length in seconds:
+            path = os.path.join(folder, f"{length:g}s.wav")
+            with sf.SoundFile(path, "w", h.sampling_rate, 1, subtype="PCM_16") as f:
+                left = int(length * h.sampling_rate)
+                while left > 0:   # the 10 s clip, circularly shifted, block after block
+                    block = np.roll(base, int(rng.integers(base.size)))[:left]
+                    f.write(block)
+                    left -= block.size
+            for precision in precisions:
+                codec_ = codec.Codec(h, encoder, decoder, device, precision=precision)
+                reset_peak_memory(device)
+                start = time.perf_counter()
+                codec_.resynthesize_file(path, os.path.join(folder, "out.wav"))
+                wall = time.perf_counter() - start
+                yield {"bench": "inference_file", "precision": precision, "file_s": length,
+                       "windows": len(codec_.windows(int(length * h.sampling_rate))), "wall_s": round(wall, 2),
+                       "s_per_audio_s": round(wall / length, 4), **peak_memory(device)}
+
+
 def write_dataset(folder: str, n_files: int, seconds: float, sr: int) -> None:
     """n_files wavs (circular shifts of a few synthetic clips) and train.txt / valid.txt in `folder`."""
     length = int(seconds * sr)
@@ -347,6 +376,9 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         for record in bench_inference(h, device, args.clips, precisions.split(","),
                                       args.batch or (100 if device.type == "cuda" else 4), args.repeats):
             emit({**record, **common})
+        if args.file_seconds:
+            for record in bench_files(h, device, args.file_seconds, precisions.split(",")):
+                emit({**record, **common})
     if args.suite in ("train", "all"):
         # At least two epochs: the first holds compilation and the step-0 validation.
         steps_per_epoch = min(50, max(1, args.train_steps // 2))
@@ -380,6 +412,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the streamed clip")
     parser.add_argument("--clips", type=float, nargs="+", default=[1.0, 10.0, 60.0],
                         help="inference clip lengths in seconds (--suite inference)")
+    parser.add_argument("--file_seconds", type=float, nargs="*", default=[],
+                        help="also resynthesise generated wav files of these lengths (s) as inference.py does, "
+                             "long ones through the chunked path (--suite inference)")
     parser.add_argument("--inference_precisions", metavar="LIST",
                         help="comma-separated: float32, bfloat16, int8, tf32 (GPU) (default: float32 and the "
                              "reduced precision of this machine; on a GPU float32,tf32,bfloat16)")
