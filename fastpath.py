@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
-from spectral import amp_pha_spectrum, istft, pad_for_analysis
+from spectral import OverlapAdd, centred, log_amplitude_and_phase, pad_for_analysis, stft_rows
 
 PRECISIONS = ("float32", "bfloat16", "int8")
 CHUNK_FRAMES = 1024         # rows per chunk on the CPU: a chunk's activations stay in cache
@@ -70,9 +70,9 @@ def kernels(precision: str, device: torch.device) -> str:
 
 
 class Product:
-    """x (N, K) -> x @ W.T + b (N, M) in one precision; W (M, K) and b (M,) given in float32."""
+    """x (N, K) -> x @ W.T (+ b) (N, M) in one precision; W (M, K) and b (M,) or None given in float32."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, precision: str):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str):
         self.int8 = precision == "int8"
         self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         if self.int8:
@@ -85,27 +85,48 @@ class Product:
                                                0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(q, bias)
         else:
-            self.weight_t, self.bias = weight.t().contiguous().to(self.dtype), bias.to(self.dtype)
+            self.weight_t = weight.t().contiguous().to(self.dtype)
+            self.bias = None if bias is None else bias.to(self.dtype)
 
     def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The product, into `out` (contiguous, (N, M)) when given."""
+        """The product, written into `out` (contiguous (N, M)) when given."""
         if self.int8:
             y = torch.ops.quantized.linear_dynamic(x, self.packed, True)
             return y if out is None else out.copy_(y)
+        if self.bias is None:
+            return torch.mm(x.to(self.dtype), self.weight_t, out=out)
         return torch.addmm(self.bias, x.to(self.dtype), self.weight_t, out=out)
 
     def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += the product, in place."""
         if self.int8 or out.dtype != self.dtype:
             out += self(x)
-        else:
-            out.addmm_(x, self.weight_t).add_(self.bias)
+            return
+        out.addmm_(x.to(self.dtype), self.weight_t)
+        if self.bias is not None:
+            out.add_(self.bias)
 
 
-def _folded_conv(conv: nn.Conv1d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A stride-1 Conv1d's weight as (C_out, C_in * k), rows matching `_unfold`, and its bias."""
-    weight = conv.weight.detach().float()
-    return weight.reshape(weight.size(0), -1), conv.bias.detach().float()
+class Convolution:
+    """A stride-1 'same' convolution over the rows of (B, T, C_in) as k shifted products,
+    one per tap, summed in place: no unfolded copy of the input."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, precision: str):
+        """weight (C_out, C_in, k), bias (C_out,) as nn.Conv1d holds them (k odd)."""
+        weight = weight.detach().float()
+        self.kernel, self.out_channels = weight.size(2), weight.size(0)
+        self.taps = [Product(weight[:, :, k], bias.detach().float() if k == 0 else None, precision)
+                     for k in range(self.kernel)]
+
+    def __call__(self, x: torch.Tensor, margin: int, start: int, rows: int) -> torch.Tensor:
+        """Output rows start ... start + rows - 1 of x (B, margin + T + margin, C_in) with zero
+        margins -> (B, rows, C_out)."""
+        first = margin - self.kernel // 2 + start
+        taps = [x[:, first + k:first + k + rows].reshape(-1, x.size(2)) for k in range(self.kernel)]
+        y = self.taps[0](taps[0])
+        for product, tap in zip(self.taps[1:], taps[1:]):
+            product.accumulate(tap, y)
+        return y.view(x.size(0), rows, self.out_channels)
 
 
 def _folded_norm_linear(norm: nn.LayerNorm, linear: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +135,13 @@ def _folded_norm_linear(norm: nn.LayerNorm, linear: nn.Linear) -> Tuple[torch.Te
     return w * norm.weight.detach().float(), b + w @ norm.bias.detach().float()
 
 
-def _unfold(x: torch.Tensor, start: int, rows: int, kernel: int) -> torch.Tensor:
-    """Rows start ... start + rows - 1 of x (B, T, C) with their kernel - 1 successors: (B * rows, C * kernel)."""
-    return x[:, start:start + rows + kernel - 1].unfold(1, kernel, 1).reshape(-1, x.size(2) * kernel)
+def margined(batch: int, frames: int, channels: int, margin: int, device: torch.device) -> torch.Tensor:
+    """An uninitialised (B, margin + frames + margin, C) buffer with zero margins: every row
+    inside gets written, and filling the whole of a long buffer costs a pass over memory."""
+    x = torch.empty(batch, frames + 2 * margin, channels, device=device)
+    x[:, :margin] = 0
+    x[:, margin + frames:] = 0
+    return x
 
 
 def _normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -174,29 +199,28 @@ class FastBlock:
 class FastBranch:
     """Branch: embed conv -> LayerNorm -> ConvNeXt blocks -> LayerNorm -> Linear, (B, T, C) in and out."""
 
-    def __init__(self, branch: Branch, precision: str, dtype: torch.dtype):
-        self.dtype = dtype
-        self.kernel = branch.embed.kernel_size[0]
-        self.embed = Product(*_folded_conv(branch.embed), precision)
+    def __init__(self, branch: Branch, precision: str):
+        self.embed = Convolution(branch.embed.weight, branch.embed.bias, precision)
         self.norm, self.final_norm = branch.norm.eps, branch.final_norm.eps
         self.norm_affine = (branch.norm.weight.detach(), branch.norm.bias.detach())
         self.blocks = [FastBlock(block, precision) for block in branch.blocks]
         self.out = Product(*_folded_norm_linear(branch.final_norm, branch.out), precision)
         self.width, self.out_width = branch.out.in_features, branch.out.out_features
-        self.margin = max([self.kernel // 2] + [block.kernel // 2 for block in self.blocks])
+        self.margin = max([self.embed.kernel // 2] + [block.kernel // 2 for block in self.blocks])
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
                  valid: Optional[torch.Tensor], out: torch.Tensor) -> None:
         """x: (B, margin + T + margin, C_in) with zero margins -> out (B, T, C_out), written in place."""
         b, t = x.size(0), x.size(1) - 2 * margin
         m = self.margin
-        stream = x.new_zeros(b, t + 2 * m, self.width)
-        hidden = x.new_empty(b, t, self.blocks[0].hidden if self.blocks else 0, dtype=self.dtype)
+        stream = margined(b, t, self.width, m, x.device)
+        # One workspace for every block: allocated once, so its pages are faulted in once.
+        hidden = x.new_empty(b, t, max((block.hidden for block in self.blocks), default=0),
+                             dtype=self.blocks[0].pw1.dtype if self.blocks else x.dtype)
         weight, bias = self.norm_affine
         for start, rows in spans:
-            y = self.embed(_unfold(x, margin - self.kernel // 2 + start, rows, self.kernel)).float()
-            stream[:, m + start:m + start + rows] = F.layer_norm(y.view(b, rows, -1), (self.width,), weight, bias,
-                                                                 self.norm)
+            y = self.embed(x, margin, start, rows).float()
+            stream[:, m + start:m + start + rows] = F.layer_norm(y, (self.width,), weight, bias, self.norm)
         if valid is not None:
             stream[:, m:m + t].mul_(valid)
         for block in self.blocks:
@@ -222,20 +246,20 @@ class FastGenerator:
         self.device = next(decoder.parameters()).device
         if precision == "int8" and self.device.type != "cpu":
             raise ValueError("--precision int8 runs on the CPU; use bfloat16 on a GPU")
-        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         self.chunk_frames = chunk_frames
+        self.keep_spectrum = False    # also return each clip's predicted spectrum (real, imag)
         with torch.no_grad():
             branches = (encoder.amp, encoder.pha, decoder.amp, decoder.pha)
             self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha = (
-                FastBranch(branch, precision, self.dtype) for branch in branches)
-            self.amp_out = Product(*_folded_conv(decoder.amp_out), precision)
-            imag, real = _folded_conv(decoder.pha_imag), _folded_conv(decoder.pha_real)
-            self.pha_out = Product(torch.cat((imag[0], real[0])), torch.cat((imag[1], real[1])), precision)
-        self.out_kernel = (decoder.amp_out.kernel_size[0], decoder.pha_imag.kernel_size[0])
-        if decoder.pha_imag.kernel_size != decoder.pha_real.kernel_size:
-            raise ValueError("the fast forward needs PHA_Decoder_output_R_conv_kernel_size == "
-                             "PHA_Decoder_output_I_conv_kernel_size")
-        self.margin = max(self.enc_amp.kernel, *self.out_kernel) // 2
+                FastBranch(branch, precision) for branch in branches)
+            if decoder.pha_imag.weight.shape != decoder.pha_real.weight.shape:
+                raise ValueError("the fast forward needs PHA_Decoder_output_R_conv_kernel_size == "
+                                 "PHA_Decoder_output_I_conv_kernel_size")
+            self.amp_out = Convolution(decoder.amp_out.weight, decoder.amp_out.bias, precision)
+            self.pha_out = Convolution(torch.cat((decoder.pha_imag.weight, decoder.pha_real.weight)),
+                                       torch.cat((decoder.pha_imag.bias, decoder.pha_real.bias)), precision)
+        convolutions = [b.embed for b in (self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha)]
+        self.margin = max(c.kernel for c in convolutions + [self.amp_out, self.pha_out]) // 2
 
     def _spans(self, frames: int) -> List[Tuple[int, int]]:
         step = self.chunk_frames or frames
@@ -245,27 +269,26 @@ class FastGenerator:
         """Chunked runs take one clip at a time (a batch's chunks would not be contiguous rows)."""
         return [[item] for item in items] if self.chunk_frames else [items]
 
-    def _valid(self, lengths: Sequence[int], frames: int) -> Optional[torch.Tensor]:
-        """(B, frames, 1) 1 inside each clip and 0 past its end; None when all are full length."""
+    def _inside(self, lengths: Sequence[int], frames: int) -> Optional[torch.Tensor]:
+        """(B, frames) float, 1 inside each clip and 0 past its end; None when all are full length."""
         if all(n == frames for n in lengths):
             return None
-        mask = torch.arange(frames, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
-        return mask[..., None].float()
+        return (torch.arange(frames, device=self.device)[None]
+                < torch.tensor(lengths, device=self.device)[:, None]).float()
 
-    def _buffer(self, items: Sequence[torch.Tensor], frames: int) -> torch.Tensor:
-        """(C, T_i) items -> (B, margin + frames + margin, C), zero outside each item."""
-        m = self.margin
-        x = torch.zeros(len(items), frames + 2 * m, items[0].size(0), device=self.device)
-        for i, item in enumerate(items):
-            x[i, m:m + item.size(1)] = item.t()
-        return x
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> (B, margin + T + margin, C) with zero margins."""
+        out = margined(x.size(0), x.size(2), x.size(1), self.margin, x.device)
+        out[:, self.margin:self.margin + x.size(2)] = x.transpose(1, 2)
+        return out
 
     def _run_branch(self, branch: FastBranch, x: torch.Tensor, lengths: Sequence[int], frames: int
                     ) -> torch.Tensor:
         """x (B, margin + T + margin, C_in) -> (B, margin + T + margin, C_out), zero outside each clip."""
         m = self.margin
-        out = x.new_zeros(x.size(0), frames + 2 * m, branch.out_width)
-        valid = self._valid(lengths, frames)
+        out = margined(x.size(0), frames, branch.out_width, m, x.device)
+        inside = self._inside(lengths, frames)
+        valid = None if inside is None else inside[..., None]
         if valid is not None:
             # An upsampler's output runs past a shorter clip's frames; alone, that clip has none there.
             x[:, m:m + frames].mul_(valid)
@@ -277,16 +300,23 @@ class FastGenerator:
     def _encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int]
                 ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
         """Clips (L_i,) -> quantised latent (B, D, T'), codes (B, n, T') and each clip's T'_i."""
-        h = self.h
-        spectra = [amp_pha_spectrum(pad_for_analysis(a[None].float(), h.n_fft, h.hop_size), h.n_fft, h.hop_size,
-                                    h.win_size)[:2] for a in audio]
-        lengths = [s[0].size(-1) for s in spectra]
+        h, m = self.h, self.margin
+        padded = [centred(pad_for_analysis(a.float(), h.n_fft, h.hop_size), h.n_fft) for a in audio]
+        lengths = [(p.numel() - h.n_fft) // h.hop_size + 1 for p in padded]
         frames = max(lengths)
-        amp = self._run_branch(self.enc_amp, self._buffer([s[0][0] for s in spectra], frames), lengths, frames)
-        pha = self._run_branch(self.enc_pha, self._buffer([s[1][0] for s in spectra], frames), lengths, frames)
+        logamp = margined(len(audio), frames, h.n_fft // 2 + 1, m, self.device)
+        phase = margined(len(audio), frames, h.n_fft // 2 + 1, m, self.device)
+        for i, (signal, n) in enumerate(zip(padded, lengths)):
+            logamp[i, m + n:] = 0
+            phase[i, m + n:] = 0
+            for start, rows in self._spans(n):
+                spec = stft_rows(signal, start, rows, h.n_fft, h.hop_size, h.win_size)
+                logamp[i, m + start:m + start + rows], phase[i, m + start:m + start + rows] = \
+                    log_amplitude_and_phase(spec.real, spec.imag)
+        amp = self._run_branch(self.enc_amp, logamp, lengths, frames)
+        pha = self._run_branch(self.enc_pha, phase, lengths, frames)
         enc = self.encoder
-        m = self.margin
-        amp, pha = (x[:, m:m + frames].float().transpose(1, 2) for x in (amp, pha))
+        amp, pha = (x[:, m:m + frames].transpose(1, 2) for x in (amp, pha))
         down = torch.cat((enc.amp_down(amp), enc.pha_down(pha)), 1)
         latent_lengths = [-(-n // h.ratio) for n in lengths]
         latent = enc.latent_conv(self._masked(down, latent_lengths))
@@ -295,57 +325,50 @@ class FastGenerator:
 
     def _masked(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """(B, C, T) with frames past each item's length zeroed."""
-        if all(n == x.size(-1) for n in lengths):
-            return x
-        mask = torch.arange(x.size(-1), device=x.device)[None] < torch.tensor(lengths, device=x.device)[:, None]
-        return x * mask[:, None]
+        inside = self._inside(lengths, x.size(-1))
+        return x if inside is None else x * inside[:, None]
 
     def _decode(self, latent: torch.Tensor, latent_lengths: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
-        """Quantised latent (B, D, T') -> per clip the predicted spectrum real, imag (F, ratio * T'_i)
-        and audio (hop * (ratio * T'_i - 1),)."""
+        """Quantised latent (B, D, T') -> per clip its audio (hop * (ratio * T'_i - 1),) (and spectrum)."""
         h, dec = self.h, self.decoder
         latent = self._masked(dec.latent_conv(self._masked(latent.float(), latent_lengths)), latent_lengths)
         lengths = [n * h.ratio for n in latent_lengths]
         frames = latent.size(-1) * h.ratio
-        amp = self._run_branch(self.dec_amp, self._head_input(dec.amp_up(latent)), lengths, frames)
-        pha = self._run_branch(self.dec_pha, self._head_input(dec.pha_up(latent)), lengths, frames)
-        spec = self._spectrum(amp, pha, frames)
-        outputs = []
-        for i, n in enumerate(lengths):
-            s = spec[i, :n].t()
-            audio = istft(s.real, s.imag, h.n_fft, h.hop_size, h.win_size)
-            outputs.append({"real": s.real, "imag": s.imag, "audio": audio})
-        return outputs
+        amp = self._run_branch(self.dec_amp, self._rows(dec.amp_up(latent)), lengths, frames)
+        pha = self._run_branch(self.dec_pha, self._rows(dec.pha_up(latent)), lengths, frames)
+        return self._synthesis(amp, pha, lengths, frames)
 
-    def _head_input(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T) -> (B, margin + T + margin, C) with zero margins."""
-        m = self.margin
-        out = x.new_zeros(x.size(0), x.size(2) + 2 * m, x.size(1))
-        out[:, m:m + x.size(2)] = x.transpose(1, 2)
-        return out
-
-    def _spectrum(self, amp: torch.Tensor, pha: torch.Tensor, frames: int) -> torch.Tensor:
-        """Branch outputs (B, T, C) -> the complex spectrum (B, T, F) in float32, as Decoder.spectra."""
-        m, b = self.margin, amp.size(0)
-        bins = self.h.n_fft // 2 + 1
-        spec = torch.empty(b, frames, bins, dtype=torch.complex64, device=self.device)
-        parts = torch.view_as_real(spec)
-        k_amp, k_pha = self.out_kernel
+    def _synthesis(self, amp: torch.Tensor, pha: torch.Tensor, lengths: Sequence[int], frames: int
+                   ) -> List[Dict[str, torch.Tensor]]:
+        """Branch outputs (B, margin + T + margin, C) -> per clip the spectrum (as Decoder.spectra)
+        and its iSTFT, chunk by chunk; the spectrum is kept only when `keep_spectrum` is set."""
+        h, m, b = self.h, self.margin, amp.size(0)
+        bins = h.n_fft // 2 + 1
+        synthesis = [OverlapAdd(n, h.n_fft, h.hop_size, h.win_size, self.device) for n in lengths]
+        kept: List[List[torch.Tensor]] = [[] for _ in lengths]
         for start, rows in self._spans(frames):
-            logamp = self.amp_out(_unfold(amp, m - k_amp // 2 + start, rows, k_amp)).float().view(b, rows, bins)
-            pha_ir = self.pha_out(_unfold(pha, m - k_pha // 2 + start, rows, k_pha)).float().view(b, rows, 2 * bins)
+            logamp = self.amp_out(amp, m, start, rows).float()
+            pha_ir = self.pha_out(pha, m, start, rows).float()
             imag, real = pha_ir[..., :bins], pha_ir[..., bins:]
             # exp(logamp) * (cos, sin)(atan2(imag, real)) without the trigonometry: the
             # component pair scaled to the amplitude. atan2(0, 0) = 0 gives the direction (1, 0).
             norm = torch.hypot(real, imag)
-            scale = torch.exp(logamp).div_(norm)
-            torch.mul(real, scale, out=parts[:, start:start + rows, :, 0])
-            torch.mul(imag, scale, out=parts[:, start:start + rows, :, 1])
-            silent = norm == 0
-            if silent.any():
-                parts[:, start:start + rows, :, 0][silent] = torch.exp(logamp[silent])
-                parts[:, start:start + rows, :, 1][silent] = 0
-        return spec
+            magnitude = torch.exp(logamp)
+            scale = torch.where(norm > 0, magnitude / norm, magnitude)
+            spec = torch.complex(torch.where(norm > 0, real, 1) * scale, imag * scale)
+            for i, n in enumerate(lengths):
+                if start < n:
+                    synthesis[i].add(start, spec[i, :n - start])
+                    if self.keep_spectrum:
+                        kept[i].append(spec[i, :n - start])
+        outputs = []
+        for ola, chunks in zip(synthesis, kept):
+            out = {"audio": ola.audio()}
+            if chunks:
+                spectrum = torch.cat(chunks).t()
+                out.update(real=spectrum.real, imag=spectrum.imag)
+            outputs.append(out)
+        return outputs
 
     @torch.no_grad()
     def encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None) -> List[torch.Tensor]:
@@ -358,8 +381,8 @@ class FastGenerator:
 
     @torch.no_grad()
     def decode(self, codes: Sequence[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
-        """Codes (n, T'_i) -> per clip the spectrum real, imag (F, ratio * T'_i) and audio
-        (hop * (ratio * T'_i - 1),)."""
+        """Codes (n, T'_i) -> per clip its audio (hop * (ratio * T'_i - 1),) and, with
+        `keep_spectrum`, the predicted spectrum real, imag (F, ratio * T'_i)."""
         outputs = []
         for batch in self._batches(codes):
             lengths = [c.size(-1) for c in batch]
@@ -370,8 +393,8 @@ class FastGenerator:
     @torch.no_grad()
     def roundtrip(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None
                   ) -> List[Dict[str, torch.Tensor]]:
-        """Clips (L_i,) -> per clip its codes (n, T'_i), spectrum real/imag (F, T_i) and audio (L_i,),
-        as `codec.codec_roundtrip` gives each alone."""
+        """Clips (L_i,) -> per clip its codes (n, T'_i) and audio (L_i,) (and with `keep_spectrum`
+        the predicted spectrum real/imag (F, T_i)), as `codec.codec_roundtrip` gives each alone."""
         outputs = []
         for batch in self._batches(audio):
             latent, codes, lengths = self._encode(batch, n_codebooks)

@@ -55,13 +55,69 @@ def amp_pha_spectrum(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int, 
     """Log amplitude, phase, real and imaginary part, each (B, F, T), of y: (B, L); `pad` as in `stft`."""
     spec = stft(y, n_fft, hop_size, win_size, pad)
     real, imag = spec.real, spec.imag
-    # log(|S| + 1e-5) with |S| from real/imag, as the release computes it.
+    return (*log_amplitude_and_phase(real, imag), real, imag)
+
+
+def log_amplitude_and_phase(real: torch.Tensor, imag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's inputs from a spectrum's parts, any shape: log(|S| + 1e-5) and atan2(imag, real)."""
+    # |S| from real/imag, as the release computes it.
     log_amplitude = torch.log(torch.sqrt(real.pow(2) + imag.pow(2)) + 1e-5)
     # atan2 as the release uses it, also for exactly silent bins: there the phase is 0 or
     # +-pi depending on the signs of the FFT's zeros, which differ between backends and
     # versions. Such bins carry no energy, and the anti-wrapped losses see +-pi as one value.
-    phase = torch.atan2(imag, real)
-    return log_amplitude, phase, real, imag
+    return log_amplitude, torch.atan2(imag, real)
+
+
+# Frames-first STFT for inference: `stft` and `istft` of one signal computed a few frames at
+# a time, so that memory and cache traffic stay bounded however long the signal. Equal to
+# them up to float rounding.
+
+@lru_cache(maxsize=None)
+def _frame_window(n_fft: int, win_size: int, device: torch.device) -> torch.Tensor:
+    """The Hann window centred in an n_fft frame, as torch.stft places it."""
+    left = (n_fft - win_size) // 2
+    return F.pad(torch.hann_window(win_size, device=device), (left, n_fft - win_size - left))
+
+
+def centred(y: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """One signal y (L,), L > n_fft / 2, reflect-padded by n_fft // 2 at both ends as `stft` pads it."""
+    return F.pad(y[None, None], (n_fft // 2, n_fft // 2), mode="reflect")[0, 0]
+
+
+def stft_rows(padded: torch.Tensor, start: int, count: int, n_fft: int, hop_size: int,
+              win_size: int) -> torch.Tensor:
+    """Frames start ... start + count - 1 of the STFT of a `centred` signal: complex (count, F),
+    the transpose of those columns of `stft`."""
+    frames = padded[start * hop_size:(start + count - 1) * hop_size + n_fft].unfold(0, n_fft, hop_size)
+    return torch.fft.rfft(frames * _frame_window(n_fft, win_size, padded.device), dim=-1)
+
+
+class OverlapAdd:
+    """`istft` of one spectrum fed a few frames at a time, frames first: `add(start, rows)` with
+    rows complex (count, F) for frames start ..., then `audio()` gives (hop_size * (T - 1),)."""
+
+    def __init__(self, frames: int, n_fft: int, hop_size: int, win_size: int, device: torch.device):
+        self.n_fft, self.hop_size = n_fft, hop_size
+        self.window = _frame_window(n_fft, win_size, device)
+        self.frames = frames
+        self.signal = torch.zeros(n_fft + hop_size * (frames - 1), device=device)
+        self.envelope = torch.zeros_like(self.signal)
+
+    def _fold(self, frames: torch.Tensor) -> torch.Tensor:
+        """(count, n_fft) -> their overlap-add, frame k at sample k * hop_size."""
+        length = self.n_fft + self.hop_size * (frames.size(0) - 1)
+        return F.fold(frames.t()[None], (1, length), (1, self.n_fft), stride=(1, self.hop_size)).flatten()
+
+    def add(self, start: int, rows: torch.Tensor) -> None:
+        frames = torch.fft.irfft(rows, n=self.n_fft, dim=-1) * self.window
+        at = start * self.hop_size
+        self.signal[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += self._fold(frames)
+        self.envelope[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += self._fold(
+            self.window.square().expand(rows.size(0), -1))
+
+    def audio(self) -> torch.Tensor:
+        inside = slice(self.n_fft // 2, self.n_fft // 2 + self.hop_size * (self.frames - 1))
+        return self.signal[inside] / self.envelope[inside]
 
 
 def mel_spectrogram(y: torch.Tensor, sampling_rate: int, n_fft: int, num_mels: int,

@@ -197,3 +197,31 @@ def test_backward_difference_by_hand():
     assert torch.equal(spectral.backward_difference(x3, 1),
                        torch.tensor([[[0.0, -1.0, -4.0, -9.0], [-16.0, -24.0, -32.0, -40.0],
                                       [-48.0, -56.0, -64.0, -72.0]]]))
+
+
+@pytest.mark.parametrize("win_size", [1024, 800])
+def test_frames_first_stft_equals_stft_in_any_chunks(win_size):
+    """stft_rows over chunks of frames gives stft's columns, transposed; OverlapAdd fed the
+    same chunks (in any order) gives istft of a (different) spectrum."""
+    y = torch.from_numpy(tone(0.3))[:14400]
+    reference = spectral.stft(y[None], 1024, 40, win_size)[0]
+    padded = spectral.centred(y, 1024)
+    frames = reference.size(1)
+    chunks = [(0, 7), (7, 100), (107, frames - 107)]
+    rows = torch.cat([spectral.stft_rows(padded, s, n, 1024, 40, win_size) for s, n in chunks])
+    assert rows.shape == (frames, 513)
+    assert (rows - reference.t()).abs().max() < 1e-4 * reference.abs().max()
+    spec = reference * torch.exp(1j * torch.linspace(0, 3, frames))      # not an STFT of any signal
+    expected = spectral.istft(spec.real[None], spec.imag[None], 1024, 40, win_size)[0]
+    synthesis = spectral.OverlapAdd(frames, 1024, 40, win_size, y.device)
+    for s, n in reversed(chunks):
+        synthesis.add(s, spec.t()[s:s + n])
+    audio = synthesis.audio()
+    assert audio.shape == expected.shape == (40 * (frames - 1),)
+    assert (audio - expected).abs().max() < 1e-5
+
+
+def test_log_amplitude_and_phase_by_hand():
+    logamp, phase = spectral.log_amplitude_and_phase(torch.tensor([3.0, 0.0, -1.0]), torch.tensor([4.0, 0.0, 0.0]))
+    assert torch.allclose(logamp, torch.log(torch.tensor([5.0, 0.0, 1.0]) + 1e-5))
+    assert torch.allclose(phase, torch.tensor([math.atan2(4, 3), 0.0, math.pi]))
