@@ -263,6 +263,7 @@ def bench_files(h: AttrDict, device: torch.device, seconds: List[float], precisi
                     left -= block.size
             for precision in precisions:
                 codec_ = codec.Codec(h, encoder, decoder, device, precision=precision)
+                codec_.resynthesize(base[:h.sampling_rate], h.sampling_rate)   # warm-up, untimed
                 reset_peak_memory(device)
                 start = time.perf_counter()
                 codec_.resynthesize_file(path, os.path.join(folder, "out.wav"))

@@ -91,7 +91,7 @@ class Product:
     def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The product, written into `out` (contiguous (N, M)) when given."""
         if self.int8:
-            y = torch.ops.quantized.linear_dynamic(x, self.packed, True)
+            y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
             return y if out is None else out.copy_(y)
         if self.bias is None:
             return torch.mm(x.to(self.dtype), self.weight_t, out=out)
@@ -200,6 +200,7 @@ class FastBranch:
     """Branch: embed conv -> LayerNorm -> ConvNeXt blocks -> LayerNorm -> Linear, (B, T, C) in and out."""
 
     def __init__(self, branch: Branch, precision: str):
+        self.precision = precision
         self.embed = Convolution(branch.embed.weight, branch.embed.bias, precision)
         self.norm, self.final_norm = branch.norm.eps, branch.final_norm.eps
         self.norm_affine = (branch.norm.weight.detach(), branch.norm.bias.detach())
@@ -215,8 +216,10 @@ class FastBranch:
         m = self.margin
         stream = margined(b, t, self.width, m, x.device)
         # One workspace for every block: allocated once, so its pages are faulted in once.
+        # Reduced precision keeps it in bfloat16: on long inputs it lives in DRAM, and the
+        # second pass of each block reads it at half the traffic.
         hidden = x.new_empty(b, t, max((block.hidden for block in self.blocks), default=0),
-                             dtype=self.blocks[0].pw1.dtype if self.blocks else x.dtype)
+                             dtype=torch.float32 if self.precision == "float32" else torch.bfloat16)
         weight, bias = self.norm_affine
         for start, rows in spans:
             y = self.embed(x, margin, start, rows).float()
