@@ -345,7 +345,7 @@ class FastGenerator:
                    ) -> List[Dict[str, torch.Tensor]]:
         """Branch outputs (B, margin + T + margin, C) -> per clip the spectrum (as Decoder.spectra)
         and its iSTFT, chunk by chunk; the spectrum is kept only when `keep_spectrum` is set."""
-        h, m, b = self.h, self.margin, amp.size(0)
+        h, m = self.h, self.margin
         bins = h.n_fft // 2 + 1
         synthesis = [OverlapAdd(n, h.n_fft, h.hop_size, h.win_size, self.device) for n in lengths]
         kept: List[List[torch.Tensor]] = [[] for _ in lengths]

@@ -168,7 +168,8 @@ def test_folder_batches_give_each_file_its_own_output(tmp_path):
         assert np.abs(batched.astype(int) - alone).max() <= 1
 
 
-def test_inference_precision_option_prints_its_kernels(tmp_path, capsys):
+def test_inference_precision_option_prints_its_kernels(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(inference, "pick_device", lambda: torch.device("cpu"))   # int8 runs on the CPU
     inputs = _folder(tmp_path)
     (inputs / "e.wav").unlink()
     h = make_config(**TINY)
