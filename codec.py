@@ -551,13 +551,13 @@ class Codec:
         batchable, alone = [], []
         for path, output in jobs:
             try:
-                info = sf.info(path)
-            except Exception as e:
-                yield path, ValueError(f"cannot read audio file {path}: {e}")
+                _, rate, channels, length = _file_blocks(path)   # the header only
+            except ValueError as e:
+                yield path, e
                 continue
-            length = resampled_length(info.frames, info.samplerate, self.h.sampling_rate)
+            length = resampled_length(length, rate, self.h.sampling_rate)
             fits = self.fast is not None and self.roundtrip == self._fast_roundtrip and length <= limit
-            (batchable if fits else alone).append((length * info.channels, path, output))
+            (batchable if fits else alone).append((length * channels, path, output))
         batchable.sort()
         batch: List[Tuple[int, str, str]] = []
         for item in batchable:

@@ -356,9 +356,10 @@ class FastGenerator:
             # exp(logamp) * (cos, sin)(atan2(imag, real)) without the trigonometry: the
             # component pair scaled to the amplitude. atan2(0, 0) = 0 gives the direction (1, 0).
             norm = torch.hypot(real, imag)
+            directed = norm > 0
             magnitude = torch.exp(logamp)
-            scale = torch.where(norm > 0, magnitude / norm, magnitude)
-            spec = torch.complex(torch.where(norm > 0, real, 1) * scale, imag * scale)
+            scale = torch.where(directed, magnitude / norm, magnitude)
+            spec = torch.complex(torch.where(directed, real, 1) * scale, imag * scale)
             for i, n in enumerate(lengths):
                 if start < n:
                     synthesis[i].add(start, spec[i, :n - start])
