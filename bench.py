@@ -27,8 +27,10 @@ as inference.py runs them: a file longer than a window (30 s) goes through the c
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
-times the streaming codec on the CPU per latent frame for each chunk length, against the
-frame's duration (--threads 1 for one core).
+times the streaming codec on the CPU for each chunk length and each precision of
+--inference_precisions (default float32 and this machine's reduced precision): compute per
+latent frame against the frame's duration, and per push against the chunk's (--threads 1
+for one core).
 """
 import argparse
 import json
@@ -330,27 +332,28 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def bench_streaming(h, clip_seconds: float, chunk_ms: List[float], repeats: int) -> dict:
-    """Median compute per latent frame (wall and this thread's CPU time) for each chunk length,
-    each the median of `repeats` streams of the clip; on the CPU."""
+def bench_streaming(h, clip_seconds: float, chunk_ms: List[float], precisions: List[str], repeats: int
+                    ) -> Iterator[dict]:
+    """One record per precision and chunk length: compute per latent frame and per push on the CPU
+    (this thread's CPU time), the median of `repeats` streams of the clip."""
+    torch.manual_seed(h.seed)
     encoder = remove_weight_norm(Encoder(h)).eval()
     decoder = remove_weight_norm(Decoder(h)).eval()
     audio = synthetic_audio(1, int(clip_seconds * h.sampling_rate), h.sampling_rate)[0].numpy()
-    frame_ms = 1000 * h.ratio * h.hop_size / h.sampling_rate
-    result = {"stream_latency_ms": round(1000 * latency_samples(h) / h.sampling_rate, 2),
-              "stream_frame_ms": round(frame_ms, 2)}
-    for ms in chunk_ms:
-        chunk = max(1, round(ms * h.sampling_rate / 1000))
-        medians = {"wall": [], "cpu": []}
-        for _ in range(max(1, repeats)):
-            chunks = (audio[i:i + chunk] for i in range(0, audio.size, chunk))
-            timings = stream_demo.timed_stream(StreamingCodec(encoder, decoder, h), chunks, lambda samples: None)
-            for clock in medians:
-                medians[clock].append(statistics.median(stream_demo.per_frame_ms(timings, clock)))
-        for clock, values in medians.items():
-            result[f"stream_{chunk}_{clock}_ms"] = (f"{statistics.median(values):.2f} per frame (runs: "
-                                                    f"{', '.join(f'{v:.2f}' for v in values)})")
-    return result
+    for precision in precisions:
+        for ms in chunk_ms:
+            chunk = max(1, round(ms * h.sampling_rate / 1000))
+            runs = []
+            for _ in range(max(1, repeats)):
+                chunks = (audio[i:i + chunk] for i in range(0, audio.size, chunk))
+                codec = StreamingCodec(encoder, decoder, h, precision=precision)
+                runs.append(stream_demo.summarise(stream_demo.timed_stream(codec, chunks, lambda samples: None),
+                                                  h, chunk))
+            record = {key: round(statistics.median(run[key] for run in runs), 3) for key in runs[0]}
+            yield {"bench": "stream", "precision": precision, "kernels": fastpath.kernels(precision, torch.device("cpu")),
+                   "threads": torch.get_num_threads(), "latency_ms": round(1000 * latency_samples(h) / h.sampling_rate, 2),
+                   **record, "real_time": record["frame_ms"] < record["duration_ms"],
+                   "frame_ms_runs": [round(run["frame_ms"], 3) for run in runs]}
 
 
 def run(h: AttrDict, args: argparse.Namespace) -> None:
@@ -396,7 +399,9 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     if args.stream_chunk_ms:
         if not h.causal:
             raise ValueError(f"--stream_chunk_ms needs a causal config ('causal': true), not {h.source}")
-        emit({"bench": "stream", **common, **bench_streaming(h, args.clip_seconds, args.stream_chunk_ms, args.repeats)})
+        precisions = (args.inference_precisions or "float32," + fastpath.reduced_precision(torch.device("cpu"))).split(",")
+        for record in bench_streaming(h, args.clip_seconds, args.stream_chunk_ms, precisions, args.repeats):
+            emit({**record, **common})
 
 
 def main(argv: Optional[List[str]] = None) -> None:

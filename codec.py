@@ -339,18 +339,21 @@ class Codec:
 
     The paper's codec runs `fastpath.FastGenerator` in `precision` ("float32": the reference
     numbers; "bfloat16" or "int8": faster, approximate; "auto": the faster of those two on
-    this machine); a causal one runs `codec_roundtrip`.
+    this machine). A causal one runs `codec_roundtrip`, or with `stream_ms` the streaming
+    codec in chunks of that many milliseconds, in `precision`.
     """
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
-                 chunk_seconds: float = CHUNK_SECONDS, precision: str = "float32"):
+                 chunk_seconds: float = CHUNK_SECONDS, precision: str = "float32",
+                 stream_ms: Optional[float] = None):
         if not chunk_seconds > 0:
             raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
-        # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
-        if h.causal and precision != "float32":
-            raise ValueError("--precision applies to the paper's non-causal codec; a causal one runs in float32")
+        if h.causal and precision != "float32" and stream_ms is None:
+            raise ValueError("--precision applies to a causal codec only with --stream; its offline pass runs "
+                             "in float32")
         self.precision = resolve_precision(precision, device)
+        # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
         self.fast = None if h.causal else FastGenerator(encoder, decoder, h, self.precision,
                                                         None if device.type == "cuda" else CHUNK_FRAMES)
         # Resynthesis of one window, (C, L) -> (C, L); `stream` swaps in the streaming codec.
@@ -358,6 +361,8 @@ class Codec:
             lambda audio, n_codebooks: codec_roundtrip(encoder, decoder, audio, h, n_codebooks)["audio"])
         if self.fast is not None:
             self.roundtrip = self._fast_roundtrip
+        if stream_ms is not None:
+            self._stream(stream_ms)
         frame = h.hop_size * h.ratio   # windows start on latent frames, as the whole-file analysis does
         self.chunk_length = max(1, round(chunk_seconds * h.sampling_rate / frame)) * frame
         self.chunk_overlap = max(1, round(OVERLAP_SECONDS * h.sampling_rate / frame)) * frame
@@ -366,19 +371,20 @@ class Codec:
     @classmethod
     def load(cls, h: AttrDict, encoder_path: Optional[str] = None, decoder_path: Optional[str] = None,
              device: Optional[torch.device] = None, chunk_seconds: float = CHUNK_SECONDS,
-             precision: str = "float32") -> "Codec":
+             precision: str = "float32", stream_ms: Optional[float] = None) -> "Codec":
         """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
         device = device or pick_device()
         encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,
                                          decoder_path or h.checkpoint_file_load_Decoder, device)
-        return cls(h, encoder, decoder, device, chunk_seconds, precision)
+        return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms)
 
     def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int]) -> torch.Tensor:
         return torch.stack([out["audio"] for out in self.fast.roundtrip(list(audio), n_codebooks)])
 
-    def stream(self, chunk_ms: float) -> None:
+    def _stream(self, chunk_ms: float) -> None:
         """Resynthesise through the streaming encoder and decoder in chunks of `chunk_ms`
-        milliseconds (causal codecs; the output equals the offline pass up to float rounding)."""
+        milliseconds (causal codecs; in float32 the output equals the offline pass up to float
+        rounding)."""
         if not chunk_ms > 0:
             raise ValueError(f"--chunk_ms must be positive, got {chunk_ms}")
         if not self.h.causal:
@@ -386,7 +392,7 @@ class Codec:
                              f"paper's non-causal model")
         chunk = max(1, round(chunk_ms * self.h.sampling_rate / 1000))
         self.roundtrip = lambda audio, n_codebooks: stream_roundtrip(
-            self.encoder, self.decoder, audio, self.h, chunk)["audio"]
+            self.encoder, self.decoder, audio, self.h, chunk, self.precision)["audio"]
 
     def _weights_hash(self) -> bytes:
         """SHA-256 of what decoding uses: the quantizer (codes -> latent) and the decoder."""

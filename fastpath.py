@@ -129,7 +129,7 @@ class Convolution:
         return y.view(x.size(0), rows, self.out_channels)
 
 
-def _folded_norm_linear(norm: nn.LayerNorm, linear: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
+def folded_norm_linear(norm: nn.LayerNorm, linear: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
     """linear(norm(x)) = linear'(normalised x): the LayerNorm's scale and shift moved into the Linear."""
     w, b = linear.weight.detach().float(), linear.bias.detach().float()
     return w * norm.weight.detach().float(), b + w @ norm.bias.detach().float()
@@ -144,8 +144,21 @@ def margined(batch: int, frames: int, channels: int, margin: int, device: torch.
     return x
 
 
-def _normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+def normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def polar_spectrum(logamp: torch.Tensor, imag: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The decoder's spectrum from its outputs, any shape: exp(logamp) * e^(i atan2(imag, real)).
+
+    Computed without the trigonometry, as the component pair scaled to the amplitude;
+    atan2(0, 0) = 0 gives the direction (1, 0).
+    """
+    norm = torch.hypot(real, imag)
+    directed = norm > 0
+    magnitude = torch.exp(logamp)
+    scale = torch.where(directed, magnitude / norm, magnitude)
+    return torch.complex(torch.where(directed, real, 1) * scale, imag * scale)
 
 
 class FastBlock:
@@ -157,7 +170,7 @@ class FastBlock:
         self.dw_bias = block.dwconv.bias.detach()
         self.kernel = block.dwconv.kernel_size[0]
         self.eps = block.norm.eps
-        self.pw1 = Product(*_folded_norm_linear(block.norm, block.pwconv1), precision)
+        self.pw1 = Product(*folded_norm_linear(block.norm, block.pwconv1), precision)
         self.pw2_weight = block.pwconv2.weight.detach().float()
         # GRN's shift goes through the second pointwise layer into its bias.
         self.pw2_bias = block.pwconv2.bias.detach().float() + self.pw2_weight @ block.grn.beta.detach().flatten()
@@ -180,7 +193,7 @@ class FastBlock:
         offset = margin - self.kernel // 2
         for start, rows in spans:
             h = hidden[:, start:start + rows]
-            y = _normalise(self.depthwise(x, offset + start, rows), self.eps)
+            y = normalise(self.depthwise(x, offset + start, rows), self.eps)
             torch.ops.aten.gelu_(self.pw1(y.view(-1, c), out=h.view(-1, self.hidden)))
             if valid is not None:
                 h.mul_(valid[:, start:start + rows])
@@ -205,7 +218,7 @@ class FastBranch:
         self.norm, self.final_norm = branch.norm.eps, branch.final_norm.eps
         self.norm_affine = (branch.norm.weight.detach(), branch.norm.bias.detach())
         self.blocks = [FastBlock(block, precision) for block in branch.blocks]
-        self.out = Product(*_folded_norm_linear(branch.final_norm, branch.out), precision)
+        self.out = Product(*folded_norm_linear(branch.final_norm, branch.out), precision)
         self.width, self.out_width = branch.out.in_features, branch.out.out_features
         self.margin = max([self.embed.kernel // 2] + [block.kernel // 2 for block in self.blocks])
 
@@ -229,7 +242,7 @@ class FastBranch:
         for block in self.blocks:
             block(stream, m, spans, valid, hidden)
         for start, rows in spans:
-            y = _normalise(stream[:, m + start:m + start + rows], self.final_norm)
+            y = normalise(stream[:, m + start:m + start + rows], self.final_norm)
             out[:, start:start + rows] = self.out(y.reshape(-1, self.width)).view(b, rows, self.out_width).float()
 
 
@@ -352,14 +365,7 @@ class FastGenerator:
         for start, rows in self._spans(frames):
             logamp = self.amp_out(amp, m, start, rows).float()
             pha_ir = self.pha_out(pha, m, start, rows).float()
-            imag, real = pha_ir[..., :bins], pha_ir[..., bins:]
-            # exp(logamp) * (cos, sin)(atan2(imag, real)) without the trigonometry: the
-            # component pair scaled to the amplitude. atan2(0, 0) = 0 gives the direction (1, 0).
-            norm = torch.hypot(real, imag)
-            directed = norm > 0
-            magnitude = torch.exp(logamp)
-            scale = torch.where(directed, magnitude / norm, magnitude)
-            spec = torch.complex(torch.where(directed, real, 1) * scale, imag * scale)
+            spec = polar_spectrum(logamp, pha_ir[..., :bins], pha_ir[..., bins:])
             for i, n in enumerate(lengths):
                 if start < n:
                     synthesis[i].add(start, spec[i, :n - start])

@@ -26,7 +26,8 @@ The line it prints names the kernels in use.
 
 With --stream (resynth mode, causal codecs: `causal: true`), each file goes through the
 streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live stream
-would, and gives the same files as the offline pass.
+would, and gives the same files as the offline pass (in float32; --precision applies to
+a causal codec only when it streams).
 """
 import os
 import sys
@@ -94,11 +95,10 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     if mode != "decode":
         files = check_inputs(files, source)
     start = time.perf_counter()
-    codec = Codec.load(h, device=pick_device(), chunk_seconds=chunk_seconds, precision=precision)
-    if codec.fast is not None:
+    codec = Codec.load(h, device=pick_device(), chunk_seconds=chunk_seconds, precision=precision,
+                       stream_ms=stream_ms)
+    if codec.fast is not None or stream_ms is not None:
         print(f"precision {kernels(codec.precision, codec.device)}")
-    if stream_ms is not None:
-        codec.stream(stream_ms)
     if n_codebooks is not None:
         codec.check_n_codebooks(n_codebooks)
     codes = _load_codes_files(files, source, codec) if mode == "decode" else {}

@@ -5,11 +5,10 @@ Shapes: B batch, F = n_fft // 2 + 1 bins, T STFT frames, T' = ceil(T / ratio) la
 
 With `causal: true` (APCodec-S) every layer sees only the present and the past: convolutions
 are left-padded (`CausalConv1d`), the upsampler drops its right overhang
-(`CausalConvTranspose1d`) and GRN pools over one frame. The same layers stream: after
-`begin_stream` each causal convolution keeps the last input frames it needs instead of zero
-padding, so chunks give exactly the frames of one offline pass.
+(`CausalConvTranspose1d`) and GRN pools over one frame, so `streaming` can run the same
+weights over a stream in chunks and give exactly the frames of one offline pass.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,82 +27,24 @@ def same_padding(kernel_size: int) -> int:
 class CausalConv1d(nn.Conv1d):
     """Conv1d whose output frame n sees input frames <= stride * n + stride - 1 only.
 
-    (B, C_in, T) -> (B, C_out, T // stride), T a multiple of the stride. Offline the input is
-    left-padded with kernel - stride zeros (a negative count crops); while streaming, the
-    frames kept from the previous chunk stand in for those zeros.
+    (B, C_in, T) -> (B, C_out, T // stride), T a multiple of the stride: the input is
+    left-padded with kernel - stride zeros (a negative count crops).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
-        if groups != 1 and not groups == in_channels == out_channels:
-            raise ValueError("CausalConv1d is dense or depthwise (groups 1 or the channel count)")
         super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups)
         self.left = kernel_size - stride
-        self.context: Optional[torch.Tensor] = None  # (B, C_in, max(left, 0)) while streaming
-
-    def begin_stream(self, batch: int) -> None:
-        self.context = self.bias.new_zeros(batch, self.in_channels, max(self.left, 0))
-
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        # Unfolded windows times the weights: a stream's chunks are a few frames long, where
-        # this runs several times faster on a CPU than the convolution routines.
-        windows = x.unfold(-1, self.kernel_size[0], self.stride[0])  # (B, C_in, T', k)
-        if self.groups > 1:
-            y = (windows * weight).sum(-1)
-        else:
-            b, c, t, k = windows.shape
-            y = torch.matmul(windows.permute(0, 2, 1, 3).reshape(b, t, c * k),
-                             weight.reshape(weight.size(0), -1).t()).transpose(1, 2)
-        return y + bias[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.context is None:
-            return super().forward(F.pad(x, (self.left, 0)))
-        x = torch.cat((self.context, x), dim=-1)
-        self.context = x[..., x.size(-1) - max(self.left, 0):].clone()
-        return super().forward(x[..., max(-self.left, 0):])
+        return super().forward(F.pad(x, (self.left, 0)))
 
 
 class CausalConvTranspose1d(nn.ConvTranspose1d):
     """Transposed conv whose output frames stride * n ... stride * n + stride - 1 see input frames
-    <= n only: no padding, and the right overhang is dropped. (B, C_in, T') -> (B, C_out, stride * T').
-
-    While streaming, the last inputs whose kernels reach into the next chunk's frames are kept.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int):
-        super().__init__(in_channels, out_channels, kernel_size, stride)
-        self.keep = -(-kernel_size // stride) - 1
-        self.context: Optional[torch.Tensor] = None  # (B, C_in, keep) while streaming
-
-    def begin_stream(self, batch: int) -> None:
-        self.context = self.bias.new_zeros(batch, self.in_channels, self.keep)
-
-    def _transposed_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, n) -> (B, C_out, (n - 1) * stride + kernel): one matmul and an overlap-add,
-        several times faster on a CPU than the transposed-convolution routine for a few frames."""
-        stride, kernel = self.stride[0], self.kernel_size[0]
-        weight = self.weight
-        columns = torch.matmul(x.transpose(1, 2), weight.reshape(weight.size(0), -1)).transpose(1, 2)
-        length = (x.size(-1) - 1) * stride + kernel
-        y = F.fold(columns, (1, length), (1, kernel), stride=(1, stride)).flatten(2)
-        return y + self.bias[:, None]
+    <= n only: no padding, and the right overhang is dropped. (B, C_in, T') -> (B, C_out, stride * T')."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride = self.stride[0]
-        frames = x.size(-1) * stride
-        if self.context is None:
-            return self._transposed_conv(x)[..., :frames]
-        x = torch.cat((self.context, x), dim=-1)
-        self.context = x[..., x.size(-1) - self.keep:].clone()
-        skip = self.keep * stride
-        return self._transposed_conv(x)[..., skip:skip + frames]
-
-
-def begin_stream(module: nn.Module, batch: int) -> None:
-    """Switch every causal convolution in `module` to streaming, from an all-zero past."""
-    for m in module.modules():
-        if isinstance(m, (CausalConv1d, CausalConvTranspose1d)):
-            m.begin_stream(batch)
+        return super().forward(x)[..., :x.size(-1) * self.stride[0]]
 
 
 def conv1d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
@@ -215,13 +156,23 @@ class VectorQuantize(nn.Module):
         self.out_proj = weight_norm(nn.Conv1d(codebook_dim, input_dim, kernel_size=1))
         self.codebook = nn.Embedding(codebook_size, codebook_dim)
 
-    def nearest_codes(self, z_e: torch.Tensor) -> torch.Tensor:
-        """Index of the code with the highest cosine similarity per frame. (B, D, T) -> (B, T)."""
+    def codebook_terms(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """What the code search needs of the codebook: its l2-normalised rows (K, D) and their
+        squared norms (1, K)."""
+        book = F.normalize(self.codebook.weight)
+        return book, book.pow(2).sum(1, keepdim=True).t()
+
+    def nearest_codes(self, z_e: torch.Tensor, terms: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                      ) -> torch.Tensor:
+        """Index of the code with the highest cosine similarity per frame. (B, D, T) -> (B, T).
+
+        `terms`: `codebook_terms()`, where the caller keeps them between calls.
+        """
         b, d, t = z_e.shape
         enc = F.normalize(z_e.transpose(1, 2).reshape(b * t, d))
-        book = F.normalize(self.codebook.weight)
+        book, book_norms = self.codebook_terms() if terms is None else terms
         # Same ranking expression as the release, so ties break identically.
-        dist = enc.pow(2).sum(1, keepdim=True) - 2 * enc @ book.t() + book.pow(2).sum(1, keepdim=True).t()
+        dist = enc.pow(2).sum(1, keepdim=True) - 2 * enc @ book.t() + book_norms
         return (-dist).max(1)[1].reshape(b, t)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
@@ -235,8 +186,19 @@ class VectorQuantize(nn.Module):
         z_q = self.lookup(codes)
         commitment = F.mse_loss(z_e, z_q.detach(), reduction="none").mean([1, 2])
         codebook = F.mse_loss(z_q, z_e.detach(), reduction="none").mean([1, 2])
-        z_q = z_e + (z_q - z_e).detach()
-        return QuantizerOutput(self.out_proj(z_q), codes, commitment, codebook)
+        return QuantizerOutput(self._output(z_e, z_q), codes, commitment, codebook)
+
+    def _output(self, z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        # Straight-through: z_q forward, gradients to z_e.
+        return self.out_proj(z_e + (z_q - z_e).detach())
+
+    def codes(self, z: torch.Tensor, terms: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s codes (B, T) and latent (B, input_dim, T) alone, for inference; `terms` as
+        in `nearest_codes`."""
+        z_e = self.in_proj(z)
+        codes = self.nearest_codes(z_e, terms)
+        return codes, self._output(z_e, self.lookup(codes))
 
 
 class ResidualVectorQuantize(nn.Module):
@@ -295,6 +257,19 @@ class ResidualVectorQuantize(nn.Module):
             codes.append(stage.codes)
         return QuantizerOutput(z_q, torch.stack(codes, dim=1), commitment, codebook)
 
+    def codes(self, z: torch.Tensor, n_codebooks: Optional[int] = None,
+              terms: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+        """`forward`'s codes (B, n, T') without the losses, for inference. `terms`: each stage's
+        `codebook_terms()`, where the caller keeps them between calls."""
+        codes = []
+        with full_precision(z):
+            residual = z.float()
+            for i, quantizer in enumerate(self.quantizers[:n_codebooks]):
+                stage_codes, latent = quantizer.codes(residual, None if terms is None else terms[i])
+                residual = residual - latent
+                codes.append(stage_codes)
+        return torch.stack(codes, dim=1)
+
     def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: (B, n, T') of the first n <= n_codebooks stages -> quantised latent (B, D, T')."""
         return sum(q.out_proj(q.lookup(codes[:, i])) for i, q in enumerate(self.quantizers[:codes.size(1)]))
@@ -331,7 +306,7 @@ class Encoder(nn.Module):
 
     def encode(self, logamp: torch.Tensor, pha: torch.Tensor, n_codebooks: Optional[int] = None) -> torch.Tensor:
         """logamp, pha: (B, F, T) -> integer codes (B, n, T') of the first n stages (all by default)."""
-        return self(logamp, pha, n_codebooks).codes
+        return self.quantizer.codes(self.continuous_latent(logamp, pha), n_codebooks)
 
     def latent_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, n, T') of the first n stages -> quantised latent (B, latent_dim, T'), the Decoder's input."""

@@ -8,13 +8,14 @@ A wav (at the model's sampling rate; channels are averaged) or raw 16-bit little
 PCM on stdin (`--input -`) is read in chunks of --chunk_ms, encoded and decoded as it comes,
 and the decoded audio written as it is produced (a wav is renamed into place when complete;
 `--output -` writes raw PCM to stdout). Prints the algorithmic latency and the compute time
-per latent frame against the frame's duration. --random_weights needs no checkpoints (for
-timing only).
+per latent frame against the frame's duration. --precision int8 (or bfloat16) runs the
+products in reduced precision: faster, and approximate where float32 gives the offline pass
+exactly. --random_weights needs no checkpoints (for timing only).
 """
 import statistics
 import sys
 import time
-from typing import BinaryIO, Callable, Iterator, List, Optional, TextIO
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, TextIO
 
 import numpy as np
 import soundfile as sf
@@ -23,6 +24,7 @@ import torch
 from config import AttrDict, make_parser, run_cli
 from codec import load_codec
 from models import Decoder, Encoder, remove_weight_norm
+from fastpath import PRECISIONS, kernels, resolve_precision
 from streaming import StreamingCodec, latency_samples
 from utils import atomic_write
 
@@ -87,25 +89,43 @@ def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Cal
     return timings
 
 
-def per_frame_ms(timings: List[dict], clock: str) -> List[float]:
-    """Milliseconds per latent frame ('wall' or 'cpu' clock) of each push that completed one or
-    more, leaving out the first such push (it pays for warm-up) when there are others."""
-    busy = [t for t in timings if t["frames"]]
-    return [1000 * t[clock] / t["frames"] for t in busy[1:] or busy]
+def summarise(timings: List[dict], h: AttrDict, chunk: int, clock: str = "cpu") -> Optional[Dict[str, float]]:
+    """The compute of a stream against the audio it coded, from `timed_stream`'s timings ('wall'
+    or 'cpu' clock), leaving out the pushes up to and including the first that completed a
+    latent frame (warm-up) where later ones did too:
+
+    * frame_ms: compute per latent frame, all pushes' time over all frames; the stream keeps
+      up when it is below the frame's duration;
+    * push_median_ms, push_p95_ms, push_max_ms: each push's time, against the chunk's duration
+      (`chunk_ms`): how far a single push can fall behind.
+
+    None when no push completed a frame.
+    """
+    first = next((i for i, t in enumerate(timings) if t["frames"]), None)
+    if first is None:
+        return None
+    counted = timings[first + 1:] if any(t["frames"] for t in timings[first + 1:]) else timings[first:]
+    pushes = sorted(1000 * t[clock] for t in counted)
+    return {"frame_ms": sum(pushes) / sum(t["frames"] for t in counted),
+            "duration_ms": 1000 * h.ratio * h.hop_size / h.sampling_rate,
+            "chunk_ms": 1000 * chunk / h.sampling_rate,
+            "push_median_ms": statistics.median(pushes),
+            "push_p95_ms": pushes[min(len(pushes) - 1, int(0.95 * len(pushes)))],
+            "push_max_ms": pushes[-1]}
 
 
-def report(h: AttrDict, timings: List[dict], log: TextIO) -> None:
-    frame_ms = 1000 * h.ratio * h.hop_size / h.sampling_rate
-    if not any(t["frames"] for t in timings):
-        print("The input was shorter than one latent frame: nothing to time.", file=log)
-        return
+def report(h: AttrDict, timings: List[dict], chunk: int, log: TextIO) -> None:
+    threads = f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
     for clock in ("wall", "cpu"):
-        per_frame = per_frame_ms(timings, clock)
-        median = statistics.median(per_frame)
-        print(f"Compute per latent frame ({clock} clock): median {median:.2f} ms, mean "
-              f"{statistics.fmean(per_frame):.2f} ms over {len(per_frame)} chunks, against {frame_ms:.2f} ms of "
-              f"audio: {'faster than' if median < frame_ms else 'SLOWER than'} real time "
-              f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})", file=log)
+        s = summarise(timings, h, chunk, clock)
+        if s is None:
+            print("The input was shorter than one latent frame: nothing to time.", file=log)
+            return
+        pace = "faster than" if s["frame_ms"] < s["duration_ms"] else "SLOWER than"
+        print(f"Compute per latent frame ({clock} clock, {threads}): {s['frame_ms']:.2f} ms against "
+              f"{s['duration_ms']:.2f} ms of audio, {pace} real time; per {s['chunk_ms']:.2f} ms chunk: median "
+              f"{s['push_median_ms']:.2f} ms, 95th percentile {s['push_p95_ms']:.2f} ms, max {s['push_max_ms']:.2f} ms",
+              file=log)
 
 
 def demo(h: AttrDict, args) -> None:
@@ -129,14 +149,16 @@ def demo(h: AttrDict, args) -> None:
     print(f"Algorithmic latency {latency} samples = {1000 * latency / h.sampling_rate:.2f} ms; latent frame "
           f"{h.ratio * h.hop_size} samples = {1000 * h.ratio * h.hop_size / h.sampling_rate:.2f} ms; chunks of "
           f"{chunk} samples", file=log)
-    codec = StreamingCodec(encoder, decoder, h)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    print(f"precision {kernels(precision, torch.device('cpu'))}", file=log)
+    codec = StreamingCodec(encoder, decoder, h, precision=precision)
     if args.output == "-":
         timings = stream(h, codec, chunks, sys.stdout.buffer, wav=False)
     else:
         timings = []
         raw = not args.output.lower().endswith(".wav")
         atomic_write(args.output, lambda f: timings.extend(stream(h, codec, chunks, f, wav=not raw)))
-    report(h, timings, log)
+    report(h, timings, chunk, log)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -145,6 +167,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--output", required=True, help="wav file (.wav), raw PCM file, or - for stdout")
     parser.add_argument("--chunk_ms", type=float, default=10.0, help="chunk length in milliseconds (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--precision", choices=PRECISIONS + ("auto",), default="float32",
+                        help="products in float32 (default: the offline pass exactly), bfloat16 or int8 "
+                             "(faster, approximate), or auto (the faster of those on this CPU)")
     parser.add_argument("--random_weights", action="store_true", help="random weights instead of checkpoints")
     run_cli(demo, parser, argv)
 

@@ -13,14 +13,15 @@ models.begin_stream), the samples of the STFT frames not yet complete, the STFT 
 an unfinished latent frame and the overlap-add tail. `causal_roundtrip` is the offline
 pass they reproduce: the same codes, and the same audio up to float rounding.
 """
-import copy
 import itertools
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from models import Decoder, Encoder, begin_stream
+from fastpath import Product, folded_norm_linear, normalise, polar_spectrum
+from models import Branch, ConvNeXtBlock, Decoder, Encoder
 from spectral import amp_pha_spectrum
 
 
@@ -69,23 +70,182 @@ def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
     return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :length]}
 
 
-class StreamingEncoder:
-    """Audio (B, n) chunks in, codes (B, n_codebooks, m) out as soon as each latent frame is complete."""
+class Products:
+    """G products of one shape side by side: x (G, N, K) -> x[g] @ W_g.T + b_g, (G, N, M) float32.
 
-    def __init__(self, encoder: Encoder, h, batch: int = 1):
+    Float32 and bfloat16 run one batched product; int8 runs one dynamic-quantised product each.
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]], precision: str):
+        """weights (M, K) and biases (M,) or None, in float32."""
+        self.each = [Product(w, b, precision) for w, b in zip(weights, biases)] if precision == "int8" else []
+        if not self.each:
+            self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            self.weight_t = torch.stack([w.t() for w in weights]).to(self.dtype)
+            self.bias = None if biases[0] is None else torch.stack(list(biases))[:, None].to(self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.each:
+            return torch.stack([product(x[g]) for g, product in enumerate(self.each)])
+        x = x.to(self.dtype)
+        y = torch.bmm(x, self.weight_t) if self.bias is None else torch.baddbmm(self.bias, x, self.weight_t)
+        return y.float()
+
+
+class CausalConvolution:
+    """G causal convolutions of one shape (stride s, kernel k; `models.CausalConv1d`) over rows
+    (G, B, n, C_in) that arrive a few at a time.
+
+    Output frame j reads input frames s * j + s - k ... s * j + s - 1. The rows that a later
+    output still reads stay in `rows`; frames before 0 are zeros, and where s > k the frames
+    no output reads are skipped as they come.
+    """
+
+    def __init__(self, convs: Sequence[nn.Conv1d], batch: int, precision: str, merge: bool = False):
+        """`merge`: the convolutions read the same input, so they run as one with their output
+        channels concatenated (G = 1)."""
+        weights = [c.weight.detach().float() for c in convs]  # (C_out, C_in, k)
+        biases = [c.bias.detach().float() for c in convs]
+        if merge:
+            weights, biases = [torch.cat(weights)], [torch.cat(biases)]
+        self.out_channels, self.in_channels, self.kernel = weights[0].shape
+        self.stride = convs[0].stride[0]
+        self.product = Products([w.reshape(w.size(0), -1) for w in weights], biases, precision)
+        self.rows = weights[0].new_zeros(len(weights), batch, max(self.kernel - self.stride, 0), self.in_channels)
+        self.skip = max(self.stride - self.kernel, 0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (G, B, n, C_in) -> the output frames (G, B, m, C_out) that x completes."""
+        skipped = min(self.skip, x.size(2))
+        self.skip -= skipped
+        rows = torch.cat((self.rows, x[:, :, skipped:]), dim=2)
+        g, b = rows.shape[:2]
+        m = max(0, (rows.size(2) - self.kernel) // self.stride + 1)
+        y = rows.new_empty(g, b, m, self.out_channels)
+        if m:
+            # (G, B, m, C_in, k): the flattening order of the (C_out, C_in, k) weights.
+            windows = rows.unfold(2, self.kernel, self.stride)[:, :, :m]
+            y = self.product(windows.reshape(g, b * m, -1)).view_as(y)
+        consumed = m * self.stride
+        self.skip += max(0, consumed - rows.size(2))
+        self.rows = rows[:, :, consumed:]
+        return y
+
+
+class CausalUpsampler:
+    """G `models.CausalConvTranspose1d` of one shape reading the same rows: (B, n, C_in) ->
+    (G, B, stride * n, C_out), one product for all G; the last inputs whose kernels reach into
+    later frames are kept."""
+
+    def __init__(self, convs: Sequence[nn.ConvTranspose1d], batch: int, precision: str):
+        weights = [c.weight.detach().float() for c in convs]  # (C_in, C_out, k)
+        self.in_channels, self.out_channels, self.kernel = weights[0].shape
+        self.stride, self.groups = convs[0].stride[0], len(convs)
+        self.product = Products([torch.cat([w.reshape(self.in_channels, -1) for w in weights], 1).t()], [None],
+                                precision)
+        self.bias = torch.stack([c.bias.detach().float() for c in convs])[:, None, :, None]
+        self.keep = -(-self.kernel // self.stride) - 1
+        self.rows = weights[0].new_zeros(batch, self.keep, self.in_channels)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[:2]
+        rows = torch.cat((self.rows, x), dim=1)
+        self.rows = rows[:, rows.size(1) - self.keep:]
+        length = rows.size(1)
+        # (B * L, G * C_out * k) -> (G * B, C_out * k, L), as fold takes its columns.
+        columns = self.product(rows.reshape(1, b * length, -1)).view(b, length, self.groups, -1)
+        columns = columns.permute(2, 0, 3, 1).reshape(self.groups * b, -1, length)
+        y = F.fold(columns, (1, (length - 1) * self.stride + self.kernel), (1, self.kernel),
+                   stride=(1, self.stride)).view(self.groups, b, self.out_channels, -1)
+        skip = self.keep * self.stride
+        return (y[..., skip:skip + n * self.stride] + self.bias).transpose(2, 3)
+
+
+class CausalBlocks:
+    """G causal ConvNeXt blocks of one shape over rows (G, B, n, C), GRN per frame, each
+    updating its residual rows in place."""
+
+    def __init__(self, blocks: Sequence[ConvNeXtBlock], batch: int, precision: str):
+        dw = torch.stack([b.dwconv.weight.detach()[:, 0] for b in blocks])      # (G, C, k)
+        self.kernel = dw.size(2)
+        self.dw_weight = dw[:, None, None]                                       # (G, 1, 1, C, k)
+        self.dw_bias = torch.stack([b.dwconv.bias.detach() for b in blocks])[:, None, None]
+        self.eps = blocks[0].norm.eps
+        self.pw1 = Products(*zip(*(folded_norm_linear(b.norm, b.pwconv1) for b in blocks)), precision)
+        # GRN's shift goes through the second pointwise layer into its bias.
+        self.pw2 = Products([b.pwconv2.weight.detach() for b in blocks],
+                            [b.pwconv2.bias.detach() + b.pwconv2.weight.detach() @ b.grn.beta.detach().flatten()
+                             for b in blocks], precision)
+        self.gamma = torch.stack([b.grn.gamma.detach().flatten() for b in blocks])[:, None]
+        channels = dw.size(1)
+        self.rows = dw.new_zeros(len(blocks), batch, self.kernel - 1, channels)
+
+    def __call__(self, x: torch.Tensor) -> None:
+        """x (G, B, n, C), n >= 1, updated in place."""
+        g, b, n, c = x.shape
+        rows = torch.cat((self.rows, x), dim=2)
+        self.rows = rows[:, :, n:]
+        # The depthwise convolution: each frame's window of k frames against the kernel.
+        y = (rows.unfold(2, self.kernel, 1) * self.dw_weight).sum(-1)
+        y = normalise(y.add_(self.dw_bias), self.eps).view(g, b * n, c)
+        hidden = torch.ops.aten.gelu_(self.pw1(y))
+        # Causal GRN: hidden + gamma * hidden * |hidden| / mean |hidden|, each frame alone.
+        scale = hidden.abs()
+        mean = scale.mean(dim=-1, keepdim=True).add_(1e-6)
+        hidden.addcdiv_(scale.mul_(hidden).mul_(self.gamma), mean)
+        x += self.pw2(hidden).view(g, b, n, c)
+
+
+class CausalBranches:
+    """G `models.Branch` of one shape, of a causal codec, over rows fed in chunks:
+    (G, B, n, C_in) -> (G, B, n, C_out)."""
+
+    def __init__(self, branches: Sequence[Branch], batch: int, precision: str):
+        self.embed = CausalConvolution([b.embed for b in branches], batch, precision)
+        self.norm = branches[0].norm.eps
+        self.norm_affine = [torch.stack([getattr(b.norm, p).detach() for b in branches])[:, None, None]
+                            for p in ("weight", "bias")]
+        self.blocks = [CausalBlocks(blocks, batch, precision) for blocks in zip(*(b.blocks for b in branches))]
+        self.final_norm = branches[0].final_norm.eps
+        self.out = Products(*zip(*(folded_norm_linear(b.final_norm, b.out) for b in branches)), precision)
+        self.out_channels = branches[0].out.out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        g, b, n = x.shape[:3]
+        if n == 0:
+            return x.new_zeros(g, b, 0, self.out_channels)
+        weight, bias = self.norm_affine
+        y = torch.addcmul(bias, normalise(self.embed(x), self.norm), weight)
+        for block in self.blocks:
+            block(y)
+        return self.out(normalise(y, self.final_norm).view(g, b * n, -1)).view(g, b, n, -1)
+
+    def state(self) -> List[torch.Tensor]:
+        return [self.embed.rows] + [block.rows for block in self.blocks]
+
+
+class StreamingEncoder:
+    """Audio (B, n) chunks in, codes (B, n_codebooks, m) out as soon as each latent frame is complete.
+
+    Each STFT frame goes through the branches as soon as its window is in; the downsampling
+    convolution waits for a latent frame's last STFT frame. `precision` as in `fastpath`.
+    """
+
+    def __init__(self, encoder: Encoder, h, batch: int = 1, precision: str = "float32"):
         self.h = h
-        self.encoder = copy.deepcopy(encoder)
-        begin_stream(self.encoder, batch)
+        self.quantizer = encoder.quantizer
+        with torch.no_grad():
+            self.codebooks = [q.codebook_terms() for q in encoder.quantizer.quantizers]
         self.half = h.n_fft // 2
         _, self.b = window_extent(h)
-        p = next(encoder.parameters())
-        n_bins = h.n_fft // 2 + 1
         # The signal as the offline STFT sees it (n_fft // 2 zeros before sample 0), from the
         # first sample of the next frame on.
-        self.samples = p.new_zeros(batch, self.half)
-        # STFT frames of the latent frame not yet complete (fewer than ratio).
-        self.logamp = p.new_zeros(batch, n_bins, 0)
-        self.pha = p.new_zeros(batch, n_bins, 0)
+        self.samples = next(encoder.parameters()).new_zeros(batch, self.half)
+        with torch.no_grad():
+            # The amplitude and phase paths side by side (group 0 and 1).
+            self.branches = CausalBranches((encoder.amp, encoder.pha), batch, precision)
+            self.down = CausalConvolution((encoder.amp_down, encoder.pha_down), batch, precision)
+            self.latent_conv = CausalConvolution((encoder.latent_conv,), batch, precision)
 
     @torch.no_grad()
     def push(self, audio: torch.Tensor) -> torch.Tensor:
@@ -94,33 +254,40 @@ class StreamingEncoder:
         self.samples = torch.cat((self.samples, audio), dim=-1)
         # Frame k (counted from the buffer's start) is complete once sample k * hop + half + b - 1 is in.
         ready = max(0, (self.samples.size(-1) - self.half - self.b) // h.hop_size + 1)
-        if ready:
-            # The samples beyond a frame's window are weighted by zero: the ones not here yet are zeros.
-            needed = (ready - 1) * h.hop_size + h.n_fft
-            frames = F.pad(self.samples[..., :needed], (0, max(0, needed - self.samples.size(-1))))
-            logamp, pha, _, _ = amp_pha_spectrum(frames, h.n_fft, h.hop_size, h.win_size, pad="none")
-            self.samples = self.samples[..., ready * h.hop_size:].clone()
-            self.logamp = torch.cat((self.logamp, logamp), dim=-1)
-            self.pha = torch.cat((self.pha, pha), dim=-1)
-        whole = self.logamp.size(-1) // h.ratio * h.ratio
-        codes = self.encoder.encode(self.logamp[..., :whole], self.pha[..., :whole]) if whole else \
-            torch.zeros(self.samples.size(0), h.n_codebooks, 0, dtype=torch.long, device=self.samples.device)
-        self.logamp, self.pha = self.logamp[..., whole:].clone(), self.pha[..., whole:].clone()
-        return codes
+        # The samples beyond a frame's window are weighted by zero: the ones not here yet are zeros.
+        needed = (ready - 1) * h.hop_size + h.n_fft
+        frames = F.pad(self.samples[..., :needed], (0, max(0, needed - self.samples.size(-1))))
+        logamp, pha, _, _ = amp_pha_spectrum(frames, h.n_fft, h.hop_size, h.win_size, pad="none") if ready else \
+            (frames.new_zeros(frames.size(0), h.n_fft // 2 + 1, 0),) * 2 + (None, None)
+        self.samples = self.samples[..., ready * h.hop_size:].clone()
+        down = self.down(self.branches(torch.stack((logamp, pha)).transpose(2, 3)))
+        latent = self.latent_conv(torch.cat(tuple(down), dim=-1)[None])[0].transpose(1, 2)
+        if latent.size(-1) == 0:
+            return torch.zeros(latent.size(0), h.n_codebooks, 0, dtype=torch.long, device=latent.device)
+        return self.quantizer.codes(latent, terms=self.codebooks)
+
+    def state(self) -> List[torch.Tensor]:
+        """Every tensor the stream keeps between pushes."""
+        return [self.samples, self.down.rows, self.latent_conv.rows] + self.branches.state()
 
 
 class StreamingDecoder:
     """Codes (B, n_codebooks, m) in, audio (B, n) out: every sample that no later frame will change."""
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1):
+    def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1, precision: str = "float32"):
         self.h = h
         self.quantizer = encoder.quantizer
-        self.decoder = copy.deepcopy(decoder)
-        begin_stream(self.decoder, batch)
+        with torch.no_grad():
+            self.latent_conv = CausalConvolution((decoder.latent_conv,), batch, precision)
+            # The amplitude and phase paths side by side (group 0 and 1).
+            self.up = CausalUpsampler((decoder.amp_up, decoder.pha_up), batch, precision)
+            self.branches = CausalBranches((decoder.amp, decoder.pha), batch, precision)
+            self.amp_out = CausalConvolution((decoder.amp_out,), batch, precision)
+            self.pha_out = CausalConvolution((decoder.pha_imag, decoder.pha_real), batch, precision, merge=True)
         p = next(decoder.parameters())
         a, _ = window_extent(h)
         self.offset = (h.n_fft - h.win_size) // 2
-        self.window = torch.hann_window(h.win_size, device=p.device, dtype=p.dtype)
+        self.window = torch.hann_window(h.win_size, device=p.device, dtype=torch.float32)
         tail = h.win_size - h.hop_size
         # Overlap-add sums and window-square sums of the samples from `self.position` on,
         # which later frames still add to.
@@ -139,11 +306,14 @@ class StreamingDecoder:
         """codes (B, n_codebooks, m), m >= 0 -> audio (B, n) that is final now (n = m * hop_size
         once the stream is past its first samples)."""
         h = self.h
-        m = codes.size(-1)
-        if m == 0:
+        if codes.size(-1) == 0:
             return self.sums.new_zeros(self.sums.size(0), 0)
-        _, _, real, imag = self.decoder.spectra(self.quantizer.from_codes(codes))
-        frames = torch.fft.irfft(torch.complex(real, imag), n=h.n_fft, dim=1)
+        latent = self.latent_conv(self.quantizer.from_codes(codes).transpose(1, 2)[None])
+        amp, pha = self.branches(self.up(latent[0]))
+        bins = h.n_fft // 2 + 1
+        pha = self.pha_out(pha[None])[0]
+        spec = polar_spectrum(self.amp_out(amp[None])[0], pha[..., :bins], pha[..., bins:])   # (B, T, F)
+        frames = torch.fft.irfft(spec, n=h.n_fft, dim=-1).transpose(1, 2)
         window = self.window[:, None]
         sums = self._overlap_add(frames[:, self.offset:self.offset + h.win_size] * window)
         weights = self._overlap_add((window ** 2).expand(-1, frames.size(-1))[None])[0]
@@ -158,6 +328,11 @@ class StreamingDecoder:
         self.position += done
         return out[:, skip:]
 
+    def state(self) -> List[torch.Tensor]:
+        """Every tensor the stream keeps between pushes."""
+        layers = (self.latent_conv, self.up, self.amp_out, self.pha_out)
+        return [self.sums, self.weights] + [c.rows for c in layers] + self.branches.state()
+
 
 class StreamingCodec:
     """Encoder and decoder streams back to back: audio chunks in, decoded audio out.
@@ -166,11 +341,15 @@ class StreamingCodec:
     silence so that the output catches up with every sample pushed.
     """
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1):
+    def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1, precision: str = "float32"):
         self.h = h
-        self.encoder = StreamingEncoder(encoder, h, batch)
-        self.decoder = StreamingDecoder(encoder, decoder, h, batch)
+        self.encoder = StreamingEncoder(encoder, h, batch, precision)
+        self.decoder = StreamingDecoder(encoder, decoder, h, batch, precision)
         self.samples_in = self.samples_out = 0
+
+    def state_size(self) -> int:
+        """Numbers the stream keeps between pushes: constant, however long the stream."""
+        return sum(t.numel() for t in self.encoder.state() + self.decoder.state())
 
     def push(self, audio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """audio (B, n) -> (codes (B, n_codebooks, m), decoded audio (B, n')) completed by it."""
@@ -195,12 +374,12 @@ def chunk_sizes(sizes: Union[int, Iterable[int]]) -> Iterator[int]:
 
 
 def stream_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
-                     chunks: Union[int, Iterable[int]]) -> Dict[str, torch.Tensor]:
+                     chunks: Union[int, Iterable[int]], precision: str = "float32") -> Dict[str, torch.Tensor]:
     """Stream audio (B, L) through the codec in chunks of `chunks` samples.
 
     Returns codes (B, n_codebooks, T') and audio (B, L), as `causal_roundtrip` does.
     """
-    codec = StreamingCodec(encoder, decoder, h, audio.size(0))
+    codec = StreamingCodec(encoder, decoder, h, audio.size(0), precision)
     codes: List[torch.Tensor] = []
     outs: List[torch.Tensor] = []
     start = 0

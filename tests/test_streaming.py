@@ -1,11 +1,19 @@
 """streaming.py: the causal codec is causal, streams exactly in any chunking, and runs the latency it reports."""
+import os
+
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
+import demo
+import metrics
 import streaming
-from conftest import TINY, make_config, tone
-from models import Decoder, Encoder
+import train
+from codec import load_codec
+from config import build_config, read_config_file
+from conftest import ROOT, TINY, make_config, tone
+from models import CausalConv1d, CausalConvTranspose1d, Decoder, Encoder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,14 +88,6 @@ def test_batch_streams_each_item_as_alone(codec):
         assert (both["audio"][i:i + 1] - alone["audio"]).abs().max() <= 1e-5
 
 
-def state_size(codec):
-    tensors = [codec.encoder.samples, codec.encoder.logamp, codec.encoder.pha, codec.decoder.sums,
-               codec.decoder.weights]
-    tensors += [m.context for part in (codec.encoder.encoder, codec.decoder.decoder) for m in part.modules()
-                if getattr(m, "context", None) is not None]
-    return sum(t.numel() for t in tensors)
-
-
 def test_state_size_is_constant_in_stream_length(codec):
     h, encoder, decoder = codec
     stream = streaming.StreamingCodec(encoder, decoder, h)
@@ -96,7 +96,7 @@ def test_state_size_is_constant_in_stream_length(codec):
     x = signal(1.0)
     for i in range(x.size(-1) // frame):
         stream.push(x[:, i * frame:(i + 1) * frame])
-        sizes.append(state_size(stream))
+        sizes.append(stream.state_size())
     assert len(set(sizes[2:])) == 1
     assert sizes[-1] < 4 * h.n_fft * (1 + h.n_fft // 2 + 1) + 100 * h.convnext_dim * h.convnext_layers
 
@@ -129,3 +129,91 @@ def test_impulse_delay_through_the_stream_is_the_latency(codec):
     assert max(delays.values()) == latency
     assert delays[2 * frame - a + 1] == latency - 1
     assert delays[3 * frame - a - 1] == latency - frame + 1
+
+
+def random_chunks(total, rng):
+    """Chunk sizes (0 included) that add up to `total`."""
+    sizes = []
+    while sum(sizes) < total:
+        sizes.append(int(min(rng.integers(0, 5), total - sum(sizes))))
+    return sizes
+
+
+@pytest.mark.parametrize("kernel, stride", [(7, 1), (3, 1), (7, 8), (3, 2), (8, 8), (12, 4), (1, 1)])
+def test_streamed_convolution_equals_the_causal_convolution(kernel, stride):
+    """Two convolutions side by side, fed rows in random chunks (some empty), give the frames of
+    CausalConv1d over the whole input, whether stride exceeds the kernel (frames skipped) or not."""
+    torch.manual_seed(kernel * 10 + stride)
+    rng = np.random.default_rng(kernel)
+    convs = [CausalConv1d(5, 6, kernel, stride) for _ in range(2)]
+    x = torch.randn(2, 3, 5, 8 * stride)               # (G, B, C_in, T)
+    stream = streaming.CausalConvolution(convs, 3, "float32")
+    with torch.no_grad():
+        offline = torch.stack([conv(part) for conv, part in zip(convs, x)]).transpose(2, 3)
+        rows, start, outs = x.transpose(2, 3), 0, []
+        for size in random_chunks(rows.size(2), rng):
+            outs.append(stream(rows[:, :, start:start + size]))
+            start += size
+    assert offline.shape == (2, 3, 8, 6)
+    assert torch.allclose(torch.cat(outs, dim=2), offline, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, stride", [(16, 8), (8, 8), (5, 2)])
+def test_streamed_upsampler_equals_the_causal_transposed_convolution(kernel, stride):
+    torch.manual_seed(kernel)
+    rng = np.random.default_rng(kernel)
+    convs = [CausalConvTranspose1d(5, 4, kernel, stride) for _ in range(2)]
+    x = torch.randn(3, 5, 9)                           # (B, C_in, T')
+    stream = streaming.CausalUpsampler(convs, 3, "float32")
+    with torch.no_grad():
+        offline = torch.stack([conv(x) for conv in convs]).transpose(2, 3)
+        rows, start, outs = x.transpose(1, 2), 0, []
+        for size in random_chunks(rows.size(1), rng):
+            outs.append(stream(rows[:, start:start + size]))
+            start += size
+    assert offline.shape == (2, 3, 9 * stride, 4)
+    assert torch.allclose(torch.cat(outs, dim=2), offline, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_reduced_precision_streams_close_to_float32(codec, precision):
+    """Reduced precision changes the numbers a little, not the stream's shape or timing: same
+    lengths, most codes equal, audio near the float32 stream's (random weights: loose bounds;
+    the demo checkpoint's quality is checked in a slow test)."""
+    h, encoder, decoder = codec
+    x = signal(0.3)
+    exact = streaming.stream_roundtrip(encoder, decoder, x, h, 480)
+    approx = streaming.stream_roundtrip(encoder, decoder, x, h, 480, precision)
+    assert approx["codes"].shape == exact["codes"].shape and approx["audio"].shape == exact["audio"].shape
+    assert (approx["codes"] == exact["codes"]).float().mean() >= 0.9
+    error = (approx["audio"] - exact["audio"]).pow(2).sum() / exact["audio"].pow(2).sum()
+    assert 0 < error < 0.1
+
+
+@pytest.mark.slow
+def test_reduced_precision_streams_keep_quality_on_a_trained_causal_model(tmp_path, monkeypatch):
+    """Train the demo's model made causal, then stream its test clips in 10 ms chunks in each
+    reduced precision: LSD and mel distance within 2% of the float32 offline pass's, and at
+    least 99% of the codes identical."""
+    monkeypatch.chdir(tmp_path)
+    h = build_config(dict(read_config_file(os.path.join(ROOT, "config_demo.json")), causal=True))
+    demo.make_demo_data(h)
+    train.train(h)
+    step = max(int(name.split("_")[1]) for name in os.listdir(h.checkpoint_path) if name.startswith("encoder_"))
+    encoder, decoder, h = load_codec(h, os.path.join(h.checkpoint_path, f"encoder_{step:08d}"),
+                                     os.path.join(h.checkpoint_path, f"decoder_{step:08d}"), torch.device("cpu"))
+    clips = [torch.from_numpy(sf.read(os.path.join(h.test_input_wavs_dir, name), dtype="float32")[0])[None]
+             for name in sorted(os.listdir(h.test_input_wavs_dir))]
+
+    def scores(outputs):
+        return {"lsd": np.mean([metrics.lsd(c, o["audio"]).item() for c, o in zip(clips, outputs)]),
+                "mel": np.mean([metrics.mel_distance(c, o["audio"], h).item() for c, o in zip(clips, outputs)])}
+
+    reference = [streaming.causal_roundtrip(encoder, decoder, clip, h) for clip in clips]
+    base = scores(reference)
+    for precision in ("bfloat16", "int8"):
+        outputs = [streaming.stream_roundtrip(encoder, decoder, clip, h, 480, precision) for clip in clips]
+        for name, value in scores(outputs).items():
+            assert abs(value / base[name] - 1) <= 0.02, (precision, name, value, base[name])
+        same = sum((o["codes"] == r["codes"]).sum().item() for o, r in zip(outputs, reference))
+        assert same >= 0.99 * sum(r["codes"].numel() for r in reference), precision
