@@ -31,7 +31,8 @@ from config import AttrDict
 from fastpath import CHUNK_FRAMES, FastGenerator, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, min_analysis_length, pad_for_analysis
-from streaming import causal_roundtrip, stream_roundtrip
+import streaming
+from streaming import causal_analysis, causal_decode, causal_roundtrip, stream_roundtrip
 from utils import atomic_write, pick_device
 
 CODES_EXTENSION = ".apc"
@@ -78,6 +79,8 @@ def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
 
 def latent_frames(length: int, h) -> int:
     """Latent frames T' that `codec_roundtrip` gives for `length` samples."""
+    if h.causal:
+        return streaming.latent_frames(length, h)
     padded = max(-(-length // h.hop_size) * h.hop_size, min_analysis_length(h.n_fft, h.hop_size))
     return -(-(padded // h.hop_size + 1) // h.ratio)
 
@@ -421,7 +424,6 @@ class Codec:
     def _encode_stream(self, blocks: Iterable[np.ndarray], rate: int, channels: int, length: int,
                        n_codebooks: Optional[int] = None) -> CodesFile:
         h = self.h
-        self._no_causal_files()
         n_codebooks = self.check_n_codebooks(n_codebooks)
         model_length = resampled_length(length, rate, h.sampling_rate)
         windows = self.windows(model_length)
@@ -429,15 +431,21 @@ class Codec:
         codes = []
         for window in self._progress(cut, len(windows), "encoding"):
             audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
-            codes.append(torch.stack(self.fast.encode(list(audio), n_codebooks)).cpu())
+            codes.append(self._encode_window(audio, n_codebooks).cpu())
         return CodesFile(torch.cat(codes, dim=-1), h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size,
                          self.model_hash, rate, length, model_length, *self._chunking(windows))
 
-    def _no_causal_files(self) -> None:
-        # The causal analysis (zero padding, flushed tail) is not what the windows here cut.
+    def _encode_window(self, audio: torch.Tensor, n_codebooks: int) -> torch.Tensor:
+        """One window's channels (C, L) -> codes (C, n_codebooks, T')."""
         if self.h.causal:
-            raise ValueError("codes files of a causal (APCodec-S) model are not supported yet; "
-                             "use --mode resynth (or --stream)")
+            return self.encoder.encode(*causal_analysis(audio, self.h), n_codebooks)
+        return torch.stack(self.fast.encode(list(audio), n_codebooks))
+
+    def _decode_window(self, codes: torch.Tensor, length: int) -> torch.Tensor:
+        """One window's codes (C, n, T') -> audio (C, length)."""
+        if self.h.causal:
+            return causal_decode(self.encoder, self.decoder, codes.to(self.device), length)
+        return torch.stack([out["audio"][:length] for out in self.fast.decode(list(codes))])
 
     def check_n_codebooks(self, n_codebooks: Optional[int]) -> int:
         total = self.h.n_codebooks
@@ -463,7 +471,6 @@ class Codec:
 
     def check_compatible(self, codes: CodesFile) -> None:
         """A ValueError naming the file when `codes` was not made by this model."""
-        self._no_causal_files()
         h = self.h
         ours = (h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size)
         theirs = (codes.sampling_rate, codes.n_fft, codes.hop_size, codes.ratio, codes.codebook_size)
@@ -490,9 +497,8 @@ class Codec:
             start = 0
             for _, length in self._progress(windows, len(windows), "decoding"):
                 frames = latent_frames(length, self.h)
-                decoded = self.fast.decode(list(codes.codes[..., start:start + frames]))
+                yield self._decode_window(codes.codes[..., start:start + frames], length).t().cpu().numpy()
                 start += frames
-                yield torch.stack([out["audio"][:length] for out in decoded], dim=1).cpu().numpy()
         return outputs()
 
     def _output(self, windows: Iterable[np.ndarray], overlap: int, channels: int, rate: int, length: int,

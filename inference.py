@@ -151,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              f"S seconds with a crossfade, bounding memory (default {CHUNK_SECONDS:g})")
     parser.add_argument("--precision", choices=PRECISIONS + ("auto",), default="float32",
                         help="float32 (default): the reference numbers; bfloat16 / int8: faster, approximate; "
-                             "auto: the faster of those on this machine")
+                             "auto: the faster of those on this machine (a causal codec: with --stream only)")
     parser.add_argument("--batch_seconds", type=float, default=BATCH_SECONDS, metavar="S",
                         help=f"resynthesis batches hold up to S seconds of padded audio (default {BATCH_SECONDS:g})")
     parser.add_argument("--stream", action="store_true",

@@ -51,23 +51,37 @@ def latent_frames(length: int, h) -> int:
     return (length - 1 + a) // h.hop_size // h.ratio + 1
 
 
-@torch.no_grad()
-def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
-                     n_codebooks: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Offline pass of the causal codec over audio (B, L), any L >= 1: what a stream gives.
+def causal_analysis(audio: torch.Tensor, h) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's inputs for audio (B, L), any L >= 1, as a stream sees them: log amplitude and
+    phase (B, F, ratio * T'), T' = `latent_frames(L)`.
 
-    The signal is followed by the zeros a stream is flushed with, far enough that every
-    output sample < L is final. Returns codes (B, n_codebooks, T'), real/imag (B, F, ratio*T')
-    and audio (B, L).
+    The signal is followed by the zeros a stream is flushed with, far enough that every output
+    sample < L is final.
     """
     length = audio.size(-1)
     _, b = window_extent(h)
     frames = latent_frames(length, h) * h.ratio
     padded = F.pad(audio, (0, (frames - 1) * h.hop_size + b - length))
     logamp, pha, _, _ = amp_pha_spectrum(padded, h.n_fft, h.hop_size, h.win_size, pad="zeros")
-    quantized = encoder(logamp[..., :frames], pha[..., :frames], n_codebooks)
+    return logamp[..., :frames], pha[..., :frames]
+
+
+@torch.no_grad()
+def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
+                     n_codebooks: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Offline pass of the causal codec over audio (B, L), any L >= 1: what a stream gives.
+
+    Returns codes (B, n_codebooks, T'), real/imag (B, F, ratio*T') and audio (B, L).
+    """
+    quantized = encoder(*causal_analysis(audio, h), n_codebooks)
     _, _, real, imag, out = decoder(quantized.latent)
-    return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :length]}
+    return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :audio.size(-1)]}
+
+
+@torch.no_grad()
+def causal_decode(encoder: Encoder, decoder: Decoder, codes: torch.Tensor, length: int) -> torch.Tensor:
+    """Codes (B, n, T') of `causal_analysis` -> audio (B, length), `length` the coded signal's."""
+    return decoder(encoder.latent_from_codes(codes))[-1].squeeze(1)[:, :length]
 
 
 class Products:

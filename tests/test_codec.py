@@ -28,9 +28,10 @@ def _codec(h, seed=0, chunk_seconds=30.0):
                  torch.device("cpu"), chunk_seconds)
 
 
-@pytest.fixture(scope="module")
-def codec():
-    return _codec(make_config(**TINY_1024))
+@pytest.fixture(scope="module", params=["paper", "causal"])
+def codec(request):
+    """The paper's codec, and the causal one (APCodec-S): codes files work the same for both."""
+    return _codec(make_config(**TINY_1024, causal=request.param == "causal"))
 
 
 def _snr(reference, test):

@@ -187,9 +187,10 @@ def test_checkpoints_of_another_network_without_a_config_fail_in_one_line(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_stream_writes_the_same_files_as_offline(tmp_path):
-    """A causal codec trained elsewhere (its config beside the checkpoints): --stream --chunk_ms 10
-    writes the files of the offline run, each as long as its input."""
+def test_stream_and_codes_files_write_the_same_files_as_offline(tmp_path):
+    """A causal codec trained elsewhere (its config beside the checkpoints): --stream --chunk_ms 10,
+    and --mode encode then --mode decode, write the files of the offline run, each as long as
+    its input."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_tone(str(inputs / "a.wav"), 0.1013)
@@ -200,13 +201,18 @@ def test_stream_writes_the_same_files_as_offline(tmp_path):
               "--checkpoint_file_load_Decoder", dec_path, "--num_workers", "0"]
     inference.main(common + ["--test_wav_output_dir", str(tmp_path / "offline")])
     inference.main(common + ["--test_wav_output_dir", str(tmp_path / "streamed"), "--stream", "--chunk_ms", "10"])
+    inference.main(common + ["--test_wav_output_dir", str(tmp_path / "codes"), "--mode", "encode"])
+    inference.main(common[2:] + ["--test_input_wavs_dir", str(tmp_path / "codes"),
+                                 "--test_wav_output_dir", str(tmp_path / "decoded"), "--mode", "decode"])
     for name in ("a.wav", "b.wav"):
         offline, sr = sf.read(str(tmp_path / "offline" / name), dtype="int16")
-        streamed, _ = sf.read(str(tmp_path / "streamed" / name), dtype="int16")
         info = sf.info(str(inputs / name))
         assert (sr, offline.size) == (info.samplerate, info.frames)
-        # 16-bit rounding of values within 1e-5 of each other: at most one step apart
-        assert offline.shape == streamed.shape and abs(offline.astype(int) - streamed).max() <= 1
+        assert (tmp_path / "codes" / (name[:-4] + ".apc")).exists()
+        for other in ("streamed", "decoded"):
+            out, out_sr = sf.read(str(tmp_path / other / name), dtype="int16")
+            # 16-bit rounding of values within 1e-5 of each other: at most one step apart
+            assert out_sr == sr and out.shape == offline.shape and abs(offline.astype(int) - out).max() <= 1, other
 
 
 def test_stream_needs_a_causal_codec(tmp_path, tiny_h):
