@@ -338,7 +338,9 @@ class Codec:
 
     Inputs up to `chunk_seconds` (+ the overlap) are coded in one window, which gives
     `codec_roundtrip`'s output (to float rounding); longer ones in windows of `chunk_seconds`
-    that overlap by `OVERLAP_SECONDS` and are crossfaded.
+    that overlap by `OVERLAP_SECONDS` and are crossfaded. With `file_statistics` the encoder's
+    GRN layers of every window pool over the whole input, as one pass would: one more pass
+    over the encoder first, so that codes match one pass's (see `_statistics`).
 
     The paper's codec runs `fastpath.FastGenerator` in `precision` ("float32": the reference
     numbers; "bfloat16" or "int8": faster, approximate; "auto": the faster of those two on
@@ -348,10 +350,11 @@ class Codec:
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
                  chunk_seconds: float = CHUNK_SECONDS, precision: str = "float32",
-                 stream_ms: Optional[float] = None):
+                 stream_ms: Optional[float] = None, file_statistics: bool = False):
         if not chunk_seconds > 0:
             raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
+        self.file_statistics = file_statistics
         if h.causal and precision != "float32" and stream_ms is None:
             raise ValueError("--precision applies to a causal codec only with --stream; its offline pass runs "
                              "in float32")
@@ -374,15 +377,35 @@ class Codec:
     @classmethod
     def load(cls, h: AttrDict, encoder_path: Optional[str] = None, decoder_path: Optional[str] = None,
              device: Optional[torch.device] = None, chunk_seconds: float = CHUNK_SECONDS,
-             precision: str = "float32", stream_ms: Optional[float] = None) -> "Codec":
+             precision: str = "float32", stream_ms: Optional[float] = None, file_statistics: bool = False
+             ) -> "Codec":
         """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
         device = device or pick_device()
         encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,
                                          decoder_path or h.checkpoint_file_load_Decoder, device)
-        return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms)
+        return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms, file_statistics)
 
-    def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int]) -> torch.Tensor:
-        return torch.stack([out["audio"] for out in self.fast.roundtrip(list(audio), n_codebooks)])
+    def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int],
+                        statistics: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        return torch.stack([out["audio"] for out in self.fast.roundtrip(list(audio), n_codebooks, statistics)])
+
+    def _statistics(self, blocks: Iterable[np.ndarray], rate: int, channels: int, model_length: int,
+                    windows: List[Tuple[int, int]]) -> Optional[List[torch.Tensor]]:
+        """The encoder's GRN statistics over the whole input, from one pass over its windows, when
+        `file_statistics` is set and the input has several windows; else None (each window's own)."""
+        if not (self.file_statistics and self.fast is not None and len(windows) > 1):
+            return None
+        half = self.chunk_overlap // 2
+        total: List[torch.Tensor] = []
+        cut = _cut(_resampled(blocks, rate, self.h.sampling_rate, channels, model_length), windows)
+        with torch.no_grad():
+            for k, window in enumerate(self._progress(cut, len(windows), "statistics")):
+                audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
+                # Each window counts the frames up to the middle of its overlaps, as the crossfade joins them.
+                owned = (half if k else 0, self.chunk_length + half if k < len(windows) - 1 else len(window) + self.h.n_fft)
+                sums = self.fast.encoder_statistics(list(audio), owned)
+                total = sums if not total else [a + b for a, b in zip(total, sums)]
+        return total
 
     def _stream(self, chunk_ms: float) -> None:
         """Resynthesise through the streaming encoder and decoder in chunks of `chunk_ms`
@@ -421,25 +444,27 @@ class Codec:
     # -- encoding ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def _encode_stream(self, blocks: Iterable[np.ndarray], rate: int, channels: int, length: int,
+    def _encode_stream(self, reader: Callable[[], Iterable[np.ndarray]], rate: int, channels: int, length: int,
                        n_codebooks: Optional[int] = None) -> CodesFile:
         h = self.h
         n_codebooks = self.check_n_codebooks(n_codebooks)
         model_length = resampled_length(length, rate, h.sampling_rate)
         windows = self.windows(model_length)
-        cut = _cut(_resampled(blocks, rate, h.sampling_rate, channels, model_length), windows)
+        statistics = self._statistics(reader(), rate, channels, model_length, windows)
+        cut = _cut(_resampled(reader(), rate, h.sampling_rate, channels, model_length), windows)
         codes = []
         for window in self._progress(cut, len(windows), "encoding"):
             audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
-            codes.append(self._encode_window(audio, n_codebooks).cpu())
+            codes.append(self._encode_window(audio, n_codebooks, statistics).cpu())
         return CodesFile(torch.cat(codes, dim=-1), h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size,
                          self.model_hash, rate, length, model_length, *self._chunking(windows))
 
-    def _encode_window(self, audio: torch.Tensor, n_codebooks: int) -> torch.Tensor:
-        """One window's channels (C, L) -> codes (C, n_codebooks, T')."""
+    def _encode_window(self, audio: torch.Tensor, n_codebooks: int,
+                       statistics: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """One window's channels (C, L) -> codes (C, n_codebooks, T'); `statistics` as in `_statistics`."""
         if self.h.causal:
             return self.encoder.encode(*causal_analysis(audio, self.h), n_codebooks)
-        return torch.stack(self.fast.encode(list(audio), n_codebooks))
+        return torch.stack(self.fast.encode(list(audio), n_codebooks, statistics))
 
     def _decode_window(self, codes: torch.Tensor, length: int) -> torch.Tensor:
         """One window's codes (C, n, T') -> audio (C, length)."""
@@ -458,12 +483,12 @@ class Codec:
     def encode(self, audio: Audio, sample_rate: int, n_codebooks: Optional[int] = None) -> CodesFile:
         """Audio (L,) or (C, L) at `sample_rate` -> its codes, with the first `n_codebooks` stages."""
         blocks, channels, length = _blocks_of(audio)
-        return self._encode_stream(blocks, sample_rate, channels, length, n_codebooks)
+        return self._encode_stream(lambda: blocks, sample_rate, channels, length, n_codebooks)
 
     def encode_file(self, path: str, n_codebooks: Optional[int] = None) -> CodesFile:
         """The codes of an audio file (wav, flac, ogg; any rate and channel count), read window by window."""
-        blocks, rate, channels, length = _file_blocks(path)
-        codes = self._encode_stream(blocks, rate, channels, length, n_codebooks)
+        _, rate, channels, length = _file_blocks(path)
+        codes = self._encode_stream(lambda: _file_blocks(path)[0], rate, channels, length, n_codebooks)
         codes.name = path
         return codes
 
@@ -526,8 +551,9 @@ class Codec:
 
     # -- resynthesis (encode and decode in memory) ---------------------------------------
 
-    def _resynth_stream(self, blocks: Iterable[np.ndarray], rate: int, channels: int, length: int,
+    def _resynth_stream(self, reader: Callable[[], Iterable[np.ndarray]], rate: int, channels: int, length: int,
                         keep_model_rate: bool, n_codebooks: Optional[int] = None) -> Tuple[Iterator[np.ndarray], int]:
+        """`reader()` gives the input's blocks (length, channels) in order, each time it is called."""
         h = self.h
         n_codebooks = self.check_n_codebooks(n_codebooks)
         model_length = resampled_length(length, rate, h.sampling_rate)
@@ -535,10 +561,13 @@ class Codec:
 
         @torch.no_grad()
         def outputs() -> Iterator[np.ndarray]:
-            cut = _cut(_resampled(blocks, rate, h.sampling_rate, channels, model_length), windows)
+            statistics = self._statistics(reader(), rate, channels, model_length, windows)
+            cut = _cut(_resampled(reader(), rate, h.sampling_rate, channels, model_length), windows)
             for window in self._progress(cut, len(windows), "resynthesising"):
                 audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
-                yield self.roundtrip(audio, n_codebooks).cpu().numpy().T
+                out = self.roundtrip(audio, n_codebooks) if statistics is None else \
+                    self._fast_roundtrip(audio, n_codebooks, statistics)
+                yield out.cpu().numpy().T
         return self._output(outputs(), self._chunking(windows)[1], channels, rate, length, keep_model_rate)
 
     def resynthesize(self, audio: Audio, sample_rate: int, keep_model_rate: bool = False,
@@ -546,7 +575,8 @@ class Codec:
         """Audio (L,) or (C, L) -> (coded audio (C, L), its rate), as `decode(encode(audio))` up to
         float rounding (the straight-through latent instead of the codebook rows)."""
         blocks, channels, length = _blocks_of(audio)
-        stream, rate = self._resynth_stream(blocks, sample_rate, channels, length, keep_model_rate, n_codebooks)
+        stream, rate = self._resynth_stream(lambda: blocks, sample_rate, channels, length, keep_model_rate,
+                                            n_codebooks)
         return np.concatenate(list(stream)).T, rate
 
     def resynthesize_files(self, jobs: Sequence[Tuple[str, str]], keep_model_rate: bool = False,
@@ -612,7 +642,8 @@ class Codec:
     def resynthesize_file(self, path: str, output_path: str, keep_model_rate: bool = False,
                           n_codebooks: Optional[int] = None) -> float:
         """Resynthesise an audio file into a 16-bit PCM wav, window by window; returns its seconds."""
-        blocks, rate, channels, length = _file_blocks(path)
-        stream, out_rate = self._resynth_stream(blocks, rate, channels, length, keep_model_rate, n_codebooks)
+        _, rate, channels, length = _file_blocks(path)
+        stream, out_rate = self._resynth_stream(lambda: _file_blocks(path)[0], rate, channels, length,
+                                                keep_model_rate, n_codebooks)
         _write_stream(output_path, stream, out_rate, channels)
         return length / rate

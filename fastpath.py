@@ -20,7 +20,7 @@ always run in float32.
 """
 import re
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -185,11 +185,18 @@ class FastBlock:
         return y
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
-                 valid: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
+                 valid: Optional[torch.Tensor], hidden: torch.Tensor, statistics: Optional[torch.Tensor] = None,
+                 counted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, margin + T + margin, C), updated in place; rows outside a clip must be zero.
-        hidden: (B, T, hidden width) workspace. With several spans (chunks), B must be 1."""
+        hidden: (B, T, hidden width) workspace. With several spans (chunks), B must be 1.
+
+        GRN pools the sums of squares (B, hidden width) of its input over time: `statistics`
+        replaces them (a long input's, gathered over its windows). Returns this input's sums
+        over the frames where `counted` (T,) is 1 (all frames by default).
+        """
         b, _, c = x.shape
         sumsq = torch.zeros(b, self.hidden, device=x.device)
+        measured = sumsq if counted is None else torch.zeros_like(sumsq)
         offset = margin - self.kernel // 2
         for start, rows in spans:
             h = hidden[:, start:start + rows]
@@ -197,7 +204,12 @@ class FastBlock:
             torch.ops.aten.gelu_(self.pw1(y.view(-1, c), out=h.view(-1, self.hidden)))
             if valid is not None:
                 h.mul_(valid[:, start:start + rows])
-            sumsq += h.float().square().sum(1)
+            squares = h.float().square()
+            sumsq += squares.sum(1)
+            if counted is not None:
+                measured += (squares * counted[start:start + rows, None]).sum(1)
+        if statistics is not None:
+            sumsq = statistics
         gx = sumsq.sqrt()
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         for i in range(b):
@@ -207,6 +219,7 @@ class FastBlock:
                 pw2.accumulate(hidden[i, start:start + rows], x[i, margin + start:margin + start + rows])
         if valid is not None:
             x[:, margin:x.size(1) - margin].mul_(valid)
+        return measured
 
 
 class FastBranch:
@@ -223,8 +236,11 @@ class FastBranch:
         self.margin = max([self.embed.kernel // 2] + [block.kernel // 2 for block in self.blocks])
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
-                 valid: Optional[torch.Tensor], out: torch.Tensor) -> None:
-        """x: (B, margin + T + margin, C_in) with zero margins -> out (B, T, C_out), written in place."""
+                 valid: Optional[torch.Tensor], out: torch.Tensor, statistics: Optional[List[torch.Tensor]] = None,
+                 counted: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """x: (B, margin + T + margin, C_in) with zero margins -> out (B, T, C_out), written in place.
+
+        `statistics` and `counted` as in `FastBlock`, one per block; returns each block's sums."""
         b, t = x.size(0), x.size(1) - 2 * margin
         m = self.margin
         stream = margined(b, t, self.width, m, x.device)
@@ -239,11 +255,12 @@ class FastBranch:
             stream[:, m + start:m + start + rows] = F.layer_norm(y, (self.width,), weight, bias, self.norm)
         if valid is not None:
             stream[:, m:m + t].mul_(valid)
-        for block in self.blocks:
-            block(stream, m, spans, valid, hidden)
+        sums = [block(stream, m, spans, valid, hidden, None if statistics is None else statistics[i], counted)
+                for i, block in enumerate(self.blocks)]
         for start, rows in spans:
             y = normalise(stream[:, m + start:m + start + rows], self.final_norm)
             out[:, start:start + rows] = self.out(y.reshape(-1, self.width)).view(b, rows, self.out_width).float()
+        return sums
 
 
 class FastGenerator:
@@ -298,9 +315,11 @@ class FastGenerator:
         out[:, self.margin:self.margin + x.size(2)] = x.transpose(1, 2)
         return out
 
-    def _run_branch(self, branch: FastBranch, x: torch.Tensor, lengths: Sequence[int], frames: int
-                    ) -> torch.Tensor:
-        """x (B, margin + T + margin, C_in) -> (B, margin + T + margin, C_out), zero outside each clip."""
+    def _run_branch(self, branch: FastBranch, x: torch.Tensor, lengths: Sequence[int], frames: int,
+                    statistics: Optional[List[torch.Tensor]] = None, counted: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """x (B, margin + T + margin, C_in) -> (B, margin + T + margin, C_out), zero outside each clip,
+        and the branch's GRN sums (see `FastBranch`)."""
         m = self.margin
         out = margined(x.size(0), frames, branch.out_width, m, x.device)
         inside = self._inside(lengths, frames)
@@ -308,14 +327,17 @@ class FastGenerator:
         if valid is not None:
             # An upsampler's output runs past a shorter clip's frames; alone, that clip has none there.
             x[:, m:m + frames].mul_(valid)
-        branch(x, m, self._spans(frames), valid, out[:, m:m + frames])
+        sums = branch(x, m, self._spans(frames), valid, out[:, m:m + frames], statistics, counted)
         if valid is not None:
             out[:, m:m + frames].mul_(valid)
-        return out
+        return out, sums
 
-    def _encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int]
-                ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-        """Clips (L_i,) -> quantised latent (B, D, T'), codes (B, n, T') and each clip's T'_i."""
+    def _branches(self, audio: Sequence[torch.Tensor], statistics: Optional[List[torch.Tensor]] = None,
+                  counted: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, List[int], List]:
+        """Clips (L_i,) -> the encoder branches' outputs (B, margin + T + margin, C) (amplitude,
+        phase), each clip's T_i, and the GRN sums of every encoder block (amplitude's, then
+        phase's). `statistics`: those sums to use instead (see `encoder_statistics`); `counted`:
+        the samples [start, end) whose frames count toward the returned sums."""
         h, m = self.h, self.margin
         padded = [centred(pad_for_analysis(a.float(), h.n_fft, h.hop_size), h.n_fft) for a in audio]
         lengths = [(p.numel() - h.n_fft) // h.hop_size + 1 for p in padded]
@@ -329,8 +351,23 @@ class FastGenerator:
                 spec = stft_rows(signal, start, rows, h.n_fft, h.hop_size, h.win_size)
                 logamp[i, m + start:m + start + rows], phase[i, m + start:m + start + rows] = \
                     log_amplitude_and_phase(spec.real, spec.imag)
-        amp = self._run_branch(self.enc_amp, logamp, lengths, frames)
-        pha = self._run_branch(self.enc_pha, phase, lengths, frames)
+        counting = None
+        if counted is not None:
+            centres = torch.arange(frames, device=self.device) * h.hop_size
+            counting = ((centres >= counted[0]) & (centres < counted[1])).float()
+        split = len(self.enc_amp.blocks)
+        amp, amp_sums = self._run_branch(self.enc_amp, logamp, lengths, frames,
+                                         None if statistics is None else statistics[:split], counting)
+        pha, pha_sums = self._run_branch(self.enc_pha, phase, lengths, frames,
+                                         None if statistics is None else statistics[split:], counting)
+        return amp, pha, lengths, amp_sums + pha_sums
+
+    def _encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int],
+                statistics: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """Clips (L_i,) -> quantised latent (B, D, T'), codes (B, n, T') and each clip's T'_i."""
+        h, m = self.h, self.margin
+        amp, pha, lengths, _ = self._branches(audio, statistics)
+        frames = max(lengths)
         enc = self.encoder
         amp, pha = (x[:, m:m + frames].transpose(1, 2) for x in (amp, pha))
         down = torch.cat((enc.amp_down(amp), enc.pha_down(pha)), 1)
@@ -350,8 +387,8 @@ class FastGenerator:
         latent = self._masked(dec.latent_conv(self._masked(latent.float(), latent_lengths)), latent_lengths)
         lengths = [n * h.ratio for n in latent_lengths]
         frames = latent.size(-1) * h.ratio
-        amp = self._run_branch(self.dec_amp, self._rows(dec.amp_up(latent)), lengths, frames)
-        pha = self._run_branch(self.dec_pha, self._rows(dec.pha_up(latent)), lengths, frames)
+        amp, _ = self._run_branch(self.dec_amp, self._rows(dec.amp_up(latent)), lengths, frames)
+        pha, _ = self._run_branch(self.dec_pha, self._rows(dec.pha_up(latent)), lengths, frames)
         return self._synthesis(amp, pha, lengths, frames)
 
     def _synthesis(self, amp: torch.Tensor, pha: torch.Tensor, lengths: Sequence[int], frames: int
@@ -380,12 +417,35 @@ class FastGenerator:
             outputs.append(out)
         return outputs
 
+    def _with_statistics(self, items: Sequence, statistics: Optional[List[torch.Tensor]]
+                         ) -> Iterator[Tuple[Sequence, Optional[List[torch.Tensor]]]]:
+        """Each batch of items with its rows of `statistics` (None stays None)."""
+        start = 0
+        for batch in self._batches(items):
+            yield batch, None if statistics is None else [s[start:start + len(batch)] for s in statistics]
+            start += len(batch)
+
     @torch.no_grad()
-    def encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None) -> List[torch.Tensor]:
-        """Clips (L_i,) -> their codes (n, T'_i), the first `n_codebooks` stages (all by default)."""
+    def encoder_statistics(self, audio: Sequence[torch.Tensor], counted: Tuple[int, int]) -> List[torch.Tensor]:
+        """Clips (L_i,) -> the GRN sums of squares of every encoder block, (B, hidden width) each,
+        over the frames centred on samples counted[0] ... counted[1] - 1.
+
+        GRN pools over the whole input, so a long input coded in windows differs slightly from
+        one pass over it, and a code that is nearly tied between two entries can flip. Summed
+        over the windows (each counting the samples it alone owns), these sums are the encoder's
+        statistics over the whole input, to pass to `encode` or `roundtrip` for each window.
+        """
+        parts = [self._branches(batch, counted=counted)[3] for batch in self._batches(audio)]
+        return [torch.cat(block) for block in zip(*parts)]
+
+    @torch.no_grad()
+    def encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None,
+               statistics: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Clips (L_i,) -> their codes (n, T'_i), the first `n_codebooks` stages (all by default);
+        `statistics`: the encoder's GRN statistics (see `encoder_statistics`) instead of the clips' own."""
         codes = []
-        for batch in self._batches(audio):
-            _, batch_codes, lengths = self._encode(batch, n_codebooks)
+        for batch, stats in self._with_statistics(audio, statistics):
+            _, batch_codes, lengths = self._encode(batch, n_codebooks, stats)
             codes += [c[:, :n] for c, n in zip(batch_codes, lengths)]
         return codes
 
@@ -401,13 +461,14 @@ class FastGenerator:
         return outputs
 
     @torch.no_grad()
-    def roundtrip(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None
-                  ) -> List[Dict[str, torch.Tensor]]:
+    def roundtrip(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None,
+                  statistics: Optional[List[torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
         """Clips (L_i,) -> per clip its codes (n, T'_i) and audio (L_i,) (and with `keep_spectrum`
-        the predicted spectrum real/imag (F, T_i)), as `codec.codec_roundtrip` gives each alone."""
+        the predicted spectrum real/imag (F, T_i)), as `codec.codec_roundtrip` gives each alone;
+        `statistics` as in `encode`."""
         outputs = []
-        for batch in self._batches(audio):
-            latent, codes, lengths = self._encode(batch, n_codebooks)
+        for batch, stats in self._with_statistics(audio, statistics):
+            latent, codes, lengths = self._encode(batch, n_codebooks, stats)
             for out, clip, c, n in zip(self._decode(latent, lengths), batch, codes, lengths):
                 outputs.append(dict(out, codes=c[:, :n], audio=out["audio"][:clip.numel()]))
         return outputs

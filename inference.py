@@ -12,9 +12,11 @@ outputs go to `test_wav_output_dir` with the same relative path and name:
 Any sample rate and channel count: audio is resampled to the model's rate, each channel is
 coded on its own, and the output returns to the input's rate (unless --keep_model_rate)
 with exactly the input's length. Inputs longer than --chunk_seconds are coded in
-overlapping windows with a crossfade, so memory stays bounded. All inputs are checked
-before anything is written. When the checkpoints were trained with another network than
-the config describes, the config.json that training wrote beside them is used for the network.
+overlapping windows with a crossfade, so memory stays bounded (--file_statistics makes
+their codes those of one pass over the whole input, at the cost of one more encoder
+pass). All inputs are checked before anything is written. When the checkpoints were
+trained with another network than the config describes, the config.json that training
+wrote beside them is used for the network.
 
 Resynthesis batches the files that fit one window, sorted by length, padded and masked so
 that each gets exactly its own output: on a GPU each batch is one forward pass.
@@ -76,11 +78,12 @@ def _load_codes_files(files: Dict[str, str], location: str, codec: Codec) -> Dic
 def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = None,
               keep_model_rate: bool = False, chunk_seconds: float = CHUNK_SECONDS,
               stream_ms: Optional[float] = None, precision: str = "float32",
-              batch_seconds: float = BATCH_SECONDS) -> Dict[str, float]:
+              batch_seconds: float = BATCH_SECONDS, file_statistics: bool = False) -> Dict[str, float]:
     """Code every input of `test_input_wavs_dir` into `test_wav_output_dir` (see the module docstring).
 
     `stream_ms`: resynthesise through the streaming codec in chunks of that many milliseconds.
-    `precision`: float32, bfloat16, int8 or auto; `batch_seconds`: padded audio per resynthesis batch.
+    `precision`: float32, bfloat16, int8 or auto; `batch_seconds`: padded audio per resynthesis batch;
+    `file_statistics`: see `codec.Codec`.
     Returns the totals: files, failed, audio_seconds, wall_seconds and rtf (wall time over audio time).
     """
     if mode not in MODES:
@@ -96,7 +99,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
         files = check_inputs(files, source)
     start = time.perf_counter()
     codec = Codec.load(h, device=pick_device(), chunk_seconds=chunk_seconds, precision=precision,
-                       stream_ms=stream_ms)
+                       stream_ms=stream_ms, file_statistics=file_statistics)
     if codec.fast is not None or stream_ms is not None:
         print(f"precision {kernels(codec.precision, codec.device)}")
     if n_codebooks is not None:
@@ -149,6 +152,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--chunk_seconds", type=float, default=CHUNK_SECONDS, metavar="S",
                         help="inputs longer than S seconds (+ 1 s) are coded in overlapping windows of "
                              f"S seconds with a crossfade, bounding memory (default {CHUNK_SECONDS:g})")
+    parser.add_argument("--file_statistics", action="store_true",
+                        help="inputs coded in windows: the encoder's GRN layers pool over the whole input, as "
+                             "one pass would (one more pass over the encoder, about 45%% more time); the codes "
+                             "then match one pass's")
     parser.add_argument("--precision", choices=PRECISIONS + ("auto",), default="float32",
                         help="float32 (default): the reference numbers; bfloat16 / int8: faster, approximate; "
                              "auto: the faster of those on this machine (a causal codec: with --stream only)")
@@ -159,7 +166,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--chunk_ms", type=float, default=10.0, metavar="MS",
                         help="stream chunk in milliseconds, with --stream (default 10)")
     run_cli(lambda h, args: inference(h, args.mode, args.use_codebooks, args.keep_model_rate, args.chunk_seconds,
-                                      args.chunk_ms if args.stream else None, args.precision, args.batch_seconds),
+                                      args.chunk_ms if args.stream else None, args.precision, args.batch_seconds,
+                                      args.file_statistics),
             parser, argv)
 
 

@@ -8,10 +8,15 @@ covers it is decoded, so it needs input up to sample p + `latency_samples(h)`:
 (ratio - 1) * hop + win_size - 1, 599 samples (12.5 ms) at the paper's 48 kHz settings.
 
 `StreamingEncoder` (audio -> codes) and `StreamingDecoder` (codes -> audio) keep only what
-the causal layers need between chunks: the last input frames of each convolution (see
-models.begin_stream), the samples of the STFT frames not yet complete, the STFT frames of
-an unfinished latent frame and the overlap-add tail. `causal_roundtrip` is the offline
-pass they reproduce: the same codes, and the same audio up to float rounding.
+the causal layers need between chunks: the last input frames of each convolution, the
+samples of the STFT frames not yet complete and the overlap-add tail. `causal_roundtrip` is
+the offline pass they reproduce: in float32 the same codes, and the same audio up to float
+rounding.
+
+They run the trained weights rearranged for a few frames at a time (the layers below):
+activations are (group, batch, time, channels) rows, and the amplitude and phase paths run
+side by side as two groups, so each layer is one batched matrix product. "bfloat16" and
+"int8" run the products as `fastpath` does for the paper's codec: faster, approximate.
 """
 import itertools
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union

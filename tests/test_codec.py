@@ -177,6 +177,35 @@ def test_chunked_output_matches_whole_file_output_on_a_long_signal():
     assert np.abs(decoded - out).max() < 1e-4
 
 
+def test_file_statistics_make_chunked_codes_those_of_one_pass():
+    """GRN pools over the whole input: with strong encoder GRN weights (trained ones grow so) and
+    an input whose halves differ, each window's own statistics change the latents enough to flip
+    codes; the whole input's statistics, gathered in one pass over the windows, give one pass's
+    codes and output."""
+    h = make_config(**TINY_1024)
+    torch.manual_seed(0)
+    encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
+    with torch.no_grad():
+        for block in list(encoder.amp.blocks) + list(encoder.pha.blocks):
+            block.grn.gamma.normal_(0, 5.0)
+            block.grn.beta.normal_(0, 0.5)
+    rng = np.random.default_rng(0)
+    audio = np.concatenate([tone(3.0, f0=150, seed=1), 0.3 * rng.standard_normal(3 * 48000).astype(np.float32)])
+    one_pass = Codec(h, encoder, decoder, torch.device("cpu"), chunk_seconds=60)
+    reference, _ = one_pass.resynthesize(audio, 48000)
+    first_window = one_pass.encode(audio, 48000).codes[..., :2 * 150]
+    results = {}
+    for file_statistics in (False, True):
+        chunked = Codec(h, encoder, decoder, torch.device("cpu"), chunk_seconds=2, file_statistics=file_statistics)
+        out, _ = chunked.resynthesize(audio, 48000)
+        codes = chunked.encode(audio, 48000)
+        assert len(chunked.windows(audio.size)) == 3 and codes.chunk_length == 96000
+        flipped = (codes.codes[..., :2 * 150] != first_window).sum().item()
+        results[file_statistics] = (_snr(reference, out), flipped)
+    assert results[False][0] < 30 and results[False][1] > 0
+    assert results[True][0] >= 80 and results[True][1] == 0
+
+
 def test_chunked_files_stream_to_exact_length(codec, tmp_path):
     h = codec.h
     chunked = Codec(h, codec.encoder, codec.decoder, torch.device("cpu"), chunk_seconds=1.0)
