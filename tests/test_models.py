@@ -273,6 +273,22 @@ def test_rvq_codes_are_cosine_nearest_and_losses():
     assert commitment.item() == pytest.approx(expected_loss, rel=1e-5)
 
 
+def test_rvq_codes_alone_are_the_forward_codes():
+    """The inference path (no losses; codebook terms computed once and passed in) picks the
+    forward's codes, for every number of stages, and Encoder.encode uses it."""
+    torch.manual_seed(2)
+    rvq = models.ResidualVectorQuantize(32, 4, 1024, 32).eval()
+    z = torch.randn(3, 32, 40)
+    with torch.no_grad():
+        terms = [q.codebook_terms() for q in rvq.quantizers]
+        for n in (None, 1, 3):
+            expected = rvq(z, n).codes
+            assert torch.equal(rvq.codes(z, n), expected)
+            assert torch.equal(rvq.codes(z, n, terms), expected)
+        book, norms = terms[0]
+        assert torch.allclose(book.norm(dim=1), torch.ones(1024)) and norms.shape == (1, 1024)
+
+
 def test_rvq_losses_average_items_then_sum_stages():
     torch.manual_seed(2)
     rvq = models.ResidualVectorQuantize(8, 2, 16, 8)
@@ -417,7 +433,9 @@ def test_encoding_with_fewer_codebooks(tiny_h):
     logamp, pha, _, _ = spectral.amp_pha_spectrum(audio, tiny_h.n_fft, tiny_h.hop_size, tiny_h.win_size)
     with torch.no_grad():
         full = encoder(logamp, pha)
+        assert torch.equal(encoder.encode(logamp, pha), full.codes)
         for n in (1, 2, 3):
             fewer = encoder(logamp, pha, n)
             assert torch.equal(fewer.codes, full.codes[:, :n])
+            assert torch.equal(encoder.encode(logamp, pha, n), fewer.codes)
             assert torch.allclose(fewer.latent, encoder.latent_from_codes(full.codes[:, :n]), atol=1e-5)
