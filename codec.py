@@ -31,8 +31,8 @@ from config import AttrDict
 from fastpath import CHUNK_FRAMES, FastGenerator, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, min_analysis_length, pad_for_analysis
-import streaming
 from streaming import causal_analysis, causal_decode, causal_roundtrip, stream_roundtrip
+from streaming import latent_frames as causal_latent_frames
 from utils import atomic_write, pick_device
 
 CODES_EXTENSION = ".apc"
@@ -80,7 +80,7 @@ def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
 def latent_frames(length: int, h) -> int:
     """Latent frames T' that `codec_roundtrip` gives for `length` samples."""
     if h.causal:
-        return streaming.latent_frames(length, h)
+        return causal_latent_frames(length, h)
     padded = max(-(-length // h.hop_size) * h.hop_size, min_analysis_length(h.n_fft, h.hop_size))
     return -(-(padded // h.hop_size + 1) // h.ratio)
 
@@ -339,8 +339,9 @@ class Codec:
     Inputs up to `chunk_seconds` (+ the overlap) are coded in one window, which gives
     `codec_roundtrip`'s output (to float rounding); longer ones in windows of `chunk_seconds`
     that overlap by `OVERLAP_SECONDS` and are crossfaded. With `file_statistics` the encoder's
-    GRN layers of every window pool over the whole input, as one pass would: one more pass
-    over the encoder first, so that codes match one pass's (see `_statistics`).
+    GRN layers of every window pool over (nearly) the whole input's statistics: one more pass
+    over the encoder first, so that codes match one pass's but for rare near-ties (see
+    `_statistics` and `FastGenerator.encoder_statistics`).
 
     The paper's codec runs `fastpath.FastGenerator` in `precision` ("float32": the reference
     numbers; "bfloat16" or "int8": faster, approximate; "auto": the faster of those two on
@@ -362,7 +363,7 @@ class Codec:
         # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
         self.fast = None if h.causal else FastGenerator(encoder, decoder, h, self.precision,
                                                         None if device.type == "cuda" else CHUNK_FRAMES)
-        # Resynthesis of one window, (C, L) -> (C, L); `stream` swaps in the streaming codec.
+        # Resynthesis of one window, (C, L) -> (C, L); `stream_ms` swaps in the streaming codec.
         self.roundtrip: Callable[[torch.Tensor, Optional[int]], torch.Tensor] = (
             lambda audio, n_codebooks: codec_roundtrip(encoder, decoder, audio, h, n_codebooks)["audio"])
         if self.fast is not None:
@@ -400,7 +401,7 @@ class Codec:
         cut = _cut(_resampled(blocks, rate, self.h.sampling_rate, channels, model_length), windows)
         with torch.no_grad():
             for k, window in enumerate(self._progress(cut, len(windows), "statistics")):
-                audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
+                audio = self._channels(window)
                 # Each window counts the frames up to the middle of its overlaps, as the crossfade joins them.
                 owned = (half if k else 0, self.chunk_length + half if k < len(windows) - 1 else len(window) + self.h.n_fft)
                 sums = self.fast.encoder_statistics(list(audio), owned)
@@ -429,6 +430,10 @@ class Codec:
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.digest()[:16]
 
+    def _channels(self, window: np.ndarray) -> torch.Tensor:
+        """A window's samples (L, C) as the codec's input (C, L) on its device."""
+        return torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
+
     def windows(self, length: int) -> List[Tuple[int, int]]:
         """(start, length) of the windows of an input of `length` samples at the model rate."""
         return window_spans(length, self.chunk_length, self.chunk_overlap)
@@ -454,7 +459,7 @@ class Codec:
         cut = _cut(_resampled(reader(), rate, h.sampling_rate, channels, model_length), windows)
         codes = []
         for window in self._progress(cut, len(windows), "encoding"):
-            audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
+            audio = self._channels(window)
             codes.append(self._encode_window(audio, n_codebooks, statistics).cpu())
         return CodesFile(torch.cat(codes, dim=-1), h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size,
                          self.model_hash, rate, length, model_length, *self._chunking(windows))
@@ -564,7 +569,7 @@ class Codec:
             statistics = self._statistics(reader(), rate, channels, model_length, windows)
             cut = _cut(_resampled(reader(), rate, h.sampling_rate, channels, model_length), windows)
             for window in self._progress(cut, len(windows), "resynthesising"):
-                audio = torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
+                audio = self._channels(window)
                 out = self.roundtrip(audio, n_codebooks) if statistics is None else \
                     self._fast_roundtrip(audio, n_codebooks, statistics)
                 yield out.cpu().numpy().T

@@ -13,8 +13,8 @@ Any sample rate and channel count: audio is resampled to the model's rate, each 
 coded on its own, and the output returns to the input's rate (unless --keep_model_rate)
 with exactly the input's length. Inputs longer than --chunk_seconds are coded in
 overlapping windows with a crossfade, so memory stays bounded (--file_statistics makes
-their codes those of one pass over the whole input, at the cost of one more encoder
-pass). All inputs are checked before anything is written. When the checkpoints were
+their codes, but for rare near-ties, those of one pass over the whole input, at the cost
+of one more encoder pass). All inputs are checked before anything is written. When the checkpoints were
 trained with another network than the config describes, the config.json that training
 wrote beside them is used for the network.
 
@@ -154,8 +154,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                              f"S seconds with a crossfade, bounding memory (default {CHUNK_SECONDS:g})")
     parser.add_argument("--file_statistics", action="store_true",
                         help="inputs coded in windows: the encoder's GRN layers pool over the whole input, as "
-                             "one pass would (one more pass over the encoder, about 45%% more time); the codes "
-                             "then match one pass's")
+                             "one pass would (one more pass over the encoder, about 45%% more time), so the "
+                             "codes match one pass's but for rare near-ties; the paper's codec only")
     parser.add_argument("--precision", choices=PRECISIONS + ("auto",), default="float32",
                         help="float32 (default): the reference numbers; bfloat16 / int8: faster, approximate; "
                              "auto: the faster of those on this machine (a causal codec: with --stream only)")

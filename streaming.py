@@ -11,7 +11,8 @@ covers it is decoded, so it needs input up to sample p + `latency_samples(h)`:
 the causal layers need between chunks: the last input frames of each convolution, the
 samples of the STFT frames not yet complete and the overlap-add tail. `causal_roundtrip` is
 the offline pass they reproduce: in float32 the same codes, and the same audio up to float
-rounding.
+rounding. A stream reads the model's weights when it is made: weights changed later do not
+reach it.
 
 They run the trained weights rearranged for a few frames at a time (the layers below):
 activations are (group, batch, time, channels) rows, and the amplitude and phase paths run
@@ -19,13 +20,13 @@ side by side as two groups, so each layer is one batched matrix product. "bfloat
 "int8" run the products as `fastpath` does for the paper's codec: faster, approximate.
 """
 import itertools
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastpath import Product, folded_norm_linear, normalise, polar_spectrum
+from fastpath import Product, check_precision, folded_norm_linear, normalise, polar_spectrum
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
 from spectral import amp_pha_spectrum
 
@@ -96,7 +97,7 @@ class Products:
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]], precision: str):
-        """weights (M, K) and biases (M,) or None, in float32."""
+        """weights (M, K) and biases (M,) (or all None), in float32."""
         self.each = [Product(w, b, precision) for w, b in zip(weights, biases)] if precision == "int8" else []
         if not self.each:
             self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
@@ -150,6 +151,9 @@ class CausalConvolution:
         self.rows = rows[:, :, consumed:]
         return y
 
+    def state(self) -> List[torch.Tensor]:
+        return [self.rows]
+
 
 class CausalUpsampler:
     """G `models.CausalConvTranspose1d` of one shape reading the same rows: (B, n, C_in) ->
@@ -178,6 +182,9 @@ class CausalUpsampler:
                    stride=(1, self.stride)).view(self.groups, b, self.out_channels, -1)
         skip = self.keep * self.stride
         return (y[..., skip:skip + n * self.stride] + self.bias).transpose(2, 3)
+
+    def state(self) -> List[torch.Tensor]:
+        return [self.rows]
 
 
 class CausalBlocks:
@@ -221,11 +228,11 @@ class CausalBranches:
 
     def __init__(self, branches: Sequence[Branch], batch: int, precision: str):
         self.embed = CausalConvolution([b.embed for b in branches], batch, precision)
-        self.norm = branches[0].norm.eps
+        self.norm_eps = branches[0].norm.eps
         self.norm_affine = [torch.stack([getattr(b.norm, p).detach() for b in branches])[:, None, None]
                             for p in ("weight", "bias")]
         self.blocks = [CausalBlocks(blocks, batch, precision) for blocks in zip(*(b.blocks for b in branches))]
-        self.final_norm = branches[0].final_norm.eps
+        self.final_norm_eps = branches[0].final_norm.eps
         self.out = Products(*zip(*(folded_norm_linear(b.final_norm, b.out) for b in branches)), precision)
         self.out_channels = branches[0].out.out_features
 
@@ -234,13 +241,37 @@ class CausalBranches:
         if n == 0:
             return x.new_zeros(g, b, 0, self.out_channels)
         weight, bias = self.norm_affine
-        y = torch.addcmul(bias, normalise(self.embed(x), self.norm), weight)
+        y = torch.addcmul(bias, normalise(self.embed(x), self.norm_eps), weight)
         for block in self.blocks:
             block(y)
-        return self.out(normalise(y, self.final_norm).view(g, b * n, -1)).view(g, b, n, -1)
+        return self.out(normalise(y, self.final_norm_eps).view(g, b * n, -1)).view(g, b, n, -1)
 
     def state(self) -> List[torch.Tensor]:
         return [self.embed.rows] + [block.rows for block in self.blocks]
+
+
+class SideBySide:
+    """One layer of the amplitude path and of the phase path: a single layer of two groups
+    when the two have the same shapes (the paper's sizes), else one layer each.
+    `build(parts)` makes a grouped layer of the given parts."""
+
+    def __init__(self, build: Callable[[Sequence[nn.Module]], Any], parts: Sequence[nn.Module]):
+        amp, pha = ([p.shape for p in part.parameters()] for part in parts)
+        self.layers = [build(parts)] if amp == pha else [build((part,)) for part in parts]
+
+    def __call__(self, amp: torch.Tensor, pha: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each path's rows (B, n, C) -> each path's output rows."""
+        if len(self.layers) == 1:
+            out = self.layers[0](torch.stack((amp, pha)))
+            return out[0], out[1]
+        return self.layers[0](amp[None])[0], self.layers[1](pha[None])[0]
+
+    def shared(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Rows (B, n, C) that both paths read -> each path's output rows."""
+        return tuple(group for layer in self.layers for group in layer(x))
+
+    def state(self) -> List[torch.Tensor]:
+        return [t for layer in self.layers for t in layer.state()]
 
 
 class StreamingEncoder:
@@ -261,9 +292,10 @@ class StreamingEncoder:
         # first sample of the next frame on.
         self.samples = next(encoder.parameters()).new_zeros(batch, self.half)
         with torch.no_grad():
-            # The amplitude and phase paths side by side (group 0 and 1).
-            self.branches = CausalBranches((encoder.amp, encoder.pha), batch, precision)
-            self.down = CausalConvolution((encoder.amp_down, encoder.pha_down), batch, precision)
+            self.branches = SideBySide(lambda parts: CausalBranches(parts, batch, precision),
+                                       (encoder.amp, encoder.pha))
+            self.down = SideBySide(lambda parts: CausalConvolution(parts, batch, precision),
+                                   (encoder.amp_down, encoder.pha_down))
             self.latent_conv = CausalConvolution((encoder.latent_conv,), batch, precision)
 
     @torch.no_grad()
@@ -273,21 +305,22 @@ class StreamingEncoder:
         self.samples = torch.cat((self.samples, audio), dim=-1)
         # Frame k (counted from the buffer's start) is complete once sample k * hop + half + b - 1 is in.
         ready = max(0, (self.samples.size(-1) - self.half - self.b) // h.hop_size + 1)
-        # The samples beyond a frame's window are weighted by zero: the ones not here yet are zeros.
-        needed = (ready - 1) * h.hop_size + h.n_fft
-        frames = F.pad(self.samples[..., :needed], (0, max(0, needed - self.samples.size(-1))))
-        logamp, pha, _, _ = amp_pha_spectrum(frames, h.n_fft, h.hop_size, h.win_size, pad="none") if ready else \
-            (frames.new_zeros(frames.size(0), h.n_fft // 2 + 1, 0),) * 2 + (None, None)
-        self.samples = self.samples[..., ready * h.hop_size:].clone()
-        down = self.down(self.branches(torch.stack((logamp, pha)).transpose(2, 3)))
-        latent = self.latent_conv(torch.cat(tuple(down), dim=-1)[None])[0].transpose(1, 2)
+        logamp = pha = self.samples.new_zeros(self.samples.size(0), h.n_fft // 2 + 1, 0)
+        if ready:
+            # The samples beyond a frame's window are weighted by zero: the ones not here yet are zeros.
+            needed = (ready - 1) * h.hop_size + h.n_fft
+            frames = F.pad(self.samples[..., :needed], (0, max(0, needed - self.samples.size(-1))))
+            logamp, pha, _, _ = amp_pha_spectrum(frames, h.n_fft, h.hop_size, h.win_size, pad="none")
+            self.samples = self.samples[..., ready * h.hop_size:].clone()
+        down = self.down(*self.branches(logamp.transpose(1, 2), pha.transpose(1, 2)))
+        latent = self.latent_conv(torch.cat(down, dim=-1)[None])[0].transpose(1, 2)
         if latent.size(-1) == 0:
             return torch.zeros(latent.size(0), h.n_codebooks, 0, dtype=torch.long, device=latent.device)
         return self.quantizer.codes(latent, terms=self.codebooks)
 
     def state(self) -> List[torch.Tensor]:
         """Every tensor the stream keeps between pushes."""
-        return [self.samples, self.down.rows, self.latent_conv.rows] + self.branches.state()
+        return [self.samples] + self.branches.state() + self.down.state() + self.latent_conv.state()
 
 
 class StreamingDecoder:
@@ -298,9 +331,10 @@ class StreamingDecoder:
         self.quantizer = encoder.quantizer
         with torch.no_grad():
             self.latent_conv = CausalConvolution((decoder.latent_conv,), batch, precision)
-            # The amplitude and phase paths side by side (group 0 and 1).
-            self.up = CausalUpsampler((decoder.amp_up, decoder.pha_up), batch, precision)
-            self.branches = CausalBranches((decoder.amp, decoder.pha), batch, precision)
+            self.up = SideBySide(lambda parts: CausalUpsampler(parts, batch, precision),
+                                 (decoder.amp_up, decoder.pha_up))
+            self.branches = SideBySide(lambda parts: CausalBranches(parts, batch, precision),
+                                       (decoder.amp, decoder.pha))
             self.amp_out = CausalConvolution((decoder.amp_out,), batch, precision)
             self.pha_out = CausalConvolution((decoder.pha_imag, decoder.pha_real), batch, precision, merge=True)
         p = next(decoder.parameters())
@@ -328,7 +362,7 @@ class StreamingDecoder:
         if codes.size(-1) == 0:
             return self.sums.new_zeros(self.sums.size(0), 0)
         latent = self.latent_conv(self.quantizer.from_codes(codes).transpose(1, 2)[None])
-        amp, pha = self.branches(self.up(latent[0]))
+        amp, pha = self.branches(*self.up.shared(latent[0]))
         bins = h.n_fft // 2 + 1
         pha = self.pha_out(pha[None])[0]
         spec = polar_spectrum(self.amp_out(amp[None])[0], pha[..., :bins], pha[..., bins:])   # (B, T, F)
@@ -349,8 +383,8 @@ class StreamingDecoder:
 
     def state(self) -> List[torch.Tensor]:
         """Every tensor the stream keeps between pushes."""
-        layers = (self.latent_conv, self.up, self.amp_out, self.pha_out)
-        return [self.sums, self.weights] + [c.rows for c in layers] + self.branches.state()
+        layers = (self.latent_conv, self.up, self.branches, self.amp_out, self.pha_out)
+        return [self.sums, self.weights] + [t for layer in layers for t in layer.state()]
 
 
 class StreamingCodec:
@@ -361,6 +395,7 @@ class StreamingCodec:
     """
 
     def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1, precision: str = "float32"):
+        check_precision(precision, next(decoder.parameters()).device)
         self.h = h
         self.encoder = StreamingEncoder(encoder, h, batch, precision)
         self.decoder = StreamingDecoder(encoder, decoder, h, batch, precision)

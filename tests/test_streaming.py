@@ -78,6 +78,21 @@ def test_streamed_output_equals_the_offline_pass(codec, length):
         assert (streamed["audio"] - offline["audio"]).abs().max() <= 1e-5, chunks
 
 
+def test_paths_of_different_sizes_stream_exactly():
+    """The amplitude and phase paths run side by side as one grouped layer only where their
+    shapes match; a config with different widths and kernels streams exactly too."""
+    sizes = dict(TINY, PHA_Encoder_channel=24, PHA_Decoder_channel=24, PHA_Encoder_output_downconv_kernel_size=5,
+                 AMP_Decoder_input_upconv_kernel_size=12)
+    h = make_config(**sizes, causal=True, causal_kernel_size=3)
+    torch.manual_seed(0)
+    encoder, decoder = Encoder(h).eval(), Decoder(h).eval()
+    x = signal(0.1)
+    offline = streaming.causal_roundtrip(encoder, decoder, x, h)
+    streamed = streaming.stream_roundtrip(encoder, decoder, x, h, 333)
+    assert torch.equal(streamed["codes"], offline["codes"])
+    assert (streamed["audio"] - offline["audio"]).abs().max() <= 1e-5
+
+
 def test_batch_streams_each_item_as_alone(codec):
     h, encoder, decoder = codec
     x = torch.cat([signal(0.1, 1), signal(0.1, 2)])
