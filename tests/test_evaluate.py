@@ -153,9 +153,9 @@ def test_lengths_far_apart_are_refused(tmp_path):
                        "--output", str(tmp_path / "out"), "--config", CONFIG])
 
 
-def tiny_codec(tmp_path):
+def tiny_codec(tmp_path, causal=False):
     """A tiny config file and random encoder / decoder checkpoints in tmp_path."""
-    h = make_config(**TINY)
+    h = make_config(**TINY, causal=causal)
     torch.manual_seed(0)
     for name, module in (("encoder", Encoder(h)), ("decoder", Decoder(h))):
         torch.save({name: release_state_dict(module)}, tmp_path / name)
@@ -164,8 +164,9 @@ def tiny_codec(tmp_path):
     return h, config
 
 
-def test_checkpoint_mode_runs_the_codec(tmp_path):
-    h, config = tiny_codec(tmp_path)
+@pytest.mark.parametrize("causal", [False, True])
+def test_checkpoint_mode_runs_the_codec(tmp_path, causal):
+    h, config = tiny_codec(tmp_path, causal)
     ref = tmp_path / "ref"
     ref.mkdir()
     for seed in (1, 2):
