@@ -398,12 +398,11 @@ class Codec:
             return None
         half = self.chunk_overlap // 2
         total: List[torch.Tensor] = []
-        cut = _cut(_resampled(blocks, rate, self.h.sampling_rate, channels, model_length), windows)
         with torch.no_grad():
-            for k, window in enumerate(self._progress(cut, len(windows), "statistics")):
-                audio = self._channels(window)
+            for k, audio in enumerate(self._window_audio(blocks, rate, channels, model_length, windows, "statistics")):
                 # Each window counts the frames up to the middle of its overlaps, as the crossfade joins them.
-                owned = (half if k else 0, self.chunk_length + half if k < len(windows) - 1 else len(window) + self.h.n_fft)
+                last = k == len(windows) - 1
+                owned = (half if k else 0, audio.size(-1) + self.h.n_fft if last else self.chunk_length + half)
                 sums = self.fast.encoder_statistics(list(audio), owned)
                 total = sums if not total else [a + b for a, b in zip(total, sums)]
         return total
@@ -430,9 +429,13 @@ class Codec:
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.digest()[:16]
 
-    def _channels(self, window: np.ndarray) -> torch.Tensor:
-        """A window's samples (L, C) as the codec's input (C, L) on its device."""
-        return torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
+    def _window_audio(self, blocks: Iterable[np.ndarray], rate: int, channels: int, model_length: int,
+                      windows: List[Tuple[int, int]], what: str) -> Iterator[torch.Tensor]:
+        """Each window of an input read as `blocks` (length, channels) at `rate`: the codec's
+        input (C, L) at the model's rate on its device, with a progress bar labelled `what`."""
+        cut = _cut(_resampled(blocks, rate, self.h.sampling_rate, channels, model_length), windows)
+        for window in self._progress(cut, len(windows), what):
+            yield torch.from_numpy(np.ascontiguousarray(window.T)).to(self.device)
 
     def windows(self, length: int) -> List[Tuple[int, int]]:
         """(start, length) of the windows of an input of `length` samples at the model rate."""
@@ -456,11 +459,8 @@ class Codec:
         model_length = resampled_length(length, rate, h.sampling_rate)
         windows = self.windows(model_length)
         statistics = self._statistics(reader(), rate, channels, model_length, windows)
-        cut = _cut(_resampled(reader(), rate, h.sampling_rate, channels, model_length), windows)
-        codes = []
-        for window in self._progress(cut, len(windows), "encoding"):
-            audio = self._channels(window)
-            codes.append(self._encode_window(audio, n_codebooks, statistics).cpu())
+        codes = [self._encode_window(audio, n_codebooks, statistics).cpu()
+                 for audio in self._window_audio(reader(), rate, channels, model_length, windows, "encoding")]
         return CodesFile(torch.cat(codes, dim=-1), h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size,
                          self.model_hash, rate, length, model_length, *self._chunking(windows))
 
@@ -567,9 +567,7 @@ class Codec:
         @torch.no_grad()
         def outputs() -> Iterator[np.ndarray]:
             statistics = self._statistics(reader(), rate, channels, model_length, windows)
-            cut = _cut(_resampled(reader(), rate, h.sampling_rate, channels, model_length), windows)
-            for window in self._progress(cut, len(windows), "resynthesising"):
-                audio = self._channels(window)
+            for audio in self._window_audio(reader(), rate, channels, model_length, windows, "resynthesising"):
                 out = self.roundtrip(audio, n_codebooks) if statistics is None else \
                     self._fast_roundtrip(audio, n_codebooks, statistics)
                 yield out.cpu().numpy().T

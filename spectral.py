@@ -92,6 +92,13 @@ def stft_rows(padded: torch.Tensor, start: int, count: int, n_fft: int, hop_size
     return torch.fft.rfft(frames * _frame_window(n_fft, win_size, padded.device), dim=-1)
 
 
+def overlap_add(frames: torch.Tensor, hop_size: int) -> torch.Tensor:
+    """Frames as columns (B, size, count) -> their overlap-add (B, size + hop_size * (count - 1)),
+    frame k starting at sample k * hop_size."""
+    size, count = frames.shape[-2:]
+    return F.fold(frames, (1, size + hop_size * (count - 1)), (1, size), stride=(1, hop_size)).flatten(1)
+
+
 class OverlapAdd:
     """`istft` of one spectrum fed a few frames at a time, frames first: `add(start, rows)` with
     rows complex (count, F) for frames start ..., then `audio()` gives (hop_size * (T - 1),)."""
@@ -105,8 +112,7 @@ class OverlapAdd:
 
     def _fold(self, frames: torch.Tensor) -> torch.Tensor:
         """(count, n_fft) -> their overlap-add, frame k at sample k * hop_size."""
-        length = self.n_fft + self.hop_size * (frames.size(0) - 1)
-        return F.fold(frames.t()[None], (1, length), (1, self.n_fft), stride=(1, self.hop_size)).flatten()
+        return overlap_add(frames.t()[None], self.hop_size)[0]
 
     def add(self, start: int, rows: torch.Tensor) -> None:
         frames = torch.fft.irfft(rows, n=self.n_fft, dim=-1) * self.window

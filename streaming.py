@@ -28,7 +28,7 @@ from torch import nn
 
 from fastpath import Product, check_precision, folded_norm_linear, normalise, polar_spectrum
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
-from spectral import amp_pha_spectrum
+from spectral import amp_pha_spectrum, overlap_add
 
 
 def window_extent(h) -> Tuple[int, int]:
@@ -259,16 +259,18 @@ class SideBySide:
         amp, pha = ([p.shape for p in part.parameters()] for part in parts)
         self.layers = [build(parts)] if amp == pha else [build((part,)) for part in parts]
 
-    def __call__(self, amp: torch.Tensor, pha: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Each path's rows (B, n, C) -> each path's output rows."""
+    def __call__(self, pair: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Each path's rows (B, n, C) -> each path's output rows. A grouped layer takes and gives
+        the pair as one (2, B, n, C) tensor, so grouped layers in a row pass it on as it is."""
         if len(self.layers) == 1:
-            out = self.layers[0](torch.stack((amp, pha)))
-            return out[0], out[1]
-        return self.layers[0](amp[None])[0], self.layers[1](pha[None])[0]
+            return self.layers[0](pair if torch.is_tensor(pair) else torch.stack(tuple(pair)))
+        return tuple(layer(x[None])[0] for layer, x in zip(self.layers, pair))
 
-    def shared(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Rows (B, n, C) that both paths read -> each path's output rows."""
-        return tuple(group for layer in self.layers for group in layer(x))
+    def shared(self, x: torch.Tensor) -> Sequence[torch.Tensor]:
+        """Rows (B, n, C) that both paths read -> each path's output rows, as `__call__` gives them."""
+        if len(self.layers) == 1:
+            return self.layers[0](x)
+        return tuple(layer(x)[0] for layer in self.layers)
 
     def state(self) -> List[torch.Tensor]:
         return [t for layer in self.layers for t in layer.state()]
@@ -312,8 +314,8 @@ class StreamingEncoder:
             frames = F.pad(self.samples[..., :needed], (0, max(0, needed - self.samples.size(-1))))
             logamp, pha, _, _ = amp_pha_spectrum(frames, h.n_fft, h.hop_size, h.win_size, pad="none")
             self.samples = self.samples[..., ready * h.hop_size:].clone()
-        down = self.down(*self.branches(logamp.transpose(1, 2), pha.transpose(1, 2)))
-        latent = self.latent_conv(torch.cat(down, dim=-1)[None])[0].transpose(1, 2)
+        down = self.down(self.branches((logamp.transpose(1, 2), pha.transpose(1, 2))))
+        latent = self.latent_conv(torch.cat(tuple(down), dim=-1)[None])[0].transpose(1, 2)
         if latent.size(-1) == 0:
             return torch.zeros(latent.size(0), h.n_codebooks, 0, dtype=torch.long, device=latent.device)
         return self.quantizer.codes(latent, terms=self.codebooks)
@@ -348,12 +350,6 @@ class StreamingDecoder:
         self.weights = p.new_zeros(tail)
         self.position = -a  # sample index of sums[..., 0]; output before sample 0 is dropped
 
-    def _overlap_add(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, win_size, m) windowed frames -> their overlap-added sum (B, (m - 1) * hop + win_size)."""
-        m = frames.size(-1)
-        length = (m - 1) * self.h.hop_size + self.h.win_size
-        return F.fold(frames, (1, length), (1, self.h.win_size), stride=(1, self.h.hop_size)).flatten(1)
-
     @torch.no_grad()
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, n_codebooks, m), m >= 0 -> audio (B, n) that is final now (n = m * hop_size
@@ -362,14 +358,14 @@ class StreamingDecoder:
         if codes.size(-1) == 0:
             return self.sums.new_zeros(self.sums.size(0), 0)
         latent = self.latent_conv(self.quantizer.from_codes(codes).transpose(1, 2)[None])
-        amp, pha = self.branches(*self.up.shared(latent[0]))
+        amp, pha = self.branches(self.up.shared(latent[0]))
         bins = h.n_fft // 2 + 1
         pha = self.pha_out(pha[None])[0]
         spec = polar_spectrum(self.amp_out(amp[None])[0], pha[..., :bins], pha[..., bins:])   # (B, T, F)
         frames = torch.fft.irfft(spec, n=h.n_fft, dim=-1).transpose(1, 2)
         window = self.window[:, None]
-        sums = self._overlap_add(frames[:, self.offset:self.offset + h.win_size] * window)
-        weights = self._overlap_add((window ** 2).expand(-1, frames.size(-1))[None])[0]
+        sums = overlap_add(frames[:, self.offset:self.offset + h.win_size] * window, h.hop_size)
+        weights = overlap_add((window ** 2).expand(-1, frames.size(-1))[None], h.hop_size)[0]
         tail = self.sums.size(-1)
         sums[:, :tail] += self.sums
         weights[:tail] += self.weights
