@@ -402,11 +402,12 @@ def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_p
             # near 0; other data or unaveraged gradients give a different update altogether.
             update = (value - start[key]).norm()
             assert update > 0 and (ranks[0][name][key] - value).norm() < 0.02 * update, (name, key)
-    # What rank 0 prints is the mean over ranks, i.e. the single process's losses.
+    # What rank 0 prints is the mean over ranks, i.e. the single process's losses, up to float
+    # rounding (the total G is in the thousands, printed to 3 decimals).
     printed = _printed_terms(capsys.readouterr().out, 3)
     for name, value in _printed_terms(run.stdout, 3).items():
         if name != "s/b":
-            assert value == pytest.approx(printed[name], abs=2e-3), name
+            assert value == pytest.approx(printed[name], rel=1e-5, abs=2e-3), name
 
 
 def _batch(h):
