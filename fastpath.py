@@ -355,8 +355,10 @@ class FastGenerator:
             phase[i, m + n:] = 0
             for start, rows in self._spans(n):
                 spec = stft_rows(signal, start, rows, h.n_fft, h.hop_size, h.win_size)
+                # Contiguous parts: on the complex tensor's strided views atan2 runs a scalar loop,
+                # 5x slower than the vectorised one (which differs by at most 1 ulp).
                 logamp[i, m + start:m + start + rows], phase[i, m + start:m + start + rows] = \
-                    log_amplitude_and_phase(spec.real, spec.imag)
+                    log_amplitude_and_phase(spec.real.contiguous(), spec.imag.contiguous())
         counting = None
         if counted is not None:
             centres = torch.arange(frames, device=self.device) * h.hop_size

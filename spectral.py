@@ -99,27 +99,32 @@ def overlap_add(frames: torch.Tensor, hop_size: int) -> torch.Tensor:
     return F.fold(frames, (1, size + hop_size * (count - 1)), (1, size), stride=(1, hop_size)).flatten(1)
 
 
+@lru_cache(maxsize=16)
+def _window_envelope(count: int, n_fft: int, win_size: int, hop_size: int, device: torch.device) -> torch.Tensor:
+    """The overlap-add of `count` squared frame windows, (n_fft + hop_size * (count - 1),): the
+    same for every chunk of that many frames, so computed once."""
+    squared = _frame_window(n_fft, win_size, device).square()
+    return overlap_add(squared[None, :, None].expand(1, -1, count), hop_size)[0]
+
+
 class OverlapAdd:
     """`istft` of one spectrum fed a few frames at a time, frames first: `add(start, rows)` with
     rows complex (count, F) for frames start ..., then `audio()` gives (hop_size * (T - 1),)."""
 
     def __init__(self, frames: int, n_fft: int, hop_size: int, win_size: int, device: torch.device):
-        self.n_fft, self.hop_size = n_fft, hop_size
+        self.n_fft, self.hop_size, self.win_size = n_fft, hop_size, win_size
         self.window = _frame_window(n_fft, win_size, device)
         self.frames = frames
         self.signal = torch.zeros(n_fft + hop_size * (frames - 1), device=device)
         self.envelope = torch.zeros_like(self.signal)
 
-    def _fold(self, frames: torch.Tensor) -> torch.Tensor:
-        """(count, n_fft) -> their overlap-add, frame k at sample k * hop_size."""
-        return overlap_add(frames.t()[None], self.hop_size)[0]
-
     def add(self, start: int, rows: torch.Tensor) -> None:
         frames = torch.fft.irfft(rows, n=self.n_fft, dim=-1) * self.window
         at = start * self.hop_size
-        self.signal[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += self._fold(frames)
-        self.envelope[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += self._fold(
-            self.window.square().expand(rows.size(0), -1))
+        self.signal[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += overlap_add(
+            frames.t()[None], self.hop_size)[0]
+        self.envelope[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += _window_envelope(
+            rows.size(0), self.n_fft, self.win_size, self.hop_size, self.window.device)
 
     def audio(self) -> torch.Tensor:
         inside = slice(self.n_fft // 2, self.n_fft // 2 + self.hop_size * (self.frames - 1))
