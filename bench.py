@@ -186,18 +186,28 @@ def peak_memory(device: torch.device) -> Dict[str, float]:
     return {"peak_host_rss_GiB": round(kib / 2 ** 20, 3)}
 
 
-def _timed(run: Callable[[], object], device: torch.device, repeats: int) -> Tuple[float, Dict[str, float]]:
-    """Best wall time of `repeats` runs after one untimed run, and the peak memory of one run."""
-    run()
-    reset_peak_memory(device)
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        synchronize(device)
-        start = time.perf_counter()
+def _timed_together(runs: Dict[Tuple[str, str], Callable[[], object]], device: torch.device,
+                    repeats: int) -> Dict[Tuple[str, str], Tuple[float, Dict[str, float]]]:
+    """Best wall time of each run over `repeats` rounds, and its peak memory over one run.
+
+    Each run first goes once untimed (with its peak memory measured); then every round times
+    each run in turn, so that a machine whose speed drifts (a shared VM) slows them alike and
+    their ratios hold.
+    """
+    memory = {}
+    for key, run in runs.items():
+        reset_peak_memory(device)
         run()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, peak_memory(device)
+        memory[key] = peak_memory(device)
+    best = {key: float("inf") for key in runs}
+    for _ in range(max(1, repeats)):
+        for key, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            best[key] = min(best[key], time.perf_counter() - start)
+    return {key: (best[key], memory[key]) for key in runs}
 
 
 def bench_inference(h: AttrDict, device: torch.device, clips: List[float], precisions: List[str], batch: int,
@@ -221,29 +231,41 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
         one = synthetic_audio(1, length, h.sampling_rate).to(device)
         many = [synthetic_audio(1, length - i * length // (2 * batch), h.sampling_rate, seed=i)[0].to(device)
                 for i in range(batch)]
+        runs: Dict[Tuple[str, str], Callable[[], object]] = {}
+        errors = []
         for precision in ["reference"] + precisions:
-            tf32 = precision == "tf32"
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+            if precision == "reference":
+                runs[precision, "single"] = lambda: codec.codec_roundtrip(encoder, decoder, one, h)
+                continue
             try:
-                if precision == "reference":
-                    runs = {"single": lambda: codec.codec_roundtrip(encoder, decoder, one, h)}
-                else:
-                    fast = fastpath.FastGenerator(encoder, decoder, h, "float32" if tf32 else precision,
-                                                  None if device.type == "cuda" else fastpath.CHUNK_FRAMES)
-                    runs = {"single": lambda: fast.roundtrip([one[0]]), "batched": lambda: fast.roundtrip(many)}
-                for mode, run in runs.items():
-                    audio_seconds = seconds if mode == "single" else sum(c.numel() for c in many) / h.sampling_rate
-                    wall, memory = _timed(run, device, repeats)
-                    yield {"bench": "inference", "precision": precision, "mode": mode, "clip_s": seconds,
-                           "clips": 1 if mode == "single" else batch, "audio_s": round(audio_seconds, 2),
-                           "wall_s": round(wall, 4), "s_per_audio_s": round(wall / audio_seconds, 4),
-                           "x_real_time": round(audio_seconds / wall, 1), "x_floor": round(wall / audio_seconds / floor, 2),
-                           **memory}
+                fast = fastpath.FastGenerator(encoder, decoder, h, "float32" if precision == "tf32" else precision,
+                                              None if device.type == "cuda" else fastpath.CHUNK_FRAMES)
             except Exception as e:  # e.g. int8 on a GPU: report it and go on
-                yield {"bench": "inference", "precision": precision, "clip_s": seconds,
-                       "error": f"{type(e).__name__}: {e}"[:300]}
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                errors.append({"bench": "inference", "precision": precision, "clip_s": seconds,
+                               "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            runs[precision, "single"] = tf32_run(precision, lambda fast=fast: fast.roundtrip([one[0]]))
+            runs[precision, "batched"] = tf32_run(precision, lambda fast=fast: fast.roundtrip(many))
+        yield from errors
+        for (precision, mode), (wall, memory) in _timed_together(runs, device, repeats).items():
+            audio_seconds = seconds if mode == "single" else sum(c.numel() for c in many) / h.sampling_rate
+            yield {"bench": "inference", "precision": precision, "mode": mode, "clip_s": seconds,
+                   "clips": 1 if mode == "single" else batch, "audio_s": round(audio_seconds, 2),
+                   "wall_s": round(wall, 4), "s_per_audio_s": round(wall / audio_seconds, 4),
+                   "x_real_time": round(audio_seconds / wall, 1), "x_floor": round(wall / audio_seconds / floor, 2),
+                   **memory}
+
+
+def tf32_run(precision: str, run: Callable[[], object]) -> Callable[[], object]:
+    """`run` with TF32 matrix products and convolutions on (precision "tf32") or off."""
+    def switched() -> object:
+        tf32 = precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            return run()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return switched
 
 
 def bench_files(h: AttrDict, device: torch.device, seconds: List[float], precisions: List[str]) -> Iterator[dict]:

@@ -28,3 +28,16 @@ def test_training_bench_reports_every_phase():
                                         "generator backward", "optimizer"]
     assert all(v >= 0 for v in result["phases_s"].values())
     assert result["audio_s_per_s"] == pytest.approx(h.segment_size / h.sampling_rate / result["s_per_step"], rel=0.02)
+
+
+def test_inference_bench_times_every_precision_and_mode(tiny_h):
+    records = list(bench.bench_inference(tiny_h, torch.device("cpu"), clips=[0.3], precisions=["float32", "int8"],
+                                         batch=2, repeats=2))
+    assert records[0]["bench"] == "inference_floor" and records[0]["floor_s_per_audio_s"] > 0
+    timed = {(r["precision"], r["mode"]): r for r in records[1:]}
+    assert set(timed) == {("reference", "single"), ("float32", "single"), ("float32", "batched"),
+                          ("int8", "single"), ("int8", "batched")}
+    for r in timed.values():
+        assert r["wall_s"] > 0 and r["s_per_audio_s"] == pytest.approx(r["wall_s"] / r["audio_s"], rel=0.01)
+    # The batch holds 2 clips of decreasing length, down to half: between 1 and 2 clips' audio.
+    assert 0.3 < timed["int8", "batched"]["audio_s"] < 0.6
