@@ -184,6 +184,10 @@ class FastBlock:
         self.pw2_bias = block.pwconv2.bias.detach().float() + self.pw2_weight @ block.grn.beta.detach().flatten()
         self.gamma = block.grn.gamma.detach().flatten().float()
         self.hidden = block.pwconv1.out_features
+        # int8 weights are quantised per output channel, so GRN's per-input-channel scale would
+        # need them quantised again for every input; it scales the activations instead, in
+        # the pass that converts them from bfloat16 anyway.
+        self.pw2_int8 = Product(self.pw2_weight, self.pw2_bias, precision) if precision == "int8" else None
 
     def depthwise(self, x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
         """The depthwise convolution of rows start ... of a buffer with kernel // 2 rows of margin."""
@@ -221,10 +225,15 @@ class FastBlock:
         gx = sumsq.sqrt()
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         for i in range(b):
-            # GRN's per-channel scale (gamma * nx + 1, the residual) folded into this item's weights.
-            pw2 = Product(self.pw2_weight * (self.gamma * nx[i] + 1), self.pw2_bias, self.precision)
+            # GRN's per-channel scale (gamma * nx + 1, the residual): folded into this item's
+            # weights, or in int8 applied to the activations.
+            scale: Optional[torch.Tensor] = self.gamma * nx[i] + 1
+            pw2 = self.pw2_int8
+            if pw2 is None:
+                pw2, scale = Product(self.pw2_weight * scale, self.pw2_bias, self.precision), None
             for start, rows in spans:
-                pw2.accumulate(hidden[i, start:start + rows], x[i, margin + start:margin + start + rows])
+                h = hidden[i, start:start + rows]
+                pw2.accumulate(h if scale is None else h * scale, x[i, margin + start:margin + start + rows])
         if valid is not None:
             x[:, margin:x.size(1) - margin].mul_(valid)
         return measured
