@@ -89,10 +89,12 @@ class DiscriminatorR(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """x: (B, 1, L) -> (scores (B, N), feature maps of every layer)."""
-        # Channels-last is the layout oneDNN runs these 64-channel convolutions in. A one-channel
-        # input fits both layouts, and left as it is, each layer's backward reorders its
-        # gradient into channels-last: a full copy per layer. Same numbers, fewer copies.
-        x = self.spectrogram(x.squeeze(1)).unsqueeze(1).contiguous(memory_format=torch.channels_last)
+        x = self.spectrogram(x.squeeze(1)).unsqueeze(1)
+        if x.device.type == "cpu":
+            # Channels-last is the layout oneDNN runs these 64-channel convolutions in. A
+            # one-channel input fits both layouts, and left as it is, each layer's backward
+            # reorders its gradient into channels-last: a full copy per layer.
+            x = x.contiguous(memory_format=torch.channels_last)
         return _score_with_features(x, self.convs, self.conv_post)
 
 
