@@ -227,13 +227,12 @@ class FastBlock:
         for i in range(b):
             # GRN's per-channel scale (gamma * nx + 1, the residual): folded into this item's
             # weights, or in int8 applied to the activations.
-            scale: Optional[torch.Tensor] = self.gamma * nx[i] + 1
-            pw2 = self.pw2_int8
-            if pw2 is None:
-                pw2, scale = Product(self.pw2_weight * scale, self.pw2_bias, self.precision), None
+            scale = self.gamma * nx[i] + 1
+            folded = self.pw2_int8 is None
+            pw2 = Product(self.pw2_weight * scale, self.pw2_bias, self.precision) if folded else self.pw2_int8
             for start, rows in spans:
                 h = hidden[i, start:start + rows]
-                pw2.accumulate(h if scale is None else h * scale, x[i, margin + start:margin + start + rows])
+                pw2.accumulate(h if folded else h * scale, x[i, margin + start:margin + start + rows])
         if valid is not None:
             x[:, margin:x.size(1) - margin].mul_(valid)
         return measured

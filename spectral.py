@@ -100,9 +100,9 @@ def overlap_add(frames: torch.Tensor, hop_size: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _window_envelope(count: int, n_fft: int, win_size: int, hop_size: int, device: torch.device) -> torch.Tensor:
+def window_envelope(count: int, n_fft: int, win_size: int, hop_size: int, device: torch.device) -> torch.Tensor:
     """The overlap-add of `count` squared frame windows, (n_fft + hop_size * (count - 1),): the
-    same for every chunk of that many frames, so computed once."""
+    same for every chunk of that many frames, so computed once (callers must not change it)."""
     squared = _frame_window(n_fft, win_size, device).square()
     return overlap_add(squared[None, :, None].expand(1, -1, count), hop_size)[0]
 
@@ -123,7 +123,7 @@ class OverlapAdd:
         at = start * self.hop_size
         self.signal[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += overlap_add(
             frames.t()[None], self.hop_size)[0]
-        self.envelope[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += _window_envelope(
+        self.envelope[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += window_envelope(
             rows.size(0), self.n_fft, self.win_size, self.hop_size, self.window.device)
 
     def audio(self) -> torch.Tensor:

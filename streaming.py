@@ -28,7 +28,7 @@ from torch import nn
 
 from fastpath import Product, check_precision, folded_norm_linear, normalise, polar_spectrum
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
-from spectral import amp_pha_spectrum, overlap_add
+from spectral import amp_pha_spectrum, overlap_add, window_envelope
 
 
 def window_extent(h) -> Tuple[int, int]:
@@ -365,7 +365,9 @@ class StreamingDecoder:
         frames = torch.fft.irfft(spec, n=h.n_fft, dim=-1).transpose(1, 2)
         window = self.window[:, None]
         sums = overlap_add(frames[:, self.offset:self.offset + h.win_size] * window, h.hop_size)
-        weights = overlap_add((window ** 2).expand(-1, frames.size(-1))[None], h.hop_size)[0]
+        count = frames.size(-1)
+        weights = window_envelope(count, h.n_fft, h.win_size, h.hop_size, frames.device)[
+            self.offset:self.offset + h.win_size + h.hop_size * (count - 1)].clone()
         tail = self.sums.size(-1)
         sums[:, :tail] += self.sums
         weights[:tail] += self.weights
