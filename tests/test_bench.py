@@ -38,6 +38,7 @@ def test_inference_bench_times_every_precision_and_mode(tiny_h):
     assert set(timed) == {("reference", "single"), ("float32", "single"), ("float32", "batched"),
                           ("int8", "single"), ("int8", "batched")}
     for r in timed.values():
-        assert r["wall_s"] > 0 and r["s_per_audio_s"] == pytest.approx(r["wall_s"] / r["audio_s"], rel=0.01)
+        # audio_s is rounded to 2 decimals (1% of 0.5 s) and wall_s to 4: up to about 1.3% apart.
+        assert r["wall_s"] > 0 and r["s_per_audio_s"] == pytest.approx(r["wall_s"] / r["audio_s"], rel=0.02)
     # The batch holds 2 clips of decreasing length, down to half: between 1 and 2 clips' audio.
     assert 0.3 < timed["int8", "batched"]["audio_s"] < 0.6
