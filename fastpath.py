@@ -14,13 +14,15 @@ and `models.Decoder` (non-causal), to float rounding, at a cost that grows linea
   layer and left out of GRN's statistics, so each clip gets what it gets alone.
 
 Precision: "float32" (default) is the reference computation. "bfloat16" runs the products and
-activations in bfloat16, "int8" runs the products as int8 dynamic quantisation (8-bit weights
-per output channel, activations quantised per call). The STFT, the quantizer and the iSTFT
-always run in float32.
+activations in bfloat16. "int8" runs the products on oneDNN's unsigned x signed 8-bit kernels:
+weights quantised per output channel once, activations per chunk as they come (and a block's
+hidden activations kept quantised between its two passes). The STFT, the quantizer and the
+iSTFT always run in float32.
 """
+import functools
 import re
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,7 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 CHUNK_FRAMES = 1024         # rows per chunk on the CPU: a chunk's activations stay in cache
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags() -> set:
     """The CPU's feature flags (Linux /proc/cpuinfo), empty where unknown."""
     try:
@@ -64,6 +67,8 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if precision == "int8" and device.type != "cpu":
         raise ValueError("--precision int8 runs on the CPU; use bfloat16 on a GPU")
+    if precision == "int8" and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        raise ValueError("--precision int8 needs PyTorch's oneDNN int8 kernels (an x86 build of torch); use float32")
 
 
 def kernels(precision: str, device: torch.device) -> str:
@@ -73,41 +78,86 @@ def kernels(precision: str, device: torch.device) -> str:
     isa = torch.backends.cpu.get_cpu_capability()
     hardware = sorted({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni"} & cpu_flags())
     library = {"float32": "oneDNN/MKL float32 GEMM", "bfloat16": "oneDNN bfloat16 GEMM",
-               "int8": f"{torch.backends.quantized.engine} int8 dynamic-quantised GEMM"}[precision]
+               "int8": f"oneDNN int8 GEMM ({8 if vnni() else 7}-bit activations, 8-bit weights)"}[precision]
     return f"{precision}: {library}, torch CPU capability {isa}, CPU flags {' '.join(hardware) or 'none of AMX/BF16/VNNI'}"
 
 
-class Product:
-    """x (N, K) -> x @ W.T (+ b) (N, M) in one precision; W (M, K) and b (M,) or None given in float32."""
+# PyTorch marks its quantized tensor type deprecated; int8 uses it only to quantise
+# activations in one pass.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str):
-        self.int8 = precision == "int8"
+
+class Quantized(NamedTuple):
+    """Activations as uint8 `values` with one scale and zero point: x ~ scale * (values - zero_point)."""
+    values: torch.Tensor
+    scale: float
+    zero_point: int
+
+    def rows(self, start: int, stop: int) -> "Quantized":
+        """Rows start ... stop - 1 of (B, T, C) values, as (B * rows, C)."""
+        return self._replace(values=self.values[:, start:stop].reshape(-1, self.values.size(-1)))
+
+
+def quantize(x: torch.Tensor) -> Quantized:
+    """x (any shape, float) quantised over its range in one pass. Without VNNI the 8-bit products
+    sum pairs in 16 bits, which can saturate, so activations keep 7 bits there."""
+    q = torch.quantize_per_tensor_dynamic(x.float().contiguous(), torch.quint8, reduce_range=not vnni())
+    # The same bytes as a plain uint8 tensor: int_repr() would copy them, and a dtype view
+    # stays a quantized tensor.
+    values = torch.empty(0, dtype=torch.uint8, device=x.device).set_(q.untyped_storage(), 0, q.shape)
+    return Quantized(values, q.q_scale(), q.q_zero_point())
+
+
+@functools.lru_cache(maxsize=None)
+def vnni() -> bool:
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
+Activations = Union[torch.Tensor, Quantized]
+
+
+class Product:
+    """x (N, K) -> x @ W.T (+ b) (N, M) in one precision, then GELU with `gelu`; W (M, K) and b
+    (M,) or None given in float32.
+
+    int8 takes x as float (quantised on the way in) or already `Quantized`."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str, gelu: bool = False):
+        self.int8, self.gelu = precision == "int8", gelu
         self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         if self.int8:
-            scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
-            with warnings.catch_warnings():
-                # PyTorch marks its quantized tensors deprecated (in favour of torchao); its
-                # int8 kernels are what this path runs until they go.
-                warnings.simplefilter("ignore", UserWarning)
-                q = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
-                                               0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, bias)
+            self.scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
+            integers = torch.round(weight / self.scale[:, None]).to(torch.int8).contiguous()
+            self.packed = torch.ops.onednn.qlinear_prepack(integers, None)
+            self.zero = torch.zeros(weight.size(0), dtype=torch.long)
+            self.bias = None if bias is None else bias.float().contiguous()
         else:
             self.weight_t = weight.t().contiguous().to(self.dtype)
             self.bias = None if bias is None else bias.to(self.dtype)
 
-    def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: Activations, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The product, written into `out` (contiguous (N, M)) when given."""
         if self.int8:
-            y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
+            q = x if isinstance(x, Quantized) else quantize(x)
+            post_op, algorithm = ("gelu", "none") if self.gelu else ("none", "")   # "none": GELU's exact (erf) form
+            y = torch.ops.onednn.qlinear_pointwise(q.values, q.scale, q.zero_point, self.packed, self.scale, self.zero,
+                                                   self.bias, 1.0, 0, torch.float32, post_op, [], algorithm)
             return y if out is None else out.copy_(y)
         if self.bias is None:
-            return torch.mm(x.to(self.dtype), self.weight_t, out=out)
-        return torch.addmm(self.bias, x.to(self.dtype), self.weight_t, out=out)
+            y = torch.mm(x.to(self.dtype), self.weight_t, out=out)
+        else:
+            y = torch.addmm(self.bias, x.to(self.dtype), self.weight_t, out=out)
+        return torch.ops.aten.gelu_(y) if self.gelu else y
 
-    def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out += the product, in place."""
-        if self.int8 or out.dtype != self.dtype:
+    def accumulate(self, x: Activations, out: torch.Tensor) -> None:
+        """out (contiguous (N, M)) += the product, in place (no GELU)."""
+        if self.int8:
+            q = x if isinstance(x, Quantized) else quantize(x)
+            torch.ops.onednn.qlinear_pointwise.binary(q.values, q.scale, q.zero_point, self.packed, self.scale,
+                                                      self.zero, out, self.bias, 1.0, 0, torch.float32, 1.0, 0,
+                                                      "sum", 1.0, "none", [], "")
+            return
+        if out.dtype != self.dtype:
             out += self(x)
             return
         out.addmm_(x.to(self.dtype), self.weight_t)
@@ -130,7 +180,13 @@ class Convolution:
         """Output rows start ... start + rows - 1 of x (B, margin + T + margin, C_in) with zero
         margins -> (B, rows, C_out)."""
         first = margin - self.kernel // 2 + start
-        taps = [x[:, first + k:first + k + rows].reshape(-1, x.size(2)) for k in range(self.kernel)]
+        window = x[:, first:first + rows + self.kernel - 1]
+        if self.taps[0].int8:
+            # One quantisation for all taps: they read shifted rows of one window.
+            q = quantize(window)
+            taps = [q.rows(k, k + rows) for k in range(self.kernel)]
+        else:
+            taps = [window[:, k:k + rows].reshape(-1, x.size(2)) for k in range(self.kernel)]
         y = self.taps[0](taps[0])
         for product, tap in zip(self.taps[1:], taps[1:]):
             product.accumulate(tap, y)
@@ -178,16 +234,12 @@ class FastBlock:
         self.dw_bias = block.dwconv.bias.detach()
         self.kernel = block.dwconv.kernel_size[0]
         self.eps = block.norm.eps
-        self.pw1 = Product(*folded_norm_linear(block.norm, block.pwconv1), precision)
+        self.pw1 = Product(*folded_norm_linear(block.norm, block.pwconv1), precision, gelu=True)
         self.pw2_weight = block.pwconv2.weight.detach().float()
         # GRN's shift goes through the second pointwise layer into its bias.
         self.pw2_bias = block.pwconv2.bias.detach().float() + self.pw2_weight @ block.grn.beta.detach().flatten()
         self.gamma = block.grn.gamma.detach().flatten().float()
         self.hidden = block.pwconv1.out_features
-        # int8 weights are quantised per output channel, so GRN's per-input-channel scale would
-        # need them quantised again for every input; it scales the activations instead, in
-        # the pass that converts them from bfloat16 anyway.
-        self.pw2_int8 = Product(self.pw2_weight, self.pw2_bias, precision) if precision == "int8" else None
 
     def depthwise(self, x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
         """The depthwise convolution of rows start ... of a buffer with kernel // 2 rows of margin."""
@@ -197,10 +249,11 @@ class FastBlock:
         return y
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
-                 valid: Optional[torch.Tensor], hidden: torch.Tensor, statistics: Optional[torch.Tensor] = None,
-                 counted: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 valid: Optional[torch.Tensor], hidden: Optional[torch.Tensor],
+                 statistics: Optional[torch.Tensor] = None, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, margin + T + margin, C), updated in place; rows outside a clip must be zero.
-        hidden: (B, T, hidden width) workspace. With several spans (chunks), B must be 1.
+        hidden: (B, T, hidden width) workspace, or None to keep each span's hidden activations
+        quantised (int8). With several spans (chunks), B must be 1.
 
         GRN pools the sums of squares (B, hidden width) of its input over time: `statistics`
         replaces them (a long input's, gathered over its windows). Returns this input's sums
@@ -210,13 +263,18 @@ class FastBlock:
         sumsq = torch.zeros(b, self.hidden, device=x.device)
         measured = sumsq if counted is None else torch.zeros_like(sumsq)
         offset = margin - self.kernel // 2
+        kept: List[Quantized] = []
         for start, rows in spans:
-            h = hidden[:, start:start + rows]
             y = normalise(self.depthwise(x, offset + start, rows), self.eps)
-            torch.ops.aten.gelu_(self.pw1(y.view(-1, c), out=h.view(-1, self.hidden)))
+            h = self.pw1(y.view(-1, c), out=None if hidden is None else hidden[:, start:start + rows].view(-1, self.hidden))
+            h = h.view(b, rows, self.hidden)
             if valid is not None:
                 h.mul_(valid[:, start:start + rows])
-            squares = h.float().square()
+            if hidden is None:
+                kept.append(quantize(h))
+                squares = h.square_()
+            else:
+                squares = h.float().square()
             sumsq += squares.sum(1)
             if counted is not None:
                 measured += (squares * counted[start:start + rows, None]).sum(1)
@@ -225,14 +283,11 @@ class FastBlock:
         gx = sumsq.sqrt()
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         for i in range(b):
-            # GRN's per-channel scale (gamma * nx + 1, the residual): folded into this item's
-            # weights, or in int8 applied to the activations.
-            scale = self.gamma * nx[i] + 1
-            folded = self.pw2_int8 is None
-            pw2 = Product(self.pw2_weight * scale, self.pw2_bias, self.precision) if folded else self.pw2_int8
-            for start, rows in spans:
-                h = hidden[i, start:start + rows]
-                pw2.accumulate(h if folded else h * scale, x[i, margin + start:margin + start + rows])
+            # GRN's per-channel scale (gamma * nx + 1, the residual), folded into this item's weights.
+            pw2 = Product(self.pw2_weight * (self.gamma * nx[i] + 1), self.pw2_bias, self.precision)
+            for j, (start, rows) in enumerate(spans):
+                h = kept[j]._replace(values=kept[j].values[i]) if hidden is None else hidden[i, start:start + rows]
+                pw2.accumulate(h, x[i, margin + start:margin + start + rows])
         if valid is not None:
             x[:, margin:x.size(1) - margin].mul_(valid)
         return measured
@@ -261,10 +316,11 @@ class FastBranch:
         m = self.margin
         stream = margined(b, t, self.width, m, x.device)
         # One workspace for every block: allocated once, so its pages are faulted in once.
-        # Reduced precision keeps it in bfloat16: on long inputs it lives in DRAM, and the
-        # second pass of each block reads it at half the traffic.
-        hidden = x.new_empty(b, t, max((block.hidden for block in self.blocks), default=0),
-                             dtype=torch.float32 if self.precision == "float32" else torch.bfloat16)
+        # bfloat16 keeps it in bfloat16 (on long inputs it lives in DRAM, and the second pass of
+        # each block reads it at half the traffic); int8 keeps each chunk's quantised instead.
+        hidden = None if self.precision == "int8" else x.new_empty(
+            b, t, max((block.hidden for block in self.blocks), default=0),
+            dtype=torch.float32 if self.precision == "float32" else torch.bfloat16)
         weight, bias = self.norm_affine
         for start, rows in spans:
             y = self.embed(x, margin, start, rows).float()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 import demo
 import fastpath
@@ -88,16 +89,43 @@ def test_a_batch_of_different_lengths_equals_one_clip_at_a_time(model):
 
 
 @pytest.mark.parametrize("precision,tolerance", [("bfloat16", 0.02), ("int8", 0.03)])
-def test_products_in_reduced_precision_are_close(precision, tolerance):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_products_in_reduced_precision_are_close(precision, tolerance, transposed):
     torch.manual_seed(0)
     weight, bias, x = torch.randn(96, 160) / 12, torch.randn(96), torch.randn(300, 160)
+    if transposed:   # the same values, held column-major (as the streaming path builds some)
+        weight = weight.t().contiguous().t()
     exact = x @ weight.t() + bias
     product = Product(weight, bias, precision)
     got = product(x).float()
     assert (got - exact).norm() < tolerance * exact.norm()
-    out = torch.ones(300, 96)
-    product.accumulate(x, out)
-    assert (out - 1 - exact).norm() < tolerance * exact.norm()
+    out = torch.ones(2, 300, 96)
+    product.accumulate(x, out[1])
+    assert torch.equal(out[0], torch.ones(300, 96))
+    assert (out[1] - 1 - exact).norm() < tolerance * exact.norm()
+    activated = Product(weight, bias, precision, gelu=True)(x).float()
+    assert (activated - F.gelu(exact)).norm() < tolerance * F.gelu(exact).norm()
+
+
+def test_int8_takes_activations_quantised_once():
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 40) * 3
+    q = fastpath.quantize(x)
+    assert q.values.dtype == torch.uint8 and not q.values.is_quantized and q.values.shape == x.shape
+    assert (q.scale * (q.values.float() - q.zero_point) - x).abs().max() <= q.scale / 2 + 1e-6
+    weight = torch.randn(24, 40) / 6
+    product = Product(weight, None, "int8")
+    exact = x[:, 5:15].reshape(-1, 40) @ weight.t()
+    assert (product(q.rows(5, 15)) - exact).norm() < 0.03 * exact.norm()
+
+
+def test_int8_keeps_seven_bits_without_vnni(monkeypatch):
+    monkeypatch.setattr(fastpath, "vnni", lambda: False)
+    x = torch.linspace(-4, 9, 1000)
+    q = fastpath.quantize(x)
+    assert q.values.max() <= 127 and q.values.max() >= 126
+    assert (q.scale * (q.values.float() - q.zero_point) - x).abs().max() <= q.scale / 2 + 1e-6
+    assert "7-bit activations" in fastpath.kernels("int8", torch.device("cpu"))
 
 
 def test_float32_product_is_exact():
@@ -122,7 +150,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert fastpath.resolve_precision("float32", cpu) == "float32"
     assert fastpath.reduced_precision(torch.device("cuda")) == "bfloat16"
     line = fastpath.kernels("int8", cpu)
-    assert "int8" in line and torch.backends.quantized.engine in line and "avx2" not in line
+    assert "int8" in line and "oneDNN" in line and "avx2" not in line
 
 
 def test_bad_precision_and_causal_models_are_refused(model):
