@@ -82,9 +82,9 @@ def kernels(precision: str, device: torch.device) -> str:
     return f"{precision}: {library}, torch CPU capability {isa}, CPU flags {' '.join(hardware) or 'none of AMX/BF16/VNNI'}"
 
 
-# PyTorch marks its quantized tensor type deprecated; int8 uses it only to quantise
-# activations in one pass.
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+# PyTorch marks its quantized tensor type deprecated; int8 uses it to quantise activations in
+# one pass (and the stream's int8 products, in `streaming`, to hold their weights).
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
 
 
 class Quantized(NamedTuple):
