@@ -364,8 +364,11 @@ class FastGenerator:
         self.margin = max(c.kernel for c in convolutions + [self.amp_out, self.pha_out]) // 2
 
     def _spans(self, frames: int) -> List[Tuple[int, int]]:
-        step = self.chunk_frames or frames
-        return [(start, min(step, frames - start)) for start in range(0, frames, step)]
+        """(start, rows) of the chunks: at most chunk_frames rows each, of near-equal sizes (a
+        short last chunk would run its products at a poor rate)."""
+        count = -(-frames // (self.chunk_frames or max(frames, 1)))
+        bounds = [frames * k // max(count, 1) for k in range(count + 1)]
+        return [(start, stop - start) for start, stop in zip(bounds, bounds[1:])]
 
     def _batches(self, items: Sequence) -> List[Sequence]:
         """Chunked runs take one clip at a time (a batch's chunks would not be contiguous rows)."""
