@@ -67,7 +67,8 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if precision == "int8" and device.type != "cpu":
         raise ValueError("--precision int8 runs on the CPU; use bfloat16 on a GPU")
-    if precision == "int8" and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+    onednn_int8 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    if precision == "int8" and not onednn_int8:
         raise ValueError("--precision int8 needs PyTorch's oneDNN int8 kernels (an x86 build of torch); use float32")
 
 
@@ -84,7 +85,8 @@ def kernels(precision: str, device: torch.device) -> str:
 
 # PyTorch marks its quantized tensor type deprecated; int8 uses it to quantise activations in
 # one pass (and the stream's int8 products, in `streaming`, to hold their weights).
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+                        category=UserWarning)
 
 
 class Quantized(NamedTuple):
@@ -96,6 +98,10 @@ class Quantized(NamedTuple):
     def rows(self, start: int, stop: int) -> "Quantized":
         """Rows start ... stop - 1 of (B, T, C) values, as (B * rows, C)."""
         return self._replace(values=self.values[:, start:stop].reshape(-1, self.values.size(-1)))
+
+    def item(self, i: int) -> "Quantized":
+        """Item i of (B, ...) values."""
+        return self._replace(values=self.values[i])
 
 
 def quantize(x: torch.Tensor) -> Quantized:
@@ -139,7 +145,8 @@ class Product:
         """The product, written into `out` (contiguous (N, M)) when given."""
         if self.int8:
             q = x if isinstance(x, Quantized) else quantize(x)
-            post_op, algorithm = ("gelu", "none") if self.gelu else ("none", "")   # "none": GELU's exact (erf) form
+            # The "none" algorithm of oneDNN's GELU is the exact (erf) form, as nn.GELU's default.
+            post_op, algorithm = ("gelu", "none") if self.gelu else ("none", "")
             y = torch.ops.onednn.qlinear_pointwise(q.values, q.scale, q.zero_point, self.packed, self.scale, self.zero,
                                                    self.bias, 1.0, 0, torch.float32, post_op, [], algorithm)
             return y if out is None else out.copy_(y)
@@ -266,8 +273,8 @@ class FastBlock:
         kept: List[Quantized] = []
         for start, rows in spans:
             y = normalise(self.depthwise(x, offset + start, rows), self.eps)
-            h = self.pw1(y.view(-1, c), out=None if hidden is None else hidden[:, start:start + rows].view(-1, self.hidden))
-            h = h.view(b, rows, self.hidden)
+            out = None if hidden is None else hidden[:, start:start + rows].view(-1, self.hidden)
+            h = self.pw1(y.view(-1, c), out=out).view(b, rows, self.hidden)
             if valid is not None:
                 h.mul_(valid[:, start:start + rows])
             if hidden is None:
@@ -286,7 +293,7 @@ class FastBlock:
             # GRN's per-channel scale (gamma * nx + 1, the residual), folded into this item's weights.
             pw2 = Product(self.pw2_weight * (self.gamma * nx[i] + 1), self.pw2_bias, self.precision)
             for j, (start, rows) in enumerate(spans):
-                h = kept[j]._replace(values=kept[j].values[i]) if hidden is None else hidden[i, start:start + rows]
+                h = kept[j].item(i) if hidden is None else hidden[i, start:start + rows]
                 pw2.accumulate(h, x[i, margin + start:margin + start + rows])
         if valid is not None:
             x[:, margin:x.size(1) - margin].mul_(valid)
