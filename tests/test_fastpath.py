@@ -126,6 +126,10 @@ def test_int8_keeps_seven_bits_without_vnni(monkeypatch):
     assert q.values.max() <= 127 and q.values.max() >= 126
     assert (q.scale * (q.values.float() - q.zero_point) - x).abs().max() <= q.scale / 2 + 1e-6
     assert "7-bit activations" in fastpath.kernels("int8", torch.device("cpu"))
+    torch.manual_seed(0)
+    weight, inputs = torch.randn(32, 64) / 8, torch.randn(100, 64)
+    exact = inputs @ weight.t()
+    assert (Product(weight, None, "int8")(inputs) - exact).norm() < 0.03 * exact.norm()
 
 
 def test_float32_product_is_exact():
