@@ -67,9 +67,6 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if precision == "int8" and device.type != "cpu":
         raise ValueError("--precision int8 runs on the CPU; use bfloat16 on a GPU")
-    onednn_int8 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-    if precision == "int8" and not onednn_int8:
-        raise ValueError("--precision int8 needs PyTorch's oneDNN int8 kernels (an x86 build of torch); use float32")
 
 
 def kernels(precision: str, device: torch.device) -> str:
@@ -114,7 +111,6 @@ def quantize(x: torch.Tensor) -> Quantized:
     return Quantized(values, q.q_scale(), q.q_zero_point())
 
 
-@functools.lru_cache(maxsize=None)
 def vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
@@ -157,14 +153,14 @@ class Product:
         return torch.ops.aten.gelu_(y) if self.gelu else y
 
     def accumulate(self, x: Activations, out: torch.Tensor) -> None:
-        """out (contiguous (N, M)) += the product, in place (no GELU)."""
-        if self.int8:
+        """out (N, M) += the product, in place (no GELU)."""
+        if self.int8 and out.is_contiguous() and out.dtype == torch.float32:
             q = x if isinstance(x, Quantized) else quantize(x)
             torch.ops.onednn.qlinear_pointwise.binary(q.values, q.scale, q.zero_point, self.packed, self.scale,
                                                       self.zero, out, self.bias, 1.0, 0, torch.float32, 1.0, 0,
                                                       "sum", 1.0, "none", [], "")
             return
-        if out.dtype != self.dtype:
+        if self.int8 or out.dtype != self.dtype:
             out += self(x)
             return
         out.addmm_(x.to(self.dtype), self.weight_t)
@@ -355,6 +351,10 @@ class FastGenerator:
         self.h, self.encoder, self.decoder, self.precision = h, encoder, decoder, precision
         self.device = next(decoder.parameters()).device
         check_precision(precision, self.device)
+        if precision == "int8" and not (torch.backends.mkldnn.is_available()
+                                        and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+            raise ValueError("--precision int8 needs PyTorch's oneDNN int8 kernels (an x86 build of torch); "
+                             "use float32")
         self.chunk_frames = chunk_frames
         self.keep_spectrum = False    # also return each clip's predicted spectrum (real, imag)
         with torch.no_grad():

@@ -74,6 +74,8 @@ class MeanAbsoluteDifference(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if r.shape != g.shape:
+            raise ValueError(f"feature maps differ in shape: {tuple(r.shape)} and {tuple(g.shape)}")
         ctx.save_for_backward(r, g)
         return (g - r).abs_().mean()
 

@@ -16,8 +16,9 @@ reach it.
 
 They run the trained weights rearranged for a few frames at a time (the layers below):
 activations are (group, batch, time, channels) rows, and the amplitude and phase paths run
-side by side as two groups, so each layer is one batched matrix product. "bfloat16" and
-"int8" run the products as `fastpath` does for the paper's codec: faster, approximate.
+side by side as two groups, so each layer is one batched matrix product. "bfloat16" runs
+the products in bfloat16, "int8" in PyTorch's dynamic int8 quantisation (see `Products`):
+faster, approximate.
 """
 import itertools
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union

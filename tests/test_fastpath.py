@@ -88,12 +88,27 @@ def test_a_batch_of_different_lengths_equals_one_clip_at_a_time(model):
         assert (b["audio"] - a["audio"]).abs().max() < TOLERANCE
 
 
+def test_int8_codec_stays_near_float32_alone_and_batched(model):
+    """int8 on the full-size model (random weights, so loose bounds; the slow test checks a
+    trained one): near the float32 output for each clip, chunked one at a time and as one
+    padded batch, where each clip's GRN statistics and scale must stay its own."""
+    h, encoder, decoder = model
+    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 4801))]
+    exact = FastGenerator(encoder, decoder, h).roundtrip(clips)
+    for chunk_frames in (fastpath.CHUNK_FRAMES, None):
+        approx = FastGenerator(encoder, decoder, h, "int8", chunk_frames=chunk_frames).roundtrip(clips)
+        for a, e in zip(approx, exact):
+            assert a["audio"].shape == e["audio"].shape and a["codes"].shape == e["codes"].shape
+            assert (a["audio"] - e["audio"]).pow(2).sum() < 0.2 * e["audio"].pow(2).sum()
+            assert (a["codes"] == e["codes"]).float().mean() >= 0.95
+
+
 @pytest.mark.parametrize("precision,tolerance", [("bfloat16", 0.02), ("int8", 0.03)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_products_in_reduced_precision_are_close(precision, tolerance, transposed):
     torch.manual_seed(0)
     weight, bias, x = torch.randn(96, 160) / 12, torch.randn(96), torch.randn(300, 160)
-    if transposed:   # the same values, held column-major (as the streaming path builds some)
+    if transposed:   # the same values, held column-major
         weight = weight.t().contiguous().t()
     exact = x @ weight.t() + bias
     product = Product(weight, bias, precision)
@@ -103,6 +118,9 @@ def test_products_in_reduced_precision_are_close(precision, tolerance, transpose
     product.accumulate(x, out[1])
     assert torch.equal(out[0], torch.ones(300, 96))
     assert (out[1] - 1 - exact).norm() < tolerance * exact.norm()
+    strided = torch.ones(96, 300).t()
+    product.accumulate(x, strided)
+    assert (strided - 1 - exact).norm() < tolerance * exact.norm()
     activated = Product(weight, bias, precision, gelu=True)(x).float()
     assert (activated - F.gelu(exact)).norm() < tolerance * F.gelu(exact).norm()
 

@@ -116,6 +116,8 @@ def test_feature_matching_gradient_equals_autograds():
     target = r.detach()
     only_g = torch.autograd.grad(losses.MeanAbsoluteDifference.apply(target, g), g)[0]
     assert torch.equal(only_g, torch.sign(g - target) / g.numel())
+    with pytest.raises(ValueError, match="feature maps differ in shape"):
+        losses.MeanAbsoluteDifference.apply(target[0], g)
 
 
 TERMS = {"A": 0.1, "IP": 0.2, "GD": 0.3, "PTD": 0.5, "C": 0.7, "R": 1.1, "I": 1.3, "GAN": 1.7, "FM": 1.9,
