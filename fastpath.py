@@ -20,6 +20,7 @@ hidden activations kept quantised between its two passes). The STFT, the quantiz
 iSTFT always run in float32.
 """
 import functools
+import platform
 import re
 import warnings
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -46,12 +47,18 @@ def cpu_flags() -> set:
     return set(match.group(1).split()) if match else set()
 
 
+def onednn_int8() -> bool:
+    """Whether this CPU runs the fast path's int8 products: oneDNN's x86 kernels in torch."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+
+
 def reduced_precision(device: torch.device) -> str:
-    """The reduced precision this machine runs fastest: bfloat16 on GPUs and on CPUs with AMX
-    tiles, else int8. (AVX512-BF16 alone doubles the float32 product rate at best, while
-    int8 with VNNI, or even AVX2, gains more: on a Zen 4 core int8 runs the whole codec 2x
-    faster than float32, bfloat16 1.5x.)"""
-    if device.type == "cuda" or "amx_bf16" in cpu_flags():
+    """The reduced precision this machine runs fastest: bfloat16 on GPUs, on x86 CPUs with AMX
+    tiles and on other CPUs (ARM), else int8. (AVX512-BF16 alone doubles the float32 product
+    rate at best, while int8 with VNNI, or even AVX2, gains more: on a Zen 4 core int8 runs
+    the whole codec 2x faster than float32, bfloat16 1.5x.)"""
+    if device.type == "cuda" or "amx_bf16" in cpu_flags() or not onednn_int8():
         return "bfloat16"
     return "int8"
 
@@ -351,8 +358,7 @@ class FastGenerator:
         self.h, self.encoder, self.decoder, self.precision = h, encoder, decoder, precision
         self.device = next(decoder.parameters()).device
         check_precision(precision, self.device)
-        if precision == "int8" and not (torch.backends.mkldnn.is_available()
-                                        and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        if precision == "int8" and not onednn_int8():
             raise ValueError("--precision int8 needs PyTorch's oneDNN int8 kernels (an x86 build of torch); "
                              "use float32")
         self.chunk_frames = chunk_frames

@@ -23,8 +23,8 @@ that each gets exactly its own output: on a GPU each batch is one forward pass.
 
 --precision float32 (default) computes the reference numbers; bfloat16 and int8 are faster
 and approximate (codes, LSD and mel distance stay within about 1% of float32's), and auto
-picks the faster one on this machine: bfloat16 on a GPU or a CPU with AMX, else int8.
-The line it prints names the kernels in use.
+picks the faster one on this machine: bfloat16 on a GPU, a CPU with AMX or a non-x86 CPU,
+else int8. The line it prints names the kernels in use.
 
 With --stream (resynth mode, causal codecs: `causal: true`), each file goes through the
 streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live stream

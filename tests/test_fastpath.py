@@ -173,12 +173,17 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert fastpath.reduced_precision(torch.device("cuda")) == "bfloat16"
     line = fastpath.kernels("int8", cpu)
     assert "int8" in line and "oneDNN" in line and "avx2" not in line
+    monkeypatch.setattr(fastpath.platform, "machine", lambda: "arm64")   # no oneDNN int8 kernels there
+    assert fastpath.resolve_precision("auto", cpu) == "bfloat16"
 
 
-def test_bad_precision_and_causal_models_are_refused(model):
+def test_bad_precision_and_causal_models_are_refused(model, monkeypatch):
     h, encoder, decoder = model
     with pytest.raises(ValueError, match="--precision must be one of float32, bfloat16, int8, got 'fp8'"):
         FastGenerator(encoder, decoder, h, "fp8")
+    monkeypatch.setattr(fastpath.platform, "machine", lambda: "arm64")
+    with pytest.raises(ValueError, match="int8 needs PyTorch's oneDNN int8 kernels"):
+        FastGenerator(encoder, decoder, h, "int8")
     causal = make_config(**TINY, causal=True)
     with pytest.raises(ValueError, match="non-causal"):
         FastGenerator(Encoder(causal), Decoder(causal), causal)
