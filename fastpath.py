@@ -122,6 +122,11 @@ def vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
+def channel_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scales of a weight (M, K), one per output channel: (M,)."""
+    return weight.abs().amax(dim=1).clamp_min(1e-12) / 127
+
+
 Activations = Union[torch.Tensor, Quantized]
 
 
@@ -135,7 +140,7 @@ class Product:
         self.int8, self.gelu = precision == "int8", gelu
         self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         if self.int8:
-            self.scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
+            self.scale = channel_scales(weight)
             integers = torch.round(weight / self.scale[:, None]).to(torch.int8).contiguous()
             self.packed = torch.ops.onednn.qlinear_prepack(integers, None)
             self.zero = torch.zeros(weight.size(0), dtype=torch.long)
@@ -379,8 +384,10 @@ class FastGenerator:
     def _spans(self, frames: int) -> List[Tuple[int, int]]:
         """(start, rows) of the chunks: at most chunk_frames rows each, of near-equal sizes (a
         short last chunk would run its products at a poor rate)."""
-        count = -(-frames // (self.chunk_frames or max(frames, 1)))
-        bounds = [frames * k // max(count, 1) for k in range(count + 1)]
+        if frames == 0:
+            return []
+        count = -(-frames // (self.chunk_frames or frames))
+        bounds = [frames * k // count for k in range(count + 1)]
         return [(start, stop - start) for start, stop in zip(bounds, bounds[1:])]
 
     def _batches(self, items: Sequence) -> List[Sequence]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastpath import check_precision, folded_norm_linear, normalise, polar_spectrum
+from fastpath import channel_scales, check_precision, folded_norm_linear, normalise, polar_spectrum
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
 from spectral import amp_pha_spectrum, overlap_add, window_envelope
 
@@ -106,7 +106,7 @@ class Products:
         if self.int8:
             self.packed = []
             for w, b in zip(weights, biases):
-                scale = w.abs().amax(dim=1).clamp_min(1e-12).double() / 127
+                scale = channel_scales(w.float()).double()
                 q = torch.quantize_per_channel(w.float(), scale, torch.zeros_like(scale, dtype=torch.long), 0,
                                                torch.qint8)
                 self.packed.append(torch.ops.quantized.linear_prepack(q, b))
