@@ -15,9 +15,10 @@ and `models.Decoder` (non-causal), to float rounding, at a cost that grows linea
 
 Precision: "float32" (default) is the reference computation. "bfloat16" runs the products and
 activations in bfloat16. "int8" runs the products on oneDNN's unsigned x signed 8-bit kernels:
-weights quantised per output channel once, activations per chunk as they come (and a block's
-hidden activations kept quantised between its two passes). The STFT, the quantizer and the
-iSTFT always run in float32.
+weights quantised per output channel once, activations per chunk as they come. Between a
+block's two passes a long input's hidden activations are kept quantised, with GRN folded into
+the second product's weights per clip; a short input's are kept in float32 and scaled by GRN,
+which saves packing new weights. The STFT, the quantizer and the iSTFT always run in float32.
 """
 import functools
 import platform
@@ -34,6 +35,7 @@ from spectral import OverlapAdd, centred, log_amplitude_and_phase, pad_for_analy
 
 PRECISIONS = ("float32", "bfloat16", "int8")
 CHUNK_FRAMES = 1024         # rows per chunk on the CPU: a chunk's activations stay in cache
+SCALED_FRAMES = 4096        # int8 applies GRN to the activations of inputs up to this many frames
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,14 +78,16 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError("--precision int8 runs on the CPU; use bfloat16 on a GPU")
 
 
-def kernels(precision: str, device: torch.device) -> str:
-    """One line naming the kernels that `precision` uses on `device`."""
+def kernels(precision: str, device: torch.device, stream: bool = False) -> str:
+    """One line naming the kernels that `precision` uses on `device`, in the fast path or (`stream`)
+    in a causal stream (`streaming`)."""
     if device.type == "cuda":
         return f"{precision} products on {torch.cuda.get_device_name(device)} (cuBLAS)"
     isa = torch.backends.cpu.get_cpu_capability()
     hardware = sorted({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni"} & cpu_flags())
+    int8 = "fbgemm dynamically quantised int8 GEMM" if stream else "oneDNN int8 GEMM"
     library = {"float32": "oneDNN/MKL float32 GEMM", "bfloat16": "oneDNN bfloat16 GEMM",
-               "int8": f"oneDNN int8 GEMM ({8 if vnni() else 7}-bit activations, 8-bit weights)"}[precision]
+               "int8": f"{int8} ({8 if vnni() else 7}-bit activations, 8-bit weights)"}[precision]
     return f"{precision}: {library}, torch CPU capability {isa}, CPU flags {' '.join(hardware) or 'none of AMX/BF16/VNNI'}"
 
 
@@ -109,9 +113,15 @@ class Quantized(NamedTuple):
 
 
 def quantize(x: torch.Tensor) -> Quantized:
-    """x (any shape, float) quantised over its range in one pass. Without VNNI the 8-bit products
-    sum pairs in 16 bits, which can saturate, so activations keep 7 bits there."""
-    q = torch.quantize_per_tensor_dynamic(x.float().contiguous(), torch.quint8, reduce_range=not vnni())
+    """x (any shape, float) quantised over its range (which always includes 0). Without VNNI the
+    8-bit products sum pairs in 16 bits, which can saturate, so activations keep 7 bits there."""
+    x = x.float().contiguous()
+    # One pass for the range and one to quantise (the dynamic quantiser reads x three times).
+    low, high = (v.item() for v in torch.aminmax(x))
+    low, high = min(low, 0.0), max(high, 0.0)
+    steps = 255 if vnni() else 127
+    scale = (high - low) / steps if high > low else 1.0
+    q = torch.quantize_per_tensor(x, scale, min(steps, round(-low / scale)), torch.quint8)
     # The same bytes as a plain uint8 tensor: int_repr() would copy them, and a dtype view
     # stays a quantized tensor.
     values = torch.empty(0, dtype=torch.uint8, device=x.device).set_(q.untyped_storage(), 0, q.shape)
@@ -255,6 +265,7 @@ class FastBlock:
         self.pw2_bias = block.pwconv2.bias.detach().float() + self.pw2_weight @ block.grn.beta.detach().flatten()
         self.gamma = block.grn.gamma.detach().flatten().float()
         self.hidden = block.pwconv1.out_features
+        self.pw2 = Product(self.pw2_weight, self.pw2_bias, precision) if precision == "int8" else None
 
     def depthwise(self, x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
         """The depthwise convolution of rows start ... of a buffer with kernel // 2 rows of margin."""
@@ -267,8 +278,8 @@ class FastBlock:
                  valid: Optional[torch.Tensor], hidden: Optional[torch.Tensor],
                  statistics: Optional[torch.Tensor] = None, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, margin + T + margin, C), updated in place; rows outside a clip must be zero.
-        hidden: (B, T, hidden width) workspace, or None to keep each span's hidden activations
-        quantised (int8). With several spans (chunks), B must be 1.
+        hidden: (B, T, hidden width) workspace, or None (int8) to keep each span's hidden
+        activations as it comes. With several spans (chunks), B must be 1.
 
         GRN pools the sums of squares (B, hidden width) of its input over time: `statistics`
         replaces them (a long input's, gathered over its windows). Returns this input's sums
@@ -278,18 +289,26 @@ class FastBlock:
         sumsq = torch.zeros(b, self.hidden, device=x.device)
         measured = sumsq if counted is None else torch.zeros_like(sumsq)
         offset = margin - self.kernel // 2
-        kept: List[Quantized] = []
+        # int8 keeps a short input's hidden activations in float32 (in cache) and scales them by
+        # GRN before quantising them for the second product. A long input's are quantised at
+        # once, and GRN is folded into per-item weights instead: packing those for the int8
+        # kernels costs about 0.5 ms per block, which only pays over many chunks.
+        scaled = self.pw2 is not None and b * (x.size(1) - 2 * margin) <= SCALED_FRAMES
+        kept: List[Activations] = []
         for start, rows in spans:
             y = normalise(self.depthwise(x, offset + start, rows), self.eps)
             out = None if hidden is None else hidden[:, start:start + rows].view(-1, self.hidden)
             h = self.pw1(y.view(-1, c), out=out).view(b, rows, self.hidden)
             if valid is not None:
                 h.mul_(valid[:, start:start + rows])
-            if hidden is None:
+            if hidden is not None:
+                squares = h.float().square()
+            elif scaled:
+                kept.append(h)
+                squares = h.square()
+            else:
                 kept.append(quantize(h))
                 squares = h.square_()
-            else:
-                squares = h.float().square()
             sumsq += squares.sum(1)
             if counted is not None:
                 measured += (squares * counted[start:start + rows, None]).sum(1)
@@ -297,12 +316,18 @@ class FastBlock:
             sumsq = statistics
         gx = sumsq.sqrt()
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        for i in range(b):
-            # GRN's per-channel scale (gamma * nx + 1, the residual), folded into this item's weights.
-            pw2 = Product(self.pw2_weight * (self.gamma * nx[i] + 1), self.pw2_bias, self.precision)
-            for j, (start, rows) in enumerate(spans):
-                h = kept[j].item(i) if hidden is None else hidden[i, start:start + rows]
-                pw2.accumulate(h, x[i, margin + start:margin + start + rows])
+        scales = self.gamma * nx + 1     # GRN's per-channel scale with its residual, (B, hidden width)
+        if scaled:
+            for (start, rows), h in zip(spans, kept):
+                q = quantize(h.mul_(scales[:, None]))
+                for i in range(b):
+                    self.pw2.accumulate(q.item(i), x[i, margin + start:margin + start + rows])
+        else:
+            for i in range(b):
+                pw2 = Product(self.pw2_weight * scales[i], self.pw2_bias, self.precision)
+                for j, (start, rows) in enumerate(spans):
+                    h = kept[j].item(i) if hidden is None else hidden[i, start:start + rows]
+                    pw2.accumulate(h, x[i, margin + start:margin + start + rows])
         if valid is not None:
             x[:, margin:x.size(1) - margin].mul_(valid)
         return measured

@@ -88,10 +88,13 @@ def test_a_batch_of_different_lengths_equals_one_clip_at_a_time(model):
         assert (b["audio"] - a["audio"]).abs().max() < TOLERANCE
 
 
-def test_int8_codec_stays_near_float32_alone_and_batched(model):
+@pytest.mark.parametrize("scaled_frames", [fastpath.SCALED_FRAMES, 0])
+def test_int8_codec_stays_near_float32_alone_and_batched(model, scaled_frames, monkeypatch):
     """int8 on the full-size model (random weights, so loose bounds; the slow test checks a
     trained one): near the float32 output for each clip, chunked one at a time and as one
-    padded batch, where each clip's GRN statistics and scale must stay its own."""
+    padded batch, where each clip's GRN statistics and scale must stay its own. Both ways of
+    applying GRN run: to the activations (these short clips) and folded into the weights."""
+    monkeypatch.setattr(fastpath, "SCALED_FRAMES", scaled_frames)
     h, encoder, decoder = model
     clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 4801))]
     exact = FastGenerator(encoder, decoder, h).roundtrip(clips)
@@ -173,6 +176,8 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert fastpath.reduced_precision(torch.device("cuda")) == "bfloat16"
     line = fastpath.kernels("int8", cpu)
     assert "int8" in line and "oneDNN" in line and "avx2" not in line
+    streamed = fastpath.kernels("int8", cpu, stream=True)   # a stream's few rows run on fbgemm
+    assert "fbgemm" in streamed and "oneDNN" not in streamed
     monkeypatch.setattr(fastpath.platform, "machine", lambda: "arm64")   # no oneDNN int8 kernels there
     assert fastpath.resolve_precision("auto", cpu) == "bfloat16"
 
