@@ -101,7 +101,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     codec = Codec.load(h, device=pick_device(), chunk_seconds=chunk_seconds, precision=precision,
                        stream_ms=stream_ms, file_statistics=file_statistics)
     if codec.fast is not None or stream_ms is not None:
-        print(f"precision {kernels(codec.precision, codec.device)}")
+        print(f"precision {kernels(codec.precision, codec.device, stream=stream_ms is not None)}")
     if n_codebooks is not None:
         codec.check_n_codebooks(n_codebooks)
     codes = _load_codes_files(files, source, codec) if mode == "decode" else {}

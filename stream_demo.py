@@ -150,7 +150,7 @@ def demo(h: AttrDict, args) -> None:
           f"{h.ratio * h.hop_size} samples = {1000 * h.ratio * h.hop_size / h.sampling_rate:.2f} ms; chunks of "
           f"{chunk} samples", file=log)
     precision = resolve_precision(args.precision, torch.device("cpu"))
-    print(f"precision {kernels(precision, torch.device('cpu'))}", file=log)
+    print(f"precision {kernels(precision, torch.device('cpu'), stream=True)}", file=log)
     codec = StreamingCodec(encoder, decoder, h, precision=precision)
     if args.output == "-":
         timings = stream(h, codec, chunks, sys.stdout.buffer, wav=False)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastpath import channel_scales, check_precision, folded_norm_linear, normalise, polar_spectrum
+from fastpath import channel_scales, check_precision, folded_norm_linear, normalise, polar_spectrum, vnni
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
 from spectral import amp_pha_spectrum, overlap_add, window_envelope
 
@@ -117,7 +117,9 @@ class Products:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8:
-            return torch.stack([torch.ops.quantized.linear_dynamic(x[g].float(), packed, True)
+            # 7-bit activations only where 8 could saturate (CPUs without VNNI, as in `fastpath.quantize`).
+            reduce_range = not vnni()
+            return torch.stack([torch.ops.quantized.linear_dynamic(x[g].float(), packed, reduce_range)
                                 for g, packed in enumerate(self.packed)])
         x = x.to(self.dtype)
         y = torch.bmm(x, self.weight_t) if self.bias is None else torch.baddbmm(self.bias, x, self.weight_t)
