@@ -87,7 +87,7 @@ def kernels(precision: str, device: torch.device, stream: bool = False) -> str:
     hardware = sorted({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni"} & cpu_flags())
     int8 = "fbgemm dynamically quantised int8 GEMM" if stream else "oneDNN int8 GEMM"
     library = {"float32": "oneDNN/MKL float32 GEMM", "bfloat16": "oneDNN bfloat16 GEMM",
-               "int8": f"{int8} ({8 if vnni() else 7}-bit activations, 8-bit weights)"}[precision]
+               "int8": f"{int8} ({8 if vnni(fbgemm=stream) else 7}-bit activations, 8-bit weights)"}[precision]
     return f"{precision}: {library}, torch CPU capability {isa}, CPU flags {' '.join(hardware) or 'none of AMX/BF16/VNNI'}"
 
 
@@ -120,7 +120,8 @@ def quantize(x: torch.Tensor) -> Quantized:
     low, high = (v.item() for v in torch.aminmax(x))
     low, high = min(low, 0.0), max(high, 0.0)
     steps = 255 if vnni() else 127
-    scale = (high - low) / steps if high > low else 1.0
+    # A range too narrow for a normal float scale quantises everything to the zero point.
+    scale = (high - low) / steps if high - low > 1e-30 else 1.0
     q = torch.quantize_per_tensor(x, scale, min(steps, round(-low / scale)), torch.quint8)
     # The same bytes as a plain uint8 tensor: int_repr() would copy them, and a dtype view
     # stays a quantized tensor.
@@ -128,8 +129,11 @@ def quantize(x: torch.Tensor) -> Quantized:
     return Quantized(values, q.q_scale(), q.q_zero_point())
 
 
-def vnni() -> bool:
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+def vnni(fbgemm: bool = False) -> bool:
+    """Whether the int8 kernels sum unsigned x signed 8-bit products without 16-bit saturation:
+    oneDNN's (the fast path's) with any VNNI, fbgemm's (the stream's) only with AVX512-VNNI."""
+    flags = cpu_flags()
+    return "avx512_vnni" in flags if fbgemm else bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
 
 
 def channel_scales(weight: torch.Tensor) -> torch.Tensor:
@@ -289,7 +293,7 @@ class FastBlock:
         sumsq = torch.zeros(b, self.hidden, device=x.device)
         measured = sumsq if counted is None else torch.zeros_like(sumsq)
         offset = margin - self.kernel // 2
-        # int8 keeps a short input's hidden activations in float32 (in cache) and scales them by
+        # int8 keeps a short input's hidden activations in float32 (in L3) and scales them by
         # GRN before quantising them for the second product. A long input's are quantised at
         # once, and GRN is folded into per-item weights instead: packing those for the int8
         # kernels costs about 0.5 ms per block, which only pays over many chunks.
@@ -357,7 +361,7 @@ class FastBranch:
         stream = margined(b, t, self.width, m, x.device)
         # One workspace for every block: allocated once, so its pages are faulted in once.
         # bfloat16 keeps it in bfloat16 (on long inputs it lives in DRAM, and the second pass of
-        # each block reads it at half the traffic); int8 keeps each chunk's quantised instead.
+        # each block reads it at half the traffic); int8 keeps each chunk's own (see `FastBlock`).
         hidden = None if self.precision == "int8" else x.new_empty(
             b, t, max((block.hidden for block in self.blocks), default=0),
             dtype=torch.float32 if self.precision == "float32" else torch.bfloat16)

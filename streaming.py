@@ -117,8 +117,8 @@ class Products:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8:
-            # 7-bit activations only where 8 could saturate (CPUs without VNNI, as in `fastpath.quantize`).
-            reduce_range = not vnni()
+            # 7-bit activations where fbgemm's 8-bit products could saturate (without AVX512-VNNI).
+            reduce_range = not vnni(fbgemm=True)
             return torch.stack([torch.ops.quantized.linear_dynamic(x[g].float(), packed, reduce_range)
                                 for g, packed in enumerate(self.packed)])
         x = x.to(self.dtype)

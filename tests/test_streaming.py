@@ -7,6 +7,7 @@ import soundfile as sf
 import torch
 
 import demo
+import fastpath
 import metrics
 import streaming
 import train
@@ -203,6 +204,20 @@ def test_reduced_precision_streams_close_to_float32(codec, precision):
     assert (approx["codes"] == exact["codes"]).float().mean() >= 0.9
     error = (approx["audio"] - exact["audio"]).pow(2).sum() / exact["audio"].pow(2).sum()
     assert 0 < error < 0.1
+
+
+def test_stream_int8_keeps_seven_bits_where_fbgemm_could_saturate(monkeypatch):
+    """fbgemm sums 8-bit products without saturating only with AVX512-VNNI; elsewhere (AVX-VNNI
+    alone included, where the fast path's oneDNN kernels take 8 bits) the stream takes 7."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 64), torch.rand(1, 8, 64) * 3
+    for flags, seven in (({"avx512_vnni", "avx512f"}, False), ({"avx_vnni", "avx2"}, True), ({"avx2"}, True)):
+        monkeypatch.setattr(fastpath, "cpu_flags", lambda flags=flags: flags)
+        products = streaming.Products([weight], [None], "int8")
+        expected = torch.ops.quantized.linear_dynamic(x[0], products.packed[0], seven)
+        assert not torch.equal(expected, torch.ops.quantized.linear_dynamic(x[0], products.packed[0], not seven))
+        assert torch.equal(products(x)[0], expected)
+        assert f"{7 if seven else 8}-bit activations" in fastpath.kernels("int8", torch.device("cpu"), stream=True)
 
 
 @pytest.mark.slow
