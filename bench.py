@@ -372,8 +372,10 @@ def bench_streaming(h, clip_seconds: float, chunk_ms: List[float], precisions: L
                 runs.append(stream_demo.summarise(stream_demo.timed_stream(codec, chunks, lambda samples: None),
                                                   h, chunk))
             record = {key: round(statistics.median(run[key] for run in runs), 3) for key in runs[0]}
-            yield {"bench": "stream", "precision": precision, "kernels": fastpath.kernels(precision, torch.device("cpu"), stream=True),
-                   "threads": torch.get_num_threads(), "latency_ms": round(1000 * latency_samples(h) / h.sampling_rate, 2),
+            yield {"bench": "stream", "precision": precision,
+                   "kernels": fastpath.kernels(precision, torch.device("cpu"), stream=True),
+                   "threads": torch.get_num_threads(),
+                   "latency_ms": round(1000 * latency_samples(h) / h.sampling_rate, 2),
                    **record, "real_time": record["frame_ms"] < record["duration_ms"],
                    "frame_ms_runs": [round(run["frame_ms"], 3) for run in runs]}
 

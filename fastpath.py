@@ -86,8 +86,9 @@ def kernels(precision: str, device: torch.device, stream: bool = False) -> str:
     isa = torch.backends.cpu.get_cpu_capability()
     hardware = sorted({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni"} & cpu_flags())
     int8 = "fbgemm dynamically quantised int8 GEMM" if stream else "oneDNN int8 GEMM"
+    bits = 8 if vnni(fbgemm=stream) else 7
     library = {"float32": "oneDNN/MKL float32 GEMM", "bfloat16": "oneDNN bfloat16 GEMM",
-               "int8": f"{int8} ({8 if vnni(fbgemm=stream) else 7}-bit activations, 8-bit weights)"}[precision]
+               "int8": f"{int8} ({bits}-bit activations, 8-bit weights)"}[precision]
     return f"{precision}: {library}, torch CPU capability {isa}, CPU flags {' '.join(hardware) or 'none of AMX/BF16/VNNI'}"
 
 
