@@ -11,6 +11,7 @@ weights over a stream in chunks and give exactly the frames of one offline pass.
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
@@ -205,7 +206,7 @@ class ResidualVectorQuantize(nn.Module):
     """Residual VQ: each stage quantises what the previous stages left over.
 
     With `quantizer_dropout` p > 0, in training mode the first floor(p * B) items of each
-    batch keep only the first k stages, k drawn uniformly from 1 ... n_codebooks per item
+    (global) batch keep only the first k stages, k drawn uniformly from 1 ... n_codebooks per item
     (as in DAC), so that the decoder learns to work from fewer codebooks.
     """
 
@@ -217,14 +218,24 @@ class ResidualVectorQuantize(nn.Module):
         self.quantizer_dropout = quantizer_dropout
 
     def stages_per_item(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
-        """Stages each item keeps under quantizer dropout, (B,); None when all keep every stage."""
+        """Stages each item keeps under quantizer dropout, (B,); None when all keep every stage.
+
+        Under torch.distributed, B is this process's share of a global batch of B x N items,
+        of which rank r holds items r, r + N, r + 2N, ... (as the training sampler deals them).
+        Every rank draws the stages of the whole global batch (the ranks' generators are seeded
+        and restored alike) and keeps its own items, so N processes drop exactly what one
+        process at the global batch drops, even at B = 1.
+        """
         if not (self.training and self.quantizer_dropout > 0):
             return None
-        n = len(self.quantizers)
-        keep = torch.full((batch,), n, device=device)
-        dropped = int(batch * self.quantizer_dropout)
+        rank, world = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        n, total = len(self.quantizers), batch * world
+        keep = torch.full((total,), n, device=device)
+        dropped = int(total * self.quantizer_dropout)
         keep[:dropped] = torch.randint(1, n + 1, (dropped,), device=device)
-        return keep
+        return keep[rank::world]
 
     def forward(self, z: torch.Tensor, n_codebooks: Optional[int] = None) -> QuantizerOutput:
         """z: (B, D, T') -> latent (B, D, T'), codes (B, n, T'), and the commitment and codebook

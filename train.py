@@ -51,7 +51,9 @@ def random_states() -> Dict[str, object]:
     """The random generators' states, for an exact resume."""
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: under torchrun every rank restores rank 0's states into
+        # its own device, so the ranks' random draws stay alike after a resume.
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -60,7 +62,10 @@ def set_random_states(states: Dict[str, object]) -> None:
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+        cuda = states["cuda"]
+        if isinstance(cuda, list):  # files of earlier versions held every visible device's state
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 @contextmanager
@@ -96,7 +101,8 @@ def compile_available() -> bool:
         return True
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:120]
-        print(f"compile: torch.compile is unavailable here ({type(e).__name__}: {reason}); training without it")
+        if is_main_process():
+            print(f"compile: torch.compile is unavailable here ({type(e).__name__}: {reason}); training without it")
         return False
 
 
@@ -113,6 +119,11 @@ def init_distributed() -> Tuple[int, int]:
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (the one that prints, logs and saves), or a plain process."""
+    return not distributed() or dist.get_rank() == 0
 
 
 class Trainer:
@@ -218,7 +229,7 @@ class Trainer:
         if state is not None:
             self.last_epoch = state["epoch"]
             where = f", batch {self.position} of the epoch" if exact else " (release checkpoint: epoch restarts)"
-            if not distributed() or dist.get_rank() == 0:
+            if is_main_process():
                 print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}{where}")
 
     def save(self, step: int, epoch: int) -> None:
@@ -323,7 +334,7 @@ class Trainer:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item():
             return True
-        if not distributed() or dist.get_rank() == 0:
+        if is_main_process():
             print(f"warning: non-finite {name} loss at step {self.steps}; its update is skipped")
         self.step_finite = False
         return False
@@ -472,14 +483,18 @@ def build_loaders(h, rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, Op
               f"are left out of every epoch: {shown} (shuffle_every_epoch: true avoids that)")
     sampler = EpochSampler(len(train_files), h.batch_size, rank, world_size, h.shuffle_every_epoch, h.seed)
     pin = torch.cuda.is_available()
+    # Each new iterator draws its workers' seed from `generator`; the global one would be
+    # drawn a different number of times by a resumed run and by rank 0's validation, and
+    # training draws from it (quantizer dropout). The crops have their own seeds.
     train_loader = DataLoader(AudioDataset(train_files, h, train=True), batch_size=h.batch_size, sampler=sampler,
                               num_workers=h.num_workers, pin_memory=pin, drop_last=True,
-                              persistent_workers=h.num_workers > 0, worker_init_fn=_ignore_stop_signals)
+                              persistent_workers=h.num_workers > 0, worker_init_fn=_ignore_stop_signals,
+                              generator=torch.Generator().manual_seed(h.seed))
     if rank != 0:
         return train_loader, None
     valid_loader = DataLoader(AudioDataset(valid_files, h, train=False), batch_size=1,
                               shuffle=False, num_workers=min(1, h.num_workers), pin_memory=pin,
-                              worker_init_fn=_ignore_stop_signals)
+                              worker_init_fn=_ignore_stop_signals, generator=torch.Generator().manual_seed(h.seed))
     return train_loader, valid_loader
 
 

@@ -157,6 +157,23 @@ def test_config_errors_come_before_any_model(tmp_path, monkeypatch):
         train.train(h, torch.device("cpu"))
 
 
+def test_gpu_random_state_is_this_process_device_s(monkeypatch):
+    """Saved: the current device's generator alone, so every rank can restore rank 0's into its
+    own device. Restored: that state, or from files of earlier versions (one state per visible
+    device) the current device's."""
+    device_states = [torch.tensor([i], dtype=torch.uint8) for i in range(3)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: device_states[1])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    states = train.random_states()
+    assert torch.equal(states["cuda"], device_states[1])
+    train.set_random_states(states)
+    train.set_random_states(dict(states, cuda=device_states))
+    assert [int(s) for s in restored] == [1, 1]
+
+
 def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, capsys):
     h = _setup(tmp_path, training_epochs=3, max_nonfinite_steps=3, validation_interval=100,
                checkpoint_interval=100)
@@ -289,21 +306,24 @@ def test_causal_run_trains_and_its_checkpoints_load_as_causal(tmp_path, one_thre
         assert torch.equal(encoder(x, x).latent, trainer.encoder(x, x).latent)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, workers):
-    """The set saved mid-epoch at step 3 of an uninterrupted 6-step run, resumed in a new run,
-    ends with the same weights and optimizer states, bit for bit (crops do not depend on the
-    data workers)."""
-    h = _setup(tmp_path / "a", training_epochs=3, checkpoint_interval=3, validation_interval=100,
-               num_workers=workers)
+@pytest.mark.parametrize("workers, dropout, validation_interval", [(0, 0.0, 100), (1, 0.0, 100), (0, 0.5, 100),
+                                                                  (0, 0.5, 3)])
+def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, workers, dropout, validation_interval):
+    """The set saved at step 3 (the end of epoch 1) of an uninterrupted 6-step run, resumed in
+    a new run, ends with the same weights and optimizer states, bit for bit (crops do not
+    depend on the data workers). Quantizer dropout draws from the global generator, so the
+    resumed run's new data iterator must not draw from it (interval 100), nor may validating
+    after the save (interval 3)."""
+    settings = dict(training_epochs=3, checkpoint_interval=3, num_workers=workers, quantizer_dropout=dropout,
+                    validation_interval=validation_interval)
+    h = _setup(tmp_path / "a", **settings)
     train.train(h, torch.device("cpu"))
     assert checkpoint_steps(h.checkpoint_path, "do") == [3, 5]
     resumed = tmp_path / "b" / "cp"
     resumed.mkdir(parents=True)
     for kind in ("encoder", "decoder", "do"):
         shutil.copy(os.path.join(h.checkpoint_path, f"{kind}_00000003"), resumed)
-    h2 = _setup(tmp_path / "b", training_epochs=3, checkpoint_interval=3, validation_interval=100,
-                checkpoint_path=str(resumed), num_workers=workers)
+    h2 = _setup(tmp_path / "b", checkpoint_path=str(resumed), **settings)
     second = train.train(h2, torch.device("cpu"))
     assert second.steps == 6
     for kind in ("encoder", "decoder", "do"):
@@ -372,10 +392,12 @@ def _printed_terms(stdout, step):
 
 def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, capsys):
     """2 gloo processes x batch 2 == 1 process x batch 4: same files per step, mean losses,
-    DDP averages the gradients. 8 clips: 2 steps per epoch, 2 epochs, a checkpoint at step 3."""
+    DDP averages the gradients, quantizer dropout takes its share of the global batch (1 of 4
+    items, where each rank's 2 alone would give none). 8 clips: 2 steps per epoch, 2 epochs,
+    a checkpoint at step 3."""
     import subprocess
     import sys
-    settings = _clips(tmp_path, 8)
+    settings = dict(_clips(tmp_path, 8), quantizer_dropout=0.25)
     ddp = dict(settings, batch_size=2, checkpoint_path=str(tmp_path / "ddp"))
     save_config(make_config(**ddp), str(tmp_path / "ddp.json"))
     (tmp_path / "worker.py").write_text(_WORKER.format(root=os.path.dirname(os.path.dirname(__file__))))
