@@ -542,6 +542,11 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
             writer.add_scalar(f"Training/{name}", value.item(), steps)
         writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
         writer.add_scalar("Training/nonfinite_steps", trainer.nonfinite_total, steps)
+        if trainer.scaler_g.is_enabled():
+            # fp16's scalers skip the updates whose gradients overflow, and halve the scale
+            # then: a falling scale shows skipped updates, which nonfinite_steps does not count.
+            writer.add_scalar("Training/loss_scale_G", trainer.scaler_g.get_scale(), steps)
+            writer.add_scalar("Training/loss_scale_D", trainer.scaler_d.get_scale(), steps)
         for name, per_codebook in health.items():
             for i, value in enumerate(per_codebook.tolist()):
                 writer.add_scalar(f"Codebook/{name}_{i}", value, steps)

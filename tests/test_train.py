@@ -487,10 +487,11 @@ def test_code_counts_are_the_codes_drawn(tiny_h):
         assert torch.equal(trainer.code_counts[i], expected.float())
 
 
-def test_summary_logs_codebook_health_and_gradient_norms(tmp_path):
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_summary_logs_codebook_health_and_gradient_norms(tmp_path, precision):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    h = _setup(tmp_path, training_epochs=1, summary_interval=1)
-    train.train(h, torch.device("cpu"))
+    h = _setup(tmp_path, training_epochs=1, summary_interval=1, mixed_precision=precision)
+    trainer = train.train(h, torch.device("cpu"))
     events = EventAccumulator(os.path.join(h.checkpoint_path, "logs"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -498,6 +499,12 @@ def test_summary_logs_codebook_health_and_gradient_norms(tmp_path):
     assert expected | {"Training/grad_norm_G", "Training/grad_norm_D", "Training/learning_rate"} <= tags
     usage = events.Scalars("Codebook/usage_0")
     assert [e.step for e in usage] == [0, 1] and all(0 < e.value <= 1 for e in usage)
+    scales = {"Training/loss_scale_G", "Training/loss_scale_D"}
+    assert scales <= tags if precision == "fp16" else not scales & tags
+    if precision == "fp16":
+        logged = [e.value for e in events.Scalars("Training/loss_scale_G")]
+        # Each skipped update halves the scale from 65536; the last value is the scaler's now.
+        assert len(logged) == 2 and logged[0] <= 65536 and logged[-1] == trainer.scaler_g.get_scale()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
