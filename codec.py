@@ -54,6 +54,17 @@ def load_codec(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.
     return remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval(), h
 
 
+def decoding_weights_hash(encoder: Encoder, decoder: Decoder) -> bytes:
+    """First 16 bytes of the SHA-256 of what decoding uses, the quantizer (codes -> latent) and
+    the decoder, as their state dicts hold them."""
+    digest = hashlib.sha256()
+    for module in (encoder.quantizer, decoder):
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.digest()[:16]
+
+
 def _analysis(audio: torch.Tensor, h) -> Tuple[torch.Tensor, torch.Tensor]:
     logamp, pha, _, _ = amp_pha_spectrum(pad_for_analysis(audio, h.n_fft, h.hop_size),
                                          h.n_fft, h.hop_size, h.win_size)
@@ -108,7 +119,8 @@ HEADER_FIELDS = (
     ("frames", "Q", "latent frames per channel and codebook (all windows)"),
     ("chunk_length", "Q", "window stride at the model rate, samples; 0 = one window"),
     ("chunk_overlap", "Q", "window overlap, samples"),
-    ("model_hash", "16s", "first 16 bytes of the SHA-256 of the decoding weights"),
+    ("model_hash", "16s", "first 16 bytes of the SHA-256 of the decoding weights as stored (weight norm "
+                          "not folded)"),
     ("crc32", "I", "CRC-32 of the header before this field and of the codes"),
 )
 _HEADER = struct.Struct("<" + "".join(code for _, code, _ in HEADER_FIELDS))
@@ -302,6 +314,8 @@ def _blocks_of(audio: Audio) -> Tuple[List[np.ndarray], int, int]:
     audio = np.atleast_2d(audio).astype(np.float32)
     if audio.size == 0:
         raise ValueError("no samples to code")
+    if not np.isfinite(audio).all():
+        raise ValueError("the audio has NaN or infinite samples")
     return [np.ascontiguousarray(audio.T)], audio.shape[0], audio.shape[1]
 
 
@@ -316,7 +330,11 @@ def _file_blocks(path: str) -> Tuple[Iterator[np.ndarray], int, int, int]:
 
     def blocks() -> Iterator[np.ndarray]:
         with sf.SoundFile(path) as f:
-            yield from f.blocks(blocksize=BLOCK_SAMPLES, dtype="float32", always_2d=True)
+            for block in f.blocks(blocksize=BLOCK_SAMPLES, dtype="float32", always_2d=True):
+                # Floating-point files can hold them; one would turn the whole output to noise.
+                if not np.isfinite(block).all():
+                    raise ValueError(f"audio file {path} has NaN or infinite samples")
+                yield block
     return blocks(), info.samplerate, info.channels, info.frames
 
 
@@ -351,7 +369,8 @@ class Codec:
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
                  chunk_seconds: float = CHUNK_SECONDS, precision: str = "float32",
-                 stream_ms: Optional[float] = None, file_statistics: bool = False):
+                 stream_ms: Optional[float] = None, file_statistics: bool = False,
+                 model_hash: Optional[bytes] = None):
         if not chunk_seconds > 0:
             raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
@@ -373,7 +392,11 @@ class Codec:
         frame = h.hop_size * h.ratio   # windows start on latent frames, as the whole-file analysis does
         self.chunk_length = max(1, round(chunk_seconds * h.sampling_rate / frame)) * frame
         self.chunk_overlap = max(1, round(OVERLAP_SECONDS * h.sampling_rate / frame)) * frame
-        self.model_hash = self._weights_hash()
+        # Codes files record `model_hash` (by default the hash of the modules' weights as they are)
+        # and decode where it matches. Files of earlier versions hold the folded weights' hash.
+        folded = decoding_weights_hash(encoder, decoder)
+        self.model_hash = model_hash or folded
+        self.accepted_hashes = {self.model_hash, folded}
 
     @classmethod
     def load(cls, h: AttrDict, encoder_path: Optional[str] = None, decoder_path: Optional[str] = None,
@@ -382,9 +405,13 @@ class Codec:
              ) -> "Codec":
         """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
         device = device or pick_device()
-        encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,
-                                         decoder_path or h.checkpoint_file_load_Decoder, device)
-        return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms, file_statistics)
+        encoder, decoder, h = load_generator(h, encoder_path or h.checkpoint_file_load_Encoder,
+                                             decoder_path or h.checkpoint_file_load_Decoder, device)
+        # Hashed as stored (weight norm's g and v): the folded weights' last bits depend on the
+        # kernels that fold them, so their hash would differ between machines.
+        model_hash = decoding_weights_hash(encoder, decoder)
+        return cls(h, remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval(), device, chunk_seconds,
+                   precision, stream_ms, file_statistics, model_hash)
 
     def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int],
                         statistics: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
@@ -419,15 +446,6 @@ class Codec:
         chunk = max(1, round(chunk_ms * self.h.sampling_rate / 1000))
         self.roundtrip = lambda audio, n_codebooks: stream_roundtrip(
             self.encoder, self.decoder, audio, self.h, chunk, self.precision)["audio"]
-
-    def _weights_hash(self) -> bytes:
-        """SHA-256 of what decoding uses: the quantizer (codes -> latent) and the decoder."""
-        digest = hashlib.sha256()
-        for module in (self.encoder.quantizer, self.decoder):
-            for name, tensor in module.state_dict().items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return digest.digest()[:16]
 
     def _window_audio(self, blocks: Iterable[np.ndarray], rate: int, channels: int, model_length: int,
                       windows: List[Tuple[int, int]], what: str) -> Iterator[torch.Tensor]:
@@ -504,7 +522,7 @@ class Codec:
         h = self.h
         ours = (h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size)
         theirs = (codes.sampling_rate, codes.n_fft, codes.hop_size, codes.ratio, codes.codebook_size)
-        if ours != theirs or codes.n_codebooks > h.n_codebooks or codes.model_hash != self.model_hash:
+        if ours != theirs or codes.n_codebooks > h.n_codebooks or codes.model_hash not in self.accepted_hashes:
             raise ValueError(f"{codes.name}: encoded by another model (weights {codes.model_hash.hex()[:12]}, "
                              f"this model {self.model_hash.hex()[:12]}); decode it with the checkpoints it was "
                              f"encoded with")
@@ -612,7 +630,11 @@ class Codec:
             batch.append(item)
         if batch:
             yield from self._resynth_batch(batch, keep_model_rate, n_codebooks)
-        for _, path, output in alone:
+        yield from self._resynth_alone([(path, output) for _, path, output in alone], keep_model_rate, n_codebooks)
+
+    def _resynth_alone(self, jobs: Sequence[Tuple[str, str]], keep_model_rate: bool, n_codebooks: Optional[int]
+                       ) -> Iterator[Tuple[str, Union[float, Exception]]]:
+        for path, output in jobs:
             try:
                 yield path, self.resynthesize_file(path, output, keep_model_rate, n_codebooks)
             except (OSError, ValueError, RuntimeError) as e:
@@ -632,7 +654,14 @@ class Codec:
             except (OSError, ValueError, RuntimeError) as e:
                 yield path, e
         clips = [channel.to(self.device) for *_, audio in loaded for channel in audio]
-        outputs = iter(self.fast.roundtrip(clips, n_codebooks))
+        try:
+            outputs = iter(self.fast.roundtrip(clips, n_codebooks))
+        except (ValueError, RuntimeError):
+            # A batch can fail where its files alone would not (e.g. out of GPU memory): code
+            # them one by one, so that only a file that fails on its own is reported.
+            yield from self._resynth_alone([(path, output) for path, output, *_ in loaded], keep_model_rate,
+                                           n_codebooks)
+            return
         for path, output, rate, channels, length, _ in loaded:
             try:
                 audio = torch.stack([next(outputs)["audio"] for _ in range(channels)], dim=1).cpu().numpy()

@@ -402,11 +402,13 @@ class FastGenerator:
             branches = (encoder.amp, encoder.pha, decoder.amp, decoder.pha)
             self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha = (
                 FastBranch(branch, precision) for branch in branches)
-            if decoder.pha_imag.weight.shape != decoder.pha_real.weight.shape:
-                raise ValueError("the fast forward needs PHA_Decoder_output_R_conv_kernel_size == "
-                                 "PHA_Decoder_output_I_conv_kernel_size")
             self.amp_out = Convolution(decoder.amp_out.weight, decoder.amp_out.bias, precision)
-            self.pha_out = Convolution(torch.cat((decoder.pha_imag.weight, decoder.pha_real.weight)),
+            # The phase's imaginary and real outputs as one convolution: a shorter (odd, 'same')
+            # kernel is zero-padded on both sides to the longer one's size.
+            imag, real = decoder.pha_imag.weight, decoder.pha_real.weight
+            k = max(imag.size(2), real.size(2))
+            imag, real = (F.pad(w, ((k - w.size(2)) // 2,) * 2) for w in (imag, real))
+            self.pha_out = Convolution(torch.cat((imag, real)),
                                        torch.cat((decoder.pha_imag.bias, decoder.pha_real.bias)), precision)
         convolutions = [b.embed for b in (self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha)]
         self.margin = max(c.kernel for c in convolutions + [self.amp_out, self.pha_out]) // 2

@@ -125,7 +125,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     for path, result in tqdm(results, total=len(files), desc=mode, unit="file", disable=len(files) == 1):
         if isinstance(result, Exception):
             failed += 1
-            tqdm.write(f"failed: {path}: {result}")
+            tqdm.write(f"failed: {path}: {result}", file=sys.stderr)
         else:
             audio_seconds += result
     wall = time.perf_counter() - start

@@ -141,7 +141,10 @@ class CausalConvolution:
         weights = [c.weight.detach().float() for c in convs]  # (C_out, C_in, k)
         biases = [c.bias.detach().float() for c in convs]
         if merge:
-            weights, biases = [torch.cat(weights)], [torch.cat(biases)]
+            # A shorter kernel is zero-padded on the left (its oldest taps) to the longest one's size.
+            k = max(w.size(2) for w in weights)
+            weights = [torch.cat([F.pad(w, (k - w.size(2), 0)) for w in weights])]
+            biases = [torch.cat(biases)]
         self.out_channels, self.in_channels, self.kernel = weights[0].shape
         self.stride = convs[0].stride[0]
         self.product = Products([w.reshape(w.size(0), -1) for w in weights], biases, precision)

@@ -8,14 +8,15 @@ import pytest
 import soundfile as sf
 import torch
 
+import codec as codec_module
 import inference
-from codec import (HEADER_FIELDS, Codec, CodesFile, code_bits, codec_roundtrip, latent_frames, pack_codes,
-                   unpack_codes, window_spans)
+from codec import (HEADER_FIELDS, Codec, CodesFile, code_bits, codec_roundtrip, decoding_weights_hash, latent_frames,
+                   pack_codes, unpack_codes, window_spans)
 from config import bitrate, build_config, read_config_file
 from conftest import ROOT, TINY, default_raw, make_config, tone, write_tone
 from dataset import load_audio
 from models import Decoder, Encoder, remove_weight_norm
-from test_inference import _train_config_beside
+from test_inference import _save_random_codec, _train_config_beside
 
 # Tiny sizes with the paper's 10-bit codebooks, so that bitrates are the paper's.
 TINY_1024 = dict(TINY, codebook_size=1024)
@@ -116,6 +117,35 @@ def test_bad_files_are_one_line_errors_naming_the_file(codec, tmp_path):
         other.decode(good)
 
 
+def test_codes_decode_on_machines_that_fold_weight_norm_to_other_last_bits(tmp_path, monkeypatch):
+    """`Codec.load` hashes the weights as stored. Another machine's kernels may fold weight norm
+    into weights that differ in the last bits (here: every folded weight moved one step); its
+    codec still decodes the file, to the same audio up to float rounding. Files of earlier
+    versions, which carry the folded weights' hash, decode too."""
+    h = make_config(**TINY_1024)
+    enc_path, dec_path = _save_random_codec(h, str(tmp_path))
+    here = Codec.load(h, enc_path, dec_path, torch.device("cpu"))
+    codes = here.encode(tone(0.3), 48000)
+
+    def fold_elsewhere(module):
+        module = remove_weight_norm(module)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+        return module
+    monkeypatch.setattr(codec_module, "remove_weight_norm", fold_elsewhere)
+    there = Codec.load(h, enc_path, dec_path, torch.device("cpu"))
+    assert not torch.equal(there.decoder.amp_out.weight, here.decoder.amp_out.weight)
+    assert there.model_hash == here.model_hash
+    assert np.abs(there.decode(codes)[0] - here.decode(codes)[0]).max() < 1e-4
+    earlier = CodesFile.from_bytes(codes.to_bytes())
+    earlier.model_hash = decoding_weights_hash(here.encoder, here.decoder)
+    assert earlier.model_hash != here.model_hash
+    here.check_compatible(earlier)
+    with pytest.raises(ValueError, match="encoded by another model"):
+        there.check_compatible(earlier)
+
+
 def test_resampled_inputs_come_back_at_their_rate_and_length(codec):
     for rate, length in ((44100, 13001), (16000, 4001), (22050, 77)):
         audio = tone(length / rate + 0.01, sr=rate)[:length]
@@ -145,6 +175,14 @@ def test_silence_and_very_short_clips(codec, length):
         out, _ = codec.resynthesize(audio, 48000)
         assert out.shape == (1, length) and np.isfinite(out).all()
         assert codec.decode(CodesFile.from_bytes(codec.encode(audio, 48000).to_bytes()))[0].shape == (1, length)
+
+
+def test_non_finite_audio_is_refused(codec):
+    audio = tone(0.1)
+    audio[7] = float("nan")
+    for code in (codec.resynthesize, codec.encode):
+        with pytest.raises(ValueError, match="NaN or infinite samples"):
+            code(audio, 48000)
 
 
 def test_window_spans_cover_the_input():

@@ -57,6 +57,19 @@ def test_float32_equals_the_reference_path(model, length):
     assert (out["imag"] - reference["imag"][0]).abs().max() < 1e-3 * scale
 
 
+@pytest.mark.parametrize("real, imag", [(5, 7), (7, 3)])
+def test_phase_outputs_of_different_kernels_equal_the_reference_path(real, imag):
+    """The phase's real and imaginary output convolutions run as one, the shorter kernel padded."""
+    h = make_config(**TINY, PHA_Decoder_output_R_conv_kernel_size=real, PHA_Decoder_output_I_conv_kernel_size=imag)
+    torch.manual_seed(0)
+    encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
+    audio = _clip(4801, 1)
+    reference = codec_roundtrip(encoder, decoder, audio[None], h)
+    out = FastGenerator(encoder, decoder, h, chunk_frames=64).roundtrip([audio])[0]
+    assert torch.equal(out["codes"], reference["codes"][0])
+    assert (out["audio"] - reference["audio"][0]).abs().max() < TOLERANCE
+
+
 def test_fewer_codebooks_and_codes_decode_like_the_reference(model):
     h, encoder, decoder = model
     audio = _clip(9000, 1)

@@ -1,6 +1,8 @@
 """inference.py: every input gives a wav of exactly its length and rate; release path kept bit for bit."""
 import os
+import shutil
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -11,6 +13,7 @@ from config import save_config
 from conftest import ROOT, TINY, make_config, tone, write_tone
 from dataset import audio_index
 from checkpoints import load_release_state_dict, release_state_dict
+from fastpath import FastGenerator
 from models import Decoder, Encoder
 from spectral import amp_pha_spectrum, pad_for_analysis
 
@@ -153,6 +156,44 @@ def test_bad_inputs_are_named_the_rest_coded_and_the_run_fails(tmp_path, tiny_h,
     (inputs / "c.wav").unlink()
     with pytest.raises(ValueError, match="no usable audio file"):
         inference.inference(tiny_h)
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+@pytest.mark.parametrize("mode", ["resynth", "encode"])
+def test_non_finite_samples_fail_their_file_alone(tmp_path, tiny_h, capsys, precision, mode):
+    """A float file with a NaN or an infinity is named; its batch's other files are coded."""
+    inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "c.wav": 0.06})
+    for name, bad in (("nan.wav", float("nan")), ("inf.wav", float("inf"))):
+        audio = tone(0.055)
+        audio[100] = bad
+        sf.write(str(inputs / name), audio, 48000, subtype="FLOAT")
+    with pytest.raises(ValueError, match="2 of 4 files failed"):
+        inference.inference(tiny_h, mode=mode, precision=precision)
+    err = capsys.readouterr().err
+    for name in ("nan.wav", "inf.wav"):
+        assert f"failed: {inputs / name}: audio file {inputs / name} has NaN or infinite samples" in err
+    suffix = ".wav" if mode == "resynth" else ".apc"
+    assert sorted(os.listdir(tmp_path / "out")) == ["a" + suffix, "c" + suffix]
+
+
+def test_a_failing_batch_is_coded_file_by_file(tmp_path, tiny_h, monkeypatch):
+    """A batch that fails as a whole (out of memory, say) leaves its files to be coded alone,
+    with the same output."""
+    inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "b.wav": 0.06, "c.wav": 0.07})
+    inference.inference(tiny_h)
+    expected = {name: sf.read(str(tmp_path / "out" / name))[0] for name in ("a.wav", "b.wav", "c.wav")}
+    shutil.rmtree(tmp_path / "out")
+    roundtrip = FastGenerator.roundtrip
+
+    def small_batches_only(self, clips, *args):
+        if len(clips) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return roundtrip(self, clips, *args)
+    monkeypatch.setattr(FastGenerator, "roundtrip", small_batches_only)
+    totals = inference.inference(tiny_h)
+    assert totals["failed"] == 0
+    for name, audio in expected.items():
+        assert np.array_equal(sf.read(str(tmp_path / "out" / name))[0], audio), name
 
 
 def _train_config_beside(tmp_path, h):

@@ -81,9 +81,11 @@ def test_streamed_output_equals_the_offline_pass(codec, length):
 
 def test_paths_of_different_sizes_stream_exactly():
     """The amplitude and phase paths run side by side as one grouped layer only where their
-    shapes match; a config with different widths and kernels streams exactly too."""
+    shapes match; a config with different widths and kernels streams exactly too, and so do
+    phase outputs whose real and imaginary kernels differ (one merged layer)."""
     sizes = dict(TINY, PHA_Encoder_channel=24, PHA_Decoder_channel=24, PHA_Encoder_output_downconv_kernel_size=5,
-                 AMP_Decoder_input_upconv_kernel_size=12)
+                 AMP_Decoder_input_upconv_kernel_size=12, PHA_Decoder_output_R_conv_kernel_size=5,
+                 PHA_Decoder_output_I_conv_kernel_size=9)
     h = make_config(**sizes, causal=True, causal_kernel_size=3)
     torch.manual_seed(0)
     encoder, decoder = Encoder(h).eval(), Decoder(h).eval()
