@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -225,12 +225,28 @@ class Trainer:
             self.scheduler_g.load_state_dict(state["scheduler_g"])
             self.scheduler_d.load_state_dict(state["scheduler_d"])
             set_random_states(state["random_states"])
-            self.position, self.nonfinite_total = state["position"], state["nonfinite_total"]
+            self.nonfinite_total = state["nonfinite_total"]
+            self.position = self._resumed_position(state)
         if state is not None:
             self.last_epoch = state["epoch"]
             where = f", batch {self.position} of the epoch" if exact else " (release checkpoint: epoch restarts)"
             if is_main_process():
                 print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}{where}")
+
+    def _items_per_step(self) -> int:
+        return self.h.batch_size * (dist.get_world_size() if distributed() else 1)
+
+    def _resumed_position(self, state: Dict[str, Any]) -> int:
+        """The batch of the epoch to continue at. The epoch's files are dealt in one order
+        whatever the batch size and process count, so a run resumed with other ones continues
+        after the files already trained on, to within one step (said in a line)."""
+        per_step = self._items_per_step()
+        done = state.get("epoch_items", state["position"] * per_step)
+        if done % per_step and is_main_process():
+            print(f"note: {done} files of the epoch were trained on, not a whole number of steps of "
+                  f"{per_step} (batch_size x processes); the {done % per_step} after the last whole step "
+                  f"are trained on again")
+        return done // per_step
 
     def save(self, step: int, epoch: int) -> None:
         """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists."""
@@ -241,7 +257,8 @@ class Trainer:
                  "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
                  "steps": step, "epoch": epoch,
                  # Not in the release's files: what an exact resume needs beyond them.
-                 "position": self.position, "scheduler_g": self.scheduler_g.state_dict(),
+                 "position": self.position, "epoch_items": self.position * self._items_per_step(),
+                 "scheduler_g": self.scheduler_g.state_dict(),
                  "scheduler_d": self.scheduler_d.state_dict(), "random_states": random_states(),
                  "nonfinite_total": self.nonfinite_total}
         if self.scaler_g.is_enabled():

@@ -48,8 +48,8 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     do = torch.load(os.path.join(h.checkpoint_path, "do_00000003"), weights_only=False)
     # The release's entries, plus what an exact resume needs.
     assert set(do) == {"mpd", "mrd", "optim_g", "optim_d", "steps", "epoch",
-                       "position", "scheduler_g", "scheduler_d", "random_states", "nonfinite_total"}
-    assert do["steps"] == 3 and do["epoch"] == 1 and do["position"] == 2
+                       "position", "epoch_items", "scheduler_g", "scheduler_d", "random_states", "nonfinite_total"}
+    assert do["steps"] == 3 and do["epoch"] == 1 and do["position"] == 2 and do["epoch_items"] == 4
     assert len(do["optim_g"]["state"]) == len(list(first.encoder.parameters())) + len(list(first.decoder.parameters()))
     assert all(s["step"].item() == 4 for s in do["optim_g"]["state"].values())
     enc_sd = torch.load(os.path.join(h.checkpoint_path, "encoder_00000003"), weights_only=False)["encoder"]
@@ -339,6 +339,26 @@ def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, workers, dropo
                     for key, tensor in slot.items():
                         assert torch.equal(tensor, b[name]["state"][index][key]), (name, index, key)
                 assert a[name]["param_groups"][0]["lr"] == b[name]["param_groups"][0]["lr"]
+
+
+def test_resuming_with_another_batch_size_continues_after_the_files_trained_on(tmp_path, capsys):
+    """An epoch of 4 files at batch 1 saves sets at steps 1 and 2 (2 and 3 files done).
+    Resumed at batch 2, the first continues with one step on files 3 and 4; the second
+    has done 1.5 steps of 2 files, so it trains its third file again, and says so."""
+    h = _setup(tmp_path / "a", training_epochs=1, batch_size=1, checkpoint_interval=1, validation_interval=100)
+    train.train(h, torch.device("cpu"))
+    do = torch.load(os.path.join(h.checkpoint_path, "do_00000001"), weights_only=False)
+    assert (do["position"], do["epoch_items"]) == (2, 2)
+    for step, last_step, note in ((1, 2, None), (2, 3, "the 1 after the last whole step are trained on again")):
+        resumed = tmp_path / f"from{step}" / "cp"
+        resumed.mkdir(parents=True)
+        for kind in ("encoder", "decoder", "do"):
+            shutil.copy(os.path.join(h.checkpoint_path, f"{kind}_{step:08d}"), resumed)
+        run = train.train(_setup(tmp_path / f"from{step}", training_epochs=1, validation_interval=100,
+                                 checkpoint_path=str(resumed)), torch.device("cpu"))
+        out = capsys.readouterr().out
+        assert run.steps - 1 == last_step
+        assert (note in out) if note else "trained on again" not in out
 
 
 def test_release_checkpoints_resume_with_release_semantics(tmp_path, capsys):
