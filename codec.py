@@ -49,9 +49,17 @@ Audio = Union[np.ndarray, torch.Tensor]
 def load_codec(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
                ) -> Tuple[Encoder, Decoder, AttrDict]:
     """Encoder and decoder for inference (eval mode, weight norm folded), and the config that
-    matches their weights (see `checkpoints.load_generator`)."""
+    matches their weights (see `checkpoints.load_generator`).
+
+    The decoder carries `checkpoint_hash`, the hash of the decoding weights as stored (weight
+    norm's g and v), which codes files record: the folded weights' last bits depend on the
+    kernels that fold them, so their hash could differ between machines.
+    """
     encoder, decoder, h = load_generator(h, encoder_path, decoder_path, device)
-    return remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval(), h
+    checkpoint_hash = decoding_weights_hash(encoder, decoder)
+    encoder, decoder = remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval()
+    decoder.checkpoint_hash = checkpoint_hash
+    return encoder, decoder, h
 
 
 def decoding_weights_hash(encoder: Encoder, decoder: Decoder) -> bytes:
@@ -369,8 +377,7 @@ class Codec:
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
                  chunk_seconds: float = CHUNK_SECONDS, precision: str = "float32",
-                 stream_ms: Optional[float] = None, file_statistics: bool = False,
-                 model_hash: Optional[bytes] = None):
+                 stream_ms: Optional[float] = None, file_statistics: bool = False):
         if not chunk_seconds > 0:
             raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
@@ -392,10 +399,11 @@ class Codec:
         frame = h.hop_size * h.ratio   # windows start on latent frames, as the whole-file analysis does
         self.chunk_length = max(1, round(chunk_seconds * h.sampling_rate / frame)) * frame
         self.chunk_overlap = max(1, round(OVERLAP_SECONDS * h.sampling_rate / frame)) * frame
-        # Codes files record `model_hash` (by default the hash of the modules' weights as they are)
-        # and decode where it matches. Files of earlier versions hold the folded weights' hash.
+        # Codes files record `model_hash` and decode where it matches: the checkpoint's (see
+        # `load_codec`), else that of the weights as given. Files of earlier versions hold the
+        # folded weights' hash.
         folded = decoding_weights_hash(encoder, decoder)
-        self.model_hash = model_hash or folded
+        self.model_hash = getattr(decoder, "checkpoint_hash", folded)
         self.accepted_hashes = {self.model_hash, folded}
 
     @classmethod
@@ -405,13 +413,9 @@ class Codec:
              ) -> "Codec":
         """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
         device = device or pick_device()
-        encoder, decoder, h = load_generator(h, encoder_path or h.checkpoint_file_load_Encoder,
-                                             decoder_path or h.checkpoint_file_load_Decoder, device)
-        # Hashed as stored (weight norm's g and v): the folded weights' last bits depend on the
-        # kernels that fold them, so their hash would differ between machines.
-        model_hash = decoding_weights_hash(encoder, decoder)
-        return cls(h, remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval(), device, chunk_seconds,
-                   precision, stream_ms, file_statistics, model_hash)
+        encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,
+                                         decoder_path or h.checkpoint_file_load_Decoder, device)
+        return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms, file_statistics)
 
     def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int],
                         statistics: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
@@ -657,8 +661,12 @@ class Codec:
         try:
             outputs = iter(self.fast.roundtrip(clips, n_codebooks))
         except (ValueError, RuntimeError):
+            outputs = None
+        del clips
+        if outputs is None:
             # A batch can fail where its files alone would not (e.g. out of GPU memory): code
-            # them one by one, so that only a file that fails on its own is reported.
+            # them one by one, outside the except block, whose traceback would keep the failed
+            # batch's tensors alive, so that only a file that fails on its own is reported.
             yield from self._resynth_alone([(path, output) for path, output, *_ in loaded], keep_model_rate,
                                            n_codebooks)
             return

@@ -63,8 +63,10 @@ def set_random_states(states: Dict[str, object]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         cuda = states["cuda"]
-        if isinstance(cuda, list):  # files of earlier versions held every visible device's state
-            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        if isinstance(cuda, list):
+            # Files of earlier versions held every visible device's state; the process that
+            # saved them (rank 0, or a single process) ran on the first.
+            cuda = cuda[0]
         torch.cuda.set_rng_state(cuda.cpu())
 
 
@@ -241,6 +243,9 @@ class Trainer:
         whatever the batch size and process count, so a run resumed with other ones continues
         after the files already trained on, to within one step (said in a line)."""
         per_step = self._items_per_step()
+        if "epoch_items" not in state and is_main_process():
+            print("note: this checkpoint set, from an earlier version, does not record how many files of the "
+                  "epoch were trained on; resuming assumes the batch_size and process count it was trained with")
         done = state.get("epoch_items", state["position"] * per_step)
         if done % per_step and is_main_process():
             print(f"note: {done} files of the epoch were trained on, not a whole number of steps of "

@@ -184,14 +184,16 @@ def test_a_failing_batch_is_coded_file_by_file(tmp_path, tiny_h, monkeypatch):
     expected = {name: sf.read(str(tmp_path / "out" / name))[0] for name in ("a.wav", "b.wav", "c.wav")}
     shutil.rmtree(tmp_path / "out")
     roundtrip = FastGenerator.roundtrip
+    batches = []
 
     def small_batches_only(self, clips, *args):
+        batches.append(len(clips))
         if len(clips) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return roundtrip(self, clips, *args)
     monkeypatch.setattr(FastGenerator, "roundtrip", small_batches_only)
     totals = inference.inference(tiny_h)
-    assert totals["failed"] == 0
+    assert totals["failed"] == 0 and batches == [3, 1, 1, 1]
     for name, audio in expected.items():
         assert np.array_equal(sf.read(str(tmp_path / "out" / name))[0], audio), name
 
