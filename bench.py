@@ -96,6 +96,11 @@ def configuration(h: AttrDict, name: str) -> AttrDict:
 def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -> dict:
     """Time `steps` training steps after `warmup`, then the same number again split into phases."""
     torch.manual_seed(h.seed)
+    # As train.py runs: cuDNN picks its fastest convolution algorithms. And each configuration
+    # compiles from scratch: torch.compile keeps 8 versions of a function at most, and a later
+    # configuration would otherwise run uncompiled once earlier ones had used them up.
+    torch.backends.cudnn.benchmark = True
+    torch._dynamo.reset()
     trainer = train.Trainer(h, device)
     audio = synthetic_audio(h.batch_size, h.segment_size, h.sampling_rate)
     if device.type == "cuda":
@@ -124,7 +129,7 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
     for _ in range(steps):
         last[0] = time.perf_counter()
         trainer.train_step(audio)
-    return {"compiled": trainer.train_encoder is not trainer.encoder, "batch_size": h.batch_size,
+    return {"compiled": trainer.compiled, "batch_size": h.batch_size,
             "s_per_step": round(seconds, 4), "steps_per_s": round(1 / seconds, 3),
             "audio_s_per_s": round(h.batch_size * h.segment_size / h.sampling_rate / seconds, 4),
             **peak_memory(device), "phases_s": {k: round(v, 4) for k, v in phases.items()},
@@ -229,13 +234,13 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
     for seconds in clips:
         length = int(seconds * h.sampling_rate)
         one = synthetic_audio(1, length, h.sampling_rate).to(device)
-        many = [synthetic_audio(1, length - i * length // (2 * batch), h.sampling_rate, seed=i)[0].to(device)
-                for i in range(batch)]
+        # Rotations of one clip: generating each of 100 clips would take about half a minute.
+        many = [one[0].roll(997 * i)[:length - i * length // (2 * batch)].contiguous() for i in range(batch)]
         runs: Dict[Tuple[str, str], Callable[[], object]] = {}
         errors = []
         for precision in ["reference"] + precisions:
             if precision == "reference":
-                runs[precision, "single"] = lambda: codec.codec_roundtrip(encoder, decoder, one, h)
+                runs[precision, "single"] = tf32_run("float32", lambda: codec.codec_roundtrip(encoder, decoder, one, h))
                 continue
             try:
                 fast = fastpath.FastGenerator(encoder, decoder, h, "float32" if precision == "tf32" else precision,
@@ -257,14 +262,15 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
 
 
 def tf32_run(precision: str, run: Callable[[], object]) -> Callable[[], object]:
-    """`run` with TF32 matrix products and convolutions on (precision "tf32") or off."""
+    """`run` with TF32 matrix products and convolutions on (precision "tf32") or off; the
+    settings before it come back after it."""
     def switched() -> object:
-        tf32 = precision == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
         try:
             return run()
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     return switched
 
 

@@ -166,6 +166,7 @@ class Trainer:
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
 
         compile_mode = h.compile if h.compile != "no" and compile_available() else None
+        self.compiled = compile_mode is not None
         ddp = distributed()
 
         def prepare(module: torch.nn.Module, sync: bool) -> Callable:
@@ -371,6 +372,12 @@ class Trainer:
     def train_step(self, audio: torch.Tensor, want_norms: bool = False) -> Dict[str, torch.Tensor]:
         """D step then G step on a batch of segments (B, L); returns the detached loss terms
         (and the gradient norms, with `want_norms` or `grad_clip`)."""
+        if self.compiled:
+            # With CUDA graphs (compile modes reduce-overhead and max-autotune) a step holds
+            # several compiled calls, and the discriminators run again after their backward;
+            # marking the step's start keeps the encoder's and decoder's outputs alive until
+            # the generator's backward. Without CUDA graphs this only counts steps.
+            torch.compiler.cudagraph_mark_step_begin()
         audio = audio.to(self.device, non_blocking=True)
         self.step_finite = True
         self.phase_done("data")

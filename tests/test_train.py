@@ -572,6 +572,20 @@ def test_compile_unavailable_falls_back_with_one_line(tiny_h, monkeypatch, capsy
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode, marks", [("no", 0), ("reduce-overhead", 2)])
+def test_compiled_steps_mark_their_start_for_cuda_graphs(monkeypatch, mode, marks):
+    """Each step of a compiled run starts a new CUDA-graph step; the discriminators' second
+    call after their backward must not (it would free the generator's outputs)."""
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: module)
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    h = make_config(**dict(TINY, compile=mode))
+    trainer = train.Trainer(h, torch.device("cpu"))
+    for _ in range(2):
+        trainer.train_step(_batch(h))
+    assert trainer.compiled == (mode != "no") and len(calls) == marks
+
+
 def test_compiled_training_matches_eager(tiny_h):
     """torch.compile of the tiny model: the same losses as eager, within float tolerance."""
     eager = _trained(tiny_h, 2)[1]
