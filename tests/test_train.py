@@ -571,7 +571,6 @@ def test_compile_unavailable_falls_back_with_one_line(tiny_h, monkeypatch, capsy
     trainer.train_step(_batch(tiny_h))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode, marks", [("no", 0), ("reduce-overhead", 2)])
 def test_compiled_steps_mark_their_start_for_cuda_graphs(monkeypatch, mode, marks):
     """Each step of a compiled run starts a new CUDA-graph step; the discriminators' second
@@ -586,6 +585,7 @@ def test_compiled_steps_mark_their_start_for_cuda_graphs(monkeypatch, mode, mark
     assert trainer.compiled == (mode != "no") and len(calls) == marks
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tiny_h):
     """torch.compile of the tiny model: the same losses as eager, within float tolerance."""
     eager = _trained(tiny_h, 2)[1]
