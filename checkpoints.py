@@ -8,7 +8,7 @@ the release's key names and order, with weight norm in the old `weight_g` / `wei
 import glob
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -170,23 +170,25 @@ def newest_complete_step(folder: str) -> Optional[int]:
     return steps[-1] if steps else None
 
 
-def load_newest_set(folder: str, device: torch.device) -> Optional[Tuple[int, Dict[str, Dict[str, Any]]]]:
+def load_newest_set(folder: str, device: torch.device, warn: Callable[[str], None] = print
+                    ) -> Optional[Tuple[int, Dict[str, Dict[str, Any]]]]:
     """(step, {"encoder", "decoder", "do": checkpoint dict}) of the newest set that reads back whole.
 
     Newer sets with a member missing or unreadable (a run killed mid-save, a truncated
-    file) are passed over with a one-line warning each. None when no set is usable.
+    file) are passed over with a one-line warning each, given to `warn`. None when no set
+    is usable.
     """
     complete = complete_steps(folder)
     newest_any = max((s for kind in KINDS for s in checkpoint_steps(folder, kind)), default=None)
     if newest_any is not None and (not complete or newest_any > complete[-1]):
-        print(f"warning: checkpoint set {newest_any} in {folder} is incomplete; resuming from an older one")
+        warn(f"warning: checkpoint set {newest_any} in {folder} is incomplete; resuming from an older one")
     keys = {"encoder": ["encoder"], "decoder": ["decoder"], "do": TRAINING_STATE_KEYS}
     for step in reversed(complete):
         try:
             return step, {kind: load_checkpoint(checkpoint_file(folder, kind, step), device, keys[kind])
                           for kind in KINDS}
         except ValueError as e:
-            print(f"warning: skipping checkpoint set {step}: {e}")
+            warn(f"warning: skipping checkpoint set {step}: {e}")
     return None
 
 

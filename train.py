@@ -196,7 +196,8 @@ class Trainer:
         step + 1, restart the saved epoch, rebuild the schedulers from the epoch.
         """
         folder = self.h.checkpoint_path
-        found = load_newest_set(folder, self.device)
+        # Every rank reads the set; rank 0 alone says what it passed over.
+        found = load_newest_set(folder, self.device, print if is_main_process() else lambda message: None)
         if distributed():
             seen: List[Optional[int]] = [None] * dist.get_world_size()
             dist.all_gather_object(seen, found[0] if found else None)

@@ -269,6 +269,9 @@ def test_newest_readable_set_is_found_and_broken_ones_are_named(tmp_path, tiny_h
     out = capsys.readouterr().out
     assert "checkpoint set 40" in out and "incomplete" in out
     assert "skipping checkpoint set 30" in out and "do_00000030" in out
+    warnings = []
+    assert checkpoints.load_newest_set(folder, torch.device("cpu"), warnings.append)[0] == 20
+    assert capsys.readouterr().out == "" and len(warnings) == 2 and "set 40" in warnings[0]
     assert checkpoints.load_newest_set(str(tmp_path / "empty"), torch.device("cpu")) is None
 
 
