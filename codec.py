@@ -385,6 +385,9 @@ class Codec:
         if h.causal and precision != "float32" and stream_ms is None:
             raise ValueError("--precision applies to a causal codec only with --stream; its offline pass runs "
                              "in float32")
+        if h.causal and file_statistics:
+            raise ValueError("--file_statistics applies to the paper's codec; a causal codec's GRN pools over "
+                             "one frame")
         self.precision = resolve_precision(precision, device)
         # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
         self.fast = None if h.causal else FastGenerator(encoder, decoder, h, self.precision,
@@ -448,8 +451,13 @@ class Codec:
             raise ValueError(f"--stream needs a causal codec ('causal': true); {self.h.source} describes the "
                              f"paper's non-causal model")
         chunk = max(1, round(chunk_ms * self.h.sampling_rate / 1000))
-        self.roundtrip = lambda audio, n_codebooks: stream_roundtrip(
-            self.encoder, self.decoder, audio, self.h, chunk, self.precision)["audio"]
+
+        def streamed(audio: torch.Tensor, n_codebooks: Optional[int]) -> torch.Tensor:
+            if n_codebooks not in (None, self.h.n_codebooks):
+                raise ValueError("--stream resynthesises with every codebook; n_codebooks applies to the "
+                                 "offline pass")
+            return stream_roundtrip(self.encoder, self.decoder, audio, self.h, chunk, self.precision)["audio"]
+        self.roundtrip = streamed
 
     def _window_audio(self, blocks: Iterable[np.ndarray], rate: int, channels: int, model_length: int,
                       windows: List[Tuple[int, int]], what: str) -> Iterator[torch.Tensor]:

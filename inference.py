@@ -31,6 +31,7 @@ streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live st
 would, and gives the same files as the offline pass (in float32; --precision applies to
 a causal codec only when it streams).
 """
+import argparse
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ from fastpath import PRECISIONS, kernels
 from utils import pick_device
 
 MODES = ("resynth", "encode", "decode")
+STREAM_CHUNK_MS = 10.0
 
 
 def check_inputs(files: Dict[str, str], location: str) -> Dict[str, str]:
@@ -139,6 +141,15 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     return totals
 
 
+def stream_chunk_ms(args: argparse.Namespace) -> Optional[float]:
+    """The stream's chunk length with --stream, else None; --chunk_ms without --stream is an error."""
+    if not args.stream:
+        if args.chunk_ms is not None:
+            raise ValueError("--chunk_ms applies only with --stream")
+        return None
+    return STREAM_CHUNK_MS if args.chunk_ms is None else args.chunk_ms
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     # Here --n_codebooks chooses how many of the model's codebooks to use; the network's
     # own count comes from the config (or the config beside the checkpoints).
@@ -163,10 +174,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help=f"resynthesis batches hold up to S seconds of padded audio (default {BATCH_SECONDS:g})")
     parser.add_argument("--stream", action="store_true",
                         help="resynthesise through the streaming codec (causal codecs only)")
-    parser.add_argument("--chunk_ms", type=float, default=10.0, metavar="MS",
-                        help="stream chunk in milliseconds, with --stream (default 10)")
+    parser.add_argument("--chunk_ms", type=float, metavar="MS",
+                        help=f"stream chunk in milliseconds, with --stream (default {STREAM_CHUNK_MS:g})")
     run_cli(lambda h, args: inference(h, args.mode, args.use_codebooks, args.keep_model_rate, args.chunk_seconds,
-                                      args.chunk_ms if args.stream else None, args.precision, args.batch_seconds,
+                                      stream_chunk_ms(args), args.precision, args.batch_seconds,
                                       args.file_statistics),
             parser, argv)
 

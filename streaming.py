@@ -301,6 +301,7 @@ class StreamingEncoder:
     """
 
     def __init__(self, encoder: Encoder, h, batch: int = 1, precision: str = "float32"):
+        check_precision(precision, next(encoder.parameters()).device)
         self.h = h
         self.quantizer = encoder.quantizer
         with torch.no_grad():
@@ -346,6 +347,7 @@ class StreamingDecoder:
     """Codes (B, n_codebooks, m) in, audio (B, n) out: every sample that no later frame will change."""
 
     def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1, precision: str = "float32"):
+        check_precision(precision, next(decoder.parameters()).device)
         self.h = h
         self.quantizer = encoder.quantizer
         with torch.no_grad():
@@ -369,8 +371,8 @@ class StreamingDecoder:
 
     @torch.no_grad()
     def push(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, n_codebooks, m), m >= 0 -> audio (B, n) that is final now (n = m * hop_size
-        once the stream is past its first samples)."""
+        """codes (B, n_codebooks, m), m >= 0 -> audio (B, n) that is final now (n = m * ratio *
+        hop_size once the stream is past its first samples)."""
         h = self.h
         if codes.size(-1) == 0:
             return self.sums.new_zeros(self.sums.size(0), 0)
@@ -406,15 +408,16 @@ class StreamingCodec:
     """Encoder and decoder streams back to back: audio chunks in, decoded audio out.
 
     The output runs `latency_samples(h)` behind the input; `flush` ends the stream with
-    silence so that the output catches up with every sample pushed.
+    silence so that the output catches up with every sample pushed. A new stream needs a new
+    StreamingCodec.
     """
 
     def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1, precision: str = "float32"):
-        check_precision(precision, next(decoder.parameters()).device)
         self.h = h
         self.encoder = StreamingEncoder(encoder, h, batch, precision)
         self.decoder = StreamingDecoder(encoder, decoder, h, batch, precision)
         self.samples_in = self.samples_out = 0
+        self.ended = False
 
     def state_size(self) -> int:
         """Numbers the stream keeps between pushes: constant, however long the stream."""
@@ -422,6 +425,8 @@ class StreamingCodec:
 
     def push(self, audio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """audio (B, n) -> (codes (B, n_codebooks, m), decoded audio (B, n')) completed by it."""
+        if self.ended:
+            raise ValueError("this stream has ended (flush was called); start a new StreamingCodec")
         self.samples_in += audio.size(-1)
         codes = self.encoder.push(audio)
         out = self.decoder.push(codes)
@@ -434,12 +439,17 @@ class StreamingCodec:
         pushed = self.samples_in
         codes, out = self.push(self.encoder.samples.new_zeros(self.encoder.samples.size(0),
                                                               latency_samples(self.h)))
+        # The stream now holds that silence: audio pushed after it would be coded behind it.
+        self.ended = True
         return codes, out[:, :out.size(-1) - (self.samples_out - pushed)]
 
 
 def chunk_sizes(sizes: Union[int, Iterable[int]]) -> Iterator[int]:
     """An endless sequence of chunk sizes: one size repeated, or a list of sizes cycled."""
-    return itertools.repeat(sizes) if isinstance(sizes, int) else itertools.cycle(list(sizes))
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    if min(sizes, default=-1) < 0 or sum(sizes) == 0:
+        raise ValueError(f"chunk sizes must be at least 0 samples, and not all 0; got {sizes}")
+    return itertools.cycle(sizes)
 
 
 def stream_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,

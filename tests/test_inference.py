@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 import inference
-from codec import codec_roundtrip, load_codec
+from codec import Codec, codec_roundtrip, load_codec
 from config import save_config
 from conftest import ROOT, TINY, make_config, tone, write_tone
 from dataset import audio_index
@@ -264,6 +264,22 @@ def test_stream_and_codes_files_write_the_same_files_as_offline(tmp_path, monkey
 def test_stream_needs_a_causal_codec(tmp_path, tiny_h):
     write_tone(str(tmp_path / "a.wav"), 0.05)
     enc_path, dec_path = _train_config_beside(tmp_path, tiny_h)
+    common = ["--test_input_wavs_dir", str(tmp_path / "a.wav"), "--checkpoint_file_load_Encoder", enc_path,
+              "--checkpoint_file_load_Decoder", dec_path]
     with pytest.raises(SystemExit, match="causal"):
-        inference.main(["--test_input_wavs_dir", str(tmp_path / "a.wav"), "--checkpoint_file_load_Encoder", enc_path,
-                        "--checkpoint_file_load_Decoder", dec_path, "--stream"])
+        inference.main(common + ["--stream"])
+    with pytest.raises(SystemExit, match="--chunk_ms applies only with --stream"):
+        inference.main(common + ["--chunk_ms", "20"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_a_causal_codec_cannot_honour_are_refused():
+    """The stream decodes every codebook; a causal codec's GRN has no statistics to share."""
+    h = make_config(**TINY, causal=True)
+    encoder, decoder = Encoder(h).eval(), Decoder(h).eval()
+    streamed = Codec(h, encoder, decoder, torch.device("cpu"), stream_ms=10)
+    streamed.resynthesize(tone(0.02), 48000, n_codebooks=h.n_codebooks)
+    with pytest.raises(ValueError, match="every codebook"):
+        streamed.resynthesize(tone(0.02), 48000, n_codebooks=1)
+    with pytest.raises(ValueError, match="--file_statistics applies to the paper's codec"):
+        Codec(h, encoder, decoder, torch.device("cpu"), file_statistics=True)

@@ -79,6 +79,23 @@ def test_streamed_output_equals_the_offline_pass(codec, length):
         assert (streamed["audio"] - offline["audio"]).abs().max() <= 1e-5, chunks
 
 
+def test_a_stream_ends_at_flush_and_chunk_sizes_must_advance(codec):
+    h, encoder, decoder = codec
+    stream = streaming.StreamingCodec(encoder, decoder, h)
+    stream.push(signal(0.02))
+    stream.flush()
+    for again in (lambda: stream.push(signal(0.01)), stream.flush):
+        with pytest.raises(ValueError, match="this stream has ended"):
+            again()
+    for sizes in (0, [0, 0], -5, [3, -1]):
+        with pytest.raises(ValueError, match="chunk sizes"):
+            streaming.stream_roundtrip(encoder, decoder, signal(0.01), h, sizes)
+    for part in (lambda: streaming.StreamingEncoder(encoder, h, precision="int-8"),
+                 lambda: streaming.StreamingDecoder(encoder, decoder, h, precision="auto")):
+        with pytest.raises(ValueError):
+            part()
+
+
 def test_paths_of_different_sizes_stream_exactly():
     """The amplitude and phase paths run side by side as one grouped layer only where their
     shapes match; a config with different widths and kernels streams exactly too, and so do
