@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from spectral import istft
-from utils import full_precision
+from utils import distributed, full_precision
 
 
 def same_padding(kernel_size: int) -> int:
@@ -228,9 +228,7 @@ class ResidualVectorQuantize(nn.Module):
         """
         if not (self.training and self.quantizer_dropout > 0):
             return None
-        rank, world = 0, 1
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
         n, total = len(self.quantizers), batch * world
         keep = torch.full((total,), n, device=device)
         dropped = int(total * self.quantizer_dropout)

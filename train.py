@@ -39,7 +39,7 @@ from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminato
 from distill import Distiller
 from metrics import compute_metrics
 from models import Decoder, Encoder
-from utils import pick_device, plot_spectrogram
+from utils import distributed, pick_device, plot_spectrogram
 
 # Names of the terms printed and logged, in the release's stdout order.
 TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
@@ -117,10 +117,6 @@ def init_distributed() -> Tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def is_main_process() -> bool:

@@ -5,9 +5,15 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+def distributed() -> bool:
+    """Whether this process is one of several under torch.distributed (torchrun)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def pick_device() -> torch.device:
