@@ -160,8 +160,9 @@ def test_bad_inputs_are_named_the_rest_coded_and_the_run_fails(tmp_path, tiny_h,
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 @pytest.mark.parametrize("mode", ["resynth", "encode"])
-def test_non_finite_samples_fail_their_file_alone(tmp_path, tiny_h, capsys, precision, mode):
+def test_non_finite_samples_fail_their_file_alone(tmp_path, tiny_h, capsys, monkeypatch, precision, mode):
     """A float file with a NaN or an infinity is named; its batch's other files are coded."""
+    monkeypatch.setattr(inference, "pick_device", lambda: torch.device("cpu"))   # int8 runs on the CPU
     inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "c.wav": 0.06})
     for name, bad in (("nan.wav", float("nan")), ("inf.wav", float("inf"))):
         audio = tone(0.055)
@@ -178,7 +179,8 @@ def test_non_finite_samples_fail_their_file_alone(tmp_path, tiny_h, capsys, prec
 
 def test_a_failing_batch_is_coded_file_by_file(tmp_path, tiny_h, monkeypatch):
     """A batch that fails as a whole (out of memory, say) leaves its files to be coded alone,
-    with the same output."""
+    with the same output (on the CPU, where a batch runs its clips one by one, bit for bit)."""
+    monkeypatch.setattr(inference, "pick_device", lambda: torch.device("cpu"))
     inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "b.wav": 0.06, "c.wav": 0.07})
     inference.inference(tiny_h)
     expected = {name: sf.read(str(tmp_path / "out" / name))[0] for name in ("a.wav", "b.wav", "c.wav")}

@@ -431,7 +431,8 @@ def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_p
     ddp = dict(settings, batch_size=2, checkpoint_path=str(tmp_path / "ddp"))
     save_config(make_config(**ddp), str(tmp_path / "ddp.json"))
     (tmp_path / "worker.py").write_text(_WORKER.format(root=os.path.dirname(os.path.dirname(__file__))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # gloo on the CPU, also where CUDA is visible (there train.py would pick NCCL and a GPU per rank).
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(tmp_path / "worker.py"), str(tmp_path / "ddp.json")],
                          capture_output=True, text=True, env=env, timeout=300)
