@@ -2,10 +2,13 @@
 and `models.Decoder` (non-causal), to float rounding, at a cost that grows linearly with length.
 
 * Activations are (B, T, C), so every pointwise layer and every convolution (as one product
-  over unfolded frames) is a matrix product over contiguous rows, with no transposes between
-  layers.
+  per tap) is a matrix product over contiguous rows, with no transposes between layers.
 * Time runs in chunks of `chunk_frames`, so a layer's output is still in cache when the next
   one reads it; each ConvNeXt stack updates one residual buffer in place.
+* Without chunks (`chunk_frames` None, as on a GPU) a whole batch runs each layer at once,
+  where memory traffic and kernel launches bound the time, not arithmetic: convolutions run
+  as single kernels on the rows seen as a channels-last image, GRN's statistics as one norm,
+  and its second product as one batched product, per-clip weights and all.
 * GRN pools over the whole sequence: a first pass over the chunks gathers its statistics, a
   second applies it and the block's second pointwise layer.
 * LayerNorm's scale and shift are folded into the following layer, weight norm into the
@@ -196,20 +199,31 @@ class Product:
 
 
 class Convolution:
-    """A stride-1 'same' convolution over the rows of (B, T, C_in) as k shifted products,
-    one per tap, summed in place: no unfolded copy of the input."""
+    """A stride-1 'same' convolution over the rows of (B, T, C_in).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, precision: str):
+    Chunked, it runs as k shifted products, one per tap, summed in place: no unfolded copy of
+    the input, and each product's operands stay in cache. `dense` (whole sequences, as on a
+    GPU) runs one convolution over the whole buffer instead: there each tap would read the
+    input from memory again, and a batch's shifted rows are not one matrix."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, precision: str, dense: bool = False):
         """weight (C_out, C_in, k), bias (C_out,) as nn.Conv1d holds them (k odd)."""
         weight = weight.detach().float()
         self.kernel, self.out_channels = weight.size(2), weight.size(0)
-        self.taps = [Product(weight[:, :, k], bias.detach().float() if k == 0 else None, precision)
-                     for k in range(self.kernel)]
+        self.dense = dense and precision != "int8"
+        if self.dense:
+            dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            self.weight, self.bias = image_weight(weight, dtype), bias.detach().to(dtype)
+        else:
+            self.taps = [Product(weight[:, :, k], bias.detach().float() if k == 0 else None, precision)
+                         for k in range(self.kernel)]
 
     def __call__(self, x: torch.Tensor, margin: int, start: int, rows: int) -> torch.Tensor:
         """Output rows start ... start + rows - 1 of x (B, margin + T + margin, C_in) with zero
         margins -> (B, rows, C_out)."""
         first = margin - self.kernel // 2 + start
+        if self.dense:
+            return image_convolution(x.to(self.weight.dtype), self.weight, self.bias)[:, first:first + rows]
         window = x[:, first:first + rows + self.kernel - 1]
         if self.taps[0].int8:
             # One quantisation for all taps: they read shifted rows of one window.
@@ -238,6 +252,19 @@ def margined(batch: int, frames: int, channels: int, margin: int, device: torch.
     return x
 
 
+def image_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A 'valid' convolution over the rows of x (B, T, C_in) with weight (C_out, C_in / groups, k, 1)
+    -> (B, T - k + 1, C_out). The rows are a channels-last image (B, C, T, 1) in the same memory,
+    so cuDNN and oneDNN run it as one kernel without a transposed copy."""
+    y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), weight, bias, groups=groups)
+    return y.permute(0, 2, 3, 1).flatten(2)
+
+
+def image_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Conv1d weight (C_out, C_in, k) for `image_convolution`, channels-last as its input."""
+    return weight.detach()[..., None].to(dtype).contiguous(memory_format=torch.channels_last)
+
+
 def normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
@@ -258,9 +285,13 @@ def polar_spectrum(logamp: torch.Tensor, imag: torch.Tensor, real: torch.Tensor)
 class FastBlock:
     """ConvNeXtBlock applied in place to the rows of a residual buffer."""
 
-    def __init__(self, block: ConvNeXtBlock, precision: str):
+    def __init__(self, block: ConvNeXtBlock, precision: str, dense: bool = False):
+        """`dense`: the depthwise convolution and the second product over the whole sequence and
+        batch at once (see `Convolution`)."""
         self.precision = precision
+        self.dense = dense and precision != "int8"
         self.dw_weight = block.dwconv.weight.detach()[:, 0].t().contiguous()   # (k, C)
+        self.dw_image = image_weight(block.dwconv.weight, torch.float32)
         self.dw_bias = block.dwconv.bias.detach()
         self.kernel = block.dwconv.kernel_size[0]
         self.eps = block.norm.eps
@@ -274,6 +305,8 @@ class FastBlock:
 
     def depthwise(self, x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
         """The depthwise convolution of rows start ... of a buffer with kernel // 2 rows of margin."""
+        if self.dense:
+            return image_convolution(x, self.dw_image, self.dw_bias, groups=x.size(2))[:, start:start + rows]
         y = torch.addcmul(self.dw_bias, x[:, start:start + rows], self.dw_weight[0])
         for k in range(1, self.kernel):
             y.addcmul_(x[:, start + k:start + k + rows], self.dw_weight[k])
@@ -284,7 +317,7 @@ class FastBlock:
                  statistics: Optional[torch.Tensor] = None, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, margin + T + margin, C), updated in place; rows outside a clip must be zero.
         hidden: (B, T, hidden width) workspace, or None (int8) to keep each span's hidden
-        activations as it comes. With several spans (chunks), B must be 1.
+        activations as it comes. With several spans (chunks), B must be 1; `dense` takes one.
 
         GRN pools the sums of squares (B, hidden width) of its input over time: `statistics`
         replaces them (a long input's, gathered over its windows). Returns this input's sums
@@ -306,6 +339,11 @@ class FastBlock:
             h = self.pw1(y.view(-1, c), out=out).view(b, rows, self.hidden)
             if valid is not None:
                 h.mul_(valid[:, start:start + rows])
+            if self.dense and counted is None:
+                # One read of the activations from memory, where squaring a float32 copy and
+                # summing it takes three (on CPUs the norm over a middle dimension is slower).
+                sumsq += torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square()
+                continue
             if hidden is not None:
                 squares = h.float().square()
             elif scaled:
@@ -322,6 +360,9 @@ class FastBlock:
         gx = sumsq.sqrt()
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         scales = self.gamma * nx + 1     # GRN's per-channel scale with its residual, (B, hidden width)
+        if self.dense:
+            self._dense_second_product(x, margin, hidden, scales, valid)
+            return measured
         if scaled:
             for (start, rows), h in zip(spans, kept):
                 q = quantize(h.mul_(scales[:, None]))
@@ -337,16 +378,33 @@ class FastBlock:
             x[:, margin:x.size(1) - margin].mul_(valid)
         return measured
 
+    def _dense_second_product(self, x: torch.Tensor, margin: int, hidden: torch.Tensor, scales: torch.Tensor,
+                              valid: Optional[torch.Tensor]) -> None:
+        """x[:, margin:-margin] (B, T, C) += (hidden * scales) @ W.T + bias, as one batched
+        product with GRN's scales folded into per-item weights (B, hidden width, C)."""
+        t = x.size(1) - 2 * margin
+        rows = x[:, margin:margin + t]
+        weights = (self.pw2_weight[None] * scales[:, None]).transpose(1, 2).to(hidden.dtype)
+        if hidden.dtype == x.dtype:
+            rows.baddbmm_(hidden[:, :t], weights)
+        else:
+            rows += torch.bmm(hidden[:, :t], weights)
+        # The padded frames' hidden activations are zero, so past a clip's end this leaves zeros.
+        if valid is None:
+            rows += self.pw2_bias
+        else:
+            rows.addcmul_(valid, self.pw2_bias)
+
 
 class FastBranch:
     """Branch: embed conv -> LayerNorm -> ConvNeXt blocks -> LayerNorm -> Linear, (B, T, C) in and out."""
 
-    def __init__(self, branch: Branch, precision: str):
+    def __init__(self, branch: Branch, precision: str, dense: bool = False):
         self.precision = precision
-        self.embed = Convolution(branch.embed.weight, branch.embed.bias, precision)
+        self.embed = Convolution(branch.embed.weight, branch.embed.bias, precision, dense)
         self.norm, self.final_norm = branch.norm.eps, branch.final_norm.eps
         self.norm_affine = (branch.norm.weight.detach(), branch.norm.bias.detach())
-        self.blocks = [FastBlock(block, precision) for block in branch.blocks]
+        self.blocks = [FastBlock(block, precision, dense) for block in branch.blocks]
         self.out = Product(*folded_norm_linear(branch.final_norm, branch.out), precision)
         self.width, self.out_width = branch.out.in_features, branch.out.out_features
         self.margin = max([self.embed.kernel // 2] + [block.kernel // 2 for block in self.blocks])
@@ -401,15 +459,16 @@ class FastGenerator:
         with torch.no_grad():
             branches = (encoder.amp, encoder.pha, decoder.amp, decoder.pha)
             self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha = (
-                FastBranch(branch, precision) for branch in branches)
-            self.amp_out = Convolution(decoder.amp_out.weight, decoder.amp_out.bias, precision)
+                FastBranch(branch, precision, chunk_frames is None) for branch in branches)
+            self.amp_out = Convolution(decoder.amp_out.weight, decoder.amp_out.bias, precision, chunk_frames is None)
             # The phase's imaginary and real outputs as one convolution: a shorter (odd, 'same')
             # kernel is zero-padded on both sides to the longer one's size.
             imag, real = decoder.pha_imag.weight, decoder.pha_real.weight
             k = max(imag.size(2), real.size(2))
             imag, real = (F.pad(w, ((k - w.size(2)) // 2,) * 2) for w in (imag, real))
             self.pha_out = Convolution(torch.cat((imag, real)),
-                                       torch.cat((decoder.pha_imag.bias, decoder.pha_real.bias)), precision)
+                                       torch.cat((decoder.pha_imag.bias, decoder.pha_real.bias)), precision,
+                                       chunk_frames is None)
         convolutions = [b.embed for b in (self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha)]
         self.margin = max(c.kernel for c in convolutions + [self.amp_out, self.pha_out]) // 2
 

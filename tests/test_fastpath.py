@@ -101,6 +101,45 @@ def test_a_batch_of_different_lengths_equals_one_clip_at_a_time(model):
         assert (b["audio"] - a["audio"]).abs().max() < TOLERANCE
 
 
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_dense_convolutions_equal_the_chunked_ones(precision):
+    """Without chunks the convolutions run as single kernels on a batch; they equal the
+    per-tap products and the depthwise sum of the chunked path, in the same margins."""
+    torch.manual_seed(0)
+    margin, start, rows = 4, 3, 40
+    x = F.pad(torch.randn(3, 50, 24), (0, 0, margin, margin))
+    conv = torch.nn.Conv1d(24, 10, 7)
+    dense = fastpath.Convolution(conv.weight, conv.bias, precision, dense=True)
+    chunked = fastpath.Convolution(conv.weight, conv.bias, precision)
+    expected = conv(x.transpose(1, 2)).transpose(1, 2)[:, margin - 3 + start:][:, :rows]
+    for got in (dense(x, margin, start, rows), chunked(x, margin, start, rows)):
+        assert got.shape == (3, rows, 10)
+        assert (got.float() - expected).abs().max() < (1e-5 if precision == "float32" else 0.05)
+    block = remove_weight_norm(Encoder(make_config(**TINY))).amp.blocks[0]
+    k = block.dwconv.kernel_size[0]
+    frames = torch.randn(2, 30, block.dwconv.in_channels)
+    stream = F.pad(frames, (0, 0, k // 2, k // 2))
+    depthwise = block.dwconv(frames.transpose(1, 2)).transpose(1, 2)   # zero 'same' padding
+    for dense in (True, False):
+        got = fastpath.FastBlock(block, precision, dense).depthwise(stream, 0, 30)
+        assert (got - depthwise).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("chunk_frames", [fastpath.CHUNK_FRAMES, None])
+def test_bfloat16_codec_stays_near_float32_alone_and_batched(model, chunk_frames):
+    """bfloat16, chunked one clip at a time (a CPU's way) and as one dense batch (a GPU's),
+    near the float32 output of each clip (random weights: loose bounds)."""
+    h, encoder, decoder = model
+    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 4801))]
+    exact = FastGenerator(encoder, decoder, h).roundtrip(clips)
+    approx = FastGenerator(encoder, decoder, h, "bfloat16", chunk_frames=chunk_frames).roundtrip(clips)
+    for a, e in zip(approx, exact):
+        assert a["audio"].shape == e["audio"].shape and a["codes"].shape == e["codes"].shape
+        assert (a["audio"] - e["audio"]).pow(2).sum() < 0.1 * e["audio"].pow(2).sum()
+        assert (a["codes"] == e["codes"]).float().mean() >= 0.95
+
+
 @pytest.mark.parametrize("bits", [8, 7])
 @pytest.mark.parametrize("scaled_frames", [fastpath.SCALED_FRAMES, 0])
 def test_int8_codec_stays_near_float32_alone_and_batched(model, scaled_frames, bits, monkeypatch):
