@@ -255,8 +255,16 @@ def margined(batch: int, frames: int, channels: int, margin: int, device: torch.
 def image_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """A 'valid' convolution over the rows of x (B, T, C_in) with weight (C_out, C_in / groups, k, 1)
     -> (B, T - k + 1, C_out). The rows are a channels-last image (B, C, T, 1) in the same memory,
-    so cuDNN and oneDNN run it as one kernel without a transposed copy."""
-    y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), weight, bias, groups=groups)
+    so cuDNN and oneDNN run it as one kernel without a transposed copy.
+
+    In float32, TF32 runs the convolution exactly when it runs the matrix products:
+    PyTorch allows it for cuDNN's convolutions by default, and not for products."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), weight, bias, groups=groups)
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
     return y.permute(0, 2, 3, 1).flatten(2)
 
 
@@ -280,6 +288,29 @@ def polar_spectrum(logamp: torch.Tensor, imag: torch.Tensor, real: torch.Tensor)
     magnitude = torch.exp(logamp)
     scale = torch.where(directed, magnitude / norm, magnitude)
     return torch.complex(torch.where(directed, real, 1) * scale, imag * scale)
+
+
+class Padding:
+    """Where each clip of a batch ends. Clips of different lengths run padded to the longest,
+    and the frames past a clip's end must be as the clip alone would have them: zero where a
+    convolution reads them, and out of GRN's statistics."""
+
+    def __init__(self, lengths: Sequence[int], frames: int):
+        self.ends = torch.tensor(lengths)[:, None]
+        self.frames = frames
+        self._rows: Dict[Tuple[int, int, Optional[int], torch.device], torch.Tensor] = {}
+
+    def zero(self, x: torch.Tensor, offset: int = 0, count: Optional[int] = None) -> None:
+        """Zero the rows of x (B, rows per item, C), in place, that hold frame offset + t of a
+        clip for t from its end on: `count` of them, or all up to T. One kernel that writes
+        those rows alone (a mask would read and write every row)."""
+        key = (x.size(1), offset, count, x.device)
+        if key not in self._rows:
+            t = torch.arange(self.frames)[None]
+            past = (t >= self.ends) & (t < self.ends + (self.frames if count is None else count))
+            item, frame = past.nonzero(as_tuple=True)
+            self._rows[key] = (item * x.size(1) + offset + frame).to(x.device)
+        x.view(-1, x.size(2)).index_fill_(0, self._rows[key], 0)
 
 
 class FastBlock:
@@ -313,11 +344,13 @@ class FastBlock:
         return y
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
-                 valid: Optional[torch.Tensor], hidden: Optional[torch.Tensor],
+                 padding: Optional[Padding], hidden: Optional[torch.Tensor],
                  statistics: Optional[torch.Tensor] = None, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, margin + T + margin, C), updated in place; rows outside a clip must be zero.
+        """x: (B, margin + T + margin, C), updated in place; rows past a clip's end (`padding`)
+        must be zero, and dense blocks leave them otherwise (see `_dense_second_product`).
         hidden: (B, T, hidden width) workspace, or None (int8) to keep each span's hidden
-        activations as it comes. With several spans (chunks), B must be 1; `dense` takes one.
+        activations as it comes. With several spans (chunks), B must be 1; `dense` and
+        `padding` take one.
 
         GRN pools the sums of squares (B, hidden width) of its input over time: `statistics`
         replaces them (a long input's, gathered over its windows). Returns this input's sums
@@ -333,12 +366,15 @@ class FastBlock:
         # kernels costs about 0.5 ms per block, which only pays over many chunks.
         scaled = self.pw2 is not None and b * (x.size(1) - 2 * margin) <= SCALED_FRAMES
         kept: List[Activations] = []
+        if self.dense and padding is not None:
+            # The rows past each clip's end that the depthwise convolution reads.
+            padding.zero(x, margin, self.kernel // 2)
         for start, rows in spans:
             y = normalise(self.depthwise(x, offset + start, rows), self.eps)
             out = None if hidden is None else hidden[:, start:start + rows].view(-1, self.hidden)
             h = self.pw1(y.view(-1, c), out=out).view(b, rows, self.hidden)
-            if valid is not None:
-                h.mul_(valid[:, start:start + rows])
+            if padding is not None:
+                padding.zero(h)
             if self.dense and counted is None:
                 # One read of the activations from memory, where squaring a float32 copy and
                 # summing it takes three (on CPUs the norm over a middle dimension is slower).
@@ -361,7 +397,7 @@ class FastBlock:
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         scales = self.gamma * nx + 1     # GRN's per-channel scale with its residual, (B, hidden width)
         if self.dense:
-            self._dense_second_product(x, margin, hidden, scales, valid)
+            self._dense_second_product(x, margin, hidden, scales)
             return measured
         if scaled:
             for (start, rows), h in zip(spans, kept):
@@ -374,26 +410,25 @@ class FastBlock:
                 for j, (start, rows) in enumerate(spans):
                     h = kept[j].item(i) if hidden is None else hidden[i, start:start + rows]
                     pw2.accumulate(h, x[i, margin + start:margin + start + rows])
-        if valid is not None:
-            x[:, margin:x.size(1) - margin].mul_(valid)
+        if padding is not None:
+            padding.zero(x, margin)
         return measured
 
-    def _dense_second_product(self, x: torch.Tensor, margin: int, hidden: torch.Tensor, scales: torch.Tensor,
-                              valid: Optional[torch.Tensor]) -> None:
+    def _dense_second_product(self, x: torch.Tensor, margin: int, hidden: torch.Tensor, scales: torch.Tensor
+                              ) -> None:
         """x[:, margin:-margin] (B, T, C) += (hidden * scales) @ W.T + bias, as one batched
-        product with GRN's scales folded into per-item weights (B, hidden width, C)."""
+        product with GRN's scales folded into per-item weights (B, hidden width, C).
+
+        Past a clip's end this leaves the bias: the next block zeroes the rows its convolution
+        reads, and the branch's output is zeroed there; zeroing them all would cost a pass."""
         t = x.size(1) - 2 * margin
         rows = x[:, margin:margin + t]
         weights = (self.pw2_weight[None] * scales[:, None]).transpose(1, 2).to(hidden.dtype)
         if hidden.dtype == x.dtype:
             rows.baddbmm_(hidden[:, :t], weights)
-        else:
-            rows += torch.bmm(hidden[:, :t], weights)
-        # The padded frames' hidden activations are zero, so past a clip's end this leaves zeros.
-        if valid is None:
             rows += self.pw2_bias
         else:
-            rows.addcmul_(valid, self.pw2_bias)
+            rows += torch.baddbmm(self.pw2_bias.to(hidden.dtype), hidden[:, :t], weights)
 
 
 class FastBranch:
@@ -410,7 +445,7 @@ class FastBranch:
         self.margin = max([self.embed.kernel // 2] + [block.kernel // 2 for block in self.blocks])
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
-                 valid: Optional[torch.Tensor], out: torch.Tensor, statistics: Optional[List[torch.Tensor]] = None,
+                 padding: Optional[Padding], out: torch.Tensor, statistics: Optional[List[torch.Tensor]] = None,
                  counted: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """x: (B, margin + T + margin, C_in) with zero margins -> out (B, T, C_out), written in place.
 
@@ -428,9 +463,9 @@ class FastBranch:
         for start, rows in spans:
             y = self.embed(x, margin, start, rows).float()
             stream[:, m + start:m + start + rows] = F.layer_norm(y, (self.width,), weight, bias, self.norm)
-        if valid is not None:
-            stream[:, m:m + t].mul_(valid)
-        sums = [block(stream, m, spans, valid, hidden, None if statistics is None else statistics[i], counted)
+        if padding is not None:
+            padding.zero(stream, m)
+        sums = [block(stream, m, spans, padding, hidden, None if statistics is None else statistics[i], counted)
                 for i, block in enumerate(self.blocks)]
         for start, rows in spans:
             y = normalise(stream[:, m + start:m + start + rows], self.final_norm)
@@ -505,14 +540,13 @@ class FastGenerator:
         and the branch's GRN sums (see `FastBranch`)."""
         m = self.margin
         out = margined(x.size(0), frames, branch.out_width, m, x.device)
-        inside = self._inside(lengths, frames)
-        valid = None if inside is None else inside[..., None]
-        if valid is not None:
+        padding = None if all(n == frames for n in lengths) else Padding(lengths, frames)
+        if padding is not None:
             # An upsampler's output runs past a shorter clip's frames; alone, that clip has none there.
-            x[:, m:m + frames].mul_(valid)
-        sums = branch(x, m, self._spans(frames), valid, out[:, m:m + frames], statistics, counted)
-        if valid is not None:
-            out[:, m:m + frames].mul_(valid)
+            padding.zero(x, m)
+        sums = branch(x, m, self._spans(frames), padding, out[:, m:m + frames], statistics, counted)
+        if padding is not None:
+            padding.zero(out, m)
         return out, sums
 
     def _branches(self, audio: Sequence[torch.Tensor], statistics: Optional[List[torch.Tensor]] = None,

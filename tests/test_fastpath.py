@@ -126,6 +126,35 @@ def test_dense_convolutions_equal_the_chunked_ones(precision):
         assert (got - depthwise).abs().max() < 1e-5
 
 
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_dense_convolutions_use_tf32_exactly_when_products_do(tf32, monkeypatch):
+    """PyTorch lets cuDNN's convolutions use TF32 by default, products not: float32 stays float32."""
+    seen, original = [], F.conv2d
+
+    def conv2d(*args, **kwargs):
+        seen.append(torch.backends.cudnn.allow_tf32)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastpath.F, "conv2d", conv2d)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    weight = fastpath.image_weight(torch.randn(3, 4, 5), torch.float32)
+    fastpath.image_convolution(torch.randn(2, 10, 4), weight, torch.zeros(3))
+    assert seen == [tf32] and torch.backends.cudnn.allow_tf32
+
+def test_padding_zeroes_the_rows_past_each_clip_end():
+    padding = fastpath.Padding([5, 2, 7], frames=7)
+    x = torch.ones(3, 11, 4)
+    padding.zero(x, offset=2, count=3)
+    kept = torch.ones(3, 11, dtype=torch.bool)
+    kept[0, 7:9] = kept[1, 4:7] = False           # frames 5-6 (T ends it) and 2-4, after 2 rows
+    assert torch.equal(x, kept[..., None].float().expand(3, 11, 4))
+    padding.zero(x, offset=2)                     # every frame past the end, up to T = 7
+    kept[1, 4:9] = False
+    assert torch.equal(x, kept[..., None].float().expand(3, 11, 4))
+
 @pytest.mark.parametrize("chunk_frames", [fastpath.CHUNK_FRAMES, None])
 def test_bfloat16_codec_stays_near_float32_alone_and_batched(model, chunk_frames):
     """bfloat16, chunked one clip at a time (a CPU's way) and as one dense batch (a GPU's),
