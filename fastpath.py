@@ -27,7 +27,7 @@ import functools
 import platform
 import re
 import warnings
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -255,16 +255,8 @@ def margined(batch: int, frames: int, channels: int, margin: int, device: torch.
 def image_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """A 'valid' convolution over the rows of x (B, T, C_in) with weight (C_out, C_in / groups, k, 1)
     -> (B, T - k + 1, C_out). The rows are a channels-last image (B, C, T, 1) in the same memory,
-    so cuDNN and oneDNN run it as one kernel without a transposed copy.
-
-    In float32, TF32 runs the convolution exactly when it runs the matrix products:
-    PyTorch allows it for cuDNN's convolutions by default, and not for products."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), weight, bias, groups=groups)
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
+    so cuDNN and oneDNN run it as one kernel without a transposed copy."""
+    y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), weight, bias, groups=groups)
     return y.permute(0, 2, 3, 1).flatten(2)
 
 
@@ -473,6 +465,22 @@ class FastBranch:
         return sums
 
 
+def inference(method: Callable) -> Callable:
+    """`method` without autograd, its float32 convolutions in TF32 exactly when its matrix
+    products are: PyTorch allows TF32 for cuDNN's convolutions by default and not for
+    products, and float32 should mean float32 throughout (bench.py's "tf32" turns both on)."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        before = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            with torch.no_grad():
+                return method(*args, **kwargs)
+        finally:
+            torch.backends.cudnn.allow_tf32 = before
+    return run
+
+
 class FastGenerator:
     """Encoder and decoder (weight norm folded, eval mode) run by the fast forward.
 
@@ -645,7 +653,7 @@ class FastGenerator:
             yield batch, None if statistics is None else [s[start:start + len(batch)] for s in statistics]
             start += len(batch)
 
-    @torch.no_grad()
+    @inference
     def encoder_statistics(self, audio: Sequence[torch.Tensor], counted: Tuple[int, int]) -> List[torch.Tensor]:
         """Clips (L_i,) -> the GRN sums of squares of every encoder block, (B, hidden width) each,
         over the frames centred on samples counted[0] ... counted[1] - 1.
@@ -661,7 +669,7 @@ class FastGenerator:
         parts = [self._branches(batch, counted=counted)[3] for batch in self._batches(audio)]
         return [torch.cat(block) for block in zip(*parts)]
 
-    @torch.no_grad()
+    @inference
     def encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None,
                statistics: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Clips (L_i,) -> their codes (n, T'_i), the first `n_codebooks` stages (all by default);
@@ -672,7 +680,7 @@ class FastGenerator:
             codes += [c[:, :n] for c, n in zip(batch_codes, lengths)]
         return codes
 
-    @torch.no_grad()
+    @inference
     def decode(self, codes: Sequence[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
         """Codes (n, T'_i) -> per clip its audio (hop * (ratio * T'_i - 1),) and, with
         `keep_spectrum`, the predicted spectrum real, imag (F, ratio * T'_i)."""
@@ -683,7 +691,7 @@ class FastGenerator:
             outputs += self._decode(self.encoder.latent_from_codes(padded.to(self.device)), lengths)
         return outputs
 
-    @torch.no_grad()
+    @inference
     def roundtrip(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int] = None,
                   statistics: Optional[List[torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
         """Clips (L_i,) -> per clip its codes (n, T'_i) and audio (L_i,) (and with `keep_spectrum`

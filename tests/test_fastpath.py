@@ -129,20 +129,20 @@ def test_dense_convolutions_equal_the_chunked_ones(precision):
 
 
 @pytest.mark.parametrize("tf32", [False, True])
-def test_dense_convolutions_use_tf32_exactly_when_products_do(tf32, monkeypatch):
-    """PyTorch lets cuDNN's convolutions use TF32 by default, products not: float32 stays float32."""
-    seen, original = [], F.conv2d
-
-    def conv2d(*args, **kwargs):
-        seen.append(torch.backends.cudnn.allow_tf32)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fastpath.F, "conv2d", conv2d)
+def test_float32_convolutions_use_tf32_exactly_when_products_do(tf32, monkeypatch):
+    """PyTorch lets cuDNN's convolutions use TF32 by default and products not: in the fast
+    path every convolution (the dense ones and the modules') follows the products' setting."""
+    seen, conv1d, conv2d = [], F.conv1d, F.conv2d
+    monkeypatch.setattr(F, "conv1d", lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or conv1d(*a, **k))
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or conv2d(*a, **k))
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    weight = fastpath.image_weight(torch.randn(3, 4, 5), torch.float32)
-    fastpath.image_convolution(torch.randn(2, 10, 4), weight, torch.zeros(3))
-    assert seen == [tf32] and torch.backends.cudnn.allow_tf32
+    h = make_config(**TINY)
+    fast = FastGenerator(remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval(), h,
+                         chunk_frames=None)
+    fast.roundtrip([_clip(4000, 0), _clip(3000, 1)])
+    assert len(seen) > 10 and set(seen) == {tf32} and torch.backends.cudnn.allow_tf32
+
 
 def test_padding_zeroes_the_rows_past_each_clip_end():
     padding = fastpath.Padding([5, 2, 7], frames=7)
