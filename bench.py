@@ -25,6 +25,12 @@ different lengths: seconds per audio-second, times real time, times the floor an
 memory of that measurement. --file_seconds adds whole files through `Codec.resynthesize_file`,
 as inference.py runs them: a file longer than a window (30 s) goes through the chunked path.
 
+--suite traffic: the fast path as a GPU runs it (whole batches, no chunks) on PyTorch's meta
+device, which has shapes but no data: for the clips and batch of --suite inference, the
+operations it issues, the bytes they read and write and their FLOPs, and the real-time
+factor that memory traffic alone would allow at --bandwidth. An estimate for machines
+without a GPU, not a timing.
+
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
 times the streaming codec on the CPU for each chunk length and each precision of
@@ -49,6 +55,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import soundfile as sf
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import codec
@@ -215,6 +223,12 @@ def _timed_together(runs: Dict[Tuple[str, str], Callable[[], object]], device: t
     return {key: (best[key], memory[key]) for key in runs}
 
 
+def batch_lengths(length: int, batch: int) -> List[int]:
+    """The lengths of a batched measurement: from `length` down to 90% of it, as in a batch of
+    a folder sorted by length."""
+    return [length - i * length // (10 * batch) for i in range(batch)]
+
+
 def bench_inference(h: AttrDict, device: torch.device, clips: List[float], precisions: List[str], batch: int,
                     repeats: int) -> Iterator[dict]:
     """Inference speed of the reference path and the fast path in each precision, one clip
@@ -236,7 +250,7 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
         length = int(seconds * h.sampling_rate)
         one = synthetic_audio(1, length, h.sampling_rate).to(device)
         # Rotations of one clip: generating each of 100 clips would take about half a minute.
-        many = [one[0].roll(997 * i)[:length - i * length // (10 * batch)].contiguous() for i in range(batch)]
+        many = [one[0].roll(997 * i)[:n].contiguous() for i, n in enumerate(batch_lengths(length, batch))]
         runs: Dict[Tuple[str, str], Callable[[], object]] = {}
         errors = []
         for precision in ["reference"] + precisions:
@@ -357,6 +371,62 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
             "loss_means_per_50_steps": curve}
 
 
+class TrafficCounter(TorchDispatchMode):
+    """Counts the operations run and the bytes each reads and writes (views and allocations
+    move none; in-place operations read and write their tensor)."""
+
+    ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+
+    def __init__(self):
+        super().__init__()
+        self.operations = self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view or func.overloadpacket.__name__ in self.ALLOCATIONS:
+            return out
+        self.operations += 1
+        if func.overloadpacket is torch.ops.aten.index_fill_:
+            x, index = args[0], args[2]     # it writes the indexed rows alone
+            self.bytes += index.nbytes + index.numel() * x[0].nbytes
+        else:
+            read = [t for t in tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
+                    if isinstance(t, torch.Tensor)]
+            written = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in read + written)
+        return out
+
+
+def bench_traffic(h: AttrDict, clips: List[float], precisions: List[str], batch: int, bandwidth: float
+                  ) -> Iterator[dict]:
+    """The fast path as a GPU runs it, on the meta device: per clip length and precision, one
+    clip and a batch, its operations, bytes moved and FLOPs, and the real-time factor that
+    moving those bytes at `bandwidth` (bytes/s) would allow."""
+    meta = torch.device("meta")
+    encoder = remove_weight_norm(Encoder(h)).eval().to(meta)
+    decoder = remove_weight_norm(Decoder(h)).eval().to(meta)
+    for seconds in clips:
+        length = int(seconds * h.sampling_rate)
+        inputs = {"single": [length], "batched": batch_lengths(length, batch)}
+        for precision in precisions:
+            try:
+                fast = fastpath.FastGenerator(encoder, decoder, h, precision, chunk_frames=None)
+            except ValueError as e:   # int8 runs on the CPU alone
+                yield {"bench": "traffic", "precision": precision, "clip_s": seconds, "error": str(e)[:300]}
+                continue
+            for mode, lengths in inputs.items():
+                with FlopCounterMode(display=False) as flops, TrafficCounter() as traffic:
+                    fast.roundtrip([torch.empty(n, device=meta) for n in lengths])
+                audio_seconds = sum(lengths) / h.sampling_rate
+                yield {"bench": "traffic", "precision": precision, "mode": mode, "clip_s": seconds,
+                       "clips": len(lengths), "audio_s": round(audio_seconds, 2), "operations": traffic.operations,
+                       "GB_moved": round(traffic.bytes / 1e9, 3), "GFLOP": round(flops.get_total_flops() / 1e9, 1),
+                       "GB_per_audio_s": round(traffic.bytes / 1e9 / audio_seconds, 4),
+                       "bandwidth_TB_per_s": bandwidth / 1e12,
+                       "x_real_time_memory_bound": round(audio_seconds * bandwidth / traffic.bytes, 1)}
+
+
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
@@ -414,6 +484,11 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         if args.file_seconds:
             for record in bench_files(h, device, args.file_seconds, precisions.split(",")):
                 emit({**record, **common})
+    if args.suite in ("traffic", "all"):
+        precisions = args.inference_precisions or "float32,bfloat16"
+        for record in bench_traffic(h, args.clips, precisions.split(","), args.batch or 100,
+                                    args.bandwidth * 1e12):
+            emit({**record, "device": "meta (counted, not timed)", "torch": torch.__version__})
     if args.suite in ("train", "all"):
         # At least two epochs: the first holds compilation and the step-0 validation.
         steps_per_epoch = min(50, max(1, args.train_steps // 2))
@@ -437,7 +512,7 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = make_parser(__doc__)
-    parser.add_argument("--suite", choices=("step", "train", "inference", "all"), default="step",
+    parser.add_argument("--suite", choices=("step", "train", "inference", "traffic", "all"), default="step",
                         help="what to measure")
     parser.add_argument("--precisions", default="float32,bf16,bf16+compile",
                         help="comma-separated configurations: float32|bf16|fp16, optionally +compile or "
@@ -455,8 +530,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--inference_precisions", metavar="LIST",
                         help="comma-separated: float32, bfloat16, int8, tf32 (GPU) (default: float32 and the "
                              "reduced precision of this machine; on a GPU float32,tf32,bfloat16)")
-    parser.add_argument("--batch", type=int, help="clips of the batched measurement (default 100 on a GPU, 4 on "
-                                                  "the CPU)")
+    parser.add_argument("--batch", type=int, help="clips of the batched measurement (default 100 on a GPU and for "
+                                                  "--suite traffic, 4 on the CPU)")
+    parser.add_argument("--bandwidth", type=float, default=3.35, metavar="TB_PER_S",
+                        help="memory bandwidth for --suite traffic's bound (default 3.35, an H100 SXM's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed inference runs (0: none)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--stream_chunk_ms", type=float, nargs="*", default=[],

@@ -1,7 +1,8 @@
 """Small helpers shared by the scripts: the compute device, atomic file writes, figures."""
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -27,12 +28,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def full_precision(x: torch.Tensor) -> torch.autocast:
+def full_precision(x: torch.Tensor) -> ContextManager:
     """A block where autocast is off, so that it runs in float32 inside a mixed-precision region.
 
     Cast its inputs with .float(): that is a no-op on float32 tensors, so full-precision
-    runs are unchanged.
+    runs are unchanged. On a device without autocast (the meta device) there is none to turn off.
     """
+    if not torch.amp.is_autocast_available(x.device.type):
+        return nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
 
