@@ -280,12 +280,8 @@ def tf32_run(precision: str, run: Callable[[], object]) -> Callable[[], object]:
     """`run` with TF32 matrix products and convolutions on (precision "tf32") or off; the
     settings before it come back after it."""
     def switched() -> object:
-        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-        try:
+        with fastpath.tf32(precision == "tf32", precision == "tf32"):
             return run()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     return switched
 
 

@@ -13,8 +13,9 @@ and `models.Decoder` (non-causal), to float rounding, at a cost that grows linea
   second applies it and the block's second pointwise layer.
 * LayerNorm's scale and shift are folded into the following layer, weight norm into the
   weights, and the two phase output convolutions share one product: all once, at build time.
-* Clips of different lengths run as one batch: frames past a clip's end are zeroed after every
-  layer and left out of GRN's statistics, so each clip gets what it gets alone.
+* Clips of different lengths run as one batch: the frames past a clip's end are zero wherever
+  a convolution reads them and are left out of GRN's statistics, so each clip gets what it
+  gets alone.
 
 Precision: "float32" (default) is the reference computation. "bfloat16" runs the products and
 activations in bfloat16. "int8" runs the products on oneDNN's unsigned x signed 8-bit kernels:
@@ -23,6 +24,7 @@ block's two passes a long input's hidden activations are kept quantised, with GR
 the second product's weights per clip; a short input's are kept in float32 and scaled by GRN,
 which saves packing new weights. The STFT, the quantizer and the iSTFT always run in float32.
 """
+import contextlib
 import functools
 import platform
 import re
@@ -411,8 +413,9 @@ class FastBlock:
         """x[:, margin:-margin] (B, T, C) += (hidden * scales) @ W.T + bias, as one batched
         product with GRN's scales folded into per-item weights (B, hidden width, C).
 
-        Past a clip's end this leaves the bias: the next block zeroes the rows its convolution
-        reads, and the branch's output is zeroed there; zeroing them all would cost a pass."""
+        Past a clip's end the rows keep what they held plus the bias: the next block zeroes the
+        rows its convolution reads, and the branch's output is zeroed there; zeroing them all
+        here would cost a pass over every row."""
         t = x.size(1) - 2 * margin
         rows = x[:, margin:margin + t]
         weights = (self.pw2_weight[None] * scales[:, None]).transpose(1, 2).to(hidden.dtype)
@@ -465,19 +468,45 @@ class FastBranch:
         return sums
 
 
+def tf32_products() -> bool:
+    """Whether PyTorch lets float32 matrix products run in TF32 (its newer or older setting)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        return matmul.allow_tf32
+    precision = matmul.fp32_precision
+    return (torch.backends.fp32_precision if precision == "none" else precision) == "tf32"
+
+
+@contextlib.contextmanager
+def tf32(products: bool, convolutions: bool) -> Iterator[None]:
+    """Float32 matrix products and cuDNN convolutions in TF32 or not inside the block, PyTorch's
+    settings as they were after it. Uses the fp32_precision settings where torch has them
+    (2.9 on): mixing them with the older allow_tf32 flags is an error."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        switches = [(matmul, "fp32_precision", "tf32" if products else "ieee"),
+                    (cudnn.conv, "fp32_precision", "tf32" if convolutions else "ieee")]
+    else:
+        switches = [(matmul, "allow_tf32", products), (cudnn, "allow_tf32", convolutions)]
+    before = [getattr(switch, name) for switch, name, _ in switches]
+    for switch, name, value in switches:
+        setattr(switch, name, value)
+    try:
+        yield
+    finally:
+        for (switch, name, _), value in zip(switches, before):
+            setattr(switch, name, value)
+
+
 def inference(method: Callable) -> Callable:
     """`method` without autograd, its float32 convolutions in TF32 exactly when its matrix
     products are: PyTorch allows TF32 for cuDNN's convolutions by default and not for
-    products, and float32 should mean float32 throughout (bench.py's "tf32" turns both on)."""
+    products, and float32 should mean float32 throughout."""
     @functools.wraps(method)
     def run(*args, **kwargs):
-        before = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-        try:
-            with torch.no_grad():
-                return method(*args, **kwargs)
-        finally:
-            torch.backends.cudnn.allow_tf32 = before
+        products = tf32_products()
+        with torch.no_grad(), tf32(products, products):
+            return method(*args, **kwargs)
     return run
 
 

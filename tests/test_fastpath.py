@@ -117,6 +117,7 @@ def test_dense_convolutions_equal_the_chunked_ones(precision):
         assert got.shape == (3, rows, 10)
         assert (got.float() - expected).abs().max() < (1e-5 if precision == "float32" else 0.05)
     block = remove_weight_norm(Encoder(make_config(**TINY))).amp.blocks[0]
+    torch.nn.init.normal_(block.dwconv.bias)
     k = block.dwconv.kernel_size[0]
     frames = torch.randn(2, 30, block.dwconv.in_channels)
     stream = F.pad(frames, (0, 0, k // 2, k // 2))
@@ -128,20 +129,35 @@ def test_dense_convolutions_equal_the_chunked_ones(precision):
 
 
 
-@pytest.mark.parametrize("tf32", [False, True])
-def test_float32_convolutions_use_tf32_exactly_when_products_do(tf32, monkeypatch):
+@pytest.mark.parametrize("setting", ["default", "matmul_tf32", "global_tf32", "conv_ieee", "legacy_tf32"])
+def test_float32_convolutions_use_tf32_exactly_when_products_do(setting, monkeypatch):
     """PyTorch lets cuDNN's convolutions use TF32 by default and products not: in the fast
-    path every convolution (the dense ones and the modules') follows the products' setting."""
+    path every convolution (the dense ones and the modules') follows the products' setting,
+    however it was made (torch's fp32_precision settings or the older flags, which may not
+    be mixed with them), and the settings come back afterwards."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    for switch, name in ((matmul, "fp32_precision"), (conv, "fp32_precision"), (torch.backends, "fp32_precision")):
+        monkeypatch.setattr(switch, name, getattr(switch, name))   # restored after the test
+    if setting == "matmul_tf32":
+        matmul.fp32_precision = "tf32"
+    elif setting == "global_tf32":
+        torch.backends.fp32_precision = "tf32"
+    elif setting == "conv_ieee":
+        conv.fp32_precision = "ieee"
+    elif setting == "legacy_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tf32 = setting in ("matmul_tf32", "global_tf32", "legacy_tf32")
     seen, conv1d, conv2d = [], F.conv1d, F.conv2d
-    monkeypatch.setattr(F, "conv1d", lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or conv1d(*a, **k))
-    monkeypatch.setattr(F, "conv2d", lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or conv2d(*a, **k))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(F, "conv1d", lambda *a, **k: seen.append(conv.fp32_precision) or conv1d(*a, **k))
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: seen.append(conv.fp32_precision) or conv2d(*a, **k))
+    before = (matmul.fp32_precision, conv.fp32_precision, torch.backends.fp32_precision)
     h = make_config(**TINY)
     fast = FastGenerator(remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval(), h,
                          chunk_frames=None)
     fast.roundtrip([_clip(4000, 0), _clip(3000, 1)])
-    assert len(seen) > 10 and set(seen) == {tf32} and torch.backends.cudnn.allow_tf32
+    assert len(seen) > 10 and set(seen) == {"tf32" if tf32 else "ieee"}
+    assert fastpath.tf32_products() == tf32
+    assert (matmul.fp32_precision, conv.fp32_precision, torch.backends.fp32_precision) == before
 
 
 def test_padding_zeroes_the_rows_past_each_clip_end():
@@ -168,6 +184,19 @@ def test_bfloat16_codec_stays_near_float32_alone_and_batched(model, chunk_frames
         assert (a["audio"] - e["audio"]).pow(2).sum() < 0.1 * e["audio"].pow(2).sum()
         assert (a["codes"] == e["codes"]).float().mean() >= 0.95
 
+
+def test_dense_batches_gather_grn_statistics_like_clips_alone(model):
+    """The GPU's whole batches gather each clip's GRN sums over its counted samples, as a clip
+    alone in chunks does (a long file's windows on a GPU rely on them)."""
+    h, encoder, decoder = model
+    clips = [_clip(n, seed) for seed, n in enumerate((30011, 4801, 12000))]
+    counted = (1000, 9000)
+    batched = FastGenerator(encoder, decoder, h, chunk_frames=None).encoder_statistics(clips, counted)
+    chunked = FastGenerator(encoder, decoder, h).encoder_statistics(clips, counted)
+    assert len(batched) == len(chunked) == 2 * h.convnext_layers
+    for b, c in zip(batched, chunked):
+        assert b.shape == c.shape == (3, h.convnext_hidden_dim) and c.min() > 0
+        assert torch.allclose(b, c, rtol=1e-4)
 
 @pytest.mark.parametrize("bits", [8, 7])
 @pytest.mark.parametrize("scaled_frames", [fastpath.SCALED_FRAMES, 0])
