@@ -129,15 +129,26 @@ def test_dense_convolutions_equal_the_chunked_ones(precision):
 
 
 
+@pytest.fixture
+def precision_settings():
+    """torch's fp32_precision settings as they were, after the test (monkeypatch cannot: from
+    pytest 9.2 it deletes an attribute that is not in the object's __dict__)."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has the allow_tf32 flags alone")
+    switches = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends)
+    initial = [switch.fp32_precision for switch in switches]
+    yield
+    for switch, value in zip(switches, initial):
+        switch.fp32_precision = value
+
+
 @pytest.mark.parametrize("setting", ["default", "matmul_tf32", "global_tf32", "conv_ieee", "legacy_tf32"])
-def test_float32_convolutions_use_tf32_exactly_when_products_do(setting, monkeypatch):
+def test_float32_convolutions_use_tf32_exactly_when_products_do(setting, precision_settings, monkeypatch):
     """PyTorch lets cuDNN's convolutions use TF32 by default and products not: in the fast
     path every convolution (the dense ones and the modules') follows the products' setting,
     however it was made (torch's fp32_precision settings or the older flags, which may not
     be mixed with them), and the settings come back afterwards."""
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    for switch, name in ((matmul, "fp32_precision"), (conv, "fp32_precision"), (torch.backends, "fp32_precision")):
-        monkeypatch.setattr(switch, name, getattr(switch, name))   # restored after the test
     if setting == "matmul_tf32":
         matmul.fp32_precision = "tf32"
     elif setting == "global_tf32":
