@@ -26,8 +26,8 @@ memory of that measurement. --file_seconds adds whole files through `Codec.resyn
 as inference.py runs them: a file longer than a window (30 s) goes through the chunked path.
 
 --suite traffic: the fast path as a GPU runs it (whole batches, no chunks) on PyTorch's meta
-device, which has shapes but no data: for the clips and batch of --suite inference, the
-operations it issues, the bytes they read and write and their FLOPs, and the real-time
+device, which has shapes but no data: for one clip and a batch of --batch clips (default
+100) of each length in --clips, the operations it issues, the bytes they read and write and their FLOPs, and the real-time
 factor that memory traffic alone would allow at --bandwidth. An estimate for machines
 without a GPU, not a timing.
 
@@ -368,10 +368,13 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Counts the operations run and the bytes each reads and writes (views and allocations
-    move none; in-place operations read and write their tensor)."""
+    """Counts the operations run and the bytes each reads and writes: a tensor's bytes are
+    those of its distinct elements (a broadcast one is read once); views, allocations and scalar
+    constants move none; in-place operations read and write their tensor, except those that
+    only write it (copy_, fill_, zero_)."""
 
-    ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+    FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "scalar_tensor", "lift_fresh"}
+    WRITE_ONLY = {"copy_", "fill_", "zero_"}
 
     def __init__(self):
         super().__init__()
@@ -380,18 +383,29 @@ class TrafficCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.is_view or func.overloadpacket.__name__ in self.ALLOCATIONS:
+        name = func.overloadpacket.__name__
+        if func.is_view or name in self.FREE:
             return out
         self.operations += 1
         if func.overloadpacket is torch.ops.aten.index_fill_:
             x, index = args[0], args[2]     # it writes the indexed rows alone
             self.bytes += index.nbytes + index.numel() * x[0].nbytes
-        else:
-            read = [t for t in tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
-                    if isinstance(t, torch.Tensor)]
-            written = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            self.bytes += sum(t.numel() * t.element_size() for t in read + written)
+            return out
+        read = tree_leaves((args[1:] if name in self.WRITE_ONLY else args,
+                            {k: v for k, v in kwargs.items() if k != "out"}))
+        written = tree_leaves(out)
+        self.bytes += sum(distinct_bytes(t) for t in read + written if isinstance(t, torch.Tensor))
         return out
+
+
+def distinct_bytes(t: torch.Tensor) -> int:
+    """The bytes of a tensor's distinct elements: a broadcast (stride 0) dimension adds none."""
+    return int(np.prod([size for size, stride in zip(t.shape, t.stride()) if stride])) * t.element_size()
+
+
+def accumulated_product_flops(_, a, b, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of addmm_ / baddbmm_ (out += a @ b), which torch's FLOP counter leaves out; shapes in."""
+    return 2 * int(np.prod(a)) * b[-1]
 
 
 def bench_traffic(h: AttrDict, clips: List[float], precisions: List[str], batch: int, bandwidth: float
@@ -400,6 +414,8 @@ def bench_traffic(h: AttrDict, clips: List[float], precisions: List[str], batch:
     clip and a batch, its operations, bytes moved and FLOPs, and the real-time factor that
     moving those bytes at `bandwidth` (bytes/s) would allow."""
     meta = torch.device("meta")
+    in_place_products = {torch.ops.aten.addmm_: accumulated_product_flops,
+                         torch.ops.aten.baddbmm_: accumulated_product_flops}
     encoder = remove_weight_norm(Encoder(h)).eval().to(meta)
     decoder = remove_weight_norm(Decoder(h)).eval().to(meta)
     for seconds in clips:
@@ -412,7 +428,8 @@ def bench_traffic(h: AttrDict, clips: List[float], precisions: List[str], batch:
                 yield {"bench": "traffic", "precision": precision, "clip_s": seconds, "error": str(e)[:300]}
                 continue
             for mode, lengths in inputs.items():
-                with FlopCounterMode(display=False) as flops, TrafficCounter() as traffic:
+                with FlopCounterMode(display=False, custom_mapping=in_place_products) as flops, \
+                        TrafficCounter() as traffic:
                     fast.roundtrip([torch.empty(n, device=meta) for n in lengths])
                 audio_seconds = sum(lengths) / h.sampling_rate
                 yield {"bench": "traffic", "precision": precision, "mode": mode, "clip_s": seconds,

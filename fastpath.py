@@ -471,31 +471,41 @@ class FastBranch:
 def tf32_products() -> bool:
     """Whether PyTorch lets float32 matrix products run in TF32 (its newer or older setting)."""
     matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        return matmul.allow_tf32
-    precision = matmul.fp32_precision
-    return (torch.backends.fp32_precision if precision == "none" else precision) == "tf32"
+    return matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+
+
+def restore_setting(switch: object, name: str, value: object) -> None:
+    """Put a precision setting back. An fp32_precision that is "none" reads as the value it
+    inherits, so "none" is tried first: writing that value would pin it against later changes
+    above it. (The conv setting's built-in default can only come back as its value, "tf32".)"""
+    if name == "fp32_precision":
+        setattr(switch, name, "none")
+        if getattr(switch, name) == value:
+            return
+    setattr(switch, name, value)
 
 
 @contextlib.contextmanager
 def tf32(products: bool, convolutions: bool) -> Iterator[None]:
     """Float32 matrix products and cuDNN convolutions in TF32 or not inside the block, PyTorch's
     settings as they were after it. Uses the fp32_precision settings where torch has them
-    (2.9 on): mixing them with the older allow_tf32 flags is an error."""
+    (2.9 on): mixing them with the older allow_tf32 flags is an error. Only the settings that
+    differ are written."""
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     if hasattr(matmul, "fp32_precision"):
-        switches = [(matmul, "fp32_precision", "tf32" if products else "ieee"),
-                    (cudnn.conv, "fp32_precision", "tf32" if convolutions else "ieee")]
+        wanted = [(matmul, "fp32_precision", "tf32" if products else "ieee"),
+                  (cudnn.conv, "fp32_precision", "tf32" if convolutions else "ieee")]
     else:
-        switches = [(matmul, "allow_tf32", products), (cudnn, "allow_tf32", convolutions)]
-    before = [getattr(switch, name) for switch, name, _ in switches]
-    for switch, name, value in switches:
+        wanted = [(matmul, "allow_tf32", products), (cudnn, "allow_tf32", convolutions)]
+    changed = [(switch, name, getattr(switch, name), value) for switch, name, value in wanted
+               if getattr(switch, name) != value]
+    for switch, name, _, value in changed:
         setattr(switch, name, value)
     try:
         yield
     finally:
-        for (switch, name, _), value in zip(switches, before):
-            setattr(switch, name, value)
+        for switch, name, before, _ in reversed(changed):
+            restore_setting(switch, name, before)
 
 
 def inference(method: Callable) -> Callable:

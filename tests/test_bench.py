@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bench
+import fastpath
 from conftest import TINY, make_config
 
 
@@ -46,15 +47,18 @@ def test_inference_bench_times_every_precision_and_mode(tiny_h):
 
 def test_traffic_counter_counts_bytes_read_and_written():
     meta = torch.device("meta")
-    x = torch.empty(10, 20, device=meta)
+    x, row = torch.empty(10, 20, device=meta), torch.empty(20, device=meta)
     with bench.TrafficCounter() as traffic:
         y = x + 1                       # reads 800 bytes, writes 800
         y.view(200).t()                 # views move nothing
         torch.empty(5, device=meta)     # nor do allocations
         y.add_(x)                       # reads y and x, writes y
+        torch.add(x, 1, out=y)          # out= is written, not read
+        y.copy_(x)                      # so is copy_'s destination
+        z = x + row.expand(10, 20)      # a broadcast row is read once: 80 bytes
         y.index_fill_(0, torch.tensor([1, 4], device=meta), 0)   # writes 2 rows of 80 bytes
-    assert traffic.operations == 3
-    assert traffic.bytes == 1600 + 2400 + (16 + 160)
+    assert traffic.operations == 6 and z.shape == (10, 20)
+    assert traffic.bytes == 1600 + 2400 + 1600 + 1600 + (800 + 80 + 800) + (16 + 160)
 
 
 def test_traffic_suite_counts_the_gpu_forward(tiny_h):
@@ -66,5 +70,19 @@ def test_traffic_suite_counts_the_gpu_forward(tiny_h):
         single, batched = counted[precision, "single"], counted[precision, "batched"]
         assert batched["clips"] == 3 and batched["audio_s"] == pytest.approx(0.3 + 0.29 + 0.28, abs=0.01)
         assert 0 < single["GB_moved"] < batched["GB_moved"] and 0 < single["operations"] < batched["operations"]
+        # One whole batch, as a GPU runs it: clip by clip would take three times the operations.
+        assert batched["operations"] < 2 * single["operations"]
+        assert single["GFLOP"] == pytest.approx(counted["float32", "single"]["GFLOP"], rel=0.01)
         assert single["x_real_time_memory_bound"] == pytest.approx(
             single["audio_s"] / (single["GB_moved"] * 1e9 / 1e12), rel=0.01)
+
+
+def test_tf32_run_switches_tf32_for_its_call_alone():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has the allow_tf32 flags alone")
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    inside = lambda: (fastpath.tf32_products(), conv.fp32_precision)   # noqa: E731
+    assert bench.tf32_run("tf32", inside)() == (True, "tf32")
+    assert bench.tf32_run("float32", inside)() == (False, "ieee")
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
