@@ -315,8 +315,10 @@ class FastBlock:
         batch at once (see `Convolution`)."""
         self.precision = precision
         self.dense = dense and precision != "int8"
-        self.dw_weight = block.dwconv.weight.detach()[:, 0].t().contiguous()   # (k, C)
-        self.dw_image = image_weight(block.dwconv.weight, torch.float32)
+        if self.dense:
+            self.dw_image = image_weight(block.dwconv.weight, torch.float32)
+        else:
+            self.dw_weight = block.dwconv.weight.detach()[:, 0].t().contiguous()   # (k, C)
         self.dw_bias = block.dwconv.bias.detach()
         self.kernel = block.dwconv.kernel_size[0]
         self.eps = block.norm.eps
