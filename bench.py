@@ -27,9 +27,9 @@ as inference.py runs them: a file longer than a window (30 s) goes through the c
 
 --suite traffic: the fast path as a GPU runs it (whole batches, no chunks) on PyTorch's meta
 device, which has shapes but no data: for one clip and a batch of --batch clips (default
-100) of each length in --clips, the operations it issues, the bytes they read and write and their FLOPs, and the real-time
-factor that memory traffic alone would allow at --bandwidth. An estimate for machines
-without a GPU, not a timing.
+100) of each length in --clips, the operations it issues, the bytes they read and write,
+their FLOPs, and the real-time factor that memory traffic alone would allow at --bandwidth.
+An estimate for machines without a GPU, not a timing.
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms

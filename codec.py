@@ -316,15 +316,21 @@ def _crossfade(outputs: Iterable[np.ndarray], overlap: int) -> Iterator[np.ndarr
         yield tail
 
 
+def _finite(block: np.ndarray, source: str) -> np.ndarray:
+    """The block, or a one-line ValueError naming `source` when it holds NaN or infinite samples
+    (floating-point audio can; one would turn the whole output to noise)."""
+    if not np.isfinite(block).all():
+        raise ValueError(f"{source} has NaN or infinite samples")
+    return block
+
+
 def _blocks_of(audio: Audio) -> Tuple[List[np.ndarray], int, int]:
     """In-memory audio (L,) or (C, L) as one block (L, C) float32, its channels and length."""
     audio = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     audio = np.atleast_2d(audio).astype(np.float32)
     if audio.size == 0:
         raise ValueError("no samples to code")
-    if not np.isfinite(audio).all():
-        raise ValueError("the audio has NaN or infinite samples")
-    return [np.ascontiguousarray(audio.T)], audio.shape[0], audio.shape[1]
+    return [np.ascontiguousarray(_finite(audio, "the audio").T)], audio.shape[0], audio.shape[1]
 
 
 def _file_blocks(path: str) -> Tuple[Iterator[np.ndarray], int, int, int]:
@@ -339,10 +345,7 @@ def _file_blocks(path: str) -> Tuple[Iterator[np.ndarray], int, int, int]:
     def blocks() -> Iterator[np.ndarray]:
         with sf.SoundFile(path) as f:
             for block in f.blocks(blocksize=BLOCK_SAMPLES, dtype="float32", always_2d=True):
-                # Floating-point files can hold them; one would turn the whole output to noise.
-                if not np.isfinite(block).all():
-                    raise ValueError(f"audio file {path} has NaN or infinite samples")
-                yield block
+                yield _finite(block, f"audio file {path}")
     return blocks(), info.samplerate, info.channels, info.frames
 
 

@@ -11,14 +11,13 @@ weights over a stream in chunks and give exactly the frames of one offline pass.
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from spectral import istft
-from utils import distributed, full_precision
+from utils import full_precision, rank_and_world_size
 
 
 def same_padding(kernel_size: int) -> int:
@@ -228,7 +227,7 @@ class ResidualVectorQuantize(nn.Module):
         """
         if not (self.training and self.quantizer_dropout > 0):
             return None
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+        rank, world = rank_and_world_size()
         n, total = len(self.quantizers), batch * world
         keep = torch.full((total,), n, device=device)
         dropped = int(total * self.quantizer_dropout)

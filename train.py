@@ -39,7 +39,7 @@ from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminato
 from distill import Distiller
 from metrics import compute_metrics
 from models import Decoder, Encoder
-from utils import distributed, pick_device, plot_spectrogram
+from utils import distributed, pick_device, plot_spectrogram, rank_and_world_size
 
 # Names of the terms printed and logged, in the release's stdout order.
 TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
@@ -116,12 +116,12 @@ def init_distributed() -> Tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return rank_and_world_size()
 
 
 def is_main_process() -> bool:
     """Rank 0 under torchrun (the one that prints, logs and saves), or a plain process."""
-    return not distributed() or dist.get_rank() == 0
+    return rank_and_world_size()[0] == 0
 
 
 class Trainer:
@@ -234,7 +234,7 @@ class Trainer:
                 print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}{where}")
 
     def _items_per_step(self) -> int:
-        return self.h.batch_size * (dist.get_world_size() if distributed() else 1)
+        return self.h.batch_size * rank_and_world_size()[1]
 
     def _resumed_position(self, state: Dict[str, Any]) -> int:
         """The batch of the epoch to continue at. The epoch's files are dealt in one order

@@ -2,7 +2,7 @@
 import os
 import tempfile
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 def distributed() -> bool:
     """Whether this process is one of several under torch.distributed (torchrun)."""
     return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size() -> Tuple[int, int]:
+    """(this process's rank, the process count) under torch.distributed, else (0, 1)."""
+    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
 
 
 def pick_device() -> torch.device:
