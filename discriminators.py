@@ -99,16 +99,24 @@ class DiscriminatorR(nn.Module):
 
 
 class _MultiDiscriminator(nn.Module):
-    def forward(self, y: torch.Tensor, y_hat: torch.Tensor) -> DiscriminatorOutput:
-        """y, y_hat: (B, 1, L) -> (real scores, fake scores, real feature maps, fake feature maps)."""
+    def forward(self, y: torch.Tensor, y_hat: torch.Tensor, together: bool = True) -> DiscriminatorOutput:
+        """y, y_hat: (B, 1, L) -> (real scores, fake scores, real feature maps, fake feature maps).
+
+        together: each sub-discriminator runs once on the batch of both (2B, 1, L), in half
+        the kernel launches; else on each in turn, so that a backward from the fake outputs
+        alone does not run through the real half."""
         real_scores, fake_scores, real_fmaps, fake_fmaps = [], [], [], []
         for d in self.discriminators:
-            score, fmap = d(y)
-            real_scores.append(score)
-            real_fmaps.append(fmap)
-            score, fmap = d(y_hat)
-            fake_scores.append(score)
-            fake_fmaps.append(fmap)
+            if together:
+                score, fmap = d(torch.cat([y, y_hat]))
+                (real, fake), pairs = score.chunk(2), [f.chunk(2) for f in fmap]
+                real_fmap, fake_fmap = [r for r, _ in pairs], [f for _, f in pairs]
+            else:
+                (real, real_fmap), (fake, fake_fmap) = d(y), d(y_hat)
+            real_scores.append(real)
+            fake_scores.append(fake)
+            real_fmaps.append(real_fmap)
+            fake_fmaps.append(fake_fmap)
         return real_scores, fake_scores, real_fmaps, fake_fmaps
 
 

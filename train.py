@@ -325,8 +325,9 @@ class Trainer:
         # next discriminator_step's zero_grad; not computing them saves time and changes nothing.
         with frozen(self.mpd, self.mrd):
             with self.autocast():
-                _, mpd_fake, mpd_real_fmaps, mpd_fake_fmaps = self.frozen_mpd(y, gen["audio"])
-                _, mrd_fake, mrd_real_fmaps, mrd_fake_fmaps = self.frozen_mrd(y, gen["audio"])
+                # One after the other: together, the backward would also run through the real half.
+                _, mpd_fake, mpd_real_fmaps, mpd_fake_fmaps = self.frozen_mpd(y, gen["audio"], together=False)
+                _, mrd_fake, mrd_real_fmaps, mrd_fake_fmaps = self.frozen_mrd(y, gen["audio"], together=False)
             w = losses.WEIGHTS["mrd"]
             terms["GAN"] = (losses.generator_adversarial_loss(mpd_fake)
                             + w * losses.generator_adversarial_loss(mrd_fake))

@@ -95,17 +95,44 @@ def test_mrd_spectrogram_rectangular_window(resolution):
     assert (ours - ones_n_fft).abs().max() > 1.0
 
 
-def test_multi_discriminators_real_and_fake(tiny_h):
+@pytest.mark.parametrize("together", [True, False])
+def test_multi_discriminators_real_and_fake(tiny_h, together):
     torch.manual_seed(0)
     y = torch.randn(2, 1, 2400)
     y_hat = torch.randn(2, 1, 2400)
+    # One batch of four may round differently from two batches of two; one at a time is exact.
+    same = (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)) if together else torch.equal
     for cls, count in ((discriminators.MultiPeriodDiscriminator, 5), (discriminators.MultiResolutionDiscriminator, 3)):
         md = cls(tiny_h)
         with torch.no_grad():
-            real, fake, real_f, fake_f = md(y, y_hat)
+            real, fake, real_f, fake_f = md(y, y_hat, together=together)
             assert len(real) == len(fake) == len(real_f) == len(fake_f) == count
             for i, d in enumerate(md.discriminators):
-                assert torch.equal(real[i], d(y)[0]) and torch.equal(fake[i], d(y_hat)[0])
+                assert same(real[i], d(y)[0]) and same(fake[i], d(y_hat)[0])
                 assert len(real_f[i]) == len(fake_f[i]) == 6
-                assert torch.equal(fake_f[i][2], d(y_hat)[1][2])
+                assert same(fake_f[i][2], d(y_hat)[1][2]) and same(real_f[i][5], d(y)[1][5])
 
+
+def test_together_gives_the_same_gradients(tiny_h):
+    """The discriminator step's real and fake batch in one pass: equal loss and weight gradients,
+    and a fake input's gradient that the real half does not reach."""
+    from losses import discriminator_loss, feature_matching_loss
+    torch.manual_seed(1)
+    y = torch.randn(2, 1, 2400)
+    for cls in (discriminators.MultiPeriodDiscriminator, discriminators.MultiResolutionDiscriminator):
+        md = cls(tiny_h)
+        results = []
+        for together in (False, True):
+            md.zero_grad()
+            y_hat = (0.5 * y + 0.1 * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+                     ).requires_grad_()
+            real, fake, real_f, fake_f = md(y, y_hat, together=together)
+            loss = discriminator_loss(real, fake) + feature_matching_loss(real_f, fake_f)
+            loss.backward()
+            results.append((loss.detach(), y_hat.grad, [p.grad.clone() for p in md.parameters()]))
+        (loss_a, input_a, grads_a), (loss_b, input_b, grads_b) = results
+        assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+        assert input_a.abs().sum() > 0 and torch.allclose(input_a, input_b, rtol=1e-4, atol=1e-7)
+        assert len(grads_a) == len(grads_b) > 10 and sum(int(g.abs().sum() > 0) for g in grads_a) > 10
+        for a, b in zip(grads_a, grads_b):
+            assert (a - b).abs().max() <= 5e-4 * a.abs().max() + 1e-7  # summed in another order

@@ -449,12 +449,17 @@ def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_p
     assert torch.load(tmp_path / "ddp" / "do_00000003", weights_only=False)["steps"] == 3
     for name in ("encoder", "decoder", "mpd", "mrd"):
         start = getattr(init, name).state_dict()
-        for key, value in getattr(single, name).state_dict().items():
+        for key in start:
             assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)
-            # The 4 updates agree up to float rounding, amplified by AdamW where a gradient is
-            # near 0; other data or unaveraged gradients give a different update altogether.
-            update = (value - start[key]).norm()
-            assert update > 0 and (ranks[0][name][key] - value).norm() < 0.02 * update, (name, key)
+        # The 4 updates agree up to float rounding, which AdamW amplifies to a whole step where a
+        # gradient is near 0: in this tiny model that moves the discriminators' updates by a few
+        # percent (4 steps that differ only in the order of a sum moved the MPD's by 10%), the
+        # generator's much less. Scaling the audio by 0.9 moves the MPD's by 20%.
+        single_state = getattr(single, name).state_dict()
+        update = torch.cat([(single_state[k] - start[k]).flatten() for k in start])
+        apart = torch.cat([(ranks[0][name][k] - single_state[k]).flatten() for k in start])
+        bound = 0.02 if name in ("encoder", "decoder") else 0.1
+        assert update.norm() > 0 and apart.norm() < bound * update.norm(), name
     # What rank 0 prints is the mean over ranks, i.e. the single process's losses, up to float
     # rounding (the total G is in the thousands, printed to 3 decimals).
     printed = _printed_terms(capsys.readouterr().out, 3)
