@@ -9,7 +9,8 @@ for each configuration in --precisions (float32, bf16 or fp16, optionally with +
 +cudagraphs, and +fused for fused AdamW): steps/s, audio-seconds/s, peak memory, and the
 step split into phases (data copy, generator forward, discriminator step, generator
 losses and backward, generator optimizer), timed in a second pass that waits for the
-device after each phase. Then parameter counts.
+device after each phase, and for an uncompiled step the operations it issues (views and
+allocations not counted). Then parameter counts.
 
 --suite train: `train.py` itself, end to end with its DataLoader, on wav files generated
 in a temporary folder, for --train_steps steps per configuration: seconds per step over
@@ -137,7 +138,16 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
     for _ in range(steps):
         last[0] = time.perf_counter()
         trainer.train_step(audio)
-    return {"compiled": trainer.compiled, "batch_size": h.batch_size,
+    trainer.phase_done = lambda name: None
+    # What the host issues per step, which is what an eager GPU step at this size waits on. A
+    # compiled step issues other operations, and counting them would break its CUDA graphs.
+    operations = {}
+    if not trainer.compiled:
+        counter = TrafficCounter()
+        with counter:
+            trainer.train_step(audio)
+        operations = {"operations_per_step": counter.operations}
+    return {"compiled": trainer.compiled, "batch_size": h.batch_size, **operations,
             "s_per_step": round(seconds, 4), "steps_per_s": round(1 / seconds, 3),
             "audio_s_per_s": round(h.batch_size * h.segment_size / h.sampling_rate / seconds, 4),
             **peak_memory(device), "phases_s": {k: round(v, 4) for k, v in phases.items()},

@@ -1,4 +1,4 @@
-"""bench.py: configuration names and the phase split of a training step."""
+"""bench.py: configuration names, the phase split and operation count of a training step."""
 import re
 
 import pytest
@@ -29,6 +29,9 @@ def test_training_bench_reports_every_phase():
                                         "generator backward", "optimizer"]
     assert all(v >= 0 for v in result["phases_s"].values())
     assert result["audio_s_per_s"] == pytest.approx(h.segment_size / h.sampling_rate / result["s_per_step"], rel=0.02)
+    # Each sub-discriminator's forward alone issues a reflection pad or an STFT and 6 convolutions.
+    n_sub = len(h.mpd_periods) + len(h.mrd_resolutions)
+    assert isinstance(result["operations_per_step"], int) and result["operations_per_step"] > 7 * n_sub * 3
 
 
 def test_inference_bench_times_every_precision_and_mode(tiny_h):

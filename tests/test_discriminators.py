@@ -136,3 +136,19 @@ def test_together_gives_the_same_gradients(tiny_h):
         assert len(grads_a) == len(grads_b) > 10 and sum(int(g.abs().sum() > 0) for g in grads_a) > 10
         for a, b in zip(grads_a, grads_b):
             assert (a - b).abs().max() <= 5e-4 * a.abs().max() + 1e-7  # summed in another order
+
+
+def test_together_issues_fewer_operations(tiny_h):
+    """What the discriminator step's single pass is for: on a GPU each operation is a kernel
+    the host must issue, and at batch 16 the host is slower than the GPU."""
+    from bench import TrafficCounter
+    from losses import discriminator_loss
+    y = torch.randn(2, 1, 2400)
+    for cls in (discriminators.MultiPeriodDiscriminator, discriminators.MultiResolutionDiscriminator):
+        md = cls(tiny_h)
+        counts = {}
+        for together in (False, True):
+            with TrafficCounter() as counter:
+                discriminator_loss(*md(y, 0.5 * y, together=together)[:2]).backward()
+            counts[together] = counter.operations
+        assert counts[True] < 0.75 * counts[False], counts
