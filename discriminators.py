@@ -100,11 +100,12 @@ class DiscriminatorR(nn.Module):
 
 class _MultiDiscriminator(nn.Module):
     def forward(self, y: torch.Tensor, y_hat: torch.Tensor, together: bool = True) -> DiscriminatorOutput:
-        """y, y_hat: (B, 1, L) -> (real scores, fake scores, real feature maps, fake feature maps).
+        """y (B, 1, L), y_hat (B, 1, L') -> (real scores, fake scores, real feature maps, fake feature maps).
 
-        together: each sub-discriminator runs once on the batch of both (2B, 1, L), in half
-        the kernel launches; else on each in turn, so that a backward from the fake outputs
-        alone does not run through the real half."""
+        together: each sub-discriminator runs once on the batch of both (2B, 1, L), in fewer
+        operations (where y and y_hat have one shape, as in training); else on each in turn,
+        so that a backward from the fake outputs alone does not run through the real half."""
+        together = together and y.shape == y_hat.shape
         real_scores, fake_scores, real_fmaps, fake_fmaps = [], [], [], []
         for d in self.discriminators:
             if together:

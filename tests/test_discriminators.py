@@ -113,6 +113,19 @@ def test_multi_discriminators_real_and_fake(tiny_h, together):
                 assert same(fake_f[i][2], d(y_hat)[1][2]) and same(real_f[i][5], d(y)[1][5])
 
 
+def test_real_and_fake_of_different_lengths_run_in_turn(tiny_h):
+    """The decoder's output need not have the input's length outside training; then the two
+    cannot share a batch, and each runs alone, exactly."""
+    torch.manual_seed(0)
+    y, y_hat = torch.randn(1, 1, 2400), torch.randn(1, 1, 2320)
+    for cls in (discriminators.MultiPeriodDiscriminator, discriminators.MultiResolutionDiscriminator):
+        md = cls(tiny_h)
+        with torch.no_grad():
+            real, fake, _, fake_f = md(y, y_hat)
+            for i, d in enumerate(md.discriminators):
+                assert torch.equal(real[i], d(y)[0]) and torch.equal(fake_f[i][-1], d(y_hat)[1][-1])
+
+
 def test_together_gives_the_same_gradients(tiny_h):
     """The discriminator step's real and fake batch in one pass: equal loss and weight gradients,
     and a fake input's gradient that the real half does not reach."""
