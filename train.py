@@ -45,6 +45,9 @@ from utils import distributed, pick_device, plot_spectrogram, rank_and_world_siz
 TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
 # How many validation utterances get audio and figures in TensorBoard.
 LOGGED_VALIDATION_ITEMS = 5
+# With the non-finite checks on the device (fused AdamW), the most steps between read-backs:
+# a signal or a run of non-finite losses is acted on within this many steps.
+READ_BACK_STEPS = 10
 
 
 def random_states() -> Dict[str, object]:
@@ -153,6 +156,17 @@ class Trainer:
         # Consecutive and total steps whose loss was not finite (their updates were skipped).
         self.nonfinite_streak = self.nonfinite_total = 0
         self.step_finite = True
+        # Checking a loss for NaN or Inf at once reads it back, a wait for the GPU twice a step.
+        # Fused AdamW can skip an update on the device instead (its found_inf), so with it the
+        # checks stay there and are read back on logging and checkpoint steps, and at least
+        # every READ_BACK_STEPS. Under fp16 the gradient scaler sets found_inf itself, so there
+        # the losses are read back each step.
+        self.deferred_checks = h.fused_adamw and h.mixed_precision != "fp16"
+        self.checks_read = True
+        # Deferred: this step's finite flags; the non-finite steps in a row up to the last step
+        # and the non-finite steps since the last read-back.
+        self.step_checks: List[torch.Tensor] = []
+        self.pending = torch.zeros(2, device=device)
 
         half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[h.mixed_precision]
         self.autocast: Callable[[], ContextManager] = (
@@ -254,6 +268,7 @@ class Trainer:
     def save(self, step: int, epoch: int) -> None:
         """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists."""
         folder = self.h.checkpoint_path
+        self.read_back_checks()
         save_checkpoint(checkpoint_file(folder, "encoder", step), {"encoder": release_state_dict(self.encoder)})
         save_checkpoint(checkpoint_file(folder, "decoder", step), {"decoder": release_state_dict(self.decoder)})
         state = {"mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
@@ -312,7 +327,8 @@ class Trainer:
         loss = (losses.discriminator_loss(mpd_real, mpd_fake)
                 + losses.WEIGHTS["mrd"] * losses.discriminator_loss(mrd_real, mrd_fake))
         self.scaler_d.scale(loss).backward()
-        norm = self._update(self.optim_d, self.scaler_d, self.params_d, want_norm) if self._finite(loss, "D") else None
+        finite = self._finite(loss, "D", self.optim_d)
+        norm = self._update(self.optim_d, self.scaler_d, self.params_d, want_norm) if finite else None
         return {"D": loss} if norm is None else {"D": loss, "grad_norm_D": norm}
 
     def generator_step(self, y: torch.Tensor, ref: Dict[str, torch.Tensor],
@@ -340,19 +356,24 @@ class Trainer:
                 terms["G"] = terms["G"] + self.h.kd_weight * terms["KD"]
             self.scaler_g.scale(terms["G"]).backward()
         self.phase_done("generator backward")
-        if self._finite(terms["G"], "G"):
+        if self._finite(terms["G"], "G", self.optim_g):
             norm = self._update(self.optim_g, self.scaler_g, self.params_g, want_norm)
             if norm is not None:
                 terms["grad_norm_G"] = norm
         self.phase_done("optimizer")
         return terms
 
-    def _finite(self, loss: torch.Tensor, name: str) -> bool:
-        """Whether `loss` is finite (on every rank); a non-finite one is reported, and its
-        update is skipped everywhere, so the ranks keep equal weights."""
+    def _finite(self, loss: torch.Tensor, name: str, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether to step `optimizer` after `loss`. Where the loss is not finite (on any rank)
+        the update is skipped on every rank, so the ranks keep equal weights: here, with a
+        report, or with deferred checks by the fused kernels, counted for `read_back_checks`."""
         finite = torch.isfinite(loss.detach()).float()
         if distributed():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if self.deferred_checks:
+            optimizer.found_inf = 1 - finite
+            self.step_checks.append(finite)
+            return True
         if finite.item():
             return True
         if is_main_process():
@@ -389,9 +410,29 @@ class Trainer:
         self.phase_done("discriminator step")
         terms = self.generator_step(y, ref, gen, want_norms)
         terms.update(terms_d)
-        self.nonfinite_streak = 0 if self.step_finite else self.nonfinite_streak + 1
-        self.nonfinite_total += not self.step_finite
+        if self.deferred_checks:
+            nonfinite = 1 - torch.stack(self.step_checks).amin()
+            self.pending = torch.stack([(self.pending[0] + 1) * nonfinite, self.pending[1] + nonfinite])
+            self.step_checks.clear()
+            self.checks_read = False
+        else:
+            self.nonfinite_streak = 0 if self.step_finite else self.nonfinite_streak + 1
+            self.nonfinite_total += not self.step_finite
         return {name: value.detach() for name, value in terms.items()}
+
+    def read_back_checks(self) -> None:
+        """With deferred checks, bring the non-finite step counts to the host (a wait for the
+        GPU) and report any new ones; every rank calls it on the same steps."""
+        if self.checks_read:
+            return
+        streak, count = (int(v) for v in self.pending.tolist())
+        self.pending[1] = 0
+        self.nonfinite_streak, self.checks_read = streak, True
+        if count:
+            self.nonfinite_total += count
+            if is_main_process():
+                print(f"warning: {count} of the steps up to step {self.steps} had a non-finite loss; "
+                      f"their updates were skipped")
 
     @torch.no_grad()
     def validate(self, loader: DataLoader, writer: SummaryWriter) -> Dict[str, float]:
@@ -556,6 +597,8 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
         health = codebook_health(trainer.code_counts)
         trainer.code_counts.zero_()
     saved = steps % h.checkpoint_interval == 0 and steps != 0
+    if printing or summary or saved or steps % READ_BACK_STEPS == 0:
+        trainer.read_back_checks()
     if writer is None:
         return saved
     # .item() waits for the GPU, so values are read only on logging steps.
@@ -639,7 +682,10 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
 
 def should_stop(trainer: Trainer, request: Dict[str, int]) -> Optional[str]:
     """'signal' after SIGINT / SIGTERM, 'nonfinite' after `max_nonfinite_steps` non-finite steps
-    in a row, else None. Under torchrun the ranks agree (a signal may reach only some of them)."""
+    in a row, else None. Under torchrun the ranks agree (a signal may reach only some of them).
+    With deferred checks this waits for the next read-back (see `log_and_checkpoint`)."""
+    if not trainer.checks_read:
+        return None
     flags = [bool(request), trainer.nonfinite_streak >= trainer.h.max_nonfinite_steps]
     if distributed():
         agreed = torch.tensor(flags, dtype=torch.float32, device=trainer.device)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,9 +175,16 @@ def test_gpu_random_state_is_this_process_device_s(monkeypatch):
     assert [int(s) for s in restored] == [1, 0]
 
 
-def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, capsys):
+# Read each step; deferred to logging steps with fused AdamW, which skips an update on the
+# device: every step, or every second one (the stop then comes at step 4, with 4 in a row).
+@pytest.mark.parametrize("fused, stdout_interval, last", [(False, 1, 3), (True, 1, 3), (True, 2, 4)])
+def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, capsys, fused, stdout_interval,
+                                                         last):
     h = _setup(tmp_path, training_epochs=3, max_nonfinite_steps=3, validation_interval=100,
-               checkpoint_interval=100)
+               checkpoint_interval=100, fused_adamw=fused, stdout_interval=stdout_interval,
+               summary_interval=stdout_interval)
+    trainer = train.Trainer(h, torch.device("cpu"))
+    assert trainer.deferred_checks == fused
     real_codec = train.Trainer.codec
     calls = {"n": 0}
 
@@ -187,16 +195,23 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, 
             gen["logamp"] = gen["logamp"] * float("nan")
         return ref, gen
     monkeypatch.setattr(train.Trainer, "codec", codec)
-    with pytest.raises(SystemExit, match="3 steps in a row had a non-finite loss; stopped after step 3"):
+    with pytest.raises(SystemExit, match=f"{last} steps in a row had a non-finite loss; stopped after step {last}"):
         train.train(h, torch.device("cpu"))
-    assert capsys.readouterr().out.count("non-finite G loss") == 3
+    out = capsys.readouterr().out
+    if fused:
+        reported = re.findall(r"warning: (\d+) of the steps up to step (\d+) had a non-finite loss", out)
+        assert [int(n) for n, _ in reported] == ([1, 1, 1] if stdout_interval == 1 else [2, 2])
+        assert reported[-1][1] == str(last)
+    else:
+        assert out.count("non-finite G loss") == 3
     # The last finite state is saved: the generator was updated at step 0 only, the
     # discriminators (whose loss stayed finite) at every step.
-    assert checkpoint_steps(h.checkpoint_path, "do") == [3]
-    do = torch.load(os.path.join(h.checkpoint_path, "do_00000003"), weights_only=False)
+    assert checkpoint_steps(h.checkpoint_path, "do") == [last]
+    do = torch.load(os.path.join(h.checkpoint_path, f"do_{last:08d}"), weights_only=False)
     assert all(s["step"].item() == 1 for s in do["optim_g"]["state"].values())
-    assert all(s["step"].item() == 4 for s in do["optim_d"]["state"].values())
-    encoder = torch.load(os.path.join(h.checkpoint_path, "encoder_00000003"), weights_only=False)["encoder"]
+    assert all(s["step"].item() == last + 1 for s in do["optim_d"]["state"].values())
+    assert do["nonfinite_total"] == last
+    encoder = torch.load(os.path.join(h.checkpoint_path, f"encoder_{last:08d}"), weights_only=False)["encoder"]
     assert all(torch.isfinite(v).all() for v in encoder.values())
 
 
@@ -420,14 +435,17 @@ def _printed_terms(stdout, step):
     return {name: float(value) for name, value in (item.rsplit(" ", 1) for item in line.split(": ", 1)[1].split(", "))}
 
 
-def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, capsys):
+# Also with fused AdamW, whose non-finite checks stay on the device: the ranks must still
+# agree on every step (they read back and decide on stopping at the same steps).
+@pytest.mark.parametrize("fused", [False, True])
+def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, capsys, fused):
     """2 gloo processes x batch 2 == 1 process x batch 4: same files per step, mean losses,
     DDP averages the gradients, quantizer dropout takes its share of the global batch (3 of 4
     items: both of rank 0's, the first of rank 1's, where each rank alone would drop 1).
     8 clips: 2 steps per epoch, 2 epochs, a checkpoint at step 3."""
     import subprocess
     import sys
-    settings = dict(_clips(tmp_path, 8), quantizer_dropout=0.75)
+    settings = dict(_clips(tmp_path, 8), quantizer_dropout=0.75, fused_adamw=fused)
     ddp = dict(settings, batch_size=2, checkpoint_path=str(tmp_path / "ddp"))
     save_config(make_config(**ddp), str(tmp_path / "ddp.json"))
     (tmp_path / "worker.py").write_text(_WORKER.format(root=os.path.dirname(os.path.dirname(__file__))))
