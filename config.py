@@ -245,7 +245,8 @@ SCHEMA: Tuple[Key, ...] = (
     Key("grad_clip", 0, non_negative_number, "max gradient norm of G and of D (0: no clipping; "
         "the norms are logged either way)", release=False),
     Key("fused_adamw", False, boolean, "fused AdamW kernels: faster, equal to the default up to float rounding; "
-        "a non-finite loss's update is skipped on the device, its count read back on logging steps",
+        "a non-finite loss's update is skipped on the device, its count read back on logging and "
+        "checkpoint steps and at least every 10 steps",
         release=False),
 )
 

@@ -268,7 +268,7 @@ class Trainer:
     def save(self, step: int, epoch: int) -> None:
         """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists."""
         folder = self.h.checkpoint_path
-        self.read_back_checks()
+        self.read_back_checks(step)
         save_checkpoint(checkpoint_file(folder, "encoder", step), {"encoder": release_state_dict(self.encoder)})
         save_checkpoint(checkpoint_file(folder, "decoder", step), {"decoder": release_state_dict(self.decoder)})
         state = {"mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
@@ -420,9 +420,9 @@ class Trainer:
             self.nonfinite_total += not self.step_finite
         return {name: value.detach() for name, value in terms.items()}
 
-    def read_back_checks(self) -> None:
-        """With deferred checks, bring the non-finite step counts to the host (a wait for the
-        GPU) and report any new ones; every rank calls it on the same steps."""
+    def read_back_checks(self, step: int) -> None:
+        """With deferred checks, bring the non-finite step counts up to `step` (the last one
+        trained) to the host, a wait for the GPU, and report any new ones."""
         if self.checks_read:
             return
         streak, count = (int(v) for v in self.pending.tolist())
@@ -431,7 +431,7 @@ class Trainer:
         if count:
             self.nonfinite_total += count
             if is_main_process():
-                print(f"warning: {count} of the steps up to step {self.steps} had a non-finite loss; "
+                print(f"warning: {count} of the steps up to step {step} had a non-finite loss; "
                       f"their updates were skipped")
 
     @torch.no_grad()
@@ -597,8 +597,9 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
         health = codebook_health(trainer.code_counts)
         trainer.code_counts.zero_()
     saved = steps % h.checkpoint_interval == 0 and steps != 0
+    # Every rank reads back on the same steps, so that they agree in `should_stop` together.
     if printing or summary or saved or steps % READ_BACK_STEPS == 0:
-        trainer.read_back_checks()
+        trainer.read_back_checks(steps)
     if writer is None:
         return saved
     # .item() waits for the GPU, so values are read only on logging steps.
@@ -683,9 +684,12 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
 def should_stop(trainer: Trainer, request: Dict[str, int]) -> Optional[str]:
     """'signal' after SIGINT / SIGTERM, 'nonfinite' after `max_nonfinite_steps` non-finite steps
     in a row, else None. Under torchrun the ranks agree (a signal may reach only some of them).
-    With deferred checks this waits for the next read-back (see `log_and_checkpoint`)."""
+    With deferred checks the ranks of a torchrun wait for their next read-back (see
+    `log_and_checkpoint`); one process reads back at once when a signal came."""
     if not trainer.checks_read:
-        return None
+        if distributed() or not request:
+            return None
+        trainer.read_back_checks(trainer.steps - 1)
     flags = [bool(request), trainer.nonfinite_streak >= trainer.h.max_nonfinite_steps]
     if distributed():
         agreed = torch.tensor(flags, dtype=torch.float32, device=trainer.device)
