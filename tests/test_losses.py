@@ -99,25 +99,31 @@ def test_feature_matching_by_hand():
 
 
 def test_feature_matching_gradient_equals_autograds():
-    """The fused mean |r - g| gives autograd's value and gradients bit for bit (a tie included:
-    its gradient is 0), and the gradient by hand: sign(g - r) / n."""
+    """The multi-tensor sum of mean |r - g| gives autograd's gradients of the per-pair form bit
+    for bit (a tie included: its gradient is 0), and the gradient by hand: sign(g - r) / n; its
+    value equals up to float rounding."""
     torch.manual_seed(0)
-    r, g = torch.randn(3, 4, 17, 5, requires_grad=True), torch.randn(3, 4, 17, 5, requires_grad=True)
+    shapes = [(3, 4, 17, 5), (2, 9), (3, 1, 4, 2)]
+    real = [torch.randn(s, requires_grad=True) for s in shapes]
+    fake = [torch.randn(s, requires_grad=True) for s in shapes]
     with torch.no_grad():
-        r[0, 0, 0, 0] = g[0, 0, 0, 0]
-    fused = losses.MeanAbsoluteDifference.apply(r, g)
-    fused_grads = torch.autograd.grad(2.5 * fused, (r, g))
-    plain = torch.mean(torch.abs(r - g))
-    plain_grads = torch.autograd.grad(2.5 * plain, (r, g))
-    assert torch.equal(fused, plain)
+        real[0][0, 0, 0, 0] = fake[0][0, 0, 0, 0]
+    fused = losses.feature_matching_loss([real[:2], real[2:]], [fake[:2], fake[2:]])
+    fused_grads = torch.autograd.grad(2.5 * fused, real + fake)
+    plain = sum(torch.mean(torch.abs(r - g)) for r, g in zip(real, fake))
+    plain_grads = torch.autograd.grad(2.5 * plain, real + fake)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(fused_grads, plain_grads))
-    assert torch.allclose(fused_grads[1], 2.5 * torch.sign(g - r) / g.numel())
-    assert fused_grads[1][0, 0, 0, 0] == 0
-    target = r.detach()
-    only_g = torch.autograd.grad(losses.MeanAbsoluteDifference.apply(target, g), g)[0]
-    assert torch.equal(only_g, torch.sign(g - target) / g.numel())
+    for g, r, grad in zip(fake, real, fused_grads[3:]):
+        assert torch.allclose(grad, 2.5 * torch.sign(g - r) / g.numel())
+    assert fused_grads[3][0, 0, 0, 0] == 0
+    targets = [r.detach() for r in real]
+    only_g = torch.autograd.grad(losses.feature_matching_loss([targets], [fake]), fake)
+    assert all(torch.equal(a, torch.sign(g - t) / g.numel()) for a, g, t in zip(only_g, fake, targets))
     with pytest.raises(ValueError, match="feature maps differ in shape"):
-        losses.MeanAbsoluteDifference.apply(target[0], g)
+        losses.feature_matching_loss([[targets[0][0]]], [[fake[0]]])
+    with pytest.raises(ValueError, match="3 real feature maps but 2 generated ones"):
+        losses.feature_matching_loss([targets], [fake[:2]])
 
 
 TERMS = {"A": 0.1, "IP": 0.2, "GD": 0.3, "PTD": 0.5, "C": 0.7, "R": 1.1, "I": 1.3, "GAN": 1.7, "FM": 1.9,
