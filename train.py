@@ -341,9 +341,13 @@ class Trainer:
         # next discriminator_step's zero_grad; not computing them saves time and changes nothing.
         with frozen(self.mpd, self.mrd):
             with self.autocast():
-                # One after the other: together, the backward would also run through the real half.
-                _, mpd_fake, mpd_real_fmaps, mpd_fake_fmaps = self.frozen_mpd(y, gen["audio"], together=False)
-                _, mrd_fake, mrd_real_fmaps, mrd_fake_fmaps = self.frozen_mrd(y, gen["audio"], together=False)
+                # Together, the backward also runs through the real half: a tenth more
+                # discriminator arithmetic, which a CPU pays in full, while a GPU at batch 16
+                # gains from the fewer, larger kernels (float32 on an H100: 0.181 -> 0.162 s
+                # per step, 1 GiB more memory).
+                together = self.device.type == "cuda"
+                _, mpd_fake, mpd_real_fmaps, mpd_fake_fmaps = self.frozen_mpd(y, gen["audio"], together=together)
+                _, mrd_fake, mrd_real_fmaps, mrd_fake_fmaps = self.frozen_mrd(y, gen["audio"], together=together)
             w = losses.WEIGHTS["mrd"]
             terms["GAN"] = (losses.generator_adversarial_loss(mpd_fake)
                             + w * losses.generator_adversarial_loss(mrd_fake))
