@@ -83,18 +83,18 @@ class FeatureMatching(torch.autograd.Function):
             if r.shape != g.shape:
                 raise ValueError(f"feature maps differ in shape: {tuple(r.shape)} and {tuple(g.shape)}")
         ctx.save_for_backward(*maps)
-        ctx.n = n
+        ctx.counts = [float(g.numel()) for g in fake]
         sums = torch._foreach_norm(torch._foreach_sub(fake, real), 1)
-        return torch.stack(torch._foreach_div(sums, [float(g.numel()) for g in fake])).sum()
+        return torch.stack(torch._foreach_div(sums, ctx.counts)).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        n, maps = ctx.n, ctx.saved_tensors
+        n, maps = len(ctx.counts), ctx.saved_tensors
         real, fake = maps[:n], maps[n:]
         # sign(g - r) * (grad / count): the per-pair mean's gradient, rounded as autograd rounds it.
         grad_fake = torch._foreach_sub(fake, real)
         torch._foreach_sign_(grad_fake)
-        torch._foreach_mul_(grad_fake, torch._foreach_div([grad] * n, [float(g.numel()) for g in fake]))
+        torch._foreach_mul_(grad_fake, torch._foreach_div([grad] * n, ctx.counts))
         grad_real = torch._foreach_neg(grad_fake) if any(ctx.needs_input_grad[1:n + 1]) else [None] * n
         return (None, *grad_real, *grad_fake)
 
