@@ -6,11 +6,12 @@
 
 --suite step (default): training steps of the config's model on a fixed synthetic batch,
 for each configuration in --precisions (float32, bf16 or fp16, optionally with +compile or
-+cudagraphs, and +fused for fused AdamW): steps/s, audio-seconds/s, peak memory, and the
-step split into phases (data copy, generator forward, discriminator step, generator
-losses and backward, generator optimizer), timed in a second pass that waits for the
-device after each phase, and for an uncompiled step the operations it issues (views and
-allocations not counted). Then parameter counts.
++cudagraphs, +fused for fused AdamW, and +graph for the whole step recorded as one CUDA
+graph, which implies +fused): steps/s, audio-seconds/s, peak memory, and the step split
+into phases (data copy, generator forward, discriminator step, generator losses and
+backward, generator optimizer), timed in a second pass that waits for the device after
+each phase, and for an uncompiled step the operations it issues (views and allocations not
+counted); a recorded step has neither. Then parameter counts.
 
 --suite train: `train.py` itself, end to end with its DataLoader, on wav files generated
 in a temporary folder, for --train_steps steps per configuration: seconds per step over
@@ -95,11 +96,15 @@ def configuration(h: AttrDict, name: str) -> AttrDict:
     """h with the keys of a configuration name such as "bf16+compile" or "bf16+cudagraphs+fused"."""
     precision, *options = name.split("+")
     modes = [COMPILE_MODES[o] for o in options if o in COMPILE_MODES]
-    if precision not in PRECISIONS or len(modes) > 1 or any(o not in COMPILE_MODES and o != "fused" for o in options):
+    if (precision not in PRECISIONS or len(modes) > 1
+            or any(o not in COMPILE_MODES and o not in ("fused", "graph") for o in options)):
         raise ValueError(f"unknown configuration '{name}': use one of {', '.join(PRECISIONS)}, optionally "
-                         f"followed by +{' or +'.join(COMPILE_MODES)} and by +fused (fused AdamW)")
+                         f"followed by +{' or +'.join(COMPILE_MODES)}, by +fused (fused AdamW) and by +graph "
+                         f"(the step as one CUDA graph)")
+    graph = "graph" in options
     return build_config(dict(h, mixed_precision=PRECISIONS[precision], compile=modes[0] if modes else "no",
-                             fused_adamw=h.fused_adamw or "fused" in options), h.source)
+                             fused_adamw=h.fused_adamw or graph or "fused" in options,
+                             cuda_graph=h.cuda_graph or graph), h.source)
 
 
 def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -> dict:
@@ -114,7 +119,9 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
     audio = synthetic_audio(h.batch_size, h.segment_size, h.sampling_rate)
     if device.type == "cuda":
         audio = audio.pin_memory()
-    for _ in range(warmup):
+    recorded = trainer.step_graph is not None
+    # A recorded step is recorded after its warm-up steps, and then timed.
+    for _ in range(max(warmup, train.StepGraph.WARMUP + 1) if recorded else warmup):
         trainer.train_step(audio)
     synchronize(device)
     reset_peak_memory(device)
@@ -135,19 +142,20 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
         last[0] = now
 
     trainer.phase_done = phase_done
-    for _ in range(steps):
+    # A replayed recording runs no Python, so it has no phases to time.
+    for _ in range(0 if recorded else steps):
         last[0] = time.perf_counter()
         trainer.train_step(audio)
     trainer.phase_done = lambda name: None
     # What the host issues per step, which is what an eager GPU step at this size waits on. A
     # compiled step issues other operations, and counting them would break its CUDA graphs.
     operations = {}
-    if not trainer.compiled:
+    if not trainer.compiled and not recorded:
         counter = TrafficCounter()
         with counter:
             trainer.train_step(audio)
         operations = {"operations_per_step": counter.operations}
-    return {"compiled": trainer.compiled, "batch_size": h.batch_size, **operations,
+    return {"compiled": trainer.compiled, "cuda_graph": recorded, "batch_size": h.batch_size, **operations,
             "s_per_step": round(seconds, 4), "steps_per_s": round(1 / seconds, 3),
             "audio_s_per_s": round(h.batch_size * h.segment_size / h.sampling_rate / seconds, 4),
             **peak_memory(device), "phases_s": {k: round(v, 4) for k, v in phases.items()},
@@ -539,7 +547,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="what to measure")
     parser.add_argument("--precisions", default="float32,bf16,bf16+compile",
                         help="comma-separated configurations: float32|bf16|fp16, optionally +compile or "
-                             "+cudagraphs, and +fused")
+                             "+cudagraphs, +fused and +graph (the step as one CUDA graph)")
     parser.add_argument("--device", default=pick_device().type, help="cuda or cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation happens here)")

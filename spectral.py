@@ -44,10 +44,25 @@ def stft(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int, pad: str = "
 
 def istft(real: torch.Tensor, imag: torch.Tensor, n_fft: int, hop_size: int,
           win_size: int) -> torch.Tensor:
-    """Inverse of `stft`. real, imag: (B, F, T) -> (B, hop_size * (T - 1))."""
-    spec = torch.complex(real, imag)
-    return torch.istft(spec, n_fft, hop_length=hop_size, win_length=win_size,
-                       window=_hann(win_size, real.device, real.dtype), center=True)
+    """Inverse of `stft`. real, imag: (B, F, T) -> (B, hop_size * (T - 1)), or (F, T) -> (hop_size * (T - 1),).
+
+    torch.istft's own steps with its own operations, so values and gradients equal it bit for
+    bit, less its per-call check that the windows' overlap-add is nonzero: that check reads a
+    value back from the device, a wait for the GPU in every training step and no CUDA graph.
+    The config requires hop_size < win_size instead, which makes the Hann windows overlap.
+    """
+    if real.dim() == 2:
+        return istft(real[None], imag[None], n_fft, hop_size, win_size)[0]
+    batch, _, count = real.shape
+    length = n_fft + hop_size * (count - 1)
+    left = (n_fft - win_size) // 2
+    window = F.pad(_hann(win_size, real.device, real.dtype), (left, n_fft - win_size - left))
+    frames = torch.fft.irfft(torch.complex(real, imag).transpose(1, 2), n_fft, dim=-1) * window
+    # unfold_backward is the overlap-add torch.istft uses (F.fold sums in another order).
+    signal = torch.ops.aten.unfold_backward(frames, [batch, length], 1, n_fft, hop_size)
+    envelope = torch.ops.aten.unfold_backward(window.square().expand(1, count, n_fft), [1, length], 1, n_fft, hop_size)
+    trim = slice(n_fft // 2, length - n_fft // 2)
+    return signal[:, trim] / envelope[:, trim]
 
 
 def amp_pha_spectrum(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int, pad: str = "reflect"

@@ -111,6 +111,75 @@ def compile_available() -> bool:
         return False
 
 
+def cuda_graph_available(device: torch.device) -> bool:
+    """Whether a training step can be recorded as a CUDA graph here; says in one line why not."""
+    reason = ("it needs a CUDA GPU" if device.type != "cuda"
+              else "it runs in one process for now, not under torchrun" if distributed() else None)
+    if reason and is_main_process():
+        print(f"cuda_graph: {reason}; training without it")
+    return reason is None
+
+
+class StepGraph:
+    """The whole training step (both forwards and backwards, both updates) recorded once as a
+    CUDA graph, then replayed: one launch a step instead of thousands, with the same kernels.
+
+    The first WARMUP steps run as usual on a side stream, where cuDNN and cuBLAS settle their
+    algorithms and workspaces before recording. The recording holds the learning rates as
+    constants, so the step is recorded again when one changes (once an epoch). It writes its
+    input and outputs in place: a batch is copied in, and the terms returned are overwritten
+    by the next replay.
+    """
+    WARMUP = 3
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.warm_steps = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.pool = torch.cuda.graph_pool_handle()
+        self.audio: Optional[torch.Tensor] = None
+        self.terms: Dict[str, torch.Tensor] = {}
+        self.learning_rates: Tuple[float, ...] = ()
+
+    def _current_learning_rates(self) -> Tuple[float, ...]:
+        t = self.trainer
+        return tuple(group["lr"] for optimizer in (t.optim_g, t.optim_d) for group in optimizer.param_groups)
+
+    def __call__(self, audio: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One step on audio (B, L), on the host or the device; returns the detached terms."""
+        t = self.trainer
+        if self.warm_steps < self.WARMUP:
+            self.warm_steps += 1
+            side = torch.cuda.Stream(t.device)
+            side.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(side):
+                terms = t.device_step(audio.to(t.device, non_blocking=True), want_norms=True)
+            torch.cuda.current_stream(t.device).wait_stream(side)
+            return terms
+        if self.graph is None or self._current_learning_rates() != self.learning_rates:
+            self._record(audio)
+        self.audio.copy_(audio, non_blocking=True)
+        self.graph.replay()
+        return dict(self.terms)
+
+    def _record(self, audio: torch.Tensor) -> None:
+        t = self.trainer
+        # Free the previous recording (and its outputs) before making the next in the same pool.
+        self.graph, self.terms = None, {}
+        if self.audio is None:
+            self.audio = torch.empty(audio.shape, dtype=audio.dtype, device=t.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the data loader's pin-memory thread keeps using CUDA meanwhile.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self.terms = t.device_step(self.audio, want_norms=True)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise RuntimeError(f"cuda_graph: recording the training step failed ({first}); "
+                               f"train with cuda_graph false") from e
+        self.graph, self.learning_rates = graph, self._current_learning_rates()
+
+
 def init_distributed() -> Tuple[int, int]:
     """(rank, world size). Under torchrun this joins the process group (NCCL on GPUs, gloo on
     CPUs) and picks this process's GPU; a plain `python train.py` is rank 0 of 1."""
@@ -141,14 +210,12 @@ class Trainer:
         self.decoder = Decoder(h).to(device)
         self.mpd = MultiPeriodDiscriminator(h).to(device)
         self.mrd = MultiResolutionDiscriminator(h).to(device)
+        self.step_graph = StepGraph(self) if h.cuda_graph and cuda_graph_available(device) else None
         betas = (h.adam_b1, h.adam_b2)
         self.params_g = release_parameters(self.encoder) + release_parameters(self.decoder)
         self.params_d = release_parameters(self.mrd) + release_parameters(self.mpd)
-        # The multi-tensor (foreach) AdamW gives the same numbers as the per-tensor loop, bit
-        # for bit, in fewer kernels; it is already CUDA's default, and faster on CPUs too.
-        kernels = {"fused": True} if h.fused_adamw else {"foreach": True}
-        self.optim_g = torch.optim.AdamW(self.params_g, h.learning_rate, betas=betas, **kernels)
-        self.optim_d = torch.optim.AdamW(self.params_d, h.learning_rate, betas=betas, **kernels)
+        self.optim_g = torch.optim.AdamW(self.params_g, h.learning_rate, betas=betas, **self._kernels())
+        self.optim_d = torch.optim.AdamW(self.params_d, h.learning_rate, betas=betas, **self._kernels())
         self.steps, self.last_epoch = 0, -1
         self.distiller = Distiller(h, self.encoder, self.decoder, device) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on.
@@ -169,8 +236,11 @@ class Trainer:
         self.pending = torch.zeros(2, device=device)
 
         half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[h.mixed_precision]
+        # A recorded step must cast the weights inside the recording, not reuse casts cached
+        # outside it.
         self.autocast: Callable[[], ContextManager] = (
-            (lambda: torch.autocast(device.type, dtype=half)) if half else nullcontext)
+            (lambda: torch.autocast(device.type, dtype=half, cache_enabled=self.step_graph is None))
+            if half else nullcontext)
         # Disabled scalers pass losses and steps through unchanged.
         self.scaler_g = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
@@ -196,6 +266,13 @@ class Trainer:
         self.code_counts = torch.zeros(h.n_codebooks, h.codebook_size, device=device)
         # Called with each phase's name as it ends (bench.py times the phases with it).
         self.phase_done: Callable[[str], None] = lambda name: None
+
+    def _kernels(self) -> Dict[str, bool]:
+        """AdamW's kernel options. The multi-tensor (foreach) AdamW gives the same numbers as the
+        per-tensor loop, bit for bit, in fewer kernels; it is already CUDA's default, and faster
+        on CPUs too. A recorded step needs its updates capturable (their step counts on the device)."""
+        fused = self.h.fused_adamw
+        return {"fused": fused, "foreach": not fused, "capturable": self.step_graph is not None}
 
     def resume(self) -> None:
         """Load the newest checkpoint set that reads back whole.
@@ -228,8 +305,12 @@ class Trainer:
         # Built at epoch -1 for an exact resume: that leaves the loaded lr as it is.
         last_epoch = -1 if exact or state is None else state["epoch"]
         if state is not None:
-            self.optim_g.load_state_dict(state["optim_g"])
-            self.optim_d.load_state_dict(state["optim_d"])
+            for optimizer, name in ((self.optim_g, "optim_g"), (self.optim_d, "optim_d")):
+                optimizer.load_state_dict(state[name])
+                # A state dict brings back the kernel options it was saved with; this run's
+                # config decides them.
+                for group in optimizer.param_groups:
+                    group.update(self._kernels())
             for name in ("scaler_g", "scaler_d"):
                 if name in state and getattr(self, name).is_enabled():
                     getattr(self, name).load_state_dict(state[name])
@@ -394,14 +475,29 @@ class Trainer:
 
     def train_step(self, audio: torch.Tensor, want_norms: bool = False) -> Dict[str, torch.Tensor]:
         """D step then G step on a batch of segments (B, L); returns the detached loss terms
-        (and the gradient norms, with `want_norms` or `grad_clip`)."""
+        (and the gradient norms, with `want_norms`, `grad_clip` or `cuda_graph`).
+
+        With `cuda_graph` the terms are the recording's outputs, overwritten by the next step."""
+        if self.step_graph is not None:
+            terms = self.step_graph(audio)
+        else:
+            terms = self.device_step(audio.to(self.device, non_blocking=True), want_norms)
+        if self.deferred_checks:
+            self.checks_read = False
+        else:
+            self.nonfinite_streak = 0 if self.step_finite else self.nonfinite_streak + 1
+            self.nonfinite_total += not self.step_finite
+        return terms
+
+    def device_step(self, audio: torch.Tensor, want_norms: bool) -> Dict[str, torch.Tensor]:
+        """The step's work on the device, audio (B, L) already there; what `StepGraph` records.
+        Without deferred checks it also reads each loss's finiteness back (`step_finite`)."""
         if self.compiled:
             # With CUDA graphs (compile modes reduce-overhead and max-autotune) a step holds
             # several compiled calls, and the discriminators run again after their backward;
             # marking the step's start keeps the encoder's and decoder's outputs alive until
             # the generator's backward. Without CUDA graphs this only counts steps.
             torch.compiler.cudagraph_mark_step_begin()
-        audio = audio.to(self.device, non_blocking=True)
         self.step_finite = True
         self.phase_done("data")
         ref, gen = self.codec(audio, training=True)
@@ -415,13 +511,10 @@ class Trainer:
         terms = self.generator_step(y, ref, gen, want_norms)
         terms.update(terms_d)
         if self.deferred_checks:
+            # In place: a recorded step reads and writes the same memory at every replay.
             nonfinite = 1 - torch.stack(self.step_checks).amin()
-            self.pending = torch.stack([(self.pending[0] + 1) * nonfinite, self.pending[1] + nonfinite])
+            self.pending.copy_(torch.stack([(self.pending[0] + 1) * nonfinite, self.pending[1] + nonfinite]))
             self.step_checks.clear()
-            self.checks_read = False
-        else:
-            self.nonfinite_streak = 0 if self.step_finite else self.nonfinite_streak + 1
-            self.nonfinite_total += not self.step_finite
         return {name: value.detach() for name, value in terms.items()}
 
     def read_back_checks(self, step: int) -> None:

@@ -13,6 +13,7 @@ import soundfile as sf
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from conftest import ROOT, TINY, make_config, tone, write_tone
@@ -406,6 +407,7 @@ _WORKER = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import train
 from config import load_config
 h = load_config(sys.argv[1])
@@ -694,3 +696,67 @@ def test_a_signal_stops_one_process_at_once_with_device_checks(tmp_path):
     trainer.train_step(_batch(h))
     assert not trainer.checks_read and train.should_stop(trainer, {}) is None and not trainer.checks_read
     assert train.should_stop(trainer, {"signal": signal.SIGTERM}) == "signal" and trainer.checks_read
+
+
+# Operations that make the host wait for the device (the host needs their result) or bring
+# host data into a step: none may be recorded in a CUDA graph.
+HOST_READS = {"aten._local_scalar_dense", "aten.equal", "aten.is_nonzero", "aten.allclose", "aten.nonzero",
+              "aten.masked_select", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive", "aten.bincount",
+              "aten.lift_fresh"}
+
+
+class HostReads(TorchDispatchMode):
+    """Names of the HOST_READS operations run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in HOST_READS:
+            self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mixed_precision": "bf16", "quantizer_dropout": 0.5, "grad_clip": 1.0}])
+def test_a_step_with_device_checks_reads_nothing_back(overrides):
+    """What `cuda_graph` records: with fused AdamW's device-side checks a whole step, gradient
+    norms included, never waits for the device. The detector sees the default step's checks
+    and torch.istft's own check."""
+    cpu = torch.device("cpu")
+    h = make_config(**dict(TINY, fused_adamw=True, **overrides))
+    trainer = train.Trainer(h, cpu)
+    trainer.resume()
+    audio = _batch(h)
+    # As after the warm-up steps: the optimizers' state exists.
+    trainer.train_step(audio)
+    with HostReads() as reads:
+        trainer.device_step(audio, want_norms=True)
+    assert reads.names == set()
+    default = train.Trainer(make_config(**TINY), cpu)
+    default.resume()
+    with HostReads() as reads:
+        default.device_step(audio, want_norms=False)
+    assert "aten._local_scalar_dense" in reads.names
+    with HostReads() as reads:
+        torch.istft(torch.ones(1, 513, 3, dtype=torch.complex64), 1024, 40, 320, torch.hann_window(320))
+    assert reads.names
+
+
+def test_cuda_graph_without_a_gpu_trains_without_it_and_says_so(capsys):
+    trainer = train.Trainer(make_config(**dict(TINY, fused_adamw=True, cuda_graph=True)), torch.device("cpu"))
+    assert trainer.step_graph is None
+    assert "cuda_graph: it needs a CUDA GPU; training without it" in capsys.readouterr().out
+    assert not any(group["capturable"] for group in trainer.optim_g.param_groups + trainer.optim_d.param_groups)
+
+
+def test_resumed_optimizers_use_this_runs_kernels(tmp_path):
+    """A checkpoint's optimizer state carries the kernel options it was saved with; the config of
+    the run that resumes it decides them."""
+    h = _setup(tmp_path, fused_adamw=True, training_epochs=1)
+    train.train(h, torch.device("cpu"))
+    trainer = train.Trainer(make_config(**dict(h, fused_adamw=False)), torch.device("cpu"))
+    trainer.resume()
+    assert trainer.steps > 0
+    for group in trainer.optim_g.param_groups + trainer.optim_d.param_groups:
+        assert group["foreach"] and not group["fused"] and not group["capturable"]
