@@ -124,19 +124,20 @@ class StepGraph:
     """The whole training step (both forwards and backwards, both updates) recorded once as a
     CUDA graph, then replayed: one launch a step instead of thousands, with the same kernels.
 
-    The first WARMUP steps run as usual on a side stream, where cuDNN and cuBLAS settle their
-    algorithms and workspaces before recording. The recording holds the learning rates as
-    constants, so the step is recorded again when one changes (once an epoch). It writes its
-    input and outputs in place: a batch is copied in, and the terms returned are overwritten
-    by the next replay.
+    Each recording comes after steps run as usual on a side stream, where cuDNN, cuBLAS and
+    cuFFT settle their algorithms, plans and workspaces (a recording cannot make them):
+    WARMUP before the first, one before each later one. A recording holds the learning rates
+    as constants and uses the FFT plans cached when it was made, so it is made again after a
+    learning rate changes (once an epoch) and after validation, whose many lengths may push
+    those plans out of their cache. Replays write in place: a batch is copied into the
+    recording's input, and the terms returned are overwritten by the next replay.
     """
     WARMUP = 3
 
     def __init__(self, trainer: "Trainer"):
         self.trainer = trainer
-        self.warm_steps = 0
+        self.eager_steps_left = self.WARMUP
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.pool = torch.cuda.graph_pool_handle()
         self.audio: Optional[torch.Tensor] = None
         self.terms: Dict[str, torch.Tensor] = {}
         self.learning_rates: Tuple[float, ...] = ()
@@ -145,18 +146,25 @@ class StepGraph:
         t = self.trainer
         return tuple(group["lr"] for optimizer in (t.optim_g, t.optim_d) for group in optimizer.param_groups)
 
+    def invalidate(self) -> None:
+        """Drop the recording: the next step runs as usual, the one after is recorded again."""
+        if self.graph is not None:
+            self.graph, self.terms, self.eager_steps_left = None, {}, 1
+
     def __call__(self, audio: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One step on audio (B, L), on the host or the device; returns the detached terms."""
         t = self.trainer
-        if self.warm_steps < self.WARMUP:
-            self.warm_steps += 1
+        if self.graph is not None and self._current_learning_rates() != self.learning_rates:
+            self.invalidate()
+        if self.eager_steps_left:
+            self.eager_steps_left -= 1
             side = torch.cuda.Stream(t.device)
             side.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(side):
                 terms = t.device_step(audio.to(t.device, non_blocking=True), want_norms=True)
             torch.cuda.current_stream(t.device).wait_stream(side)
             return terms
-        if self.graph is None or self._current_learning_rates() != self.learning_rates:
+        if self.graph is None:
             self._record(audio)
         self.audio.copy_(audio, non_blocking=True)
         self.graph.replay()
@@ -164,14 +172,13 @@ class StepGraph:
 
     def _record(self, audio: torch.Tensor) -> None:
         t = self.trainer
-        # Free the previous recording (and its outputs) before making the next in the same pool.
-        self.graph, self.terms = None, {}
         if self.audio is None:
             self.audio = torch.empty(audio.shape, dtype=audio.dtype, device=t.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: the data loader's pin-memory thread keeps using CUDA meanwhile.
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            # A memory pool of its own (a previous recording's is freed with the last tensors
+            # made in it); thread_local: the data loader's pin-memory thread uses CUDA meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.terms = t.device_step(self.audio, want_norms=True)
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or [""])[0][:160]
@@ -274,6 +281,19 @@ class Trainer:
         fused = self.h.fused_adamw
         return {"fused": fused, "foreach": not fused, "capturable": self.step_graph is not None}
 
+    def _use_config_kernels(self, optimizer: torch.optim.Optimizer) -> None:
+        """A loaded state dict brings back the kernel options it was saved with, and keeps the
+        step counts where those options want them; this run's config decides both: fused and
+        capturable kernels count on the parameter's device, foreach ones on the host."""
+        kernels = self._kernels()
+        on_device = kernels["fused"] or kernels["capturable"]
+        for group in optimizer.param_groups:
+            group.update(kernels)
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
+
     def resume(self) -> None:
         """Load the newest checkpoint set that reads back whole.
 
@@ -307,10 +327,7 @@ class Trainer:
         if state is not None:
             for optimizer, name in ((self.optim_g, "optim_g"), (self.optim_d, "optim_d")):
                 optimizer.load_state_dict(state[name])
-                # A state dict brings back the kernel options it was saved with; this run's
-                # config decides them.
-                for group in optimizer.param_groups:
-                    group.update(self._kernels())
+                self._use_config_kernels(optimizer)
             for name in ("scaler_g", "scaler_d"):
                 if name in state and getattr(self, name).is_enabled():
                     getattr(self, name).load_state_dict(state[name])
@@ -540,6 +557,9 @@ class Trainer:
         undefined for an utterance (the SNR of silence) is left out of that metric's mean.
         """
         h = self.h
+        if self.step_graph is not None:
+            # Its many lengths may push the recording's FFT plans out of their cache.
+            self.step_graph.invalidate()
         self.encoder.eval()
         self.decoder.eval()
         totals: Dict[str, float] = {}

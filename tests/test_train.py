@@ -758,5 +758,8 @@ def test_resumed_optimizers_use_this_runs_kernels(tmp_path):
     trainer = train.Trainer(make_config(**dict(h, fused_adamw=False)), torch.device("cpu"))
     trainer.resume()
     assert trainer.steps > 0
-    for group in trainer.optim_g.param_groups + trainer.optim_d.param_groups:
-        assert group["foreach"] and not group["fused"] and not group["capturable"]
+    for optimizer in (trainer.optim_g, trainer.optim_d):
+        for group in optimizer.param_groups:
+            assert group["foreach"] and not group["fused"] and not group["capturable"]
+            # foreach AdamW counts steps on the host, as a fresh one would.
+            assert all(optimizer.state[p]["step"].device.type == "cpu" for p in group["params"])
