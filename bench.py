@@ -6,12 +6,13 @@
 
 --suite step (default): training steps of the config's model on a fixed synthetic batch,
 for each configuration in --precisions (float32, bf16 or fp16, optionally with +compile or
-+cudagraphs, +fused for fused AdamW, and +graph for the whole step recorded as one CUDA
-graph, which implies +fused): steps/s, audio-seconds/s, peak memory, and the step split
++cudagraphs, +fused for fused AdamW, and +graph for the forward and backward passes
+recorded as CUDA graphs): steps/s, audio-seconds/s, peak memory, and the step split
 into phases (data copy, generator forward, discriminator step, generator losses and
 backward, generator optimizer), timed in a second pass that waits for the device after
-each phase, and for an uncompiled step the operations it issues (views and allocations not
-counted); a recorded step has neither. Then parameter counts.
+each phase (not for a recorded step, whose passes run no Python), and for an uncompiled
+step the operations it issues (views and allocations not counted; for a recorded step those
+the host still issues besides the replays: the updates and checks). Then parameter counts.
 
 --suite train: `train.py` itself, end to end with its DataLoader, on wav files generated
 in a temporary folder, for --train_steps steps per configuration: seconds per step over
@@ -100,11 +101,10 @@ def configuration(h: AttrDict, name: str) -> AttrDict:
             or any(o not in COMPILE_MODES and o not in ("fused", "graph") for o in options)):
         raise ValueError(f"unknown configuration '{name}': use one of {', '.join(PRECISIONS)}, optionally "
                          f"followed by +{' or +'.join(COMPILE_MODES)}, by +fused (fused AdamW) and by +graph "
-                         f"(the step as one CUDA graph)")
-    graph = "graph" in options
+                         f"(the passes as CUDA graphs)")
     return build_config(dict(h, mixed_precision=PRECISIONS[precision], compile=modes[0] if modes else "no",
-                             fused_adamw=h.fused_adamw or graph or "fused" in options,
-                             cuda_graph=h.cuda_graph or graph), h.source)
+                             fused_adamw=h.fused_adamw or "fused" in options,
+                             cuda_graph=h.cuda_graph or "graph" in options), h.source)
 
 
 def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -> dict:
@@ -142,15 +142,16 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
         last[0] = now
 
     trainer.phase_done = phase_done
-    # A replayed recording runs no Python, so it has no phases to time.
+    # Replayed passes run no Python, so they have no phases to time.
     for _ in range(0 if recorded else steps):
         last[0] = time.perf_counter()
         trainer.train_step(audio)
     trainer.phase_done = lambda name: None
     # What the host issues per step, which is what an eager GPU step at this size waits on. A
     # compiled step issues other operations, and counting them would break its CUDA graphs.
+    # (Counting a recorded step's replays is safe: they are not operations.)
     operations = {}
-    if not trainer.compiled and not recorded:
+    if not trainer.compiled:
         counter = TrafficCounter()
         with counter:
             trainer.train_step(audio)
@@ -547,7 +548,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="what to measure")
     parser.add_argument("--precisions", default="float32,bf16,bf16+compile",
                         help="comma-separated configurations: float32|bf16|fp16, optionally +compile or "
-                             "+cudagraphs, +fused and +graph (the step as one CUDA graph)")
+                             "+cudagraphs, +fused and +graph (the passes as CUDA graphs)")
     parser.add_argument("--device", default=pick_device().type, help="cuda or cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation happens here)")

@@ -121,70 +121,76 @@ def cuda_graph_available(device: torch.device) -> bool:
 
 
 class StepGraph:
-    """The whole training step (both forwards and backwards, both updates) recorded once as a
-    CUDA graph, then replayed: one launch a step instead of thousands, with the same kernels.
+    """A training step's forward and backward passes recorded as two CUDA graphs, then
+    replayed: a few launches a step instead of thousands, with the same kernels and numbers.
 
-    Each recording comes after steps run as usual on a side stream, where cuDNN, cuBLAS and
-    cuFFT settle their algorithms, plans and workspaces (a recording cannot make them):
-    WARMUP before the first, one before each later one. A recording holds the learning rates
-    as constants and uses the FFT plans cached when it was made, so it is made again after a
-    learning rate changes (once an epoch) and after validation, whose many lengths may push
-    those plans out of their cache. Replays write in place: a batch is copied into the
-    recording's input, and the terms returned are overwritten by the next replay.
+    The first graph holds `Trainer.discriminator_half`, the second `Trainer.generator_half`;
+    the optimizer updates and the non-finite checks run as usual between and after them, so
+    they keep every option (optimizer kernels, clipping, gradient scalers, learning rates).
+    The first WARMUP steps run as usual on a side stream, where cuDNN, cuBLAS and cuFFT settle
+    their algorithms, plans and workspaces (a recording cannot make them). The recordings use
+    the FFT plans cached when they were made, so they are made again, after one more such
+    step, when validation (whose many lengths may push those plans out of their cache) has
+    run. A replay writes in place: the batch is copied into the recording's input, and its
+    outputs (the terms a step returns among them) are overwritten by the next replay.
     """
     WARMUP = 3
 
     def __init__(self, trainer: "Trainer"):
         self.trainer = trainer
         self.eager_steps_left = self.WARMUP
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graphs: Tuple[torch.cuda.CUDAGraph, ...] = ()
         self.audio: Optional[torch.Tensor] = None
-        self.terms: Dict[str, torch.Tensor] = {}
-        self.learning_rates: Tuple[float, ...] = ()
-
-    def _current_learning_rates(self) -> Tuple[float, ...]:
-        t = self.trainer
-        return tuple(group["lr"] for optimizer in (t.optim_g, t.optim_d) for group in optimizer.param_groups)
+        self.outputs: Tuple[Any, Any] = (None, None)
 
     def invalidate(self) -> None:
-        """Drop the recording: the next step runs as usual, the one after is recorded again."""
-        if self.graph is not None:
-            self.graph, self.terms, self.eager_steps_left = None, {}, 1
+        """Drop the recordings: the next step runs as usual, the one after records again."""
+        if self.graphs:
+            self.graphs, self.outputs, self.eager_steps_left = (), (None, None), 1
 
-    def __call__(self, audio: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def __call__(self, audio: torch.Tensor, want_norms: bool) -> Dict[str, torch.Tensor]:
         """One step on audio (B, L), on the host or the device; returns the detached terms."""
         t = self.trainer
-        if self.graph is not None and self._current_learning_rates() != self.learning_rates:
-            self.invalidate()
         if self.eager_steps_left:
             self.eager_steps_left -= 1
             side = torch.cuda.Stream(t.device)
             side.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(side):
-                terms = t.device_step(audio.to(t.device, non_blocking=True), want_norms=True)
+                terms = t.device_step(audio.to(t.device, non_blocking=True), want_norms)
             torch.cuda.current_stream(t.device).wait_stream(side)
             return terms
-        if self.graph is None:
+        if not self.graphs:
             self._record(audio)
+        return t.device_step(audio, want_norms, (self._first, self._second))
+
+    def _first(self, audio: torch.Tensor) -> Any:
         self.audio.copy_(audio, non_blocking=True)
-        self.graph.replay()
-        return dict(self.terms)
+        self.graphs[0].replay()
+        return self.outputs[0]
+
+    def _second(self, audio: torch.Tensor, ref: Dict[str, torch.Tensor], gen: Dict[str, torch.Tensor]) -> Any:
+        self.graphs[1].replay()
+        return self.outputs[1]
 
     def _record(self, audio: torch.Tensor) -> None:
         t = self.trainer
         if self.audio is None:
             self.audio = torch.empty(audio.shape, dtype=audio.dtype, device=t.device)
-        graph = torch.cuda.CUDAGraph()
+        # One memory pool for both: the second reads what the first leaves (activations kept
+        # for the backward). A new pool each time: an earlier one is freed with the last
+        # tensors made in it. thread_local: the data loader's pin-memory thread uses CUDA meanwhile.
+        pool = torch.cuda.graph_pool_handle()
+        graphs = (torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph())
         try:
-            # A memory pool of its own (a previous recording's is freed with the last tensors
-            # made in it); thread_local: the data loader's pin-memory thread uses CUDA meanwhile.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.terms = t.device_step(self.audio, want_norms=True)
+            with torch.cuda.graph(graphs[0], pool=pool, capture_error_mode="thread_local"):
+                first = t.discriminator_half(self.audio)
+            with torch.cuda.graph(graphs[1], pool=pool, capture_error_mode="thread_local"):
+                second = t.generator_half(self.audio, *first[:2])
         except RuntimeError as e:
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            raise RuntimeError(f"cuda_graph: recording the training step failed ({first}); "
+            reason = (str(e).strip().splitlines() or [""])[0][:160]
+            raise RuntimeError(f"cuda_graph: recording the training step failed ({reason}); "
                                f"train with cuda_graph false") from e
-        self.graph, self.learning_rates = graph, self._current_learning_rates()
+        self.graphs, self.outputs = graphs, (first, second)
 
 
 def init_distributed() -> Tuple[int, int]:
@@ -277,16 +283,16 @@ class Trainer:
     def _kernels(self) -> Dict[str, bool]:
         """AdamW's kernel options. The multi-tensor (foreach) AdamW gives the same numbers as the
         per-tensor loop, bit for bit, in fewer kernels; it is already CUDA's default, and faster
-        on CPUs too. A recorded step needs its updates capturable (their step counts on the device)."""
+        on CPUs too."""
         fused = self.h.fused_adamw
-        return {"fused": fused, "foreach": not fused, "capturable": self.step_graph is not None}
+        return {"fused": fused, "foreach": not fused, "capturable": False}
 
     def _use_config_kernels(self, optimizer: torch.optim.Optimizer) -> None:
         """A loaded state dict brings back the kernel options it was saved with, and keeps the
         step counts where those options want them; this run's config decides both: fused and
-        capturable kernels count on the parameter's device, foreach ones on the host."""
+        kernels count on the parameter's device, foreach ones on the host."""
         kernels = self._kernels()
-        on_device = kernels["fused"] or kernels["capturable"]
+        on_device = kernels["fused"]
         for group in optimizer.param_groups:
             group.update(kernels)
             for p in group["params"]:
@@ -397,46 +403,52 @@ class Trainer:
                "commitment": quantized.commitment, "codebook": quantized.codebook, "codes": quantized.codes}
         return ref, gen
 
-    def _update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                params: List[torch.nn.Parameter], want_norm: bool) -> Optional[torch.Tensor]:
-        """Clip (when `grad_clip` is set) and step; returns the gradient norm before clipping
-        when it was computed (clipping, or `want_norm`), else None. Measuring leaves the update as is."""
+    def update(self, name: str, loss: torch.Tensor, want_norm: bool) -> Dict[str, torch.Tensor]:
+        """Step the optimizer of 'G' or 'D' after its backward, unless `loss` is not finite;
+        clips first when `grad_clip` is set. Returns the gradient norm before clipping as
+        'grad_norm_<name>' when computed (clipping, or `want_norm`); measuring leaves the update as is."""
+        optimizer, scaler, params = ((self.optim_g, self.scaler_g, self.params_g) if name == "G"
+                                     else (self.optim_d, self.scaler_d, self.params_d))
+        if not self._finite(loss, name, optimizer):
+            return {}
         norm = None
         if self.h.grad_clip or want_norm:
             scaler.unscale_(optimizer)
-            if self.h.grad_clip:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip)
-            else:
-                norm = gradient_norm(params)
+            norm = (torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip) if self.h.grad_clip
+                    else gradient_norm(params))
         scaler.step(optimizer)
         scaler.update()
-        return norm
+        return {} if norm is None else {f"grad_norm_{name}": norm}
 
-    def discriminator_step(self, y: torch.Tensor, y_g: torch.Tensor, want_norm: bool = False
-                           ) -> Dict[str, torch.Tensor]:
-        """One discriminator update on the detached generator output. y, y_g: (B, 1, L).
-
-        Returns the loss as 'D' and, when computed, the gradient norm as 'grad_norm_D'.
-        """
+    def discriminator_half(self, audio: torch.Tensor
+                           ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], torch.Tensor]:
+        """A step up to the discriminators' update: the codec on audio (B, L), then the
+        discriminators' loss on its detached output, and that loss's backward.
+        Returns the targets, the codec's output and the discriminators' loss."""
+        ref, gen = self.codec(audio, training=True)
+        if self.distiller is not None:
+            gen["kd"] = self.distiller.loss(ref)
+        self.count_codes(gen["codes"])
+        self.phase_done("generator forward")
+        y, y_g = audio.unsqueeze(1), gen["audio"].detach()
         self.optim_d.zero_grad()
         with self.autocast():
-            mpd_real, mpd_fake, _, _ = self.train_mpd(y, y_g.detach())
-            mrd_real, mrd_fake, _, _ = self.train_mrd(y, y_g.detach())
+            mpd_real, mpd_fake, _, _ = self.train_mpd(y, y_g)
+            mrd_real, mrd_fake, _, _ = self.train_mrd(y, y_g)
         loss = (losses.discriminator_loss(mpd_real, mpd_fake)
                 + losses.WEIGHTS["mrd"] * losses.discriminator_loss(mrd_real, mrd_fake))
         self.scaler_d.scale(loss).backward()
-        finite = self._finite(loss, "D", self.optim_d)
-        norm = self._update(self.optim_d, self.scaler_d, self.params_d, want_norm) if finite else None
-        return {"D": loss} if norm is None else {"D": loss, "grad_norm_D": norm}
+        return ref, gen, loss
 
-    def generator_step(self, y: torch.Tensor, ref: Dict[str, torch.Tensor],
-                       gen: Dict[str, torch.Tensor], want_norm: bool = False) -> Dict[str, torch.Tensor]:
-        """One encoder + decoder update; returns every loss term, the total as 'G' and, when
-        computed, the gradient norm as 'grad_norm_G'."""
+    def generator_half(self, audio: torch.Tensor, ref: Dict[str, torch.Tensor], gen: Dict[str, torch.Tensor]
+                       ) -> Dict[str, torch.Tensor]:
+        """A step from the discriminators' update to the generator's: every generator loss term
+        of audio (B, L) and the codec's output `gen`, the total as 'G', and its backward."""
+        y = audio.unsqueeze(1)
         self.optim_g.zero_grad()
         terms = losses.spectral_losses(ref, gen, self.h)
         # The discriminators' weight gradients from this backward would be discarded by the
-        # next discriminator_step's zero_grad; not computing them saves time and changes nothing.
+        # next step's zero_grad; not computing them saves time and changes nothing.
         with frozen(self.mpd, self.mrd):
             with self.autocast():
                 # Together, the backward also runs through the real half: a tenth more
@@ -457,12 +469,6 @@ class Trainer:
                 terms.update(gen["kd"])
                 terms["G"] = terms["G"] + self.h.kd_weight * terms["KD"]
             self.scaler_g.scale(terms["G"]).backward()
-        self.phase_done("generator backward")
-        if self._finite(terms["G"], "G", self.optim_g):
-            norm = self._update(self.optim_g, self.scaler_g, self.params_g, want_norm)
-            if norm is not None:
-                terms["grad_norm_G"] = norm
-        self.phase_done("optimizer")
         return terms
 
     def _finite(self, loss: torch.Tensor, name: str, optimizer: torch.optim.Optimizer) -> bool:
@@ -492,11 +498,11 @@ class Trainer:
 
     def train_step(self, audio: torch.Tensor, want_norms: bool = False) -> Dict[str, torch.Tensor]:
         """D step then G step on a batch of segments (B, L); returns the detached loss terms
-        (and the gradient norms, with `want_norms`, `grad_clip` or `cuda_graph`).
+        (and the gradient norms, with `want_norms` or `grad_clip`).
 
-        With `cuda_graph` the terms are the recording's outputs, overwritten by the next step."""
+        With `cuda_graph` most terms are a recording's outputs, overwritten by the next step."""
         if self.step_graph is not None:
-            terms = self.step_graph(audio)
+            terms = self.step_graph(audio, want_norms)
         else:
             terms = self.device_step(audio.to(self.device, non_blocking=True), want_norms)
         if self.deferred_checks:
@@ -506,9 +512,13 @@ class Trainer:
             self.nonfinite_total += not self.step_finite
         return terms
 
-    def device_step(self, audio: torch.Tensor, want_norms: bool) -> Dict[str, torch.Tensor]:
-        """The step's work on the device, audio (B, L) already there; what `StepGraph` records.
-        Without deferred checks it also reads each loss's finiteness back (`step_finite`)."""
+    def device_step(self, audio: torch.Tensor, want_norms: bool, halves: Optional[Tuple[Callable, Callable]] = None
+                    ) -> Dict[str, torch.Tensor]:
+        """The step's work on the device, audio (B, L) already there. `halves` replace
+        `discriminator_half` and `generator_half` (a recorded step replays them); the updates
+        between and after them run here. Without deferred checks it reads each loss's
+        finiteness back (`step_finite`)."""
+        first, second = halves or (self.discriminator_half, self.generator_half)
         if self.compiled:
             # With CUDA graphs (compile modes reduce-overhead and max-autotune) a step holds
             # several compiled calls, and the discriminators run again after their backward;
@@ -517,20 +527,17 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         self.step_finite = True
         self.phase_done("data")
-        ref, gen = self.codec(audio, training=True)
-        if self.distiller is not None:
-            gen["kd"] = self.distiller.loss(ref)
-        self.count_codes(gen["codes"])
-        self.phase_done("generator forward")
-        y = audio.unsqueeze(1)
-        terms_d = self.discriminator_step(y, gen["audio"], want_norms)
+        ref, gen, loss_d = first(audio)
+        terms_d = {"D": loss_d, **self.update("D", loss_d, want_norms)}
         self.phase_done("discriminator step")
-        terms = self.generator_step(y, ref, gen, want_norms)
+        terms = dict(second(audio, ref, gen))
+        self.phase_done("generator backward")
+        terms.update(self.update("G", terms["G"], want_norms))
+        self.phase_done("optimizer")
         terms.update(terms_d)
         if self.deferred_checks:
-            # In place: a recorded step reads and writes the same memory at every replay.
             nonfinite = 1 - torch.stack(self.step_checks).amin()
-            self.pending.copy_(torch.stack([(self.pending[0] + 1) * nonfinite, self.pending[1] + nonfinite]))
+            self.pending = torch.stack([(self.pending[0] + 1) * nonfinite, self.pending[1] + nonfinite])
             self.step_checks.clear()
         return {name: value.detach() for name, value in terms.items()}
 
