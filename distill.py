@@ -74,4 +74,7 @@ class Distiller:
             frames = min(student.size(-1), teacher.size(-1))
             terms[name] = F.mse_loss(student[..., :frames], teacher[..., :frames])
         terms["KD"] = sum(terms.values()) / len(terms)
+        # Kept features would hold on to this step's autograd graph into the next step.
+        self.student.features.clear()
+        self.teacher.features.clear()
         return terms

@@ -132,7 +132,7 @@ class StepGraph:
     the FFT plans cached when they were made, so they are made again, after one more such
     step, when validation (whose many lengths may push those plans out of their cache) has
     run. A replay writes in place: the batch is copied into the recording's input, and its
-    outputs (the terms a step returns among them) are overwritten by the next replay.
+    outputs (the terms a step returns among them) are overwritten once the next step starts.
     """
     WARMUP = 3
 
@@ -179,12 +179,13 @@ class StepGraph:
         # One memory pool for both: the second reads what the first leaves (activations kept
         # for the backward). A new pool each time: an earlier one is freed with the last
         # tensors made in it. thread_local: the data loader's pin-memory thread uses CUDA meanwhile.
-        pool = torch.cuda.graph_pool_handle()
+        # The second's backward runs on the stream where the first recorded the forward.
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(t.device)
         graphs = (torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph())
         try:
-            with torch.cuda.graph(graphs[0], pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graphs[0], pool=pool, stream=stream, capture_error_mode="thread_local"):
                 first = t.discriminator_half(self.audio)
-            with torch.cuda.graph(graphs[1], pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graphs[1], pool=pool, stream=stream, capture_error_mode="thread_local"):
                 second = t.generator_half(self.audio, *first[:2])
         except RuntimeError as e:
             reason = (str(e).strip().splitlines() or [""])[0][:160]
@@ -289,16 +290,15 @@ class Trainer:
 
     def _use_config_kernels(self, optimizer: torch.optim.Optimizer) -> None:
         """A loaded state dict brings back the kernel options it was saved with, and keeps the
-        step counts where those options want them; this run's config decides both: fused and
+        step counts where those options want them; this run's config decides both: fused
         kernels count on the parameter's device, foreach ones on the host."""
         kernels = self._kernels()
-        on_device = kernels["fused"]
         for group in optimizer.param_groups:
             group.update(kernels)
             for p in group["params"]:
                 state = optimizer.state.get(p, {})
                 if "step" in state:
-                    state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
+                    state["step"] = state["step"].to(p.device if kernels["fused"] else "cpu", torch.float32)
 
     def resume(self) -> None:
         """Load the newest checkpoint set that reads back whole.
@@ -500,7 +500,8 @@ class Trainer:
         """D step then G step on a batch of segments (B, L); returns the detached loss terms
         (and the gradient norms, with `want_norms` or `grad_clip`).
 
-        With `cuda_graph` most terms are a recording's outputs, overwritten by the next step."""
+        With `cuda_graph` most terms are a recording's outputs: read them (or clone them) before
+        the next step."""
         if self.step_graph is not None:
             terms = self.step_graph(audio, want_norms)
         else:
