@@ -121,19 +121,21 @@ def test_istft_of_a_changed_spectrum_differs():
     assert (out - y).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("n_fft, win, frames, dtype", [(N_FFT, WIN, 200, torch.float32), (N_FFT, N_FFT, 7, torch.float32),
                                                      (320, 160, 300, torch.float64), (N_FFT, WIN, 2, torch.float32)])
-def test_istft_equals_torch_istft_bit_for_bit(n_fft, win, frames, dtype):
+def test_istft_equals_torch_istft_bit_for_bit(n_fft, win, frames, dtype, device):
     """Without torch.istft's device read-back, values and gradients stay exactly torch.istft's."""
     gen = torch.Generator().manual_seed(frames)
-    real, imag = (torch.randn(2, n_fft // 2 + 1, frames, generator=gen, dtype=dtype, requires_grad=True)
+    real, imag = (torch.randn(2, n_fft // 2 + 1, frames, generator=gen, dtype=dtype).to(device).requires_grad_()
                   for _ in range(2))
     ours = spectral.istft(real, imag, n_fft, HOP, win)
     theirs = torch.istft(torch.complex(real, imag), n_fft, hop_length=HOP, win_length=win,
-                         window=torch.hann_window(win, dtype=dtype), center=True)
+                         window=torch.hann_window(win, dtype=dtype, device=device), center=True)
     assert ours.shape == theirs.shape == (2, HOP * (frames - 1)) and torch.equal(ours, theirs)
     assert torch.equal(spectral.istft(real[1], imag[1], n_fft, HOP, win), theirs[1])
-    weights = torch.randn(ours.shape, generator=gen, dtype=dtype)
+    weights = torch.randn(ours.shape, generator=gen, dtype=dtype).to(device)
     for a, b in zip(torch.autograd.grad(ours, (real, imag), weights), torch.autograd.grad(theirs, (real, imag), weights)):
         assert torch.equal(a, b) and a.abs().max() > 0
 
