@@ -115,8 +115,9 @@ def cuda_graph_available(device: torch.device) -> bool:
     """Whether a training step can be recorded as a CUDA graph here; says in one line why not."""
     reason = ("it needs a CUDA GPU" if device.type != "cuda"
               else "it runs in one process for now, not under torchrun" if distributed() else None)
-    if reason and is_main_process():
-        print(f"cuda_graph: {reason}; training without it")
+    if is_main_process():
+        print(f"cuda_graph: {reason}; training without it" if reason else
+              f"cuda_graph: steps run as usual {StepGraph.WARMUP} times, then are recorded and replayed")
     return reason is None
 
 
