@@ -24,6 +24,13 @@ def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float,
     return torch.from_numpy(mel).float().to(device)
 
 
+@lru_cache(maxsize=None)
+def _frame_window(n_fft: int, win_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The Hann window centred in an n_fft frame, as torch.stft and torch.istft place it."""
+    left = (n_fft - win_size) // 2
+    return F.pad(_hann(win_size, device, dtype), (left, n_fft - win_size - left))
+
+
 # How `stft` pads the signal's ends by n_fft // 2: mirrored (the release), with zeros (the
 # causal codec: the past before the signal is silence and nothing after the signal is
 # reflected back into it), or not at all (the caller brings the padding, as a stream does).
@@ -55,8 +62,7 @@ def istft(real: torch.Tensor, imag: torch.Tensor, n_fft: int, hop_size: int,
         return istft(real[None], imag[None], n_fft, hop_size, win_size)[0]
     batch, _, count = real.shape
     length = n_fft + hop_size * (count - 1)
-    left = (n_fft - win_size) // 2
-    window = F.pad(_hann(win_size, real.device, real.dtype), (left, n_fft - win_size - left))
+    window = _frame_window(n_fft, win_size, real.device, real.dtype)
     frames = torch.fft.irfft(torch.complex(real, imag).transpose(1, 2), n_fft, dim=-1) * window
     # unfold_backward is the overlap-add torch.istft uses (F.fold sums in another order).
     signal = torch.ops.aten.unfold_backward(frames, [batch, length], 1, n_fft, hop_size)
@@ -86,13 +92,6 @@ def log_amplitude_and_phase(real: torch.Tensor, imag: torch.Tensor) -> Tuple[tor
 # Frames-first STFT for inference: `stft` and `istft` of one signal computed a few frames at
 # a time, so that memory and cache traffic stay bounded however long the signal. Equal to
 # them up to float rounding.
-
-@lru_cache(maxsize=None)
-def _frame_window(n_fft: int, win_size: int, device: torch.device) -> torch.Tensor:
-    """The Hann window centred in an n_fft frame, as torch.stft places it."""
-    left = (n_fft - win_size) // 2
-    return F.pad(torch.hann_window(win_size, device=device), (left, n_fft - win_size - left))
-
 
 def centred(y: torch.Tensor, n_fft: int) -> torch.Tensor:
     """One signal y (L,), L > n_fft / 2, reflect-padded by n_fft // 2 at both ends as `stft` pads it."""

@@ -726,7 +726,6 @@ def test_the_recorded_halves_of_a_step_read_nothing_back(overrides):
     default updates' checks and torch.istft's own check."""
     h = make_config(**dict(TINY, **overrides))
     trainer = train.Trainer(h, torch.device("cpu"))
-    trainer.resume()
     audio = _batch(h)
     # As after the warm-up steps: the optimizers' state exists.
     trainer.train_step(audio)
@@ -767,7 +766,7 @@ def test_resumed_optimizers_use_this_runs_kernels(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides", [{}, {"mixed_precision": "fp16", "grad_clip": 1.0, "quantizer_dropout": 0.5},
                                        {"fused_adamw": True, "mixed_precision": "bf16"}])
-def test_recorded_steps_equal_eager_steps_on_a_gpu(overrides):
+def test_recorded_steps_equal_eager_steps_on_a_gpu(tmp_path, overrides):
     """cuda_graph replays the kernels an eager step runs: the same losses and weights over warm-up,
     recording, replays, a learning-rate change and a re-recording after an invalidation."""
     device = torch.device("cuda")
@@ -777,7 +776,9 @@ def test_recorded_steps_equal_eager_steps_on_a_gpu(overrides):
     runs = []
     for graph in (False, True):
         torch.manual_seed(0)
-        trainer = train.Trainer(make_config(**dict(TINY, cuda_graph=graph, **overrides)), device)
+        trainer = train.Trainer(make_config(**dict(TINY, cuda_graph=graph, checkpoint_path=str(tmp_path / str(graph)),
+                                                   **overrides)), device)
+        # Builds the schedulers; the folder is empty.
         trainer.resume()
         losses = []
         # The same convolution algorithms in both runs.
