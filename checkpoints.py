@@ -2,14 +2,17 @@
 
 A checkpoint set of step N in `checkpoint_path` is three files, as the release writes them:
 `encoder_%08d` = {"encoder": state_dict}, `decoder_%08d` = {"decoder": state_dict} and
-`do_%08d` = {"mpd", "mrd", "optim_g", "optim_d", "steps", "epoch"}. State dicts on disk use
-the release's key names and order, with weight norm in the old `weight_g` / `weight_v` form.
+`do_%08d` = {"mpd", "mrd", "optim_g", "optim_d", "steps", "epoch"}, to which training here
+adds what an exact resume needs (see `train.Trainer.save`). State dicts on disk use the
+release's key names and order, with weight norm in the old `weight_g` / `weight_v` form.
 """
 import glob
 import os
+import pickle
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +54,7 @@ _WEIGHT_NORM_NAMES = (
     (".parametrizations.weight.original0", ".weight_g"),
     (".parametrizations.weight.original1", ".weight_v"),
 )
-# The entries of a `do_` file.
+# The entries every `do_` file has, the release's.
 TRAINING_STATE_KEYS = ("mpd", "mrd", "optim_g", "optim_d", "steps", "epoch")
 
 
@@ -127,18 +130,38 @@ def save_checkpoint(path: str, obj: Dict[str, Any]) -> None:
     print(f"Saved checkpoint {path}")
 
 
+# Training files of earlier versions hold numpy's random state: arrays, which are plain data.
+_NUMPY_ARRAY_GLOBALS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -> Dict[str, Any]:
-    """A checkpoint dict; each of `keys` must be in it."""
+    """A checkpoint dict; each of `keys` must be in it.
+
+    Only tensors and plain data are unpickled (torch's weights_only loader): a checkpoint
+    from elsewhere cannot run code when it is read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"cannot read checkpoint {path}: {_unpickling_problem(str(e))}") from None
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {(str(e).strip().splitlines() or [''])[0]}") from None
     for key in keys:
         if not isinstance(checkpoint, dict) or key not in checkpoint:
             raise ValueError(f"checkpoint {path} has no '{key}' entry")
     return checkpoint
+
+
+def _unpickling_problem(message: str) -> str:
+    """What torch's weights_only loader refused, in a few words (its message runs to a page)."""
+    found = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", message)
+    if found:
+        return (f"it holds {found.group(1) or found.group(2)}, which could run code when unpickled; "
+                f"checkpoints hold tensors and plain data only")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+    return f"not a checkpoint, or a damaged one ({detail.group(1).strip() if detail else 'unreadable'})"
 
 
 def checkpoint_file(folder: str, kind: str, step: int) -> str:
@@ -159,14 +182,17 @@ def checkpoint_steps(folder: str, kind: str) -> List[int]:
 KINDS = ("encoder", "decoder", "do")
 
 
-def complete_steps(folder: str) -> List[int]:
-    """Steps for which encoder_, decoder_ and do_ checkpoints all exist, ascending."""
-    return sorted(set.intersection(*(set(checkpoint_steps(folder, kind)) for kind in KINDS)))
+def complete_steps(folder: str, up_to: Optional[int] = None) -> List[int]:
+    """Steps (up to `up_to`, if given) for which encoder_, decoder_ and do_ checkpoints all
+    exist, ascending."""
+    steps = set.intersection(*(set(checkpoint_steps(folder, kind)) for kind in KINDS))
+    return sorted(s for s in steps if up_to is None or s <= up_to)
 
 
-def newest_complete_step(folder: str) -> Optional[int]:
-    """The newest step for which encoder_, decoder_ and do_ checkpoints all exist."""
-    steps = complete_steps(folder)
+def newest_complete_step(folder: str, up_to: Optional[int] = None) -> Optional[int]:
+    """The newest step (up to `up_to`, if given) for which encoder_, decoder_ and do_
+    checkpoints all exist."""
+    steps = complete_steps(folder, up_to)
     return steps[-1] if steps else None
 
 
@@ -181,7 +207,8 @@ def load_newest_set(folder: str, device: torch.device, warn: Callable[[str], Non
     complete = complete_steps(folder)
     newest_any = max((s for kind in KINDS for s in checkpoint_steps(folder, kind)), default=None)
     if newest_any is not None and (not complete or newest_any > complete[-1]):
-        warn(f"warning: checkpoint set {newest_any} in {folder} is incomplete; resuming from an older one")
+        fallback = "resuming from an older one" if complete else "no complete one is older, so training starts anew"
+        warn(f"warning: checkpoint set {newest_any} in {folder} is incomplete; {fallback}")
     keys = {"encoder": ["encoder"], "decoder": ["decoder"], "do": TRAINING_STATE_KEYS}
     for step in reversed(complete):
         try:
@@ -192,9 +219,11 @@ def load_newest_set(folder: str, device: torch.device, warn: Callable[[str], Non
     return None
 
 
-def prune_checkpoints(folder: str, keep: int) -> None:
-    """Delete every checkpoint file older than the newest `keep` complete sets (0 keeps all)."""
-    complete = complete_steps(folder)
+def prune_checkpoints(folder: str, keep: int, up_to: int) -> None:
+    """Delete every checkpoint file older than the newest `keep` complete sets up to step
+    `up_to`, the one just saved (0 keeps all). Newer sets are left alone: a resumed run
+    passed over them as unreadable, so they cannot count among the ones kept."""
+    complete = complete_steps(folder, up_to)
     if keep <= 0 or len(complete) <= keep:
         return
     oldest_kept = complete[-keep]

@@ -271,8 +271,12 @@ def _check_consistency(h: Dict[str, Any]) -> None:
     if h["segment_size"] % h["hop_size"]:
         fail("segment_size", f"must be a multiple of hop_size ({h['hop_size']})")
     if (h["segment_size"] // h["hop_size"] + 1) % h["ratio"]:
-        fail("segment_size", f": segment_size/hop_size + 1 must be a multiple of ratio ({h['ratio']}), "
+        fail("segment_size", f"must make segment_size / hop_size + 1 a multiple of ratio ({h['ratio']}), "
                              f"e.g. 7960 for hop 40, ratio 8")
+    widest = max([h["n_fft"]] + [resolution[0] for resolution in h["mrd_resolutions"]])
+    if h["segment_size"] <= widest // 2:
+        fail("segment_size", f"must be more than half the widest STFT ({widest} points, n_fft or mrd_resolutions): "
+                             f"the STFTs reflect-pad the crop by that much")
     if bool(h["kd_teacher_encoder"]) != bool(h["kd_teacher_decoder"]):
         fail("kd_teacher_decoder", "and kd_teacher_encoder must be set together (or both left empty)")
     if h["cuda_graph"] and h["compile"] not in ("no", "default"):

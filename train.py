@@ -11,6 +11,7 @@ Several GPUs or nodes: `torchrun --nproc_per_node N train.py ...` trains with
 DistributedDataParallel; `batch_size` is per process, so the effective batch is
 batch_size x N. Rank 0 alone prints, logs, validates and writes checkpoints.
 """
+import datetime
 import math
 import os
 import random
@@ -22,7 +23,6 @@ import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -48,11 +48,14 @@ LOGGED_VALIDATION_ITEMS = 5
 # With the non-finite checks on the device (fused AdamW), the most steps between read-backs:
 # a signal or a run of non-finite losses is acted on within this many steps.
 READ_BACK_STEPS = 10
+# The longest the other processes of a torchrun wait for rank 0 to check the data.
+DATA_CHECK_TIMEOUT = datetime.timedelta(hours=24)
 
 
 def random_states() -> Dict[str, object]:
-    """The random generators' states, for an exact resume."""
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The random generators' states, for an exact resume. Training draws only from torch's
+    (quantizer dropout); the crops and the epoch order have seeded generators of their own."""
+    states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         # This process's device only: under torchrun every rank restores rank 0's states into
         # its own device, so the ranks' random draws stay alike after a resume.
@@ -61,9 +64,9 @@ def random_states() -> Dict[str, object]:
 
 
 def set_random_states(states: Dict[str, object]) -> None:
+    """Restore `random_states()`. Files of earlier versions also hold Python's and numpy's,
+    which training never draws from: those are left alone."""
     torch.set_rng_state(states["torch"].cpu())
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         cuda = states["cuda"]
         if isinstance(cuda, list):
@@ -106,8 +109,7 @@ def compile_available() -> bool:
         return True
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:120]
-        if is_main_process():
-            print(f"compile: torch.compile is unavailable here ({type(e).__name__}: {reason}); training without it")
+        say(f"compile: torch.compile is unavailable here ({type(e).__name__}: {reason}); training without it")
         return False
 
 
@@ -115,9 +117,8 @@ def cuda_graph_available(device: torch.device) -> bool:
     """Whether a training step can be recorded as a CUDA graph here; says in one line why not."""
     reason = ("it needs a CUDA GPU" if device.type != "cuda"
               else "it runs in one process for now, not under torchrun" if distributed() else None)
-    if is_main_process():
-        print(f"cuda_graph: {reason}; training without it" if reason else
-              f"cuda_graph: steps run as usual {StepGraph.WARMUP} times, then are recorded and replayed")
+    say(f"cuda_graph: {reason}; training without it" if reason else
+        f"cuda_graph: steps run as usual {StepGraph.WARMUP} times, then are recorded and replayed")
     return reason is None
 
 
@@ -211,6 +212,12 @@ def is_main_process() -> bool:
     return rank_and_world_size()[0] == 0
 
 
+def say(*args: object, **kwargs: Any) -> None:
+    """print, on the main process only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
 class Trainer:
     """Models, optimizers and schedulers of one run, with the release's parameter order.
 
@@ -219,7 +226,7 @@ class Trainer:
     torch.compile when `compile` asks for it.
     """
 
-    def __init__(self, h, device: torch.device):
+    def __init__(self, h: AttrDict, device: torch.device):
         self.h, self.device = h, device
         self.encoder = Encoder(h).to(device)
         self.decoder = Decoder(h).to(device)
@@ -231,6 +238,8 @@ class Trainer:
         self.params_d = release_parameters(self.mrd) + release_parameters(self.mpd)
         self.optim_g = torch.optim.AdamW(self.params_g, h.learning_rate, betas=betas, **self._kernels())
         self.optim_d = torch.optim.AdamW(self.params_d, h.learning_rate, betas=betas, **self._kernels())
+        self.scheduler_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, h.lr_decay)
+        self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, h.lr_decay)
         self.steps, self.last_epoch = 0, -1
         self.distiller = Distiller(h, self.encoder, self.decoder, device) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on.
@@ -311,7 +320,7 @@ class Trainer:
         """
         folder = self.h.checkpoint_path
         # Every rank reads the set; rank 0 alone says what it passed over.
-        found = load_newest_set(folder, self.device, print if is_main_process() else lambda message: None)
+        found = load_newest_set(folder, self.device, say)
         if distributed():
             seen: List[Optional[int]] = [None] * dist.get_world_size()
             dist.all_gather_object(seen, found[0] if found else None)
@@ -319,38 +328,55 @@ class Trainer:
                 raise ValueError(f"the processes see different newest checkpoint sets in {folder} "
                                  f"(steps by rank: {seen}); every node needs the same checkpoint_path, "
                                  f"e.g. on a shared file system")
-        state = None
-        if found is not None:
-            step, sets = found
-            load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
-            load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
-            do_path, state = checkpoint_file(folder, "do", step), sets["do"]
-            load_release_state_dict(self.mpd, state["mpd"], do_path)
-            load_release_state_dict(self.mrd, state["mrd"], do_path)
-            self.steps = state["steps"] + 1
-        exact = state is not None and "position" in state
-        # Built at epoch -1 for an exact resume: that leaves the loaded lr as it is.
-        last_epoch = -1 if exact or state is None else state["epoch"]
-        if state is not None:
-            for optimizer, name in ((self.optim_g, "optim_g"), (self.optim_d, "optim_d")):
-                optimizer.load_state_dict(state[name])
-                self._use_config_kernels(optimizer)
-            for name in ("scaler_g", "scaler_d"):
-                if name in state and getattr(self, name).is_enabled():
-                    getattr(self, name).load_state_dict(state[name])
-        self.scheduler_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, self.h.lr_decay, last_epoch)
-        self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, self.h.lr_decay, last_epoch)
+        if found is None:
+            return
+        step, sets = found
+        load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
+        load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
+        do_path, state = checkpoint_file(folder, "do", step), sets["do"]
+        load_release_state_dict(self.mpd, state["mpd"], do_path)
+        load_release_state_dict(self.mrd, state["mrd"], do_path)
+        self.steps = state["steps"] + 1
+        for optimizer, name in ((self.optim_g, "optim_g"), (self.optim_d, "optim_d")):
+            optimizer.load_state_dict(state[name])
+            self._use_config_kernels(optimizer)
+        for name in ("scaler_g", "scaler_d"):
+            if name in state and getattr(self, name).is_enabled():
+                getattr(self, name).load_state_dict(state[name])
+        exact = "position" in state
         if exact:
             self.scheduler_g.load_state_dict(state["scheduler_g"])
             self.scheduler_d.load_state_dict(state["scheduler_d"])
             set_random_states(state["random_states"])
             self.nonfinite_total = state["nonfinite_total"]
             self.position = self._resumed_position(state)
-        if state is not None:
-            self.last_epoch = state["epoch"]
-            where = f", batch {self.position} of the epoch" if exact else " (release checkpoint: epoch restarts)"
-            if is_main_process():
-                print(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}{where}")
+        else:
+            # As the release does: schedulers built at the saved epoch (which decays the loaded
+            # learning rate once more).
+            self.scheduler_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, self.h.lr_decay, state["epoch"])
+            self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, self.h.lr_decay, state["epoch"])
+        self._apply_config_schedule()
+        self.last_epoch = state["epoch"]
+        where = f", batch {self.position} of the epoch" if exact else " (release checkpoint: epoch restarts)"
+        say(f"Resumed from {do_path}: step {self.steps}, epoch {self.last_epoch + 1}{where}")
+
+    def _apply_config_schedule(self) -> None:
+        """After a resume the learning rates and betas go on as saved; lr_decay is the config's
+        from here on, as in the release, which builds its schedulers from the config. Says in
+        one line which of those keys the config changes."""
+        h, group = self.h, self.optim_g.param_groups[0]
+        changed = []
+        initial = group.get("initial_lr", group["lr"])
+        if not math.isclose(initial, h.learning_rate):
+            changed.append(f"learning_rate {h.learning_rate} (the run's {initial} goes on)")
+        if tuple(group["betas"]) != (h.adam_b1, h.adam_b2):
+            changed.append(f"adam_b1, adam_b2 {h.adam_b1}, {h.adam_b2} (the run's {tuple(group['betas'])} go on)")
+        if self.scheduler_g.gamma != h.lr_decay:
+            changed.append(f"lr_decay {h.lr_decay} (applies from now on, replacing the run's {self.scheduler_g.gamma})")
+        for scheduler in (self.scheduler_g, self.scheduler_d):
+            scheduler.gamma = h.lr_decay
+        if changed:
+            say(f"note: the config differs from the resumed run in {'; '.join(changed)}")
 
     def _items_per_step(self) -> int:
         return self.h.batch_size * rank_and_world_size()[1]
@@ -360,18 +386,19 @@ class Trainer:
         whatever the batch size and process count, so a run resumed with other ones continues
         after the files already trained on, to within one step (said in a line)."""
         per_step = self._items_per_step()
-        if "epoch_items" not in state and is_main_process():
-            print("note: this checkpoint set, from an earlier version, does not record how many files of the "
-                  "epoch were trained on; resuming assumes the batch_size and process count it was trained with")
+        if "epoch_items" not in state:
+            say("note: this checkpoint set, from an earlier version, does not record how many files of the "
+                "epoch were trained on; resuming assumes the batch_size and process count it was trained with")
         done = state.get("epoch_items", state["position"] * per_step)
-        if done % per_step and is_main_process():
-            print(f"note: {done} files of the epoch were trained on, not a whole number of steps of "
-                  f"{per_step} (batch_size x processes); the {done % per_step} after the last whole step "
-                  f"are trained on again")
+        if done % per_step:
+            say(f"note: {done} files of the epoch were trained on, not a whole number of steps of "
+                f"{per_step} (batch_size x processes); the {done % per_step} after the last whole step "
+                f"are trained on again")
         return done // per_step
 
     def save(self, step: int, epoch: int) -> None:
-        """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists."""
+        """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists.
+        Then delete the sets before the newest `keep_last_checkpoints` (see `prune_checkpoints`)."""
         folder = self.h.checkpoint_path
         self.read_back_checks(step)
         save_checkpoint(checkpoint_file(folder, "encoder", step), {"encoder": release_state_dict(self.encoder)})
@@ -387,7 +414,7 @@ class Trainer:
         if self.scaler_g.is_enabled():
             state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
         save_checkpoint(checkpoint_file(folder, "do", step), state)
-        prune_checkpoints(folder, self.h.keep_last_checkpoints)
+        prune_checkpoints(folder, self.h.keep_last_checkpoints, up_to=step)
 
     def codec(self, audio: torch.Tensor, training: bool = False
               ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -485,8 +512,7 @@ class Trainer:
             return True
         if finite.item():
             return True
-        if is_main_process():
-            print(f"warning: non-finite {name} loss at step {self.steps}; its update is skipped")
+        say(f"warning: non-finite {name} loss at step {self.steps}; its update is skipped")
         self.step_finite = False
         return False
 
@@ -553,9 +579,8 @@ class Trainer:
         self.nonfinite_streak, self.checks_read = streak, True
         if count:
             self.nonfinite_total += count
-            if is_main_process():
-                print(f"warning: {count} of the steps up to step {step} had a non-finite loss; "
-                      f"their updates were skipped")
+            say(f"warning: {count} of the steps up to step {step} had a non-finite loss; "
+                f"their updates were skipped")
 
     @torch.no_grad()
     def validate(self, loader: DataLoader, writer: SummaryWriter) -> Dict[str, float]:
@@ -648,7 +673,7 @@ def check_run_folder(h: AttrDict) -> None:
                          f"checkpoint set needs about {needed / 1e9:.2f} GB")
 
 
-def build_loaders(h, rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, Optional[DataLoader]]:
+def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, Optional[DataLoader]]:
     """Training loader (this rank's share) and validation loader (rank 0 only, else None).
 
     Rank 0 reads every listed file once at start-up (cached) and keeps the usable ones.
@@ -661,7 +686,10 @@ def build_loaders(h, rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, Op
                                    workers=max(1, h.num_workers))
                  for key in ("input_training_wav_list", "input_validation_wav_list")]
     if world_size > 1:
-        dist.broadcast_object_list(lists, src=0)
+        # The other ranks wait here while rank 0 reads a new corpus, which can outlast NCCL's
+        # timeout (10 minutes): the lists go through a CPU group that waits as long as needed.
+        # (torchrun stops every rank if rank 0 fails meanwhile.)
+        dist.broadcast_object_list(lists, src=0, group=dist.new_group(backend="gloo", timeout=DATA_CHECK_TIMEOUT))
     train_files, valid_files = lists
     if len(train_files) < h.batch_size * world_size:
         raise ValueError(f"{h.input_training_wav_list} has {len(train_files)} usable files, fewer than "
@@ -769,19 +797,17 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
 def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: int) -> Trainer:
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else pick_device()
-    main = rank == 0
     torch.manual_seed(h.seed)
-    random.seed(h.seed + rank)
     torch.backends.cudnn.benchmark = True
-    if main:
+    if is_main_process():
         check_run_folder(h)
     train_loader, valid_loader = build_loaders(h, rank, world_size)
-    if main:
-        save_config(h, os.path.join(h.checkpoint_path, "config.json"))
-
     trainer = Trainer(h, device)
     trainer.resume()
-    say = print if main else (lambda *args: None)
+    # Written once the checkpoints have loaded into this config's network: the config beside
+    # them must keep describing them (inference builds the network from it).
+    if is_main_process():
+        save_config(h, os.path.join(h.checkpoint_path, "config.json"))
     say(f"Training on {device.type}: {bitrate(h):.0f} bit/s codec, checkpoints and logs in "
         f"{os.path.abspath(h.checkpoint_path)}")
     if world_size > 1:
@@ -793,16 +819,15 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
         say(f"Nothing to train: the run in {h.checkpoint_path} has finished {start_epoch} epochs "
             f"(training_epochs = {h.training_epochs}); raise training_epochs to continue")
         return trainer
-    writing = SummaryWriter(os.path.join(h.checkpoint_path, "logs")) if main else nullcontext()
+    writing = SummaryWriter(os.path.join(h.checkpoint_path, "logs")) if is_main_process() else nullcontext()
     with writing as writer, stop_requests() as request:
         try:
             run_epochs(trainer, start_epoch, train_loader, valid_loader, writer, request)
         except Exception:
-            last = newest_complete_step(h.checkpoint_path)
+            last = newest_complete_step(h.checkpoint_path, up_to=trainer.steps)
             where = checkpoint_file(h.checkpoint_path, "do", last) if last is not None else "none yet"
-            if main:
-                print(f"Training failed at step {trainer.steps}; the last complete checkpoint set is {where}",
-                      file=sys.stderr)
+            say(f"Training failed at step {trainer.steps}; the last complete checkpoint set is {where}",
+                file=sys.stderr)
             raise
     return trainer
 
@@ -830,7 +855,6 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
     save a set at the last finished step and end the process with one line."""
     h = trainer.h
     last_saved = trainer.steps - 1
-    say = print if writer is not None else (lambda *args: None)
     for epoch in range(start_epoch, h.training_epochs):
         epoch_start = time.time()
         say(f"Epoch: {epoch + 1}")
@@ -845,7 +869,7 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
             reason = should_stop(trainer, request)
             if reason:
                 step = trainer.steps - 1
-                if step > last_saved and writer is not None:
+                if step > last_saved and is_main_process():
                     trainer.save(step, epoch)
                 if distributed():
                     dist.barrier()
@@ -864,7 +888,7 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
     # Keep the final weights even when the run ends between checkpoint intervals. The epoch
     # stored is the number of finished epochs, so restarting a finished run trains nothing
     # and raising training_epochs continues with the next epoch.
-    if trainer.steps - 1 > last_saved and writer is not None:
+    if trainer.steps - 1 > last_saved and is_main_process():
         trainer.save(trainer.steps - 1, h.training_epochs)
     if distributed():
         # No rank leaves (and tears down the group) while rank 0 still writes.

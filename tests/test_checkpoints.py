@@ -5,6 +5,7 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -273,22 +274,57 @@ def test_newest_readable_set_is_found_and_broken_ones_are_named(tmp_path, tiny_h
     assert checkpoints.load_newest_set(folder, torch.device("cpu"), warnings.append)[0] == 20
     assert capsys.readouterr().out == "" and len(warnings) == 2 and "set 40" in warnings[0]
     assert checkpoints.load_newest_set(str(tmp_path / "empty"), torch.device("cpu")) is None
+    for kind in ("encoder", "decoder", "do"):
+        for step in (10, 20, 30):
+            os.remove(checkpoints.checkpoint_file(folder, kind, step))
+    assert checkpoints.load_newest_set(folder, torch.device("cpu"), warnings.append) is None
+    assert "training starts anew" in warnings[-1]
 
 
 def test_prune_keeps_the_newest_complete_sets(tmp_path, tiny_h):
     folder = str(tmp_path)
     _write_sets(folder, [1, 2, 3, 4], tiny_h)
     os.remove(checkpoints.checkpoint_file(folder, "do", 4))
-    checkpoints.prune_checkpoints(folder, 0)
+    checkpoints.prune_checkpoints(folder, 0, up_to=4)
     assert checkpoints.complete_steps(folder) == [1, 2, 3]
-    checkpoints.prune_checkpoints(folder, 2)
+    checkpoints.prune_checkpoints(folder, 2, up_to=4)
     assert checkpoints.complete_steps(folder) == [2, 3]
     assert sorted(os.listdir(folder)) == ["decoder_00000002", "decoder_00000003", "decoder_00000004",
                                           "do_00000002", "do_00000003",
                                           "encoder_00000002", "encoder_00000003", "encoder_00000004"]
 
 
+def test_prune_counts_only_the_sets_up_to_the_one_just_saved(tmp_path, tiny_h):
+    """A run resumed from set 4 past unreadable sets 6 and 7 saves 5: keeping one set keeps 5,
+    not 7, and sets 6 and 7 stay for the user to look at."""
+    folder = str(tmp_path)
+    _write_sets(folder, [2, 4, 5, 6, 7], tiny_h)
+    checkpoints.prune_checkpoints(folder, 1, up_to=5)
+    assert checkpoints.complete_steps(folder) == [5, 6, 7]
+    assert checkpoints.newest_complete_step(folder, up_to=5) == 5
+    assert checkpoints.newest_complete_step(folder, up_to=1) is None
+
+
 def test_checkpoint_set_bytes_counts_weights_and_adam_moments(full):
     params = sum(p.numel() for name in ("encoder", "decoder", "mpd", "mrd") for p in full[name].parameters())
     assert params == 6893120 + 10232582 + 41105770 + 600198
     assert checkpoints.checkpoint_set_bytes(full["h"]) == 12 * params
+
+
+def test_only_tensors_and_plain_data_are_unpickled(tmp_path):
+    """A pickled object that would run code is refused by name; an earlier version's training
+    file, with numpy's random state in it, still loads."""
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo unpickled",))
+
+    torch.save({"encoder": Payload()}, tmp_path / "evil")
+    with pytest.raises(ValueError, match=r"evil: it holds \S*system, which could run code"):
+        checkpoints.load_checkpoint(str(tmp_path / "evil"), torch.device("cpu"), ["encoder"])
+    state = np.random.RandomState(3).get_state()
+    torch.save({"steps": 1, "random_states": {"numpy": state, "torch": torch.get_rng_state()}}, tmp_path / "old")
+    loaded = checkpoints.load_checkpoint(str(tmp_path / "old"), torch.device("cpu"), ["steps"])
+    assert np.array_equal(loaded["random_states"]["numpy"][1], state[1])
+    (tmp_path / "junk").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint .*junk"):
+        checkpoints.load_checkpoint(str(tmp_path / "junk"), torch.device("cpu"))

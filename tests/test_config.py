@@ -45,6 +45,7 @@ def test_release_config_without_added_keys_gets_defaults():
     ({"batch_sise": 3}, "batch_sise"),
     ({"segment_size": 8000}, "segment_size"),
     ({"segment_size": 7980}, "segment_size"),
+    ({"segment_size": 920}, "segment_size"),
     ({"win_size": 2048}, "win_size"),
     ({"hop_size": 320}, "hop_size"),
     ({"cuda_graph": True, "compile": "reduce-overhead"}, "cuda_graph"),

@@ -158,6 +158,28 @@ def test_check_skips_bad_files_reports_them_and_caches(tmp_path, capsys):
     assert cache.get(paths[0]) is None
 
 
+def test_a_check_stopped_part_way_keeps_what_it_found(tmp_path, monkeypatch):
+    """A long check saves its cache as it goes: a run stopped during its first start does
+    not read those files again."""
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.wav"))
+        write_tone(paths[-1], 0.1, seed=i)
+    original = dataset.audio_problem
+
+    def stopped_at_the_third(path):
+        if path == paths[2]:
+            raise KeyboardInterrupt
+        return original(path)
+    monkeypatch.setattr(dataset, "audio_problem", stopped_at_the_third)
+    monkeypatch.setattr(dataset, "CACHE_SAVE_SECONDS", 0.0)
+    cache_path = str(tmp_path / "cache.json")
+    with pytest.raises(KeyboardInterrupt):
+        check_audio_files(paths, "list.txt", 0.2, False, DataCheckCache(cache_path), workers=1)
+    cache = DataCheckCache(cache_path)
+    assert [cache.get(p) is not None for p in paths] == [True, True, False, False]
+
+
 def test_strict_mode_and_lists_without_usable_files_fail(tmp_path):
     expected = _bad_files(tmp_path)
     paths = [str(tmp_path / n) for n in ["full.wav", "silent.wav"]]

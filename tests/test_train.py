@@ -763,6 +763,33 @@ def test_resumed_optimizers_use_this_runs_kernels(tmp_path):
             assert all(optimizer.state[p]["step"].device.type == "cpu" for p in group["params"])
 
 
+def test_a_resume_that_fails_leaves_the_run_config_as_it_was(tmp_path):
+    """The config beside the checkpoints describes them: a restart with another network is an
+    error, and the file keeps the network that inference must build."""
+    h = _setup(tmp_path, training_epochs=1)
+    train.train(h, torch.device("cpu"))
+    path = os.path.join(h.checkpoint_path, "config.json")
+    before = open(path).read()
+    with pytest.raises(ValueError, match="latent_output_conv"):
+        train.train(make_config(**dict(h, latent_dim=h.latent_dim * 2)), torch.device("cpu"))
+    assert open(path).read() == before
+
+
+def test_a_resume_takes_lr_decay_from_the_config_and_names_the_keys_it_does_not_take(tmp_path, capsys):
+    h = _setup(tmp_path, training_epochs=1)
+    first = train.train(h, torch.device("cpu"))
+    lr = first.optim_g.param_groups[0]["lr"]
+    assert "the config differs" not in capsys.readouterr().out
+    resumed = train.Trainer(make_config(**dict(h, lr_decay=0.5, learning_rate=1e-3)), torch.device("cpu"))
+    resumed.resume()
+    out = capsys.readouterr().out
+    assert "note: the config differs from the resumed run in learning_rate 0.001" in out and "lr_decay 0.5" in out
+    assert resumed.scheduler_g.gamma == resumed.scheduler_d.gamma == 0.5
+    assert resumed.optim_g.param_groups[0]["lr"] == lr
+    resumed.scheduler_g.step()
+    assert resumed.optim_g.param_groups[0]["lr"] == pytest.approx(lr * 0.5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides", [{}, {"mixed_precision": "fp16", "grad_clip": 1.0, "quantizer_dropout": 0.5},
                                        {"fused_adamw": True, "mixed_precision": "bf16"}])
