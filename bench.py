@@ -463,7 +463,7 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def bench_streaming(h, clip_seconds: float, chunk_ms: List[float], precisions: List[str], repeats: int
+def bench_streaming(h: AttrDict, clip_seconds: float, chunk_ms: List[float], precisions: List[str], repeats: int
                     ) -> Iterator[dict]:
     """One record per precision and chunk length: compute per latent frame and per push on the CPU
     (this thread's CPU time), the median of `repeats` streams of the clip."""

@@ -5,7 +5,8 @@
     codes.save("speech.apc")
     audio, rate = codec.decode(CodesFile.load("speech.apc"))
 
-The model knows nothing of files or rates; this module adds, around `codec_roundtrip`:
+The model knows nothing of files or rates; this module adds, around the fast forward
+(`fastpath.FastGenerator`, or `codec_roundtrip` for a causal codec):
 
 * resampling to the model's rate and back to the input's (soxr, as librosa uses it);
 * channels coded separately (each is one batch item) and restored in order;
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from checkpoints import load_generator
 from config import AttrDict
-from fastpath import CHUNK_FRAMES, FastGenerator, resolve_precision
+from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, min_analysis_length, pad_for_analysis
 from streaming import causal_analysis, causal_decode, causal_roundtrip, stream_roundtrip
@@ -42,6 +43,7 @@ CODES_EXTENSION = ".apc"
 OVERLAP_SECONDS = 1.0
 CHUNK_SECONDS = 30.0        # default window stride of long inputs
 BATCH_SECONDS = 600.0       # padded audio per batch of short files (one forward pass on a GPU)
+STREAM_CHUNK_MS = 10.0      # default chunk of a stream
 BLOCK_SAMPLES = 1 << 16     # file read size
 Audio = Union[np.ndarray, torch.Tensor]
 
@@ -73,21 +75,22 @@ def decoding_weights_hash(encoder: Encoder, decoder: Decoder) -> bytes:
     return digest.digest()[:16]
 
 
-def _analysis(audio: torch.Tensor, h) -> Tuple[torch.Tensor, torch.Tensor]:
+def _analysis(audio: torch.Tensor, h: AttrDict) -> Tuple[torch.Tensor, torch.Tensor]:
     logamp, pha, _, _ = amp_pha_spectrum(pad_for_analysis(audio, h.n_fft, h.hop_size),
                                          h.n_fft, h.hop_size, h.win_size)
     return logamp, pha
 
 
 @torch.no_grad()
-def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
+def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h: AttrDict,
                     n_codebooks: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Encode and decode audio (B, L), any L >= 1, with the first `n_codebooks` stages (all by default).
 
     Returns codes (B, n, T'), the decoder's predicted real/imag spectra (B, F, ratio*T')
     and audio (B, L). The input is zero-padded for the analysis (to whole hops, and to
-    n_fft / 2 for very short clips), run through the release's path unchanged and the
-    output trimmed back to L. A causal codec runs `streaming.causal_roundtrip`.
+    n_fft / 2 for very short clips), run through the release's modules and the output
+    trimmed back to L: the release's own output when L is a whole number of hops and the
+    frame count a multiple of `ratio`. A causal codec runs `streaming.causal_roundtrip`.
     """
     if h.causal:
         return causal_roundtrip(encoder, decoder, audio, h, n_codebooks)
@@ -96,7 +99,7 @@ def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
     return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :audio.size(-1)]}
 
 
-def latent_frames(length: int, h) -> int:
+def latent_frames(length: int, h: AttrDict) -> int:
     """Latent frames T' that `codec_roundtrip` gives for `length` samples."""
     if h.causal:
         return causal_latent_frames(length, h)
@@ -134,6 +137,14 @@ HEADER_FIELDS = (
 _HEADER = struct.Struct("<" + "".join(code for _, code, _ in HEADER_FIELDS))
 # Header fields that are not CodesFile attributes: constants, the codes' shape and the checksum.
 _DERIVED = ("magic", "version", "n_codebooks", "channels", "frames", "crc32")
+
+
+def chunk_samples(chunk_ms: float, sampling_rate: int) -> int:
+    """A stream's chunk of `chunk_ms` milliseconds in samples (at least one); a one-line error
+    naming --chunk_ms unless it is a positive number."""
+    if not (math.isfinite(chunk_ms) and chunk_ms > 0):
+        raise ValueError(f"--chunk_ms must be a positive number, got {chunk_ms}")
+    return max(1, round(chunk_ms * sampling_rate / 1000))
 
 
 def code_bits(codebook_size: int) -> int:
@@ -381,8 +392,8 @@ class Codec:
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
                  chunk_seconds: float = CHUNK_SECONDS, precision: str = "float32",
                  stream_ms: Optional[float] = None, file_statistics: bool = False):
-        if not chunk_seconds > 0:
-            raise ValueError(f"--chunk_seconds must be positive, got {chunk_seconds}")
+        if not (math.isfinite(chunk_seconds) and chunk_seconds > 0):
+            raise ValueError(f"--chunk_seconds must be a positive number, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
         self.file_statistics = file_statistics
         if h.causal and precision != "float32" and stream_ms is None:
@@ -392,6 +403,7 @@ class Codec:
             raise ValueError("--file_statistics applies to the paper's codec; a causal codec's GRN pools over "
                              "one frame")
         self.precision = resolve_precision(precision, device)
+        check_precision(self.precision, device)
         # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
         self.fast = None if h.causal else FastGenerator(encoder, decoder, h, self.precision,
                                                         None if device.type == "cuda" else CHUNK_FRAMES)
@@ -448,12 +460,10 @@ class Codec:
         """Resynthesise through the streaming encoder and decoder in chunks of `chunk_ms`
         milliseconds (causal codecs; in float32 the output equals the offline pass up to float
         rounding)."""
-        if not chunk_ms > 0:
-            raise ValueError(f"--chunk_ms must be positive, got {chunk_ms}")
+        chunk = chunk_samples(chunk_ms, self.h.sampling_rate)
         if not self.h.causal:
             raise ValueError(f"--stream needs a causal codec ('causal': true); {self.h.source} describes the "
                              f"paper's non-causal model")
-        chunk = max(1, round(chunk_ms * self.h.sampling_rate / 1000))
 
         def streamed(audio: torch.Tensor, n_codebooks: Optional[int]) -> torch.Tensor:
             if n_codebooks not in (None, self.h.n_codebooks):

@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -14,10 +15,14 @@ import torch.nn.functional as F
 import torch.utils.data
 from tqdm import tqdm
 
+from config import AttrDict
 from spectral import amp_pha_spectrum, mel_from_spectrum, min_analysis_length
 from utils import atomic_write
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+# How often a long check of the data saves what it has found, so a run stopped during its
+# first start does not read those files again.
+CACHE_SAVE_SECONDS = 60.0
 
 
 def load_audio(path: str, sampling_rate: int) -> np.ndarray:
@@ -26,6 +31,8 @@ def load_audio(path: str, sampling_rate: int) -> np.ndarray:
         audio, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
         raise ValueError(f"cannot read audio file {path}: {e}") from None
+    if not np.isfinite(audio).all():
+        raise ValueError(f"audio file {path} has NaN or infinite samples")
     audio = audio.mean(axis=1)
     if sr != sampling_rate:
         audio = librosa.resample(audio, orig_sr=sr, target_sr=sampling_rate)
@@ -186,12 +193,16 @@ def check_audio_files(paths: List[str], list_path: str, segment_seconds: float, 
         else:
             results[path] = cached
     if todo:
+        saved = time.monotonic()
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for path, result in zip(todo, tqdm(pool.map(audio_problem, todo), total=len(todo),
                                                desc=f"checking {os.path.basename(list_path)}", unit="file",
                                                leave=False)):
                 results[path] = result
                 cache.put(path, result)
+                if time.monotonic() - saved > CACHE_SAVE_SECONDS:
+                    cache.save()
+                    saved = time.monotonic()
         cache.save()
     bad = [(path, results[path][0]) for path in paths if results[path][0]]
     if bad and strict:
@@ -227,14 +238,14 @@ def trim_for_validation(audio: torch.Tensor, hop_size: int, ratio: int, n_fft: i
     return F.pad(audio, (0, (frames - 1) * hop_size - audio.size(-1)))
 
 
-def spectral_targets(audio: torch.Tensor, h) -> Dict[str, torch.Tensor]:
+def spectral_targets(audio: torch.Tensor, h: AttrDict) -> Dict[str, torch.Tensor]:
     """Training targets of audio (B, L): logamp, pha, real, imag (B, F, T) and mel (B, M, T)."""
     logamp, pha, real, imag = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size)
     mel = mel_from_spectrum(real, imag, h.sampling_rate, h.n_fft, h.num_mels_for_loss)
     return {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "mel": mel}
 
 
-def encoder_input(audio: torch.Tensor, ref: Dict[str, torch.Tensor], h) -> Tuple[torch.Tensor, torch.Tensor]:
+def encoder_input(audio: torch.Tensor, ref: Dict[str, torch.Tensor], h: AttrDict) -> Tuple[torch.Tensor, torch.Tensor]:
     """The encoder's logamp and pha (B, F, T) for audio (B, L) whose targets are `ref`.
 
     The paper's model reads the targets themselves. The causal model's analysis pads with
@@ -290,7 +301,7 @@ class AudioDataset(torch.utils.data.Dataset):
     release applies per item.
     """
 
-    def __init__(self, files: List[str], h, train: bool):
+    def __init__(self, files: List[str], h: AttrDict, train: bool):
         self.files = files
         self.h = h
         self.train = train

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from config import AttrDict
 from utils import full_precision
 
 LRELU_SLOPE = 0.1
@@ -122,13 +123,13 @@ class _MultiDiscriminator(nn.Module):
 
 
 class MultiPeriodDiscriminator(_MultiDiscriminator):
-    def __init__(self, h):
+    def __init__(self, h: AttrDict):
         super().__init__()
         self.discriminators = nn.ModuleList([DiscriminatorP(p, h.mpd_channels) for p in h.mpd_periods])
 
 
 class MultiResolutionDiscriminator(_MultiDiscriminator):
-    def __init__(self, h):
+    def __init__(self, h: AttrDict):
         super().__init__()
         self.discriminators = nn.ModuleList(
             [DiscriminatorR(r, h.mrd_channels) for r in h.mrd_resolutions])

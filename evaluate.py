@@ -32,7 +32,7 @@ import scipy.stats
 import soundfile as sf
 import torch
 
-from codec import codec_roundtrip, load_codec
+from codec import code_bits, codec_roundtrip, load_codec
 from config import AttrDict, bitrate, make_parser, run_cli
 from dataset import AUDIO_EXTENSIONS, audio_index, load_audio
 from inference import check_inputs
@@ -97,19 +97,24 @@ def read_pair(name: str, ref_path: str, dec_path: str, sampling_rate: int) -> Tu
 OutputHook = Callable[[str, Dict[str, torch.Tensor]], None]
 
 
-def resynthesize(h, encoder: Encoder, decoder: Decoder, files: Dict[str, str], output_dir: str,
+def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[str, str], output_dir: str,
                  device: torch.device, on_output: OutputHook) -> Dict[str, float]:
     """Resynthesise each file of {key: path}, mono at the model's rate, into output_dir/key.wav.
 
     `on_output(key, codec_roundtrip result)` sees every result, predicted spectra included.
-    Returns the totals: files, audio seconds and the real-time factor of encode + decode
+    A file that cannot be read is reported on stderr and left out. Returns the totals: files, audio seconds and the real-time factor of encode + decode
     (file I/O excluded; the first file gets one untimed pass, which pays for allocations
     and kernel selection).
     """
     audio_seconds = codec_seconds = 0.0
-    for i, (key, path) in enumerate(files.items()):
-        audio = torch.from_numpy(load_audio(path, h.sampling_rate)).to(device).unsqueeze(0)
-        if i == 0:
+    done = 0
+    for key, path in files.items():
+        try:
+            audio = torch.from_numpy(load_audio(path, h.sampling_rate)).to(device).unsqueeze(0)
+        except ValueError as e:
+            print(f"failed: {e}", file=sys.stderr)
+            continue
+        if done == 0:
             codec_roundtrip(encoder, decoder, audio, h)
         synchronize(device)
         start = time.perf_counter()
@@ -121,37 +126,41 @@ def resynthesize(h, encoder: Encoder, decoder: Decoder, files: Dict[str, str], o
         atomic_write(os.path.join(output_dir, key + ".wav"),
                      lambda f: sf.write(f, decoded, h.sampling_rate, subtype="PCM_16", format="WAV"))
         on_output(key, out)
-    totals = {"files": len(files), "audio_seconds": audio_seconds, "rtf": codec_seconds / audio_seconds}
-    print(f"Resynthesised {len(files)} files ({audio_seconds:.1f} s of audio) into "
+        done += 1
+    if not done:
+        raise ValueError(f"none of the {len(files)} reference files could be read (listed above)")
+    totals = {"files": done, "audio_seconds": audio_seconds, "rtf": codec_seconds / audio_seconds}
+    print(f"Resynthesised {done} files ({audio_seconds:.1f} s of audio) into "
           f"{os.path.abspath(output_dir)}: RTF {totals['rtf']:.4f} on {device.type} "
           f"with {torch.get_num_threads()} threads")
     return totals
 
 
 def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: torch.device
-              ) -> Tuple[Dict[str, float], Dict[str, object]]:
+              ) -> Tuple[Dict[str, float], Dict[str, object], AttrDict]:
     """Resynthesise every reference file into `decoded_dir` with the config's checkpoints.
 
-    Returns the STFT consistency of each file's predicted spectrum and the codec facts
+    Returns the STFT consistency of each file's predicted spectrum, the codec facts
     (nominal bitrate, bits of the codes actually produced per second of audio, real-time
-    factor of encode + decode) for the summary.
+    factor of encode + decode) for the summary, and the config of the checkpoints (that of
+    their training run when it differs from `h`, see `load_codec`), which the metrics use.
     """
     reference = check_inputs(reference, "the reference folder")
     encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder, device)
     consistency: Dict[str, float] = {}
-    code_bits = 0
-    bits_per_code = math.ceil(math.log2(h.codebook_size))
+    bits_drawn = 0
+    bits_per_code = code_bits(h.codebook_size)
 
     def measure(key: str, out: Dict[str, torch.Tensor]) -> None:
-        nonlocal code_bits
-        code_bits += out["codes"].numel() * bits_per_code
+        nonlocal bits_drawn
+        bits_drawn += out["codes"].numel() * bits_per_code
         consistency[key] = stft_consistency(out["real"][0], out["imag"][0], h).item()
 
     totals = resynthesize(h, encoder, decoder, reference, decoded_dir, device, measure)
     # Measured from the codes, padding frames included; a codes-file container adds its header.
-    codec = {"bitrate_bps": bitrate(h), "bitrate_measured_bps": code_bits / totals["audio_seconds"],
+    codec = {"bitrate_bps": bitrate(h), "bitrate_measured_bps": bits_drawn / totals["audio_seconds"],
              "rtf": totals["rtf"], "rtf_device": device.type, "rtf_threads": torch.get_num_threads()}
-    return consistency, codec
+    return consistency, codec, h
 
 
 def mean_and_ci(values: List[float]) -> Dict[str, object]:
@@ -252,7 +261,7 @@ def _track_extremes(extremes: Dict, name: str, value: float, ref: np.ndarray, de
         extremes["best"] = (name, value, ref, dec)
 
 
-def evaluate(pairs: List[Pair], h, speech: bool, device: torch.device
+def evaluate(pairs: List[Pair], h: AttrDict, speech: bool, device: torch.device
              ) -> Tuple[List[Dict[str, object]], Dict[str, Tuple], List[str]]:
     """Per-file metric rows, the worst and best file by LSD with their audio, and the files
     that could not be read (each reported on stderr and left out)."""
@@ -295,7 +304,7 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     decoded_dir = args.decoded
     if decoded_dir is None:
         decoded_dir = os.path.join(args.output, "decoded")
-        consistency, codec = run_codec(h, reference, decoded_dir, device)
+        consistency, codec, h = run_codec(h, reference, decoded_dir, device)
     pairs, missing, extra = match_files(reference, audio_index(decoded_dir))
     if not pairs:
         raise FileNotFoundError(f"no file of {args.reference} has a match in {decoded_dir}")

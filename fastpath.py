@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import AttrDict
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
 from spectral import OverlapAdd, centred, log_amplitude_and_phase, pad_for_analysis, stft_rows
 
@@ -528,7 +529,7 @@ class FastGenerator:
     `chunk_frames` None runs each layer over the whole sequence at once (best on a GPU).
     """
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, h, precision: str = "float32",
+    def __init__(self, encoder: Encoder, decoder: Decoder, h: AttrDict, precision: str = "float32",
                  chunk_frames: Optional[int] = CHUNK_FRAMES):
         if h.causal:
             raise ValueError("the fast forward runs the paper's non-causal codec; a causal one streams instead")

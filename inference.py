@@ -40,14 +40,13 @@ from typing import Dict, List, Optional, Union
 import torch
 from tqdm import tqdm
 
-from codec import BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, Codec, CodesFile
+from codec import BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, STREAM_CHUNK_MS, Codec, CodesFile
 from config import AttrDict, make_parser, run_cli
 from dataset import AUDIO_EXTENSIONS, audio_index, header_problem
 from fastpath import PRECISIONS, kernels
 from utils import pick_device
 
 MODES = ("resynth", "encode", "decode")
-STREAM_CHUNK_MS = 10.0
 
 
 def check_inputs(files: Dict[str, str], location: str) -> Dict[str, str]:
@@ -67,46 +66,82 @@ def check_inputs(files: Dict[str, str], location: str) -> Dict[str, str]:
     return usable
 
 
-def _load_codes_files(files: Dict[str, str], location: str, codec: Codec) -> Dict[str, CodesFile]:
-    """Every codes file, read and checked against the model; one line names the first bad one."""
+def check_outputs(files: Dict[str, str], source: str, target: str, extension: str) -> None:
+    """A one-line error when an output would replace an input, or (decoding) an audio file
+    beside the codes files, presumably the original: both happen when the output folder is
+    the input folder."""
+    inside = os.path.realpath(source if os.path.isdir(source) else os.path.dirname(source)) + os.sep
+    for key, path in files.items():
+        out = os.path.join(target, key + extension)
+        if not os.path.exists(out):
+            continue
+        if os.path.samefile(out, path) or (extension != CODES_EXTENSION and path.endswith(CODES_EXTENSION)
+                                           and os.path.realpath(out).startswith(inside)):
+            raise ValueError(f"test_wav_output_dir: writing {out} would replace a file of the input folder "
+                             f"{source}; choose another output folder")
+
+
+def _check_codes_files(files: Dict[str, str], location: str, codec: Codec) -> None:
+    """Read every codes file and check it against the model before anything is written; one
+    line names the first bad one. (Each is read again when decoded: a folder of long files
+    need not fit in memory.)"""
     if not files:
         raise FileNotFoundError(f"no codes files ({CODES_EXTENSION}) in {location}")
-    codes = {key: CodesFile.load(path) for key, path in files.items()}
-    for one in codes.values():
-        codec.check_compatible(one)
-    return codes
+    for path in files.values():
+        codec.check_compatible(CodesFile.load(path))
+
+
+def check_options(mode: str, n_codebooks: Optional[int], keep_model_rate: bool, chunk_seconds: Optional[float],
+                  stream_ms: Optional[float], batch_seconds: Optional[float], file_statistics: bool) -> None:
+    """A one-line error for an option that does nothing in `mode` (None: not given)."""
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "decode":
+        given = [name for name, value in (("--n_codebooks", n_codebooks), ("--chunk_seconds", chunk_seconds))
+                 if value is not None] + (["--file_statistics"] if file_statistics else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to encode and resynth; a codes file records what "
+                             f"decoding needs")
+    if mode == "encode" and keep_model_rate:
+        raise ValueError("--keep_model_rate applies when decoding (and to resynth): a codes file records the "
+                         "input's rate, and --mode decode --keep_model_rate writes the model's")
+    if batch_seconds is not None and (mode != "resynth" or not batch_seconds > 0):
+        raise ValueError(f"--batch_seconds applies to resynth, which batches files, and must be positive "
+                         f"(got {batch_seconds} with --mode {mode})")
+    if stream_ms is not None and (mode != "resynth" or n_codebooks is not None):
+        raise ValueError("--stream resynthesises with every codebook: it takes no --mode or --n_codebooks")
 
 
 def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = None,
-              keep_model_rate: bool = False, chunk_seconds: float = CHUNK_SECONDS,
+              keep_model_rate: bool = False, chunk_seconds: Optional[float] = None,
               stream_ms: Optional[float] = None, precision: str = "float32",
-              batch_seconds: float = BATCH_SECONDS, file_statistics: bool = False) -> Dict[str, float]:
+              batch_seconds: Optional[float] = None, file_statistics: bool = False) -> Dict[str, float]:
     """Code every input of `test_input_wavs_dir` into `test_wav_output_dir` (see the module docstring).
 
-    `stream_ms`: resynthesise through the streaming codec in chunks of that many milliseconds.
-    `precision`: float32, bfloat16, int8 or auto; `batch_seconds`: padded audio per resynthesis batch;
-    `file_statistics`: see `codec.Codec`.
+    `chunk_seconds`: window stride of long inputs (default CHUNK_SECONDS);
+    `stream_ms`: resynthesise through the streaming codec in chunks of that many milliseconds;
+    `precision`: float32, bfloat16, int8 or auto; `batch_seconds`: padded audio per resynthesis
+    batch (default BATCH_SECONDS); `file_statistics`: see `codec.Codec`. An option that does
+    nothing in `mode` is an error.
     Returns the totals: files, failed, audio_seconds, wall_seconds and rtf (wall time over audio time).
     """
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "decode" and n_codebooks is not None:
-        raise ValueError("--n_codebooks applies to encode and resynth; a codes file records its own")
-    if stream_ms is not None and (mode != "resynth" or n_codebooks is not None):
-        raise ValueError("--stream resynthesises with every codebook: it takes no --mode or --n_codebooks")
+    check_options(mode, n_codebooks, keep_model_rate, chunk_seconds, stream_ms, batch_seconds, file_statistics)
     source, target = h.test_input_wavs_dir, h.test_wav_output_dir
     files = audio_index(source, (CODES_EXTENSION,) if mode == "decode" else AUDIO_EXTENSIONS)
     listed = len(files)
     if mode != "decode":
         files = check_inputs(files, source)
+    check_outputs(files, source, target, CODES_EXTENSION if mode == "encode" else ".wav")
     start = time.perf_counter()
-    codec = Codec.load(h, device=pick_device(), chunk_seconds=chunk_seconds, precision=precision,
+    codec = Codec.load(h, device=pick_device(),
+                       chunk_seconds=CHUNK_SECONDS if chunk_seconds is None else chunk_seconds, precision=precision,
                        stream_ms=stream_ms, file_statistics=file_statistics)
     if codec.fast is not None or stream_ms is not None:
         print(f"precision {kernels(codec.precision, codec.device, stream=stream_ms is not None)}")
     if n_codebooks is not None:
         codec.check_n_codebooks(n_codebooks)
-    codes = _load_codes_files(files, source, codec) if mode == "decode" else {}
+    if mode == "decode":
+        _check_codes_files(files, source, codec)
 
     def code(key: str, path: str) -> Union[float, Exception]:
         try:
@@ -114,13 +149,14 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
                 one = codec.encode_file(path, n_codebooks)
                 one.save(os.path.join(target, key + CODES_EXTENSION))
                 return one.seconds()
-            return codec.decode_to_file(codes[key], os.path.join(target, key + ".wav"), keep_model_rate)
+            return codec.decode_to_file(CodesFile.load(path), os.path.join(target, key + ".wav"), keep_model_rate)
         except (OSError, ValueError, RuntimeError) as e:
             return e
 
     if mode == "resynth":
         jobs = [(path, os.path.join(target, key + ".wav")) for key, path in files.items()]
-        results = codec.resynthesize_files(jobs, keep_model_rate, n_codebooks, batch_seconds)
+        results = codec.resynthesize_files(jobs, keep_model_rate, n_codebooks,
+                                           BATCH_SECONDS if batch_seconds is None else batch_seconds)
     else:
         results = ((path, code(key, path)) for key, path in files.items())
     audio_seconds, failed = 0.0, listed - len(files)
@@ -160,9 +196,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--mode", choices=MODES, default="resynth", help="what to do (default resynth)")
     parser.add_argument("--keep_model_rate", action="store_true",
                         help="write outputs at the model's sampling rate, not the input's")
-    parser.add_argument("--chunk_seconds", type=float, default=CHUNK_SECONDS, metavar="S",
-                        help="inputs longer than S seconds (+ 1 s) are coded in overlapping windows of "
-                             f"S seconds with a crossfade, bounding memory (default {CHUNK_SECONDS:g})")
+    parser.add_argument("--chunk_seconds", type=float, metavar="S",
+                        help="inputs longer than S seconds (+ 1 s) are coded in windows of S + 1 seconds, one "
+                             f"every S seconds, crossfaded over the 1 s overlap; bounds memory (default "
+                             f"{CHUNK_SECONDS:g})")
     parser.add_argument("--file_statistics", action="store_true",
                         help="inputs coded in windows: the encoder's GRN layers pool over the whole input, as "
                              "one pass would (one more pass over the encoder, about 45%% more time), so the "
@@ -170,15 +207,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--precision", choices=PRECISIONS + ("auto",), default="float32",
                         help="float32 (default): the reference numbers; bfloat16 / int8: faster, approximate; "
                              "auto: the faster of those on this machine (a causal codec: with --stream only)")
-    parser.add_argument("--batch_seconds", type=float, default=BATCH_SECONDS, metavar="S",
+    parser.add_argument("--batch_seconds", type=float, metavar="S",
                         help=f"resynthesis batches hold up to S seconds of padded audio (default {BATCH_SECONDS:g})")
     parser.add_argument("--stream", action="store_true",
                         help="resynthesise through the streaming codec (causal codecs only)")
     parser.add_argument("--chunk_ms", type=float, metavar="MS",
                         help=f"stream chunk in milliseconds, with --stream (default {STREAM_CHUNK_MS:g})")
-    run_cli(lambda h, args: inference(h, args.mode, args.use_codebooks, args.keep_model_rate, args.chunk_seconds,
-                                      stream_chunk_ms(args), args.precision, args.batch_seconds,
-                                      args.file_statistics),
+    run_cli(lambda h, args: inference(h, args.mode, n_codebooks=args.use_codebooks,
+                                      keep_model_rate=args.keep_model_rate, chunk_seconds=args.chunk_seconds,
+                                      stream_ms=stream_chunk_ms(args), precision=args.precision,
+                                      batch_seconds=args.batch_seconds, file_statistics=args.file_statistics),
             parser, argv)
 
 

@@ -4,6 +4,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
+from config import AttrDict
 from spectral import anti_wrapping, backward_difference, mel_from_spectrum, stft
 
 # The release's loss weights (paper Eq. for L_G, L_S, L_W and the discriminator sum).
@@ -35,7 +36,7 @@ def stft_consistency_loss(real: torch.Tensor, real_final: torch.Tensor,
     return torch.mean((real - real_final) ** 2 + (imag - imag_final) ** 2)
 
 
-def spectral_losses(ref: Dict[str, torch.Tensor], gen: Dict[str, torch.Tensor], h) -> Dict[str, torch.Tensor]:
+def spectral_losses(ref: Dict[str, torch.Tensor], gen: Dict[str, torch.Tensor], h: AttrDict) -> Dict[str, torch.Tensor]:
     """Every generator loss term that needs no discriminator.
 
     ref: logamp, pha, real, imag (B, F, T) and mel (B, M, T) of the target;

@@ -11,6 +11,7 @@ import librosa
 import numpy as np
 import torch
 
+from config import AttrDict
 from spectral import anti_wrapping, backward_difference, istft, mel_spectrogram, pad_short, stft
 
 # The metric STFT of the group's published evaluations, fixed so that numbers compare
@@ -88,7 +89,7 @@ def snr(ref: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
     return torch.where(signal > 0, value, torch.full_like(value, math.nan))
 
 
-def mel_distance(ref: torch.Tensor, deg: torch.Tensor, h) -> torch.Tensor:
+def mel_distance(ref: torch.Tensor, deg: torch.Tensor, h: AttrDict) -> torch.Tensor:
     """Mean L1 distance of the training loss's log-mel spectra. ref, deg: (L,) or (B, L) -> () or (B,).
 
     Clips shorter than n_fft / 2 are zero-padded first, as in `metric_stft`.
@@ -98,7 +99,7 @@ def mel_distance(ref: torch.Tensor, deg: torch.Tensor, h) -> torch.Tensor:
     return torch.abs(mel(ref) - mel(deg)).mean(dim=(-2, -1))
 
 
-def stft_consistency(real: torch.Tensor, imag: torch.Tensor, h) -> torch.Tensor:
+def stft_consistency(real: torch.Tensor, imag: torch.Tensor, h: AttrDict) -> torch.Tensor:
     """mean |S - STFT(iSTFT(S))|^2 of a predicted spectrum, training STFT settings.
 
     real, imag: (F, T) or (B, F, T) -> () or (B,).
@@ -108,7 +109,7 @@ def stft_consistency(real: torch.Tensor, imag: torch.Tensor, h) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_metrics(ref: torch.Tensor, deg: torch.Tensor, h) -> Dict[str, float]:
+def compute_metrics(ref: torch.Tensor, deg: torch.Tensor, h: AttrDict) -> Dict[str, float]:
     """LSD, AWPD_*, SNR and MelDistance of ref vs deg (L,) or (B, L), averaged over the batch."""
     spec_ref, spec_deg = metric_stft(ref), metric_stft(deg)
     values = {"LSD": lsd_from_spectra(spec_ref, spec_deg)}

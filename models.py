@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from config import AttrDict
 from spectral import istft
 from utils import full_precision, rank_and_world_size
 
@@ -134,7 +135,7 @@ def wn_conv1d(in_channels: int, out_channels: int, kernel_size: int, stride: int
     return weight_norm(conv1d(in_channels, out_channels, kernel_size, stride, causal=causal))
 
 
-def branch_size(h) -> Tuple[int, int, int, Optional[int]]:
+def branch_size(h: AttrDict) -> Tuple[int, int, int, Optional[int]]:
     """Branch's size arguments after the channels: width, hidden width, blocks, causal kernel."""
     return (h.convnext_dim, h.convnext_hidden_dim, h.convnext_layers, h.causal_kernel_size if h.causal else None)
 
@@ -286,7 +287,7 @@ class ResidualVectorQuantize(nn.Module):
 class Encoder(nn.Module):
     """Parallel amplitude/phase encoder followed by the residual VQ."""
 
-    def __init__(self, h):
+    def __init__(self, h: AttrDict):
         super().__init__()
         n_bins = h.n_fft // 2 + 1
         self.amp = Branch(n_bins, h.AMP_Encoder_channel, *branch_size(h))
@@ -324,7 +325,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Parallel amplitude/phase decoder; the waveform comes from the iSTFT of the predicted spectrum."""
 
-    def __init__(self, h):
+    def __init__(self, h: AttrDict):
         super().__init__()
         self.n_fft, self.hop_size, self.win_size = h.n_fft, h.hop_size, h.win_size
         n_bins = h.n_fft // 2 + 1

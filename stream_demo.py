@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 
 from config import AttrDict, make_parser, run_cli
-from codec import load_codec
+from codec import STREAM_CHUNK_MS, chunk_samples, load_codec
 from models import Decoder, Encoder, remove_weight_norm
 from fastpath import PRECISIONS, kernels, resolve_precision
 from streaming import StreamingCodec, latency_samples
@@ -79,12 +79,16 @@ def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Cal
     frames completed and the wall and CPU (this thread) seconds it took."""
     timings = []
     with torch.inference_mode():
-        for chunk in chunks:
-            wall, cpu = time.perf_counter(), time.thread_time()
-            codes, audio = codec.push(torch.from_numpy(chunk)[None])
-            timings.append({"frames": codes.size(-1), "wall": time.perf_counter() - wall,
-                            "cpu": time.thread_time() - cpu})
-            write(audio[0].numpy())
+        try:
+            for chunk in chunks:
+                wall, cpu = time.perf_counter(), time.thread_time()
+                codes, audio = codec.push(torch.from_numpy(chunk)[None])
+                timings.append({"frames": codes.size(-1), "wall": time.perf_counter() - wall,
+                                "cpu": time.thread_time() - cpu})
+                write(audio[0].numpy())
+        except KeyboardInterrupt:
+            # How a live stream is ended: what has been coded is kept, the stream flushed.
+            print("Interrupted: the stream ends here, and what was coded so far is written", file=sys.stderr)
         write(codec.flush()[1][0].numpy())
     return timings
 
@@ -129,19 +133,20 @@ def report(h: AttrDict, timings: List[dict], chunk: int, log: TextIO) -> None:
 
 
 def demo(h: AttrDict, args) -> None:
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    if not h.causal:
-        raise ValueError(f"streaming needs a causal codec ('causal': true); {h.source} describes the paper's "
-                         f"non-causal model (try --config configs/apcodec_s_48k.json)")
-    if args.chunk_ms <= 0:
-        raise ValueError(f"--chunk_ms must be positive, got {args.chunk_ms}")
     if args.random_weights:
         torch.manual_seed(h.seed)
         encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
     else:
+        # The config beside the checkpoints, where training wrote one, describes their network.
         encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder,
                                          torch.device("cpu"))
-    chunk = max(1, round(args.chunk_ms * h.sampling_rate / 1000))
+    if not h.causal:
+        raise ValueError(f"streaming needs a causal codec ('causal': true); {h.source} describes the paper's "
+                         f"non-causal model (try --config configs/apcodec_s_48k.json)")
+    chunk = chunk_samples(args.chunk_ms, h.sampling_rate)
     chunks = read_chunks(args.input, h, chunk)
     # Raw audio on stdout leaves the messages to stderr.
     log = sys.stderr if args.output == "-" else sys.stdout
@@ -165,7 +170,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--input", required=True, help="wav file, or - for raw 16-bit mono PCM on stdin")
     parser.add_argument("--output", required=True, help="wav file (.wav), raw PCM file, or - for stdout")
-    parser.add_argument("--chunk_ms", type=float, default=10.0, help="chunk length in milliseconds (default 10)")
+    parser.add_argument("--chunk_ms", type=float, default=STREAM_CHUNK_MS,
+                        help=f"chunk length in milliseconds (default {STREAM_CHUNK_MS:g})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--precision", choices=PRECISIONS + ("auto",), default="float32",
                         help="products in float32 (default: the offline pass exactly), bfloat16 or int8 "

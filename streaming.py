@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config import AttrDict
 from fastpath import channel_scales, check_precision, folded_norm_linear, normalise, polar_spectrum, vnni
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
 from spectral import amp_pha_spectrum, overlap_add, window_envelope
 
 
-def window_extent(h) -> Tuple[int, int]:
+def window_extent(h: AttrDict) -> Tuple[int, int]:
     """(a, b): a frame centred on sample c weights samples c - a ... c + b - 1.
 
     torch centres the win_size window inside the n_fft frame, which starts n_fft // 2
@@ -42,7 +43,7 @@ def window_extent(h) -> Tuple[int, int]:
     return h.n_fft // 2 - offset, offset + h.win_size - h.n_fft // 2
 
 
-def latency_samples(h) -> int:
+def latency_samples(h: AttrDict) -> int:
     """Algorithmic latency: output sample p needs input samples up to p + this.
 
     The first output sample of a latent frame's span waits for the rest of that latent
@@ -52,13 +53,13 @@ def latency_samples(h) -> int:
     return (h.ratio - 1) * h.hop_size + a + b - 1
 
 
-def latent_frames(length: int, h) -> int:
+def latent_frames(length: int, h: AttrDict) -> int:
     """Latent frames needed to decode `length` samples completely."""
     a, _ = window_extent(h)
     return (length - 1 + a) // h.hop_size // h.ratio + 1
 
 
-def causal_analysis(audio: torch.Tensor, h) -> Tuple[torch.Tensor, torch.Tensor]:
+def causal_analysis(audio: torch.Tensor, h: AttrDict) -> Tuple[torch.Tensor, torch.Tensor]:
     """The encoder's inputs for audio (B, L), any L >= 1, as a stream sees them: log amplitude and
     phase (B, F, ratio * T'), T' = `latent_frames(L)`.
 
@@ -74,7 +75,7 @@ def causal_analysis(audio: torch.Tensor, h) -> Tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
+def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h: AttrDict,
                      n_codebooks: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Offline pass of the causal codec over audio (B, L), any L >= 1: what a stream gives.
 
@@ -300,7 +301,7 @@ class StreamingEncoder:
     convolution waits for a latent frame's last STFT frame. `precision` as in `fastpath`.
     """
 
-    def __init__(self, encoder: Encoder, h, batch: int = 1, precision: str = "float32"):
+    def __init__(self, encoder: Encoder, h: AttrDict, batch: int = 1, precision: str = "float32"):
         check_precision(precision, next(encoder.parameters()).device)
         self.h = h
         self.quantizer = encoder.quantizer
@@ -346,7 +347,7 @@ class StreamingEncoder:
 class StreamingDecoder:
     """Codes (B, n_codebooks, m) in, audio (B, n) out: every sample that no later frame will change."""
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1, precision: str = "float32"):
+    def __init__(self, encoder: Encoder, decoder: Decoder, h: AttrDict, batch: int = 1, precision: str = "float32"):
         check_precision(precision, next(decoder.parameters()).device)
         self.h = h
         self.quantizer = encoder.quantizer
@@ -412,7 +413,7 @@ class StreamingCodec:
     StreamingCodec.
     """
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, h, batch: int = 1, precision: str = "float32"):
+    def __init__(self, encoder: Encoder, decoder: Decoder, h: AttrDict, batch: int = 1, precision: str = "float32"):
         self.h = h
         self.encoder = StreamingEncoder(encoder, h, batch, precision)
         self.decoder = StreamingDecoder(encoder, decoder, h, batch, precision)
@@ -452,7 +453,7 @@ def chunk_sizes(sizes: Union[int, Iterable[int]]) -> Iterator[int]:
     return itertools.cycle(sizes)
 
 
-def stream_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h,
+def stream_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h: AttrDict,
                      chunks: Union[int, Iterable[int]], precision: str = "float32") -> Dict[str, torch.Tensor]:
     """Stream audio (B, L) through the codec in chunks of `chunks` samples.
 

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, TINY, make_config, tone, write_tone
 import evaluate
 from codec import codec_roundtrip, load_codec
-from metrics import stft_consistency
+from metrics import compute_metrics, stft_consistency
 from checkpoints import release_state_dict
 from config import bitrate
 from models import Decoder, Encoder
@@ -254,3 +254,43 @@ def test_unreadable_files_are_reported_the_rest_evaluated_and_the_run_fails(tmp_
     assert "bad.wav" in capsys.readouterr().err
     rows = read_csv(tmp_path / "out" / "metrics.csv")
     assert [row["file"] for row in rows] == ["good"]
+
+
+def test_codec_mode_measures_at_the_rate_of_the_checkpoints_own_config(tmp_path):
+    """Checkpoints with their training config beside them (here a 24 kHz model) are decoded and
+    measured at that config's rate, whatever --config says."""
+    h = make_config(**TINY, sampling_rate=24000)
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, module in (("encoder", Encoder(h)), ("decoder", Decoder(h))):
+        torch.save({name: release_state_dict(module)}, run / name)
+    (run / "config.json").write_text(json.dumps(h))
+    (tmp_path / "ref").mkdir()
+    write_tone(str(tmp_path / "ref" / "a.wav"), 0.3, 24000, seed=3)
+    _, err = run_main(["--reference", str(tmp_path / "ref"), "--checkpoint_file_load_Encoder", str(run / "encoder"),
+                       "--checkpoint_file_load_Decoder", str(run / "decoder"), "--config", CONFIG,
+                       "--output", str(tmp_path / "out")], {"visqol": None})
+    assert "resampled" not in err
+    decoded, rate = sf.read(tmp_path / "out" / "decoded" / "a.wav", dtype="float32")
+    reference, _ = sf.read(tmp_path / "ref" / "a.wav", dtype="float32")
+    assert rate == 24000
+    expected = compute_metrics(torch.from_numpy(reference), torch.from_numpy(decoded), h)["LSD"]
+    assert float(read_csv(tmp_path / "out" / "metrics.csv")[0]["LSD"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_codec_mode_reports_unreadable_references_and_codes_the_rest(tmp_path, capsys):
+    _, config = tiny_codec(tmp_path)
+    (tmp_path / "ref").mkdir()
+    write_tone(str(tmp_path / "ref" / "good.wav"), 0.25, SR, seed=4)
+    (tmp_path / "ref" / "broken.wav").write_bytes(b"RIFF not really")
+    bad = tone(0.25, SR, seed=5)
+    bad[100] = np.nan
+    sf.write(tmp_path / "ref" / "nan.wav", bad, SR, subtype="FLOAT")
+    with pytest.raises(SystemExit, match="2 file\\(s\\) could not be evaluated"):
+        evaluate.main(["--reference", str(tmp_path / "ref"), "--checkpoint_file_load_Encoder",
+                       str(tmp_path / "encoder"), "--checkpoint_file_load_Decoder", str(tmp_path / "decoder"),
+                       "--config", str(config), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "broken.wav" in err and "nan.wav has NaN or infinite samples" in err
+    assert [row["file"] for row in read_csv(tmp_path / "out" / "metrics.csv")] == ["good"]

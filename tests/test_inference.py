@@ -285,3 +285,36 @@ def test_options_a_causal_codec_cannot_honour_are_refused():
         streamed.resynthesize(tone(0.02), 48000, n_codebooks=1)
     with pytest.raises(ValueError, match="--file_statistics applies to the paper's codec"):
         Codec(h, encoder, decoder, torch.device("cpu"), file_statistics=True)
+
+
+def test_an_output_folder_that_is_the_input_folder_replaces_nothing(tmp_path, tiny_h):
+    """Resynthesis into the input folder would overwrite the inputs, and decoding there the
+    originals beside the codes files: both are refused before anything is written."""
+    inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "sub/b.wav": 0.06})
+    before = {name: (inputs / name).read_bytes() for name in ("a.wav", "sub/b.wav")}
+    tiny_h.update(test_wav_output_dir=str(inputs))
+    with pytest.raises(ValueError, match="would replace a file of the input folder"):
+        inference.inference(tiny_h)
+    inference.inference(tiny_h, mode="encode")          # codes beside the wavs replace nothing
+    assert os.path.isfile(inputs / "sub" / "b.apc")
+    with pytest.raises(ValueError, match=r"writing .*a\.wav would replace"):
+        inference.inference(tiny_h, mode="decode")
+    assert {name: (inputs / name).read_bytes() for name in before} == before
+    tiny_h.update(test_input_wavs_dir=str(inputs / "a.wav"))
+    with pytest.raises(ValueError, match="would replace"):
+        inference.inference(tiny_h)
+
+
+@pytest.mark.parametrize("mode, options, named", [
+    ("decode", {"chunk_seconds": 5.0}, "--chunk_seconds"),
+    ("decode", {"file_statistics": True}, "--file_statistics"),
+    ("encode", {"keep_model_rate": True}, "--keep_model_rate"),
+    ("encode", {"batch_seconds": 10.0}, "--batch_seconds"),
+    ("resynth", {"batch_seconds": float("nan")}, "--batch_seconds"),
+    ("resynth", {"chunk_seconds": float("inf")}, "--chunk_seconds"),
+])
+def test_an_option_that_does_nothing_in_the_mode_is_an_error(tmp_path, tiny_h, mode, options, named):
+    _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05})
+    with pytest.raises(ValueError, match=named):
+        inference.inference(tiny_h, mode=mode, **options)
+    assert not os.path.exists(tmp_path / "out")

@@ -8,6 +8,7 @@ import soundfile as sf
 import torch
 
 import stream_demo
+from checkpoints import release_state_dict
 from config import save_config
 from conftest import ROOT, TINY, make_config, write_tone
 from models import Decoder, Encoder, remove_weight_norm
@@ -63,3 +64,47 @@ def test_non_causal_config_and_missing_input_exit_in_one_line(tmp_path, causal_c
             stream_demo.main(argv + ["--output", str(tmp_path / "o.wav"), "--random_weights"])
         assert "\n" not in str(exit_info.value)
     assert not (tmp_path / "o.wav").exists()
+
+
+def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monkeypatch, capsys):
+    """Ctrl-C is how a live stream ends: the output holds every chunk read before it."""
+    h, config = causal_config
+    chunk = 7 * h.sampling_rate // 1000
+
+    def five_chunks_then_ctrl_c(source, h, size):
+        rng = np.random.default_rng(1)
+        for _ in range(5):
+            yield (rng.standard_normal(size) * 0.1).astype(np.float32)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stream_demo, "read_chunks", five_chunks_then_ctrl_c)
+    stream_demo.main(["--config", config, "--input", "-", "--output", str(tmp_path / "live.wav"),
+                      "--random_weights", "--chunk_ms", "7"])
+    assert "Interrupted" in capsys.readouterr().err
+    assert sf.info(str(tmp_path / "live.wav")).frames == 5 * chunk
+
+
+def test_causal_checkpoints_stream_with_the_config_beside_them(tmp_path, causal_config):
+    """A training run's folder holds its config: the default (non-causal) --config does not stop it."""
+    h, _ = causal_config
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, module in (("encoder", Encoder(h)), ("decoder", Decoder(h))):
+        torch.save({name: release_state_dict(module)}, run / name)
+    save_config(h, str(run / "config.json"))
+    write_tone(str(tmp_path / "in.wav"), 0.05)
+    stream_demo.main(["--input", str(tmp_path / "in.wav"), "--output", str(tmp_path / "out.wav"),
+                      "--checkpoint_file_load_Encoder", str(run / "encoder"),
+                      "--checkpoint_file_load_Decoder", str(run / "decoder")])
+    assert sf.info(str(tmp_path / "out.wav")).frames == sf.info(str(tmp_path / "in.wav")).frames
+
+
+@pytest.mark.parametrize("option, value", [("--chunk_ms", "inf"), ("--chunk_ms", "nan"), ("--chunk_ms", "0"),
+                                           ("--threads", "0")])
+def test_bad_numbers_exit_in_one_line_naming_the_option(tmp_path, causal_config, option, value):
+    _, config = causal_config
+    write_tone(str(tmp_path / "in.wav"), 0.05)
+    with pytest.raises(SystemExit) as exit_info:
+        stream_demo.main(["--config", config, "--input", str(tmp_path / "in.wav"), "--output",
+                          str(tmp_path / "o.wav"), "--random_weights", option, value])
+    assert option in str(exit_info.value) and "\n" not in str(exit_info.value)
