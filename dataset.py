@@ -5,7 +5,7 @@ import random
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import librosa
 import numpy as np
@@ -255,6 +255,8 @@ def encoder_input(audio: torch.Tensor, ref: Dict[str, torch.Tensor], h: AttrDict
         return ref["logamp"], ref["pha"]
     logamp, pha, _, _ = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size, pad="zeros")
     return logamp, pha
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Training keys (epoch, index) of one epoch for one rank, from a given batch on.
 
@@ -283,7 +285,7 @@ class EpochSampler(torch.utils.data.Sampler):
         steps = self.size // (self.batch_size * self.world_size)
         return order[:steps * self.batch_size * self.world_size][self.rank::self.world_size]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
         return ((self.epoch, i) for i in self.indices()[self.start_batch * self.batch_size:])
 
     def __len__(self) -> int:
@@ -309,9 +311,13 @@ class AudioDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key) -> torch.Tensor:
+    def __getitem__(self, key: Union[Tuple[int, int], int]) -> torch.Tensor:
         h = self.h
         epoch, index = key if self.train else (0, key)
+        if self.train:
+            crop = self._read_crop(self.files[index], random.Random(f"{h.seed}-{epoch}-{index}"))
+            if crop is not None:
+                return crop
         audio = torch.from_numpy(load_audio(self.files[index], h.sampling_rate))
         if not self.train:
             return audio
@@ -319,3 +325,22 @@ class AudioDataset(torch.utils.data.Dataset):
             start = random.Random(f"{h.seed}-{epoch}-{index}").randint(0, audio.numel() - h.segment_size)
             return audio[start:start + h.segment_size]
         return F.pad(audio, (0, h.segment_size - audio.numel()))
+
+    def _read_crop(self, path: str, draw: random.Random) -> Optional[torch.Tensor]:
+        """The training crop read alone from a wav or flac file at the model's rate and at least
+        a segment long: the samples that reading the whole file would give there. None for other
+        files, which are read whole (resampling needs the whole signal; Ogg seeks approximately)."""
+        segment = self.h.segment_size
+        try:
+            with sf.SoundFile(path) as f:
+                if (f.format not in ("WAV", "WAVEX", "FLAC") or f.samplerate != self.h.sampling_rate
+                        or f.frames < segment):
+                    return None
+                f.seek(draw.randint(0, f.frames - segment))
+                block = f.read(segment, dtype="float32", always_2d=True)
+        except Exception as e:
+            raise ValueError(f"cannot read audio file {path}: {e}") from None
+        if block.shape[0] != segment or not np.isfinite(block).all():
+            raise ValueError(f"audio file {path}: cannot read {segment} samples from its middle, or they are "
+                             f"not finite")
+        return torch.from_numpy(np.ascontiguousarray(block.mean(axis=1), dtype=np.float32))
