@@ -261,14 +261,22 @@ def _config_beside(h: AttrDict, checkpoint: str) -> Optional[AttrDict]:
     return merged
 
 
-def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
-                   ) -> Tuple[Encoder, Decoder, AttrDict]:
-    """Encoder and decoder with the weights of two release-format checkpoints.
+# The config keys that name the generator's checkpoints for inference.
+INFERENCE_KEYS = ("checkpoint_file_load_Encoder", "checkpoint_file_load_Decoder")
+
+
+def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device,
+                   keys: Optional[Tuple[str, str]] = None) -> Tuple[Encoder, Decoder, AttrDict]:
+    """Encoder and decoder with the weights of two release-format checkpoints; `keys`, the
+    config keys the paths came from, are named when a file is missing.
 
     Training writes its config beside its checkpoints. When that config's network keys
     differ from `h`'s, the network is built from them (said in one line); the returned
     config is the one that matches the weights.
     """
+    for path, key in zip((encoder_path, decoder_path), keys or ("", "")):
+        if key and not os.path.isfile(path):
+            raise FileNotFoundError(f"config key '{key}': checkpoint not found: {path}")
     h = _config_beside(h, encoder_path) or h
     encoder_state = load_checkpoint(encoder_path, device, ["encoder"])["encoder"]
     decoder_state = load_checkpoint(decoder_path, device, ["decoder"])["decoder"]

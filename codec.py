@@ -27,7 +27,7 @@ import soxr
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_generator
+from checkpoints import INFERENCE_KEYS, load_generator
 from config import AttrDict
 from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
@@ -48,16 +48,20 @@ BLOCK_SAMPLES = 1 << 16     # file read size
 Audio = Union[np.ndarray, torch.Tensor]
 
 
-def load_codec(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
+def load_codec(h: AttrDict, encoder_path: Optional[str], decoder_path: Optional[str], device: torch.device
                ) -> Tuple[Encoder, Decoder, AttrDict]:
     """Encoder and decoder for inference (eval mode, weight norm folded), and the config that
-    matches their weights (see `checkpoints.load_generator`).
+    matches their weights (see `checkpoints.load_generator`); a path left None is the config's
+    (checkpoint_file_load_Encoder / _Decoder), named if its file is missing.
 
     The decoder carries `checkpoint_hash`, the hash of the decoding weights as stored (weight
     norm's g and v), which codes files record: the folded weights' last bits depend on the
     kernels that fold them, so their hash could differ between machines.
     """
-    encoder, decoder, h = load_generator(h, encoder_path, decoder_path, device)
+    given = (encoder_path, decoder_path)
+    keys = tuple("" if path else key for key, path in zip(INFERENCE_KEYS, given))
+    encoder_path, decoder_path = (path or h[key] for key, path in zip(INFERENCE_KEYS, given))
+    encoder, decoder, h = load_generator(h, encoder_path, decoder_path, device, keys)
     checkpoint_hash = decoding_weights_hash(encoder, decoder)
     encoder, decoder = remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval()
     decoder.checkpoint_hash = checkpoint_hash
@@ -431,8 +435,7 @@ class Codec:
              ) -> "Codec":
         """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
         device = device or pick_device()
-        encoder, decoder, h = load_codec(h, encoder_path or h.checkpoint_file_load_Encoder,
-                                         decoder_path or h.checkpoint_file_load_Decoder, device)
+        encoder, decoder, h = load_codec(h, encoder_path, decoder_path, device)
         return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms, file_statistics)
 
     def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int],

@@ -146,7 +146,7 @@ def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: 
     their training run when it differs from `h`, see `load_codec`), which the metrics use.
     """
     reference = check_inputs(reference, "the reference folder")
-    encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder, device)
+    encoder, decoder, h = load_codec(h, None, None, device)
     consistency: Dict[str, float] = {}
     bits_drawn = 0
     bits_per_code = code_bits(h.codebook_size)
@@ -264,7 +264,8 @@ def _track_extremes(extremes: Dict, name: str, value: float, ref: np.ndarray, de
 def evaluate(pairs: List[Pair], h: AttrDict, speech: bool, device: torch.device
              ) -> Tuple[List[Dict[str, object]], Dict[str, Tuple], List[str]]:
     """Per-file metric rows, the worst and best file by LSD with their audio, and the files
-    that could not be read (each reported on stderr and left out)."""
+    that could not be read (each reported on stderr and left out). An optional metric that
+    fails on a file is reported on stderr and left empty in its row."""
     scorers = optional_metrics(speech)
     rows, extremes, failed = [], {}, []
     for name, ref_path, dec_path in pairs:
@@ -277,7 +278,12 @@ def evaluate(pairs: List[Pair], h: AttrDict, speech: bool, device: torch.device
         row = {"file": name}
         row.update(compute_metrics(torch.from_numpy(ref).to(device), torch.from_numpy(dec).to(device), h))
         for metric, score in scorers.items():
-            row[metric] = score(ref, dec, h.sampling_rate)
+            try:
+                row[metric] = score(ref, dec, h.sampling_rate)
+            except Exception as e:   # a third-party metric's own limits (e.g. a clip too short for it)
+                row[metric] = math.nan
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                print(f"{metric} skipped for {name}: {reason}", file=sys.stderr)
         rows.append(row)
         _track_extremes(extremes, name, row["LSD"], ref, dec)
     if not rows:

@@ -12,10 +12,12 @@ per latent frame against the frame's duration. --precision int8 (or bfloat16) ru
 products in reduced precision: faster, and approximate where float32 gives the offline pass
 exactly. --random_weights needs no checkpoints (for timing only).
 """
+import argparse
+import contextlib
 import statistics
 import sys
 import time
-from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, TextIO
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import soundfile as sf
@@ -118,21 +120,31 @@ def summarise(timings: List[dict], h: AttrDict, chunk: int, clock: str = "cpu") 
             "push_max_ms": pushes[-1]}
 
 
-def report(h: AttrDict, timings: List[dict], chunk: int, log: TextIO) -> None:
+def report(h: AttrDict, timings: List[dict], chunk: int) -> None:
     threads = f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
     for clock in ("wall", "cpu"):
         s = summarise(timings, h, chunk, clock)
         if s is None:
-            print("The input was shorter than one latent frame: nothing to time.", file=log)
+            print("The input was shorter than one latent frame: nothing to time.")
             return
         pace = "faster than" if s["frame_ms"] < s["duration_ms"] else "SLOWER than"
         print(f"Compute per latent frame ({clock} clock, {threads}): {s['frame_ms']:.2f} ms against "
               f"{s['duration_ms']:.2f} ms of audio, {pace} real time; per {s['chunk_ms']:.2f} ms chunk: median "
-              f"{s['push_median_ms']:.2f} ms, 95th percentile {s['push_p95_ms']:.2f} ms, max {s['push_max_ms']:.2f} ms",
-              file=log)
+              f"{s['push_median_ms']:.2f} ms, 95th percentile {s['push_p95_ms']:.2f} ms, max {s['push_max_ms']:.2f} ms")
 
 
-def demo(h: AttrDict, args) -> None:
+def demo(h: AttrDict, args: argparse.Namespace) -> None:
+    if args.output != "-":
+        _demo(h, args, None)
+        return
+    # Raw audio goes to stdout, so every message goes to stderr, notes while loading included.
+    pcm = sys.stdout.buffer
+    with contextlib.redirect_stdout(sys.stderr):
+        _demo(h, args, pcm)
+
+
+def _demo(h: AttrDict, args: argparse.Namespace, pcm: Optional[BinaryIO]) -> None:
+    """`demo`, writing raw PCM to `pcm` when given, else to the --output file."""
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -141,29 +153,26 @@ def demo(h: AttrDict, args) -> None:
         encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
     else:
         # The config beside the checkpoints, where training wrote one, describes their network.
-        encoder, decoder, h = load_codec(h, h.checkpoint_file_load_Encoder, h.checkpoint_file_load_Decoder,
-                                         torch.device("cpu"))
+        encoder, decoder, h = load_codec(h, None, None, torch.device("cpu"))
     if not h.causal:
         raise ValueError(f"streaming needs a causal codec ('causal': true); {h.source} describes the paper's "
                          f"non-causal model (try --config configs/apcodec_s_48k.json)")
     chunk = chunk_samples(args.chunk_ms, h.sampling_rate)
     chunks = read_chunks(args.input, h, chunk)
-    # Raw audio on stdout leaves the messages to stderr.
-    log = sys.stderr if args.output == "-" else sys.stdout
     latency = latency_samples(h)
     print(f"Algorithmic latency {latency} samples = {1000 * latency / h.sampling_rate:.2f} ms; latent frame "
           f"{h.ratio * h.hop_size} samples = {1000 * h.ratio * h.hop_size / h.sampling_rate:.2f} ms; chunks of "
-          f"{chunk} samples", file=log)
+          f"{chunk} samples")
     precision = resolve_precision(args.precision, torch.device("cpu"))
-    print(f"precision {kernels(precision, torch.device('cpu'), stream=True)}", file=log)
+    print(f"precision {kernels(precision, torch.device('cpu'), stream=True)}")
     codec = StreamingCodec(encoder, decoder, h, precision=precision)
-    if args.output == "-":
-        timings = stream(h, codec, chunks, sys.stdout.buffer, wav=False)
+    if pcm is not None:
+        timings = stream(h, codec, chunks, pcm, wav=False)
     else:
         timings = []
         raw = not args.output.lower().endswith(".wav")
         atomic_write(args.output, lambda f: timings.extend(stream(h, codec, chunks, f, wav=not raw)))
-    report(h, timings, chunk, log)
+    report(h, timings, chunk)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -658,8 +658,13 @@ def stop_requests() -> Iterator[Dict[str, int]]:
             signal.signal(signum, handler)
 
 
-def check_run_folder(h: AttrDict) -> None:
-    """`checkpoint_path` must be writable and have room for one checkpoint set."""
+def check_run_setup(h: AttrDict) -> None:
+    """What can fail before the data check, which can take long: `checkpoint_path` must be
+    writable and have room for one checkpoint set, and a distillation teacher's files exist."""
+    for key in ("kd_teacher_encoder", "kd_teacher_decoder"):
+        if h[key] and not os.path.isfile(h[key]):
+            raise FileNotFoundError(f"config key '{key}': checkpoint not found: {h[key]} (set kd_teacher_encoder "
+                                    f"and kd_teacher_decoder to \"\" to train without distillation)")
     folder = h.checkpoint_path
     try:
         os.makedirs(folder, exist_ok=True)
@@ -800,7 +805,7 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
     torch.manual_seed(h.seed)
     torch.backends.cudnn.benchmark = True
     if is_main_process():
-        check_run_folder(h)
+        check_run_setup(h)
     train_loader, valid_loader = build_loaders(h, rank, world_size)
     trainer = Trainer(h, device)
     trainer.resume()

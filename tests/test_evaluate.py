@@ -294,3 +294,21 @@ def test_codec_mode_reports_unreadable_references_and_codes_the_rest(tmp_path, c
     err = capsys.readouterr().err
     assert "broken.wav" in err and "nan.wav has NaN or infinite samples" in err
     assert [row["file"] for row in read_csv(tmp_path / "out" / "metrics.csv")] == ["good"]
+
+
+def test_an_optional_metric_that_fails_on_a_file_is_left_empty_there(tmp_path, capsys):
+    """ViSQOL refuses clips shorter than its patch: that file's ViSQOL is empty and named, the
+    rest of the run goes on."""
+    def measure(r, d, sample_rate):
+        if r.size < 0.5 * sample_rate:
+            raise ValueError("Reference spectrum size (22) smaller than minimum patch size (45).")
+        return types.SimpleNamespace(moslqo=4.0)
+    fake_visqol = types.SimpleNamespace(VisqolApi=lambda: types.SimpleNamespace(
+        create=lambda mode: None, measure_from_arrays=measure))
+    short, long = tone(0.3, SR, seed=10), tone(0.8, SR, seed=11)
+    write_pairs(tmp_path, {"short": (short, 0.5 * short), "long": (long, 0.5 * long)})
+    _, err = run_main(["--reference", str(tmp_path / "ref"), "--decoded", str(tmp_path / "dec"),
+                       "--output", str(tmp_path / "out"), "--config", CONFIG], {"visqol": fake_visqol})
+    assert "ViSQOL skipped for short: Reference spectrum size (22)" in err
+    rows = {row["file"]: row for row in read_csv(tmp_path / "out" / "metrics.csv")}
+    assert rows["short"]["ViSQOL"] == "" and float(rows["long"]["ViSQOL"]) == 4.0

@@ -318,3 +318,10 @@ def test_an_option_that_does_nothing_in_the_mode_is_an_error(tmp_path, tiny_h, m
     with pytest.raises(ValueError, match=named):
         inference.inference(tiny_h, mode=mode, **options)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_missing_checkpoint_names_its_config_key(tmp_path, tiny_h):
+    _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05})
+    tiny_h.update(checkpoint_file_load_Decoder=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="config key 'checkpoint_file_load_Decoder': checkpoint not found"):
+        inference.inference(tiny_h)

@@ -84,7 +84,8 @@ def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monk
 
 
 def test_causal_checkpoints_stream_with_the_config_beside_them(tmp_path, causal_config):
-    """A training run's folder holds its config: the default (non-causal) --config does not stop it."""
+    """A training run's folder holds its config: the default (non-causal) --config does not stop
+    it, and the note saying so goes to stderr when raw audio goes to stdout."""
     h, _ = causal_config
     torch.manual_seed(0)
     run = tmp_path / "run"
@@ -93,10 +94,15 @@ def test_causal_checkpoints_stream_with_the_config_beside_them(tmp_path, causal_
         torch.save({name: release_state_dict(module)}, run / name)
     save_config(h, str(run / "config.json"))
     write_tone(str(tmp_path / "in.wav"), 0.05)
-    stream_demo.main(["--input", str(tmp_path / "in.wav"), "--output", str(tmp_path / "out.wav"),
-                      "--checkpoint_file_load_Encoder", str(run / "encoder"),
-                      "--checkpoint_file_load_Decoder", str(run / "decoder")])
+    checkpoints = ["--checkpoint_file_load_Encoder", str(run / "encoder"),
+                   "--checkpoint_file_load_Decoder", str(run / "decoder")]
+    stream_demo.main(["--input", str(tmp_path / "in.wav"), "--output", str(tmp_path / "out.wav")] + checkpoints)
     assert sf.info(str(tmp_path / "out.wav")).frames == sf.info(str(tmp_path / "in.wav")).frames
+    pcm = (np.random.default_rng(0).standard_normal(3000) * 3000).astype("<i2")
+    result = subprocess.run([sys.executable, "stream_demo.py", "--input", "-", "--output", "-"] + checkpoints,
+                            input=pcm.tobytes(), capture_output=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"note: " in result.stderr and len(result.stdout) == pcm.nbytes
 
 
 @pytest.mark.parametrize("option, value", [("--chunk_ms", "inf"), ("--chunk_ms", "nan"), ("--chunk_ms", "0"),

@@ -157,6 +157,12 @@ def test_config_errors_come_before_any_model(tmp_path, monkeypatch):
     h = _setup(tmp_path / "y", input_validation_wav_list=str(tmp_path / "nowhere.txt"))
     with pytest.raises(FileNotFoundError, match="file list not found: .*nowhere.txt"):
         train.train(h, torch.device("cpu"))
+    h = _setup(tmp_path / "z", causal=True, kd_teacher_encoder=str(tmp_path / "teacher_enc"),
+               kd_teacher_decoder=str(tmp_path / "teacher_dec"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "build_loaders", lambda *a: pytest.fail("the data were checked first"))
+        with pytest.raises(FileNotFoundError, match="config key 'kd_teacher_encoder': checkpoint not found"):
+            train.train(h, torch.device("cpu"))
 
 
 def test_gpu_random_state_is_this_process_device_s(monkeypatch):
