@@ -859,7 +859,8 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
     """The loop over epochs and steps. A stop request or too many non-finite losses in a row
     save a set at the last finished step and end the process with one line."""
     h = trainer.h
-    last_saved = trainer.steps - 1
+    first_step = trainer.steps
+    last_saved = first_step - 1
     for epoch in range(start_epoch, h.training_epochs):
         epoch_start = time.time()
         say(f"Epoch: {epoch + 1}")
@@ -890,10 +891,11 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
         trainer.scheduler_d.step()
         trainer.position = 0
         say(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
-    # Keep the final weights even when the run ends between checkpoint intervals. The epoch
-    # stored is the number of finished epochs, so restarting a finished run trains nothing
-    # and raising training_epochs continues with the next epoch.
-    if trainer.steps - 1 > last_saved and is_main_process():
+    # Keep the final weights even when the run ends between checkpoint intervals, and mark the
+    # run finished even when its last step was just saved (that set is written again): the
+    # epoch stored is the number of finished epochs, so restarting a finished run trains
+    # nothing and raising training_epochs continues with the next epoch.
+    if trainer.steps > first_step and is_main_process():
         trainer.save(trainer.steps - 1, h.training_epochs)
     if distributed():
         # No rank leaves (and tears down the group) while rank 0 still writes.

@@ -42,7 +42,8 @@ def _setup(tmp_path, **overrides):
 def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     h = _setup(tmp_path)
     first = train.train(h, torch.device("cpu"))
-    # 4 clips / batch 2 = 2 steps per epoch, 2 epochs: steps 0..3; checkpoint at 3.
+    # 4 clips / batch 2 = 2 steps per epoch, 2 epochs: steps 0..3; checkpoint at 3, written again
+    # at the end with the run marked finished.
     assert first.steps == 4
     assert newest_complete_step(h.checkpoint_path) == 3
     saved_config = json.load(open(os.path.join(h.checkpoint_path, "config.json")))
@@ -51,7 +52,7 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     # The release's entries, plus what an exact resume needs.
     assert set(do) == {"mpd", "mrd", "optim_g", "optim_d", "steps", "epoch",
                        "position", "epoch_items", "scheduler_g", "scheduler_d", "random_states", "nonfinite_total"}
-    assert do["steps"] == 3 and do["epoch"] == 1 and do["position"] == 2 and do["epoch_items"] == 4
+    assert do["steps"] == 3 and do["epoch"] == 2 and do["position"] == 0 and do["epoch_items"] == 0
     assert len(do["optim_g"]["state"]) == len(list(first.encoder.parameters())) + len(list(first.decoder.parameters()))
     assert all(s["step"].item() == 4 for s in do["optim_g"]["state"].values())
     enc_sd = torch.load(os.path.join(h.checkpoint_path, "encoder_00000003"), weights_only=False)["encoder"]
@@ -63,8 +64,11 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     for (name, a), b in zip(encoder.state_dict().items(), first.encoder.state_dict().values()):
         assert torch.equal(a, b), name
 
-    # Resume with one more epoch: the set was saved after the last batch of epoch index 1,
-    # so that epoch has nothing left, and epoch 2 trains steps 4 and 5.
+    capsys.readouterr()
+    again = train.train(h, torch.device("cpu"))
+    assert again.steps == 4 and "Nothing to train: the run in" in capsys.readouterr().out
+
+    # Resume with one more epoch: epoch 2 trains steps 4 and 5.
     h2 = _setup(tmp_path / "again", checkpoint_path=h.checkpoint_path, training_epochs=3)
     second = train.train(h2, torch.device("cpu"))
     assert second.steps == 6
