@@ -1,6 +1,6 @@
 """Measure training and inference speed and memory; prints JSON lines, one per measurement.
 
-    python bench.py [--suite step|train|inference|all] [--precisions float32,bf16,bf16+compile]
+    python bench.py [--suite step|train|inference|traffic|all] [--precisions float32,bf16,bf16+compile]
                     [--steps N] [--train_steps N] [--clips S ...] [--inference_precisions LIST] [--batch N]
                     [--stream_chunk_ms MS ...] [--config config.json] [--KEY VALUE ...]
 
@@ -545,17 +545,21 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--suite", choices=("step", "train", "inference", "traffic", "all"), default="step",
-                        help="what to measure")
+                        help="what to measure (default step)")
     parser.add_argument("--precisions", default="float32,bf16,bf16+compile",
                         help="comma-separated configurations: float32|bf16|fp16, optionally +compile or "
-                             "+cudagraphs, +fused and +graph (the passes as CUDA graphs)")
+                             "+cudagraphs, +fused and +graph (the passes as CUDA graphs) (default "
+                             "float32,bf16,bf16+compile)")
     parser.add_argument("--device", default=pick_device().type, help="cuda or cpu")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation happens here)")
-    parser.add_argument("--train_steps", type=int, default=300, help="train.py steps per configuration (--suite train)")
-    parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the streamed clip")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size) "
+                                                                  "(default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation happens here) "
+                                                                   "(default 2)")
+    parser.add_argument("--train_steps", type=int, default=300, help="train.py steps per configuration (--suite train) "
+                                                                          "(default 300)")
+    parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the streamed clip (default 10)")
     parser.add_argument("--clips", type=float, nargs="+", default=[1.0, 10.0, 60.0],
-                        help="inference clip lengths in seconds (--suite inference)")
+                        help="inference clip lengths in seconds (--suite inference) (default 1 10 60)")
     parser.add_argument("--file_seconds", type=float, nargs="*", default=[],
                         help="also resynthesise generated wav files of these lengths (s) as inference.py does, "
                              "long ones through the chunked path (--suite inference)")
@@ -566,7 +570,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                                                   "--suite traffic, 4 on the CPU)")
     parser.add_argument("--bandwidth", type=float, default=3.35, metavar="TB_PER_S",
                         help="memory bandwidth for --suite traffic's bound (default 3.35, an H100 SXM's)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed inference runs (0: none)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed inference runs (0: none) (default 3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--stream_chunk_ms", type=float, nargs="*", default=[],
                         help="time the causal codec streaming on the CPU in chunks of these lengths (ms)")

@@ -331,8 +331,13 @@ def read_config_file(path: str) -> Dict[str, Any]:
 
 
 def load_config(path: str, overrides: Optional[Dict[str, Any]] = None) -> AttrDict:
-    """The config in `path` with `overrides` applied, checked."""
+    """The config in `path` with `overrides` (command-line options) applied, checked; a bad
+    override is named as its option."""
     raw = read_config_file(path)
+    for name, value in (overrides or {}).items():
+        problem = KEYS[name].check(value) if name in KEYS else None
+        if problem:
+            raise ConfigError(f"--{name} must be {problem}, got {value!r}")
     raw.update(overrides or {})
     return build_config(raw, path)
 
@@ -368,7 +373,8 @@ def make_parser(description: str, default_config: str = DEFAULT_CONFIG,
                         help=f"JSON config file (default {default_config})")
     keys = parser.add_argument_group(
         "config keys", "Each overrides the config file's value. VALUE is read as JSON when it parses "
-                       "(numbers, lists), else as a string.")
+                       "(numbers, lists), else as a string. The defaults shown are the repository's "
+                       "config.json's; the config file in use may set others.")
     for key in SCHEMA:
         if key.name in replaced:
             continue

@@ -214,7 +214,9 @@ def check_audio_files(paths: List[str], list_path: str, segment_seconds: float, 
     if not good:
         raise ValueError(f"{list_path}: no usable audio file among its {len(paths)} entries")
     short = sum(results[path][1] < segment_seconds for path in good)
-    print(f"{list_path}: {len(good)} usable files ({sum(results[p][1] for p in good) / 3600:.2f} h), "
+    seconds = sum(results[p][1] for p in good)
+    amount = f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
+    print(f"{list_path}: {len(good)} usable files ({amount}), "
           f"{len(bad)} skipped" + (f", {short} shorter than a training segment (zero-padded)" if short else ""))
     return good
 

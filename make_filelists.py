@@ -15,6 +15,7 @@ import sys
 from typing import List, Sequence, Tuple
 
 from dataset import AUDIO_EXTENSIONS, find_audio_files
+from utils import atomic_write
 
 VCTK_TEST_SPEAKERS = ("p360", "p361", "p362", "p363", "p364", "p374", "p376", "s5")
 
@@ -42,19 +43,27 @@ def split_files(files: Sequence[str], how: str, valid_fraction: float = 0.05,
 
 
 def write_list(path: str, files: Sequence[str], note: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# {note}\n" + "".join(p + "\n" for p in files))
+    """One path per line after a `# note` line, written atomically."""
+    text = f"# {note}\n" + "".join(p + "\n" for p in files)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("audio_dir")
-    parser.add_argument("--output_dir", default="filelists")
-    parser.add_argument("--split", choices=("speakers", "random"), default="random")
-    parser.add_argument("--valid_fraction", type=float, default=0.05)
+    parser.add_argument("audio_dir", help="folder searched recursively for wav, flac and ogg files")
+    parser.add_argument("--output_dir", default="filelists",
+                        help="where train.txt and valid.txt are written (default filelists)")
+    parser.add_argument("--split", choices=("speakers", "random"), default="random",
+                        help="random (default): a seeded random fraction of the files is validation; "
+                             "speakers: the VCTK test speakers are")
+    parser.add_argument("--valid_fraction", type=float, default=0.05,
+                        help="with --split random, the fraction of files held out (default 0.05)")
     parser.add_argument("--mic", default="", help="keep only files whose name contains this, e.g. mic1")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.audio_dir):
+        sys.exit(f"error: no such folder: {args.audio_dir}")
+    if not 0 < args.valid_fraction < 1:
+        sys.exit(f"error: --valid_fraction must be between 0 and 1, got {args.valid_fraction}")
     files = find_audio(args.audio_dir, args.mic)
     if not files:
         sys.exit(f"error: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found under {args.audio_dir}")

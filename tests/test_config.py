@@ -1,6 +1,7 @@
 """config.py: the key table, checks that name the key, command-line overrides, --help and the README table."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,8 +93,11 @@ def test_command_line_overrides(tmp_path):
     assert h.source == path and "source" not in h
     with pytest.raises(ConfigError, match="ratio"):
         _parse(["--config", path, "--ratio", "7"])
-    with pytest.raises(ConfigError, match="adam_b2"):
+    with pytest.raises(ConfigError, match="^--adam_b2 must be"):
         _parse(["--config", path, "--adam_b2", "1.5"])
+    # A bad value from the file is named as the file's key.
+    with pytest.raises(ConfigError, match=f"^{re.escape(path)}: config key 'adam_b2' must be"):
+        _parse(["--config", _write(tmp_path, dict(default_raw(), adam_b2=1.5))])
 
 
 def test_unknown_option_is_refused(tmp_path, capsys):

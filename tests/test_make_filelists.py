@@ -1,6 +1,8 @@
 """make_filelists.py: speaker split of the paper's VCTK setup, random split, list format."""
 import os
 
+import pytest
+
 from conftest import write_tone
 from dataset import read_filelist
 from make_filelists import VCTK_TEST_SPEAKERS, main
@@ -34,3 +36,12 @@ def test_random_split_is_seeded_and_disjoint(tmp_path):
     (train, valid), again = lists
     assert len(valid) == 2 and len(train) == 18 and not set(train) & set(valid)
     assert lists[0] == again
+
+
+@pytest.mark.parametrize("args, message", [(["{tmp}/nowhere"], "no such folder"),
+                                           (["{tmp}", "--valid_fraction", "1.5"], "--valid_fraction")])
+def test_bad_arguments_exit_in_one_line(tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(tmp=tmp_path) for a in args] + ["--output_dir", str(tmp_path / "lists")])
+    assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+    assert not (tmp_path / "lists").exists()
