@@ -10,7 +10,8 @@ import glob
 import os
 import pickle
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -131,7 +132,18 @@ def save_checkpoint(path: str, obj: Dict[str, Any]) -> None:
 
 
 # Training files of earlier versions hold numpy's random state: arrays, which are plain data.
-_NUMPY_ARRAY_GLOBALS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# numpy 1 pickles them under numpy.core, numpy 2 under numpy._core.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_NUMPY_ARRAY_GLOBALS = [_RECONSTRUCT, (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                        (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+                        np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _numpy_arrays_allowed() -> ContextManager:
+    """A block where torch's weights-only loader also builds numpy arrays (torch 2.5 on;
+    older versions read the files that hold no numpy state)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow(_NUMPY_ARRAY_GLOBALS) if allow else nullcontext()
 
 
 def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -> Dict[str, Any]:
@@ -142,7 +154,7 @@ def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+        with _numpy_arrays_allowed():
             checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"cannot read checkpoint {path}: {_unpickling_problem(str(e))}") from None

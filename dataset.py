@@ -331,12 +331,13 @@ class AudioDataset(torch.utils.data.Dataset):
     def _read_crop(self, path: str, draw: random.Random) -> Optional[torch.Tensor]:
         """The training crop read alone from a wav or flac file at the model's rate and at least
         a segment long: the samples that reading the whole file would give there. None for other
-        files, which are read whole (resampling needs the whole signal; Ogg seeks approximately)."""
+        files, which are read whole (resampling needs the whole signal; Ogg seeks approximately,
+        and some wav codecs, such as GSM 6.10, cannot seek)."""
         segment = self.h.segment_size
         try:
             with sf.SoundFile(path) as f:
-                if (f.format not in ("WAV", "WAVEX", "FLAC") or f.samplerate != self.h.sampling_rate
-                        or f.frames < segment):
+                if (f.format not in ("WAV", "WAVEX", "FLAC") or not f.seekable()
+                        or f.samplerate != self.h.sampling_rate or f.frames < segment):
                     return None
                 f.seek(draw.randint(0, f.frames - segment))
                 block = f.read(segment, dtype="float32", always_2d=True)

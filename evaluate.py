@@ -102,9 +102,9 @@ def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[st
     """Resynthesise each file of {key: path}, mono at the model's rate, into output_dir/key.wav.
 
     `on_output(key, codec_roundtrip result)` sees every result, predicted spectra included.
-    A file that cannot be read is reported on stderr and left out. Returns the totals: files, audio seconds and the real-time factor of encode + decode
-    (file I/O excluded; the first file gets one untimed pass, which pays for allocations
-    and kernel selection).
+    A file that cannot be read is reported on stderr and left out. Returns the totals: files,
+    audio seconds and the real-time factor of encode + decode (file I/O excluded; the first
+    file gets one untimed pass, which pays for allocations and kernel selection).
     """
     audio_seconds = codec_seconds = 0.0
     done = 0

@@ -66,19 +66,21 @@ def check_inputs(files: Dict[str, str], location: str) -> Dict[str, str]:
     return usable
 
 
-def check_outputs(files: Dict[str, str], source: str, target: str, extension: str) -> None:
-    """A one-line error when an output would replace an input, or (decoding) an audio file
-    beside the codes files, presumably the original: both happen when the output folder is
-    the input folder."""
-    inside = os.path.realpath(source if os.path.isdir(source) else os.path.dirname(source)) + os.sep
-    for key, path in files.items():
+def check_outputs(files: Dict[str, str], target: str, extension: str) -> None:
+    """A one-line error when an output would replace an input or, decoding codes files, the
+    audio file beside a codes file (presumably its original): what an output folder that is,
+    or lies inside, the input folder can do."""
+    inputs = {os.path.realpath(path) for path in files.values()}
+    originals = {os.path.realpath(path)[:-len(CODES_EXTENSION)] + audio
+                 for path in files.values() if path.endswith(CODES_EXTENSION) for audio in AUDIO_EXTENSIONS}
+    protected = inputs | originals
+    for key in files:
         out = os.path.join(target, key + extension)
-        if not os.path.exists(out):
-            continue
-        if os.path.samefile(out, path) or (extension != CODES_EXTENSION and path.endswith(CODES_EXTENSION)
-                                           and os.path.realpath(out).startswith(inside)):
-            raise ValueError(f"test_wav_output_dir: writing {out} would replace a file of the input folder "
-                             f"{source}; choose another output folder")
+        replaced = os.path.realpath(out)
+        if replaced in protected and os.path.exists(out):
+            what = "an input file" if replaced in inputs else "the audio file beside its codes file"
+            raise ValueError(f"test_wav_output_dir: writing {out} would replace {what}; choose another "
+                             f"output folder")
 
 
 def _check_codes_files(files: Dict[str, str], location: str, codec: Codec) -> None:
@@ -131,7 +133,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     listed = len(files)
     if mode != "decode":
         files = check_inputs(files, source)
-    check_outputs(files, source, target, CODES_EXTENSION if mode == "encode" else ".wav")
+    check_outputs(files, target, CODES_EXTENSION if mode == "encode" else ".wav")
     start = time.perf_counter()
     codec = Codec.load(h, device=pick_device(),
                        chunk_seconds=CHUNK_SECONDS if chunk_seconds is None else chunk_seconds, precision=precision,

@@ -14,6 +14,7 @@ exactly. --random_weights needs no checkpoints (for timing only).
 """
 import argparse
 import contextlib
+import signal
 import statistics
 import sys
 import time
@@ -80,18 +81,31 @@ def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Cal
     """Push each chunk (L,) and write what comes out, then flush; returns per push the latent
     frames completed and the wall and CPU (this thread) seconds it took."""
     timings = []
-    with torch.inference_mode():
-        try:
+    stop: List[int] = []
+
+    def request_stop(signum: int, frame: object) -> None:
+        if stop:
+            raise KeyboardInterrupt    # a second Ctrl-C stops at once
+        stop.append(signum)
+
+    # Ctrl-C is how a live stream ends: the push under way finishes (the encoder may have
+    # taken its chunk already), then the stream is flushed and everything coded is written.
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        with torch.inference_mode():
             for chunk in chunks:
                 wall, cpu = time.perf_counter(), time.thread_time()
                 codes, audio = codec.push(torch.from_numpy(chunk)[None])
                 timings.append({"frames": codes.size(-1), "wall": time.perf_counter() - wall,
                                 "cpu": time.thread_time() - cpu})
                 write(audio[0].numpy())
-        except KeyboardInterrupt:
-            # How a live stream is ended: what has been coded is kept, the stream flushed.
-            print("Interrupted: the stream ends here, and what was coded so far is written", file=sys.stderr)
-        write(codec.flush()[1][0].numpy())
+                if stop:
+                    print("Interrupted: the stream ends here, and what was coded so far is written",
+                          file=sys.stderr)
+                    break
+            write(codec.flush()[1][0].numpy())
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return timings
 
 

@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import losses
-from checkpoints import (checkpoint_file, checkpoint_set_bytes, load_newest_set, load_release_state_dict,
-                         newest_complete_step, prune_checkpoints, release_parameters, release_state_dict, save_checkpoint)
+from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, load_newest_set,
+                         load_release_state_dict, newest_complete_step, prune_checkpoints, release_parameters,
+                         release_state_dict, save_checkpoint)
 from config import AttrDict, bitrate, make_parser, run_cli, save_config
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
@@ -329,6 +330,11 @@ class Trainer:
                                  f"(steps by rank: {seen}); every node needs the same checkpoint_path, "
                                  f"e.g. on a shared file system")
         if found is None:
+            unreadable = complete_steps(folder)
+            if unreadable:
+                # Training anew here would write over these sets as it reaches their steps.
+                raise ValueError(f"none of the {len(unreadable)} checkpoint sets in {folder} reads back (see the "
+                                 f"warnings above); move them away to start a new run there")
             return
         step, sets = found
         load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))

@@ -4,6 +4,7 @@ import io
 import math
 import os
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -324,6 +325,16 @@ def test_only_tensors_and_plain_data_are_unpickled(tmp_path):
     state = np.random.RandomState(3).get_state()
     torch.save({"steps": 1, "random_states": {"numpy": state, "torch": torch.get_rng_state()}}, tmp_path / "old")
     loaded = checkpoints.load_checkpoint(str(tmp_path / "old"), torch.device("cpu"), ["steps"])
+    assert np.array_equal(loaded["random_states"]["numpy"][1], state[1])
+    # The same file as numpy 1 writes it (its arrays under numpy.core) loads too.
+    with zipfile.ZipFile(tmp_path / "old") as source, zipfile.ZipFile(tmp_path / "numpy1", "w") as copy:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = re.sub(rb"numpy\._?core\.multiarray", b"numpy.core.multiarray", data)
+                assert b"numpy.core.multiarray" in data
+            copy.writestr(item, data)
+    loaded = checkpoints.load_checkpoint(str(tmp_path / "numpy1"), torch.device("cpu"), ["steps"])
     assert np.array_equal(loaded["random_states"]["numpy"][1], state[1])
     (tmp_path / "junk").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint .*junk"):

@@ -288,20 +288,27 @@ def test_options_a_causal_codec_cannot_honour_are_refused():
 
 
 def test_an_output_folder_that_is_the_input_folder_replaces_nothing(tmp_path, tiny_h):
-    """Resynthesis into the input folder would overwrite the inputs, and decoding there the
-    originals beside the codes files: both are refused before anything is written."""
-    inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "sub/b.wav": 0.06})
-    before = {name: (inputs / name).read_bytes() for name in ("a.wav", "sub/b.wav")}
+    """Resynthesis into the input folder (or a folder inside it) would overwrite inputs, and
+    decoding there the originals beside the codes files: both are refused before anything is
+    written. Decoding into a folder of its own inside the codes folder can be run again."""
+    inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "sub/a.wav": 0.06})
+    before = {name: (inputs / name).read_bytes() for name in ("a.wav", "sub/a.wav")}
+    for target, message in ((inputs, "would replace an input file"), (inputs / "sub", "sub/a.wav would replace")):
+        tiny_h.update(test_wav_output_dir=str(target))
+        with pytest.raises(ValueError, match=message):
+            inference.inference(tiny_h)
     tiny_h.update(test_wav_output_dir=str(inputs))
-    with pytest.raises(ValueError, match="would replace a file of the input folder"):
-        inference.inference(tiny_h)
     inference.inference(tiny_h, mode="encode")          # codes beside the wavs replace nothing
-    assert os.path.isfile(inputs / "sub" / "b.apc")
-    with pytest.raises(ValueError, match=r"writing .*a\.wav would replace"):
+    assert os.path.isfile(inputs / "sub" / "a.apc")
+    with pytest.raises(ValueError, match=r"writing .*a\.wav would replace the audio file beside its codes file"):
         inference.inference(tiny_h, mode="decode")
     assert {name: (inputs / name).read_bytes() for name in before} == before
-    tiny_h.update(test_input_wavs_dir=str(inputs / "a.wav"))
-    with pytest.raises(ValueError, match="would replace"):
+    tiny_h.update(test_wav_output_dir=str(inputs / "decoded"))
+    for _ in range(2):
+        inference.inference(tiny_h, mode="decode")
+    assert os.path.isfile(inputs / "decoded" / "sub" / "a.wav")
+    tiny_h.update(test_input_wavs_dir=str(inputs / "a.wav"), test_wav_output_dir=str(inputs))
+    with pytest.raises(ValueError, match="would replace an input file"):
         inference.inference(tiny_h)
 
 

@@ -1,4 +1,5 @@
 """stream_demo.py: a wav or raw PCM on stdin in, the causal codec's output written as it goes."""
+import signal
 import subprocess
 import sys
 
@@ -67,20 +68,32 @@ def test_non_causal_config_and_missing_input_exit_in_one_line(tmp_path, causal_c
 
 
 def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monkeypatch, capsys):
-    """Ctrl-C is how a live stream ends: the output holds every chunk read before it."""
-    h, config = causal_config
-    chunk = 7 * h.sampling_rate // 1000
+    """Ctrl-C is how a live stream ends: the push under way finishes, and the output is that of
+    a stream of the chunks read so far."""
+    _, config = causal_config
+    chunk = 7 * 48000 // 1000
+    rng = np.random.default_rng(1)
+    chunks = [(rng.standard_normal(chunk) * 0.1).astype(np.float32) for _ in range(8)]
+    monkeypatch.setattr(stream_demo, "read_chunks", lambda source, h, size: iter(chunks[:5]))
+    argv = ["--config", config, "--input", "-", "--random_weights", "--chunk_ms", "7", "--output"]
+    stream_demo.main(argv + [str(tmp_path / "five.wav")])
 
-    def five_chunks_then_ctrl_c(source, h, size):
-        rng = np.random.default_rng(1)
-        for _ in range(5):
-            yield (rng.standard_normal(size) * 0.1).astype(np.float32)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(stream_demo, "read_chunks", five_chunks_then_ctrl_c)
-    stream_demo.main(["--config", config, "--input", "-", "--output", str(tmp_path / "live.wav"),
-                      "--random_weights", "--chunk_ms", "7"])
+    class CtrlCOnTheFifthPush(stream_demo.StreamingCodec):
+        pushes = 0
+
+        def push(self, audio):
+            CtrlCOnTheFifthPush.pushes += 1
+            if CtrlCOnTheFifthPush.pushes == 5:
+                signal.raise_signal(signal.SIGINT)
+            return super().push(audio)
+    monkeypatch.setattr(stream_demo, "read_chunks", lambda source, h, size: iter(chunks))
+    monkeypatch.setattr(stream_demo, "StreamingCodec", CtrlCOnTheFifthPush)
+    capsys.readouterr()
+    stream_demo.main(argv + [str(tmp_path / "live.wav")])
     assert "Interrupted" in capsys.readouterr().err
-    assert sf.info(str(tmp_path / "live.wav")).frames == 5 * chunk
+    live, five = (sf.read(str(tmp_path / name), dtype="int16")[0] for name in ("live.wav", "five.wav"))
+    assert live.size == 5 * chunk and np.array_equal(live, five)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_causal_checkpoints_stream_with_the_config_beside_them(tmp_path, causal_config):

@@ -108,6 +108,18 @@ def test_incomplete_checkpoint_set_is_ignored(tmp_path):
     assert newest_complete_step(h.checkpoint_path) == 1
 
 
+def test_sets_that_all_fail_to_read_stop_the_run_instead_of_training_anew(tmp_path):
+    """Training from scratch would write over them as it reaches their steps."""
+    h = _setup(tmp_path, training_epochs=1)
+    train.train(h, torch.device("cpu"))
+    do = os.path.join(h.checkpoint_path, "do_00000001")
+    with open(do, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="none of the 1 checkpoint sets in .* reads back"):
+        train.train(h, torch.device("cpu"))
+    assert os.path.getsize(do) == 100
+
+
 def test_list_without_usable_files_fails_before_any_model_is_built(tmp_path, monkeypatch):
     h = _setup(tmp_path)
     (tmp_path / "train.txt").write_text("wavs/missing.wav\n")
