@@ -20,7 +20,7 @@ from torch import nn
 from config import NETWORK_KEYS, AttrDict, build_config, read_config_file
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from models import Decoder, Encoder
-from utils import atomic_write
+from utils import atomic_write, first_line
 
 # Our module names -> the release's, in the release's registration order. The release
 # names every layer twice (`*_logamp`, `*_pha`); here one `Branch` class is used twice.
@@ -159,7 +159,7 @@ def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -
     except pickle.UnpicklingError as e:
         raise ValueError(f"cannot read checkpoint {path}: {_unpickling_problem(str(e))}") from None
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {(str(e).strip().splitlines() or [''])[0]}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     for key in keys:
         if not isinstance(checkpoint, dict) or key not in checkpoint:
             raise ValueError(f"checkpoint {path} has no '{key}' entry")
@@ -273,22 +273,14 @@ def _config_beside(h: AttrDict, checkpoint: str) -> Optional[AttrDict]:
     return merged
 
 
-# The config keys that name the generator's checkpoints for inference.
-INFERENCE_KEYS = ("checkpoint_file_load_Encoder", "checkpoint_file_load_Decoder")
-
-
-def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device,
-                   keys: Optional[Tuple[str, str]] = None) -> Tuple[Encoder, Decoder, AttrDict]:
-    """Encoder and decoder with the weights of two release-format checkpoints; `keys`, the
-    config keys the paths came from, are named when a file is missing.
+def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
+                   ) -> Tuple[Encoder, Decoder, AttrDict]:
+    """Encoder and decoder with the weights of two release-format checkpoints.
 
     Training writes its config beside its checkpoints. When that config's network keys
     differ from `h`'s, the network is built from them (said in one line); the returned
     config is the one that matches the weights.
     """
-    for path, key in zip((encoder_path, decoder_path), keys or ("", "")):
-        if key and not os.path.isfile(path):
-            raise FileNotFoundError(f"config key '{key}': checkpoint not found: {path}")
     h = _config_beside(h, encoder_path) or h
     encoder_state = load_checkpoint(encoder_path, device, ["encoder"])["encoder"]
     decoder_state = load_checkpoint(decoder_path, device, ["decoder"])["decoder"]

@@ -16,6 +16,7 @@ The model knows nothing of files or rates; this module adds, around the fast for
 """
 import hashlib
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import soxr
 import torch
 from tqdm import tqdm
 
-from checkpoints import INFERENCE_KEYS, load_generator
+from checkpoints import load_generator
 from config import AttrDict
 from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
@@ -58,10 +59,14 @@ def load_codec(h: AttrDict, encoder_path: Optional[str], decoder_path: Optional[
     norm's g and v), which codes files record: the folded weights' last bits depend on the
     kernels that fold them, so their hash could differ between machines.
     """
-    given = (encoder_path, decoder_path)
-    keys = tuple("" if path else key for key, path in zip(INFERENCE_KEYS, given))
-    encoder_path, decoder_path = (path or h[key] for key, path in zip(INFERENCE_KEYS, given))
-    encoder, decoder, h = load_generator(h, encoder_path, decoder_path, device, keys)
+    paths = []
+    for key, path in (("checkpoint_file_load_Encoder", encoder_path), ("checkpoint_file_load_Decoder", decoder_path)):
+        if path is None:
+            path = h[key]
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"config key '{key}': checkpoint not found: {path}")
+        paths.append(path)
+    encoder, decoder, h = load_generator(h, *paths, device)
     checkpoint_hash = decoding_weights_hash(encoder, decoder)
     encoder, decoder = remove_weight_norm(encoder).eval(), remove_weight_norm(decoder).eval()
     decoder.checkpoint_hash = checkpoint_hash

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from config import AttrDict
 from spectral import amp_pha_spectrum, mel_from_spectrum, min_analysis_length
-from utils import atomic_write
+from utils import atomic_write, first_line
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 # How often a long check of the data saves what it has found, so a run stopped during its
@@ -103,7 +103,7 @@ def header_problem(path: str) -> Optional[str]:
     try:
         info = sf.info(path)
     except Exception as e:
-        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        return f"unreadable ({first_line(e)})"
     if info.frames < 1:
         return "holds no samples"
     truncated = _TRUNCATED.search(info.extra_info)
@@ -125,7 +125,7 @@ def audio_problem(path: str) -> Tuple[Optional[str], float]:
     try:
         audio, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
-        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})", 0.0
+        return f"unreadable ({first_line(e)})", 0.0
     seconds = audio.shape[0] / sr
     if not np.isfinite(audio).all():
         return "has NaN or infinite samples", seconds
@@ -316,22 +316,22 @@ class AudioDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Union[Tuple[int, int], int]) -> torch.Tensor:
         h = self.h
         epoch, index = key if self.train else (0, key)
-        if self.train:
-            crop = self._read_crop(self.files[index], random.Random(f"{h.seed}-{epoch}-{index}"))
-            if crop is not None:
-                return crop
+        draw = random.Random(f"{h.seed}-{epoch}-{index}")
+        crop = self._read_crop(self.files[index], draw) if self.train else None
+        if crop is not None:
+            return crop
         audio = torch.from_numpy(load_audio(self.files[index], h.sampling_rate))
         if not self.train:
             return audio
         if audio.numel() >= h.segment_size:
-            start = random.Random(f"{h.seed}-{epoch}-{index}").randint(0, audio.numel() - h.segment_size)
+            start = draw.randint(0, audio.numel() - h.segment_size)
             return audio[start:start + h.segment_size]
         return F.pad(audio, (0, h.segment_size - audio.numel()))
 
     def _read_crop(self, path: str, draw: random.Random) -> Optional[torch.Tensor]:
         """The training crop read alone from a wav or flac file at the model's rate and at least
-        a segment long: the samples that reading the whole file would give there. None for other
-        files, which are read whole (resampling needs the whole signal; Ogg seeks approximately,
+        a segment long: the samples that reading the whole file would give there. None, with
+        nothing drawn from `draw`, for other files, which are read whole (resampling needs the whole signal; Ogg seeks approximately,
         and some wav codecs, such as GSM 6.10, cannot seek)."""
         segment = self.h.segment_size
         try:

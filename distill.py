@@ -51,7 +51,7 @@ class Distiller:
         teacher_h = AttrDict(h, causal=False)
         teacher_h.source = h.source
         self.teacher_encoder, self.teacher_decoder, _ = load_generator(
-            teacher_h, h.kd_teacher_encoder, h.kd_teacher_decoder, device, ("kd_teacher_encoder", "kd_teacher_decoder"))
+            teacher_h, h.kd_teacher_encoder, h.kd_teacher_decoder, device)
         for module in (self.teacher_encoder, self.teacher_decoder):
             module.eval().requires_grad_(False)
         self.teacher = FeatureTap(self.teacher_encoder, self.teacher_decoder)

@@ -40,7 +40,7 @@ from metrics import (HIGHER_IS_BETTER, POWER_FLOOR, compute_metrics, log_power, 
                      optional_metrics, stft_consistency)
 from models import Decoder, Encoder
 from spectral import anti_wrapping
-from utils import atomic_write, pick_device, synchronize
+from utils import atomic_write, first_line, pick_device, synchronize
 
 # Codecs may pad their output to whole frames; beyond this the pairing is probably wrong.
 MAX_LENGTH_MISMATCH_S = 0.1
@@ -282,8 +282,7 @@ def evaluate(pairs: List[Pair], h: AttrDict, speech: bool, device: torch.device
                 row[metric] = score(ref, dec, h.sampling_rate)
             except Exception as e:   # a third-party metric's own limits (e.g. a clip too short for it)
                 row[metric] = math.nan
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                print(f"{metric} skipped for {name}: {reason}", file=sys.stderr)
+                print(f"{metric} skipped for {name}: {first_line(e)}", file=sys.stderr)
         rows.append(row)
         _track_extremes(extremes, name, row["LSD"], ref, dec)
     if not rows:

@@ -60,15 +60,13 @@ def istft(real: torch.Tensor, imag: torch.Tensor, n_fft: int, hop_size: int,
     """
     if real.dim() == 2:
         return istft(real[None], imag[None], n_fft, hop_size, win_size)[0]
-    batch, _, count = real.shape
-    length = n_fft + hop_size * (count - 1)
+    count = real.size(-1)
     window = _frame_window(n_fft, win_size, real.device, real.dtype)
     frames = torch.fft.irfft(torch.complex(real, imag).transpose(1, 2), n_fft, dim=-1) * window
-    # unfold_backward is the overlap-add torch.istft uses (F.fold sums in another order).
-    signal = torch.ops.aten.unfold_backward(frames, [batch, length], 1, n_fft, hop_size)
-    envelope = torch.ops.aten.unfold_backward(window.square().expand(1, count, n_fft), [1, length], 1, n_fft, hop_size)
-    trim = slice(n_fft // 2, length - n_fft // 2)
-    return signal[:, trim] / envelope[:, trim]
+    signal = overlap_add(frames.transpose(1, 2), hop_size)
+    envelope = window_envelope(count, n_fft, win_size, hop_size, real.device, real.dtype)
+    trim = slice(n_fft // 2, n_fft // 2 + hop_size * (count - 1))
+    return signal[:, trim] / envelope[trim]
 
 
 def amp_pha_spectrum(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int, pad: str = "reflect"
@@ -108,16 +106,19 @@ def stft_rows(padded: torch.Tensor, start: int, count: int, n_fft: int, hop_size
 
 def overlap_add(frames: torch.Tensor, hop_size: int) -> torch.Tensor:
     """Frames as columns (B, size, count) -> their overlap-add (B, size + hop_size * (count - 1)),
-    frame k starting at sample k * hop_size."""
-    size, count = frames.shape[-2:]
-    return F.fold(frames, (1, size + hop_size * (count - 1)), (1, size), stride=(1, hop_size)).flatten(1)
+    frame k starting at sample k * hop_size. unfold_backward is the overlap-add torch.istft
+    uses, so `istft` equals it bit for bit (F.fold sums in another order)."""
+    batch, size, count = frames.shape
+    return torch.ops.aten.unfold_backward(frames.transpose(1, 2), [batch, size + hop_size * (count - 1)], 1, size,
+                                          hop_size)
 
 
 @lru_cache(maxsize=16)
-def window_envelope(count: int, n_fft: int, win_size: int, hop_size: int, device: torch.device) -> torch.Tensor:
+def window_envelope(count: int, n_fft: int, win_size: int, hop_size: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The overlap-add of `count` squared frame windows, (n_fft + hop_size * (count - 1),): the
     same for every chunk of that many frames, so computed once (callers must not change it)."""
-    squared = _frame_window(n_fft, win_size, device).square()
+    squared = _frame_window(n_fft, win_size, device, dtype).square()
     return overlap_add(squared[None, :, None].expand(1, -1, count), hop_size)[0]
 
 

@@ -40,7 +40,7 @@ from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminato
 from distill import Distiller
 from metrics import compute_metrics
 from models import Decoder, Encoder
-from utils import distributed, pick_device, plot_spectrogram, rank_and_world_size
+from utils import distributed, first_line, pick_device, plot_spectrogram, rank_and_world_size
 
 # Names of the terms printed and logged, in the release's stdout order.
 TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
@@ -109,8 +109,8 @@ def compile_available() -> bool:
         torch.compile(lambda x: x + 1)(torch.zeros(1))
         return True
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:120]
-        say(f"compile: torch.compile is unavailable here ({type(e).__name__}: {reason}); training without it")
+        say(f"compile: torch.compile is unavailable here ({type(e).__name__}: {first_line(e)[:120]}); "
+            f"training without it")
         return False
 
 
@@ -191,8 +191,7 @@ class StepGraph:
             with torch.cuda.graph(graphs[1], pool=pool, stream=stream, capture_error_mode="thread_local"):
                 second = t.generator_half(self.audio, *first[:2])
         except RuntimeError as e:
-            reason = (str(e).strip().splitlines() or [""])[0][:160]
-            raise RuntimeError(f"cuda_graph: recording the training step failed ({reason}); "
+            raise RuntimeError(f"cuda_graph: recording the training step failed ({first_line(e)[:160]}); "
                                f"train with cuda_graph false") from e
         self.graphs, self.outputs = graphs, (first, second)
 

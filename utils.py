@@ -44,6 +44,12 @@ def full_precision(x: torch.Tensor) -> ContextManager:
     return torch.autocast(x.device.type, enabled=False)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (for one-line errors), or its type's name
+    when it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Call write(binary_file) on a temp file next to `path`, then rename it into place.
 
