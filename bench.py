@@ -242,6 +242,15 @@ def _timed_together(runs: Dict[Tuple[str, str], Callable[[], object]], device: t
     return {key: (best[key], memory[key]) for key in runs}
 
 
+def inference_configuration(name: str) -> Tuple[str, bool]:
+    """The precision of an --inference_precisions name such as "bfloat16+compile", and whether
+    it compiles."""
+    precision, _, option = name.partition("+")
+    if option not in ("", "compile"):
+        raise ValueError(f"--inference_precisions: {name!r} is not a precision, optionally +compile")
+    return precision, option == "compile"
+
+
 def batch_lengths(length: int, batch: int) -> List[int]:
     """The lengths of a batched measurement: from `length` down to 90% of it, as in a batch of
     a folder sorted by length."""
@@ -277,14 +286,16 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
                 runs[precision, "single"] = tf32_run("float32", lambda: codec.codec_roundtrip(encoder, decoder, one, h))
                 continue
             try:
-                fast = fastpath.FastGenerator(encoder, decoder, h, "float32" if precision == "tf32" else precision,
-                                              None if device.type == "cuda" else fastpath.CHUNK_FRAMES)
+                base, compiled = inference_configuration(precision)
+                fast = fastpath.FastGenerator(encoder, decoder, h, "float32" if base == "tf32" else base,
+                                              None if device.type == "cuda" else fastpath.CHUNK_FRAMES, compiled)
             except Exception as e:  # e.g. int8 on a GPU: report it and go on
                 errors.append({"bench": "inference", "precision": precision, "clip_s": seconds,
                                "error": f"{type(e).__name__}: {e}"[:300]})
                 continue
-            runs[precision, "single"] = tf32_run(precision, lambda fast=fast: fast.roundtrip([one[0]]))
-            runs[precision, "batched"] = tf32_run(precision, lambda fast=fast: fast.roundtrip(many))
+            # The untimed first runs compile: one clip's shapes, then the batch's (dynamic).
+            runs[precision, "single"] = tf32_run(base, lambda fast=fast: fast.roundtrip([one[0]]))
+            runs[precision, "batched"] = tf32_run(base, lambda fast=fast: fast.roundtrip(many))
         yield from errors
         for (precision, mode), (wall, memory) in _timed_together(runs, device, repeats).items():
             audio_seconds = seconds if mode == "single" else sum(c.numel() for c in many) / h.sampling_rate
@@ -322,8 +333,11 @@ def bench_files(h: AttrDict, device: torch.device, seconds: List[float], precisi
                     f.write(block)
                     left -= block.size
             for precision in precisions:
-                codec_ = codec.Codec(h, encoder, decoder, device, precision=precision)
-                codec_.resynthesize(base[:h.sampling_rate], h.sampling_rate)   # warm-up, untimed
+                name, compiled = inference_configuration(precision)
+                codec_ = codec.Codec(h, encoder, decoder, device, precision=name, compile=compiled)
+                # Warm-up, untimed: two lengths, so that a compiled path has its dynamic shapes.
+                for part in (1, 2):
+                    codec_.resynthesize(base[:h.sampling_rate // part], h.sampling_rate)
                 reset_peak_memory(device)
                 start = time.perf_counter()
                 codec_.resynthesize_file(path, os.path.join(folder, "out.wav"))
@@ -564,8 +578,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="also resynthesise generated wav files of these lengths (s) as inference.py does, "
                              "long ones through the chunked path (--suite inference)")
     parser.add_argument("--inference_precisions", metavar="LIST",
-                        help="comma-separated: float32, bfloat16, int8, tf32 (GPU) (default: float32 and the "
-                             "reduced precision of this machine; on a GPU float32,tf32,bfloat16)")
+                        help="comma-separated: float32, bfloat16, int8, tf32 (GPU), the first two and tf32 "
+                             "optionally +compile (default: float32 and the reduced precision of this machine; "
+                             "on a GPU float32,tf32,bfloat16)")
     parser.add_argument("--batch", type=int, help="clips of the batched measurement (default 100 on a GPU and for "
                                                   "--suite traffic, 4 on the CPU)")
     parser.add_argument("--bandwidth", type=float, default=3.35, metavar="TB_PER_S",

@@ -395,12 +395,13 @@ class Codec:
     The paper's codec runs `fastpath.FastGenerator` in `precision` ("float32": the reference
     numbers; "bfloat16" or "int8": faster, approximate; "auto": the faster of those two on
     this machine). A causal one runs `codec_roundtrip`, or with `stream_ms` the streaming
-    codec in chunks of that many milliseconds, in `precision`.
+    codec in chunks of that many milliseconds, in `precision`. `compile` runs the fast path's
+    ConvNeXt blocks through torch.compile (see `FastGenerator`).
     """
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
                  chunk_seconds: float = CHUNK_SECONDS, precision: str = "float32",
-                 stream_ms: Optional[float] = None, file_statistics: bool = False):
+                 stream_ms: Optional[float] = None, file_statistics: bool = False, compile: bool = False):
         if not (math.isfinite(chunk_seconds) and chunk_seconds > 0):
             raise ValueError(f"--chunk_seconds must be a positive number, got {chunk_seconds}")
         self.h, self.encoder, self.decoder, self.device = h, encoder, decoder, device
@@ -408,6 +409,9 @@ class Codec:
         if h.causal and precision != "float32" and stream_ms is None:
             raise ValueError("--precision applies to a causal codec only with --stream; its offline pass runs "
                              "in float32")
+        if compile and (h.causal or stream_ms is not None):
+            raise ValueError("--compile applies to the paper's codec, whose offline pass runs the fast path; a "
+                             "causal codec and --stream do not")
         if h.causal and file_statistics:
             raise ValueError("--file_statistics applies to the paper's codec; a causal codec's GRN pools over "
                              "one frame")
@@ -415,7 +419,7 @@ class Codec:
         check_precision(self.precision, device)
         # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
         self.fast = None if h.causal else FastGenerator(encoder, decoder, h, self.precision,
-                                                        None if device.type == "cuda" else CHUNK_FRAMES)
+                                                        None if device.type == "cuda" else CHUNK_FRAMES, compile)
         # Resynthesis of one window, (C, L) -> (C, L); `stream_ms` swaps in the streaming codec.
         self.roundtrip: Callable[[torch.Tensor, Optional[int]], torch.Tensor] = (
             lambda audio, n_codebooks: codec_roundtrip(encoder, decoder, audio, h, n_codebooks)["audio"])
@@ -436,12 +440,12 @@ class Codec:
     @classmethod
     def load(cls, h: AttrDict, encoder_path: Optional[str] = None, decoder_path: Optional[str] = None,
              device: Optional[torch.device] = None, chunk_seconds: float = CHUNK_SECONDS,
-             precision: str = "float32", stream_ms: Optional[float] = None, file_statistics: bool = False
-             ) -> "Codec":
+             precision: str = "float32", stream_ms: Optional[float] = None, file_statistics: bool = False,
+             compile: bool = False) -> "Codec":
         """A codec from release-format checkpoints (default: the config's inference checkpoints)."""
         device = device or pick_device()
         encoder, decoder, h = load_codec(h, encoder_path, decoder_path, device)
-        return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms, file_statistics)
+        return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms, file_statistics, compile)
 
     def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int],
                         statistics: Optional[List[torch.Tensor]] = None) -> torch.Tensor:

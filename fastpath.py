@@ -28,6 +28,7 @@ import contextlib
 import functools
 import platform
 import re
+import sys
 import warnings
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from config import AttrDict
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
 from spectral import OverlapAdd, centred, log_amplitude_and_phase, pad_for_analysis, stft_rows
+from utils import compile_problem
 
 PRECISIONS = ("float32", "bfloat16", "int8")
 CHUNK_FRAMES = 1024         # rows per chunk on the CPU: a chunk's activations stay in cache
@@ -114,8 +116,8 @@ class Quantized(NamedTuple):
         """Rows start ... stop - 1 of (B, T, C) values, as (B * rows, C)."""
         return self._replace(values=self.values[:, start:stop].reshape(-1, self.values.size(-1)))
 
-    def item(self, i: int) -> "Quantized":
-        """Item i of (B, ...) values."""
+    def __getitem__(self, i: int) -> "Quantized":
+        """Item i of (B, ...) values, as a tensor's [i] is."""
         return self._replace(values=self.values[i])
 
 
@@ -233,6 +235,8 @@ class Convolution:
             q = quantize(window)
             taps = [q.rows(k, k + rows) for k in range(self.kernel)]
         else:
+            # One cast of the window for all taps (each tap would otherwise cast its own rows).
+            window = window.to(self.taps[0].dtype)
             taps = [window[:, k:k + rows].reshape(-1, x.size(2)) for k in range(self.kernel)]
         y = self.taps[0](taps[0])
         for product, tap in zip(self.taps[1:], taps[1:]):
@@ -272,6 +276,38 @@ def normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
+def depthwise(window: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 'valid' depthwise convolution over rows: window (B, rows + k - 1, C), taps (k, C),
+    bias (C,) -> (B, rows, C), as one multiply-add per tap into one output."""
+    rows = window.size(1) - taps.size(0) + 1
+    y = torch.addcmul(bias, window[:, :rows], taps[0])
+    for k in range(1, taps.size(0)):
+        y.addcmul_(window[:, k:k + rows], taps[k])
+    return y
+
+
+def expand(window: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, eps: float, weight_t: torch.Tensor,
+           product_bias: torch.Tensor, inside: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A ConvNeXt block's first half as one function of tensors, for torch.compile to fuse into
+    few kernels: window (B, rows + k - 1, C) -> GELU(LayerNorm(depthwise(window)) @ W.T + b)
+    (B, rows, hidden width) in weight_t's precision (W.T given as weight_t (C, hidden width), the
+    norm's scale and shift folded in), zero where inside (B, rows, 1) is False, and its float32
+    sums of squares over the rows (B, hidden width). The weights are arguments, not constants,
+    so that every block runs the same compiled code."""
+    y = normalise(depthwise(window, taps, bias), eps)
+    h = F.gelu(torch.addmm(product_bias, y.flatten(0, 1).to(weight_t.dtype), weight_t)).view(*y.shape[:2], -1)
+    if inside is not None:
+        h = torch.where(inside, h, 0)
+    return h, h.float().square().sum(1)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_expand() -> Callable:
+    """`expand` through torch.compile, shared by every block (its shapes turn dynamic once a
+    second length comes)."""
+    return torch.compile(expand)
+
+
 def polar_spectrum(logamp: torch.Tensor, imag: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """The decoder's spectrum from its outputs, any shape: exp(logamp) * e^(i atan2(imag, real)).
 
@@ -294,6 +330,7 @@ class Padding:
         self.ends = torch.tensor(lengths)[:, None]
         self.frames = frames
         self._rows: Dict[Tuple[int, int, Optional[int], torch.device], torch.Tensor] = {}
+        self._inside: Dict[torch.device, torch.Tensor] = {}
 
     def zero(self, x: torch.Tensor, offset: int = 0, count: Optional[int] = None) -> None:
         """Zero the rows of x (B, rows per item, C), in place, that hold frame offset + t of a
@@ -307,16 +344,24 @@ class Padding:
             self._rows[key] = (item * x.size(1) + offset + frame).to(x.device)
         x.view(-1, x.size(2)).index_fill_(0, self._rows[key], 0)
 
+    def inside(self, device: torch.device) -> torch.Tensor:
+        """(B, frames, 1) bool, True at each clip's frames."""
+        if device not in self._inside:
+            self._inside[device] = (torch.arange(self.frames)[None] < self.ends)[..., None].to(device)
+        return self._inside[device]
+
 
 class FastBlock:
     """ConvNeXtBlock applied in place to the rows of a residual buffer."""
 
-    def __init__(self, block: ConvNeXtBlock, precision: str, dense: bool = False):
+    def __init__(self, block: ConvNeXtBlock, precision: str, dense: bool = False, compiled: bool = False):
         """`dense`: the depthwise convolution and the second product over the whole sequence and
-        batch at once (see `Convolution`)."""
+        batch at once (see `Convolution`). `compiled`: the first half runs as `compiled_expand`
+        (float32 and bfloat16)."""
         self.precision = precision
         self.dense = dense and precision != "int8"
-        if self.dense:
+        self.compiled = compiled and precision != "int8"
+        if self.dense and not self.compiled:
             self.dw_image = image_weight(block.dwconv.weight, torch.float32)
         else:
             self.dw_weight = block.dwconv.weight.detach()[:, 0].t().contiguous()   # (k, C)
@@ -335,18 +380,15 @@ class FastBlock:
         """The depthwise convolution of rows start ... of a buffer with kernel // 2 rows of margin."""
         if self.dense:
             return image_convolution(x, self.dw_image, self.dw_bias, groups=x.size(2))[:, start:start + rows]
-        y = torch.addcmul(self.dw_bias, x[:, start:start + rows], self.dw_weight[0])
-        for k in range(1, self.kernel):
-            y.addcmul_(x[:, start + k:start + k + rows], self.dw_weight[k])
-        return y
+        return depthwise(x[:, start:start + rows + self.kernel - 1], self.dw_weight, self.dw_bias)
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
                  padding: Optional[Padding], hidden: Optional[torch.Tensor],
                  statistics: Optional[torch.Tensor] = None, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, margin + T + margin, C), updated in place; rows past a clip's end (`padding`)
         must be zero, and dense blocks leave them otherwise (see `_dense_second_product`).
-        hidden: (B, T, hidden width) workspace, or None (int8) to keep each span's hidden
-        activations as it comes. With several spans (chunks), B must be 1; `dense` and
+        hidden: (B, T, hidden width) workspace, or None (int8, compiled) to keep each span's
+        hidden activations as it comes. With several spans (chunks), B must be 1; `dense` and
         `padding` take one.
 
         GRN pools the sums of squares (B, hidden width) of its input over time: `statistics`
@@ -367,6 +409,15 @@ class FastBlock:
             # The rows past each clip's end that the depthwise convolution reads.
             padding.zero(x, margin, self.kernel // 2)
         for start, rows in spans:
+            if self.compiled:
+                window = x[:, offset + start:offset + start + rows + self.kernel - 1]
+                h, squares = compiled_expand()(window, self.dw_weight, self.dw_bias, self.eps, self.pw1.weight_t,
+                                               self.pw1.bias, None if padding is None else padding.inside(x.device))
+                kept.append(h)
+                sumsq += squares
+                if counted is not None:
+                    measured += (h.float().square() * counted[start:start + rows, None]).sum(1)
+                continue
             y = normalise(self.depthwise(x, offset + start, rows), self.eps)
             out = None if hidden is None else hidden[:, start:start + rows].view(-1, self.hidden)
             h = self.pw1(y.view(-1, c), out=out).view(b, rows, self.hidden)
@@ -394,18 +445,18 @@ class FastBlock:
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         scales = self.gamma * nx + 1     # GRN's per-channel scale with its residual, (B, hidden width)
         if self.dense:
-            self._dense_second_product(x, margin, hidden, scales)
+            self._dense_second_product(x, margin, kept[0] if self.compiled else hidden, scales)
             return measured
         if scaled:
             for (start, rows), h in zip(spans, kept):
                 q = quantize(h.mul_(scales[:, None]))
                 for i in range(b):
-                    self.pw2.accumulate(q.item(i), x[i, margin + start:margin + start + rows])
+                    self.pw2.accumulate(q[i], x[i, margin + start:margin + start + rows])
         else:
             for i in range(b):
                 pw2 = Product(self.pw2_weight * scales[i], self.pw2_bias, self.precision)
                 for j, (start, rows) in enumerate(spans):
-                    h = kept[j].item(i) if hidden is None else hidden[i, start:start + rows]
+                    h = kept[j][i] if hidden is None else hidden[i, start:start + rows]
                     pw2.accumulate(h, x[i, margin + start:margin + start + rows])
         if padding is not None:
             padding.zero(x, margin)
@@ -432,12 +483,12 @@ class FastBlock:
 class FastBranch:
     """Branch: embed conv -> LayerNorm -> ConvNeXt blocks -> LayerNorm -> Linear, (B, T, C) in and out."""
 
-    def __init__(self, branch: Branch, precision: str, dense: bool = False):
+    def __init__(self, branch: Branch, precision: str, dense: bool = False, compiled: bool = False):
         self.precision = precision
         self.embed = Convolution(branch.embed.weight, branch.embed.bias, precision, dense)
         self.norm, self.final_norm = branch.norm.eps, branch.final_norm.eps
         self.norm_affine = (branch.norm.weight.detach(), branch.norm.bias.detach())
-        self.blocks = [FastBlock(block, precision, dense) for block in branch.blocks]
+        self.blocks = [FastBlock(block, precision, dense, compiled) for block in branch.blocks]
         self.out = Product(*folded_norm_linear(branch.final_norm, branch.out), precision)
         self.width, self.out_width = branch.out.in_features, branch.out.out_features
         self.margin = max([self.embed.kernel // 2] + [block.kernel // 2 for block in self.blocks])
@@ -453,8 +504,9 @@ class FastBranch:
         stream = margined(b, t, self.width, m, x.device)
         # One workspace for every block: allocated once, so its pages are faulted in once.
         # bfloat16 keeps it in bfloat16 (on long inputs it lives in DRAM, and the second pass of
-        # each block reads it at half the traffic); int8 keeps each chunk's own (see `FastBlock`).
-        hidden = None if self.precision == "int8" else x.new_empty(
+        # each block reads it at half the traffic); int8 and compiled blocks keep each chunk's own
+        # (see `FastBlock`).
+        hidden = None if self.precision == "int8" or self.blocks and self.blocks[0].compiled else x.new_empty(
             b, t, max((block.hidden for block in self.blocks), default=0),
             dtype=torch.float32 if self.precision == "float32" else torch.bfloat16)
         weight, bias = self.norm_affine
@@ -527,10 +579,13 @@ class FastGenerator:
     """Encoder and decoder (weight norm folded, eval mode) run by the fast forward.
 
     `chunk_frames` None runs each layer over the whole sequence at once (best on a GPU).
+    `compile`: run each ConvNeXt block's first half through torch.compile (`compiled_expand`),
+    float32 or bfloat16 only; where torch.compile is unavailable, says so on stderr and runs
+    without it. Its outputs differ from the uncompiled path's by float rounding.
     """
 
     def __init__(self, encoder: Encoder, decoder: Decoder, h: AttrDict, precision: str = "float32",
-                 chunk_frames: Optional[int] = CHUNK_FRAMES):
+                 chunk_frames: Optional[int] = CHUNK_FRAMES, compile: bool = False):
         if h.causal:
             raise ValueError("the fast forward runs the paper's non-causal codec; a causal one streams instead")
         self.h, self.encoder, self.decoder, self.precision = h, encoder, decoder, precision
@@ -539,12 +594,18 @@ class FastGenerator:
         if precision == "int8" and not onednn_int8():
             raise ValueError("--precision int8 needs PyTorch's oneDNN int8 kernels (an x86 build of torch); "
                              "use float32")
+        if compile and precision == "int8":
+            raise ValueError("--compile runs float32 and bfloat16; int8's products are oneDNN's own kernels")
+        problem = compile_problem() if compile else None
+        if problem:
+            print(f"compile: {problem}; running without it", file=sys.stderr)
+        self.compiled = compile and problem is None
         self.chunk_frames = chunk_frames
         self.keep_spectrum = False    # also return each clip's predicted spectrum (real, imag)
         with torch.no_grad():
             branches = (encoder.amp, encoder.pha, decoder.amp, decoder.pha)
             self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha = (
-                FastBranch(branch, precision, chunk_frames is None) for branch in branches)
+                FastBranch(branch, precision, chunk_frames is None, self.compiled) for branch in branches)
             self.amp_out = Convolution(decoder.amp_out.weight, decoder.amp_out.bias, precision, chunk_frames is None)
             # The phase's imaginary and real outputs as one convolution: a shorter (odd, 'same')
             # kernel is zero-padded on both sides to the longer one's size.

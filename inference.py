@@ -24,7 +24,10 @@ that each gets exactly its own output: on a GPU each batch is one forward pass.
 --precision float32 (default) computes the reference numbers; bfloat16 and int8 are faster
 and approximate (codes, LSD and mel distance stay within about 1% of float32's), and auto
 picks the faster one on this machine: bfloat16 on a GPU, a CPU with AMX or a non-x86 CPU,
-else int8. The line it prints names the kernels in use.
+else int8. The line it prints names the kernels in use. --compile fuses the layers between
+the matrix products of float32 and bfloat16 with torch.compile (a C++ compiler on a CPU,
+Triton on a GPU): the first files wait while it compiles, and the outputs differ from the
+uncompiled ones by float rounding.
 
 With --stream (resynth mode, causal codecs: `causal: true`), each file goes through the
 streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live stream
@@ -117,13 +120,14 @@ def check_options(mode: str, n_codebooks: Optional[int], keep_model_rate: bool, 
 def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = None,
               keep_model_rate: bool = False, chunk_seconds: Optional[float] = None,
               stream_ms: Optional[float] = None, precision: str = "float32",
-              batch_seconds: Optional[float] = None, file_statistics: bool = False) -> Dict[str, float]:
+              batch_seconds: Optional[float] = None, file_statistics: bool = False, compile: bool = False
+              ) -> Dict[str, float]:
     """Code every input of `test_input_wavs_dir` into `test_wav_output_dir` (see the module docstring).
 
     `chunk_seconds`: window stride of long inputs (default CHUNK_SECONDS);
     `stream_ms`: resynthesise through the streaming codec in chunks of that many milliseconds;
     `precision`: float32, bfloat16, int8 or auto; `batch_seconds`: padded audio per resynthesis
-    batch (default BATCH_SECONDS); `file_statistics`: see `codec.Codec`. An option that does
+    batch (default BATCH_SECONDS); `file_statistics`, `compile`: see `codec.Codec`. An option that does
     nothing in `mode` is an error.
     Returns the totals: files, failed, audio_seconds, wall_seconds and rtf (wall time over audio time).
     """
@@ -137,7 +141,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     start = time.perf_counter()
     codec = Codec.load(h, device=pick_device(),
                        chunk_seconds=CHUNK_SECONDS if chunk_seconds is None else chunk_seconds, precision=precision,
-                       stream_ms=stream_ms, file_statistics=file_statistics)
+                       stream_ms=stream_ms, file_statistics=file_statistics, compile=compile)
     if codec.fast is not None or stream_ms is not None:
         print(f"precision {kernels(codec.precision, codec.device, stream=stream_ms is not None)}")
     if n_codebooks is not None:
@@ -190,8 +194,9 @@ def stream_chunk_ms(args: argparse.Namespace) -> Optional[float]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     # Here --n_codebooks chooses how many of the model's codebooks to use; the network's
-    # own count comes from the config (or the config beside the checkpoints).
-    parser = make_parser(__doc__, replaced=("n_codebooks",))
+    # own count comes from the config (or the config beside the checkpoints). --compile is
+    # inference's own switch; the config's compile key sets training's mode.
+    parser = make_parser(__doc__, replaced=("n_codebooks", "compile"))
     parser.add_argument("--n_codebooks", type=int, default=None, metavar="N", dest="use_codebooks",
                         help="encode / resynth with the first N codebooks (1 ... the model's n_codebooks; "
                              "default all): N x 1.5 kbit/s at the default settings")
@@ -209,6 +214,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--precision", choices=PRECISIONS + ("auto",), default="float32",
                         help="float32 (default): the reference numbers; bfloat16 / int8: faster, approximate; "
                              "auto: the faster of those on this machine (a causal codec: with --stream only)")
+    parser.add_argument("--compile", action="store_true", dest="compiled",
+                        help="float32 / bfloat16: fuse the layers between the matrix products with torch.compile "
+                             "(compiles for about 10 s first; outputs change by float rounding)")
     parser.add_argument("--batch_seconds", type=float, metavar="S",
                         help=f"resynthesis batches hold up to S seconds of padded audio (default {BATCH_SECONDS:g})")
     parser.add_argument("--stream", action="store_true",
@@ -218,7 +226,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     run_cli(lambda h, args: inference(h, args.mode, n_codebooks=args.use_codebooks,
                                       keep_model_rate=args.keep_model_rate, chunk_seconds=args.chunk_seconds,
                                       stream_ms=stream_chunk_ms(args), precision=args.precision,
-                                      batch_seconds=args.batch_seconds, file_statistics=args.file_statistics),
+                                      batch_seconds=args.batch_seconds, file_statistics=args.file_statistics,
+                                      compile=args.compiled),
             parser, argv)
 
 

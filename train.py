@@ -40,7 +40,7 @@ from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminato
 from distill import Distiller
 from metrics import compute_metrics
 from models import Decoder, Encoder
-from utils import distributed, first_line, pick_device, plot_spectrogram, rank_and_world_size
+from utils import compile_problem, distributed, first_line, pick_device, plot_spectrogram, rank_and_world_size
 
 # Names of the terms printed and logged, in the release's stdout order.
 TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
@@ -105,13 +105,10 @@ def codebook_health(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 def compile_available() -> bool:
     """Whether torch.compile works here; says in one line why not."""
-    try:
-        torch.compile(lambda x: x + 1)(torch.zeros(1))
-        return True
-    except Exception as e:
-        say(f"compile: torch.compile is unavailable here ({type(e).__name__}: {first_line(e)[:120]}); "
-            f"training without it")
-        return False
+    problem = compile_problem()
+    if problem:
+        say(f"compile: {problem}; training without it")
+    return problem is None
 
 
 def cuda_graph_available(device: torch.device) -> bool:

@@ -2,7 +2,7 @@
 import os
 import tempfile
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Tuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,6 +48,15 @@ def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (for one-line errors), or its type's name
     when it has none."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def compile_problem() -> Optional[str]:
+    """None where torch.compile works here (on a CPU it needs a C++ compiler), else why not, in one line."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(1))
+        return None
+    except Exception as e:
+        return f"torch.compile is unavailable here ({type(e).__name__}: {first_line(e)[:120]})"
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:

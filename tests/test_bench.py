@@ -25,6 +25,13 @@ def test_configuration_names_set_the_speed_keys(tiny_h):
             bench.configuration(tiny_h, bad)
 
 
+def test_inference_names_set_precision_and_compile():
+    assert bench.inference_configuration("bfloat16+compile") == ("bfloat16", True)
+    assert bench.inference_configuration("tf32") == ("tf32", False)
+    with pytest.raises(ValueError, match="'int8\\+fast' is not a precision, optionally \\+compile"):
+        bench.inference_configuration("int8+fast")
+
+
 def test_training_bench_reports_every_phase():
     h = make_config(**dict(TINY, batch_size=1))
     result = bench.bench_training(h, torch.device("cpu"), steps=1, warmup=0)

@@ -13,9 +13,10 @@ import inference
 import metrics
 import train
 from codec import Codec, codec_roundtrip
-from config import build_config, read_config_file
+from config import build_config, read_config_file, save_config
 from conftest import ROOT, TINY, make_config, tone, write_tone
 from fastpath import FastGenerator, Product
+from utils import compile_problem
 from models import GRN, Decoder, Encoder, remove_weight_norm
 from test_inference import _save_random_codec
 
@@ -188,14 +189,17 @@ def test_padding_zeroes_the_rows_past_each_clip_end():
     kept[1, 4:9] = False
     assert torch.equal(x, kept[..., None].float().expand(3, 11, 4))
 
-@pytest.mark.parametrize("chunk_frames", [fastpath.CHUNK_FRAMES, None])
-def test_bfloat16_codec_stays_near_float32_alone_and_batched(model, chunk_frames):
+@pytest.mark.parametrize("chunk_frames, compile", [(fastpath.CHUNK_FRAMES, False), (None, False), (None, True)])
+def test_bfloat16_codec_stays_near_float32_alone_and_batched(model, chunk_frames, compile):
     """bfloat16, chunked one clip at a time (a CPU's way) and as one dense batch (a GPU's),
-    near the float32 output of each clip (random weights: loose bounds)."""
+    also compiled, near the float32 output of each clip (random weights: loose bounds)."""
+    if compile:
+        _compiler_or_skip()
     h, encoder, decoder = model
     clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 4801))]
     exact = FastGenerator(encoder, decoder, h).roundtrip(clips)
-    approx = FastGenerator(encoder, decoder, h, "bfloat16", chunk_frames=chunk_frames).roundtrip(clips)
+    approx = FastGenerator(encoder, decoder, h, "bfloat16", chunk_frames=chunk_frames,
+                           compile=compile).roundtrip(clips)
     for a, e in zip(approx, exact):
         assert a["audio"].shape == e["audio"].shape and a["codes"].shape == e["codes"].shape
         assert (a["audio"] - e["audio"]).pow(2).sum() < 0.1 * e["audio"].pow(2).sum()
@@ -343,12 +347,49 @@ def test_bad_precision_and_causal_models_are_refused(model, monkeypatch):
     h, encoder, decoder = model
     with pytest.raises(ValueError, match="--precision must be one of float32, bfloat16, int8, got 'fp8'"):
         FastGenerator(encoder, decoder, h, "fp8")
+    with pytest.raises(ValueError, match="--compile runs float32 and bfloat16"):
+        FastGenerator(encoder, decoder, h, "int8", compile=True)
     monkeypatch.setattr(fastpath.platform, "machine", lambda: "arm64")
     with pytest.raises(ValueError, match="int8 needs PyTorch's oneDNN int8 kernels"):
         FastGenerator(encoder, decoder, h, "int8")
     causal = make_config(**TINY, causal=True)
     with pytest.raises(ValueError, match="non-causal"):
         FastGenerator(Encoder(causal), Decoder(causal), causal)
+    with pytest.raises(ValueError, match="--compile applies to the paper's codec"):
+        Codec(causal, Encoder(causal), Decoder(causal), torch.device("cpu"), compile=True)
+
+
+def _compiler_or_skip():
+    problem = compile_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.mark.parametrize("chunk_frames", [64, None])
+def test_compiled_blocks_give_the_uncompiled_outputs(model, chunk_frames):
+    """--compile, float32: one clip at a time in chunks (a CPU's way, several chunks per clip)
+    and as one padded batch (a GPU's) give the uncompiled path's codes and, to float rounding,
+    its audio; the compiled code really ran."""
+    _compiler_or_skip()
+    h, encoder, decoder = model
+    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 4801))]
+    exact = FastGenerator(encoder, decoder, h, chunk_frames=chunk_frames).roundtrip(clips)
+    fast = FastGenerator(encoder, decoder, h, chunk_frames=chunk_frames, compile=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = fast.roundtrip(clips)
+    assert fast.compiled and torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    for c, e in zip(compiled, exact):
+        assert torch.equal(c["codes"], e["codes"])
+        assert c["audio"].shape == e["audio"].shape
+        assert (c["audio"] - e["audio"]).abs().max() < TOLERANCE
+
+
+def test_compile_unavailable_runs_without_it_with_one_line(model, monkeypatch, capsys):
+    h, encoder, decoder = model
+    monkeypatch.setattr(fastpath, "compile_problem", lambda: "torch.compile is unavailable here (RuntimeError: x)")
+    fast = FastGenerator(encoder, decoder, h, compile=True)
+    assert not fast.compiled and not any(block.compiled for block in fast.enc_amp.blocks)
+    assert capsys.readouterr().err == "compile: torch.compile is unavailable here (RuntimeError: x); running without it\n"
 
 
 def _folder(tmp_path):
@@ -399,6 +440,31 @@ def test_inference_precision_option_prints_its_kernels(tmp_path, capsys, monkeyp
         assert f"precision {precision}: " in capsys.readouterr().out
         for name in os.listdir(inputs):
             assert sf.info(str(tmp_path / precision / name)).frames == sf.info(str(inputs / name)).frames
+
+
+def test_inference_compile_option_writes_the_uncompiled_files(tmp_path, monkeypatch):
+    """inference.py --compile (its own switch, not the config's training key) writes the files
+    of a run without it, to a bit of rounding."""
+    _compiler_or_skip()
+    monkeypatch.setattr(inference, "pick_device", lambda: torch.device("cpu"))
+    inputs = _folder(tmp_path)
+    (inputs / "e.wav").unlink()
+    h = make_config(**TINY, compile="default")    # training's key: no part in inference
+    save_config(h, str(tmp_path / "tiny.json"))
+    enc_path, dec_path = _save_random_codec(h, str(tmp_path))
+    common = ["--config", str(tmp_path / "tiny.json"), "--test_input_wavs_dir", str(inputs),
+              "--checkpoint_file_load_Encoder", enc_path, "--checkpoint_file_load_Decoder", dec_path]
+    inference.main(common + ["--test_wav_output_dir", str(tmp_path / "eager")])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    inference.main(common + ["--test_wav_output_dir", str(tmp_path / "compiled"), "--compile"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    for name in os.listdir(inputs):
+        eager, rate = sf.read(str(tmp_path / "eager" / name), dtype="int16")
+        compiled, compiled_rate = sf.read(str(tmp_path / "compiled" / name), dtype="int16")
+        assert rate == compiled_rate and eager.shape == compiled.shape
+        assert np.abs(eager.astype(int) - compiled).max() <= 1
+    with pytest.raises(SystemExit, match="--compile runs float32 and bfloat16"):
+        inference.main(common + ["--test_wav_output_dir", str(tmp_path / "int8"), "--compile", "--precision", "int8"])
 
 
 @pytest.mark.slow
