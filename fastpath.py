@@ -356,12 +356,19 @@ class FastBlock:
 
     def __init__(self, block: ConvNeXtBlock, precision: str, dense: bool = False, compiled: bool = False):
         """`dense`: the depthwise convolution and the second product over the whole sequence and
-        batch at once (see `Convolution`). `compiled`: the first half runs as `compiled_expand`
-        (float32 and bfloat16)."""
+        batch at once (see `Convolution`). `compiled` (float32 and bfloat16): the first half runs
+        as `compiled_expand`.
+
+        The first half (up to GRN's statistics) of float32 and bfloat16 runs as `expand`, but for
+        dense uncompiled blocks: on a GPU each of its k multiply-adds would read the whole batch
+        from memory, so they run one convolution kernel and write into a workspace instead."""
         self.precision = precision
         self.dense = dense and precision != "int8"
         self.compiled = compiled and precision != "int8"
-        if self.dense and not self.compiled:
+        self.expand: Optional[Callable] = None
+        if precision != "int8" and (self.compiled or not self.dense):
+            self.expand = compiled_expand() if self.compiled else expand
+        if self.expand is None and self.dense:
             self.dw_image = image_weight(block.dwconv.weight, torch.float32)
         else:
             self.dw_weight = block.dwconv.weight.detach()[:, 0].t().contiguous()   # (k, C)
@@ -376,6 +383,11 @@ class FastBlock:
         self.hidden = block.pwconv1.out_features
         self.pw2 = Product(self.pw2_weight, self.pw2_bias, precision) if precision == "int8" else None
 
+    @property
+    def workspace(self) -> bool:
+        """Whether the block writes its hidden activations into the caller's workspace."""
+        return self.dense and self.expand is None
+
     def depthwise(self, x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
         """The depthwise convolution of rows start ... of a buffer with kernel // 2 rows of margin."""
         if self.dense:
@@ -387,9 +399,9 @@ class FastBlock:
                  statistics: Optional[torch.Tensor] = None, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, margin + T + margin, C), updated in place; rows past a clip's end (`padding`)
         must be zero, and dense blocks leave them otherwise (see `_dense_second_product`).
-        hidden: (B, T, hidden width) workspace, or None (int8, compiled) to keep each span's
-        hidden activations as it comes. With several spans (chunks), B must be 1; `dense` and
-        `padding` take one.
+        hidden: (B, T, hidden width) workspace where `workspace` is set, else None (each span's
+        hidden activations are kept as they come). With several spans (chunks), B must be 1;
+        `dense` and `padding` take one.
 
         GRN pools the sums of squares (B, hidden width) of its input over time: `statistics`
         replaces them (a long input's, gathered over its windows). Returns this input's sums
@@ -409,10 +421,10 @@ class FastBlock:
             # The rows past each clip's end that the depthwise convolution reads.
             padding.zero(x, margin, self.kernel // 2)
         for start, rows in spans:
-            if self.compiled:
+            if self.expand is not None:
                 window = x[:, offset + start:offset + start + rows + self.kernel - 1]
-                h, squares = compiled_expand()(window, self.dw_weight, self.dw_bias, self.eps, self.pw1.weight_t,
-                                               self.pw1.bias, None if padding is None else padding.inside(x.device))
+                h, squares = self.expand(window, self.dw_weight, self.dw_bias, self.eps, self.pw1.weight_t,
+                                         self.pw1.bias, None if padding is None else padding.inside(x.device))
                 kept.append(h)
                 sumsq += squares
                 if counted is not None:
@@ -423,12 +435,12 @@ class FastBlock:
             h = self.pw1(y.view(-1, c), out=out).view(b, rows, self.hidden)
             if padding is not None:
                 padding.zero(h)
-            if self.dense and counted is None:
-                # One read of the activations from memory, where squaring a float32 copy and
-                # summing it takes three (on CPUs the norm over a middle dimension is slower).
-                sumsq += torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square()
-                continue
-            if hidden is not None:
+            if self.dense:
+                if counted is None:
+                    # One read of the activations from memory, where squaring a float32 copy
+                    # and summing it takes three.
+                    sumsq += torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square()
+                    continue
                 squares = h.float().square()
             elif scaled:
                 kept.append(h)
@@ -445,7 +457,7 @@ class FastBlock:
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         scales = self.gamma * nx + 1     # GRN's per-channel scale with its residual, (B, hidden width)
         if self.dense:
-            self._dense_second_product(x, margin, kept[0] if self.compiled else hidden, scales)
+            self._dense_second_product(x, margin, hidden if self.expand is None else kept[0], scales)
             return measured
         if scaled:
             for (start, rows), h in zip(spans, kept):
@@ -456,8 +468,7 @@ class FastBlock:
             for i in range(b):
                 pw2 = Product(self.pw2_weight * scales[i], self.pw2_bias, self.precision)
                 for j, (start, rows) in enumerate(spans):
-                    h = kept[j][i] if hidden is None else hidden[i, start:start + rows]
-                    pw2.accumulate(h, x[i, margin + start:margin + start + rows])
+                    pw2.accumulate(kept[j][i], x[i, margin + start:margin + start + rows])
         if padding is not None:
             padding.zero(x, margin)
         return measured
@@ -502,13 +513,11 @@ class FastBranch:
         b, t = x.size(0), x.size(1) - 2 * margin
         m = self.margin
         stream = margined(b, t, self.width, m, x.device)
-        # One workspace for every block: allocated once, so its pages are faulted in once.
-        # bfloat16 keeps it in bfloat16 (on long inputs it lives in DRAM, and the second pass of
-        # each block reads it at half the traffic); int8 and compiled blocks keep each chunk's own
-        # (see `FastBlock`).
-        hidden = None if self.precision == "int8" or self.blocks and self.blocks[0].compiled else x.new_empty(
-            b, t, max((block.hidden for block in self.blocks), default=0),
-            dtype=torch.float32 if self.precision == "float32" else torch.bfloat16)
+        # Dense uncompiled blocks share one workspace, allocated once so that its pages are
+        # faulted in once, in the products' precision; the others keep each span's own.
+        hidden = x.new_empty(b, t, max(block.hidden for block in self.blocks),
+                             dtype=torch.float32 if self.precision == "float32" else torch.bfloat16
+                             ) if self.blocks and self.blocks[0].workspace else None
         weight, bias = self.norm_affine
         for start, rows in spans:
             y = self.embed(x, margin, start, rows).float()
