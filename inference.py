@@ -143,7 +143,8 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
                        chunk_seconds=CHUNK_SECONDS if chunk_seconds is None else chunk_seconds, precision=precision,
                        stream_ms=stream_ms, file_statistics=file_statistics, compile=compile)
     if codec.fast is not None or stream_ms is not None:
-        print(f"precision {kernels(codec.precision, codec.device, stream=stream_ms is not None)}")
+        note = "; ConvNeXt blocks compiled by torch.compile" if codec.fast is not None and codec.fast.compiled else ""
+        print(f"precision {kernels(codec.precision, codec.device, stream=stream_ms is not None)}{note}")
     if n_codebooks is not None:
         codec.check_n_codebooks(n_codebooks)
     if mode == "decode":

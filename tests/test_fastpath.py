@@ -442,7 +442,7 @@ def test_inference_precision_option_prints_its_kernels(tmp_path, capsys, monkeyp
             assert sf.info(str(tmp_path / precision / name)).frames == sf.info(str(inputs / name)).frames
 
 
-def test_inference_compile_option_writes_the_uncompiled_files(tmp_path, monkeypatch):
+def test_inference_compile_option_writes_the_uncompiled_files(tmp_path, monkeypatch, capsys):
     """inference.py --compile (its own switch, not the config's training key) writes the files
     of a run without it, to a bit of rounding."""
     _compiler_or_skip()
@@ -458,6 +458,7 @@ def test_inference_compile_option_writes_the_uncompiled_files(tmp_path, monkeypa
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     inference.main(common + ["--test_wav_output_dir", str(tmp_path / "compiled"), "--compile"])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    assert "; ConvNeXt blocks compiled by torch.compile\n" in capsys.readouterr().out
     for name in os.listdir(inputs):
         eager, rate = sf.read(str(tmp_path / "eager" / name), dtype="int16")
         compiled, compiled_rate = sf.read(str(tmp_path / "compiled" / name), dtype="int16")
