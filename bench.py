@@ -334,13 +334,14 @@ def bench_files(h: AttrDict, device: torch.device, seconds: List[float], precisi
                     left -= block.size
             for precision in precisions:
                 name, compiled = inference_configuration(precision)
-                codec_ = codec.Codec(h, encoder, decoder, device, precision=name, compile=compiled)
+                codec_ = codec.Codec(h, encoder, decoder, device, precision="float32" if name == "tf32" else name,
+                                     compile=compiled)
                 # Warm-up, untimed: two lengths, so that a compiled path has its dynamic shapes.
                 for part in (1, 2):
-                    codec_.resynthesize(base[:h.sampling_rate // part], h.sampling_rate)
+                    tf32_run(name, lambda: codec_.resynthesize(base[:h.sampling_rate // part], h.sampling_rate))()
                 reset_peak_memory(device)
                 start = time.perf_counter()
-                codec_.resynthesize_file(path, os.path.join(folder, "out.wav"))
+                tf32_run(name, lambda: codec_.resynthesize_file(path, os.path.join(folder, "out.wav")))()
                 wall = time.perf_counter() - start
                 yield {"bench": "inference_file", "precision": precision, "file_s": length,
                        "windows": len(codec_.windows(int(length * h.sampling_rate))), "wall_s": round(wall, 2),
@@ -524,6 +525,8 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     if args.suite in ("inference", "all") and args.repeats:
         precisions = args.inference_precisions or ("float32,tf32,bfloat16" if device.type == "cuda"
                                                    else "float32," + fastpath.reduced_precision(device))
+        for name in precisions.split(","):
+            inference_configuration(name)    # a misspelt name stops the run before any timing
         for record in bench_inference(h, device, args.clips, precisions.split(","),
                                       args.batch or (100 if device.type == "cuda" else 4), args.repeats):
             emit({**record, **common})
@@ -531,8 +534,10 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
             for record in bench_files(h, device, args.file_seconds, precisions.split(",")):
                 emit({**record, **common})
     if args.suite in ("traffic", "all"):
+        # The meta device has no data to compile for: +compile names count as their precision.
         precisions = args.inference_precisions or "float32,bfloat16"
-        for record in bench_traffic(h, args.clips, precisions.split(","), args.batch or 100,
+        names = dict.fromkeys(inference_configuration(name)[0] for name in precisions.split(","))
+        for record in bench_traffic(h, args.clips, list(names), args.batch or 100,
                                     args.bandwidth * 1e12):
             emit({**record, "device": "meta (counted, not timed)", "torch": torch.__version__})
     if args.suite in ("train", "all"):

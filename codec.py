@@ -409,14 +409,17 @@ class Codec:
         if h.causal and precision != "float32" and stream_ms is None:
             raise ValueError("--precision applies to a causal codec only with --stream; its offline pass runs "
                              "in float32")
-        if compile and (h.causal or stream_ms is not None):
+        if compile and h.causal:
             raise ValueError("--compile applies to the paper's codec, whose offline pass runs the fast path; a "
-                             "causal codec and --stream do not")
+                             "causal codec's does not")
         if h.causal and file_statistics:
             raise ValueError("--file_statistics applies to the paper's codec; a causal codec's GRN pools over "
                              "one frame")
         self.precision = resolve_precision(precision, device)
         check_precision(self.precision, device)
+        if compile and self.precision == "int8" and precision == "auto":
+            raise ValueError("--compile runs float32 and bfloat16, and --precision auto chose int8 on this CPU: "
+                             "give --precision bfloat16, or leave out --compile")
         # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
         self.fast = None if h.causal else FastGenerator(encoder, decoder, h, self.precision,
                                                         None if device.type == "cuda" else CHUNK_FRAMES, compile)

@@ -9,6 +9,9 @@ and `models.Decoder` (non-causal), to float rounding, at a cost that grows linea
   where memory traffic and kernel launches bound the time, not arithmetic: convolutions run
   as single kernels on the rows seen as a channels-last image, GRN's statistics as one norm,
   and its second product as one batched product, per-clip weights and all.
+* With `compile`, each block's first half (`expand`: depthwise convolution, LayerNorm, first
+  product, GELU, GRN's sums of squares) runs through torch.compile, which fuses the work
+  around the product into a few kernels, chunked or whole.
 * GRN pools over the whole sequence: a first pass over the chunks gathers its statistics, a
   second applies it and the block's second pointwise layer.
 * LayerNorm's scale and shift are folded into the following layer, weight norm into the
@@ -301,11 +304,21 @@ def expand(window: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, eps: fl
     return h, h.float().square().sum(1)
 
 
+EXPAND_VERSIONS = 64    # compiled versions of `expand` kept (torch.compile's default limit is 8)
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_expand() -> Callable:
-    """`expand` through torch.compile, shared by every block (its shapes turn dynamic once a
-    second length comes)."""
-    return torch.compile(expand)
+    """`expand` through torch.compile, shared by every block. Each precision, padding mask or
+    not, TF32 setting and batch of one or more compiles its own version, static at first and
+    dynamic once a second length comes: a run of several precisions can pass torch.compile's
+    default limit of 8 versions, after which it would silently run `expand` uncompiled."""
+    compiled = torch.compile(expand)
+
+    def run(*args):
+        with torch._dynamo.config.patch(recompile_limit=EXPAND_VERSIONS):
+            return compiled(*args)
+    return run
 
 
 def polar_spectrum(logamp: torch.Tensor, imag: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -364,10 +377,9 @@ class FastBlock:
         from memory, so they run one convolution kernel and write into a workspace instead."""
         self.precision = precision
         self.dense = dense and precision != "int8"
-        self.compiled = compiled and precision != "int8"
         self.expand: Optional[Callable] = None
-        if precision != "int8" and (self.compiled or not self.dense):
-            self.expand = compiled_expand() if self.compiled else expand
+        if precision != "int8" and (compiled or not self.dense):
+            self.expand = compiled_expand() if compiled else expand
         if self.expand is None and self.dense:
             self.dw_image = image_weight(block.dwconv.weight, torch.float32)
         else:
@@ -605,7 +617,7 @@ class FastGenerator:
                              "use float32")
         if compile and precision == "int8":
             raise ValueError("--compile runs float32 and bfloat16; int8's products are oneDNN's own kernels")
-        problem = compile_problem() if compile else None
+        problem = compile_problem(self.device) if compile else None
         if problem:
             print(f"compile: {problem}; running without it", file=sys.stderr)
         self.compiled = compile and problem is None

@@ -24,10 +24,10 @@ that each gets exactly its own output: on a GPU each batch is one forward pass.
 --precision float32 (default) computes the reference numbers; bfloat16 and int8 are faster
 and approximate (codes, LSD and mel distance stay within about 1% of float32's), and auto
 picks the faster one on this machine: bfloat16 on a GPU, a CPU with AMX or a non-x86 CPU,
-else int8. The line it prints names the kernels in use. --compile fuses the layers between
-the matrix products of float32 and bfloat16 with torch.compile (a C++ compiler on a CPU,
-Triton on a GPU): the first files wait while it compiles, and the outputs differ from the
-uncompiled ones by float rounding.
+else int8. The line it prints names the kernels in use. --compile fuses the work around the
+first product of each ConvNeXt block in float32 and bfloat16 with torch.compile (a C++
+compiler on a CPU, Triton on a GPU): the first files wait while it compiles, and the
+outputs differ from the uncompiled ones by float rounding.
 
 With --stream (resynth mode, causal codecs: `causal: true`), each file goes through the
 streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live stream
@@ -216,8 +216,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="float32 (default): the reference numbers; bfloat16 / int8: faster, approximate; "
                              "auto: the faster of those on this machine (a causal codec: with --stream only)")
     parser.add_argument("--compile", action="store_true", dest="compiled",
-                        help="float32 / bfloat16: fuse the layers between the matrix products with torch.compile "
-                             "(compiles for about 10 s first; outputs change by float rounding)")
+                        help="float32 / bfloat16: run each ConvNeXt block's first half (depthwise conv, "
+                             "LayerNorm, first product, GELU, GRN statistics) fused by torch.compile (compiles "
+                             "for about 10 s first; outputs change by float rounding)")
     parser.add_argument("--batch_seconds", type=float, metavar="S",
                         help=f"resynthesis batches hold up to S seconds of padded audio (default {BATCH_SECONDS:g})")
     parser.add_argument("--stream", action="store_true",

@@ -103,9 +103,9 @@ def codebook_health(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
     return {"usage": (counts > 0).float().mean(1), "perplexity": torch.exp(-torch.special.xlogy(p, p).sum(1))}
 
 
-def compile_available() -> bool:
-    """Whether torch.compile works here; says in one line why not."""
-    problem = compile_problem()
+def compile_available(device: torch.device) -> bool:
+    """Whether torch.compile works on `device`; says in one line why not."""
+    problem = compile_problem(device)
     if problem:
         say(f"compile: {problem}; training without it")
     return problem is None
@@ -266,7 +266,7 @@ class Trainer:
         self.scaler_g = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
 
-        compile_mode = h.compile if h.compile != "no" and compile_available() else None
+        compile_mode = h.compile if h.compile != "no" and compile_available(self.device) else None
         self.compiled = compile_mode is not None
         ddp = distributed()
 

@@ -50,10 +50,11 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def compile_problem() -> Optional[str]:
-    """None where torch.compile works here (on a CPU it needs a C++ compiler), else why not, in one line."""
+def compile_problem(device: torch.device = torch.device("cpu")) -> Optional[str]:
+    """None where torch.compile works on `device` (a C++ compiler on a CPU, Triton on a GPU),
+    else why not, in one line."""
     try:
-        torch.compile(lambda x: x + 1)(torch.zeros(1))
+        torch.compile(lambda x: x + 1)(torch.zeros(1, device=device))
         return None
     except Exception as e:
         return f"torch.compile is unavailable here ({type(e).__name__}: {first_line(e)[:120]})"

@@ -357,6 +357,9 @@ def test_bad_precision_and_causal_models_are_refused(model, monkeypatch):
         FastGenerator(Encoder(causal), Decoder(causal), causal)
     with pytest.raises(ValueError, match="--compile applies to the paper's codec"):
         Codec(causal, Encoder(causal), Decoder(causal), torch.device("cpu"), compile=True)
+    monkeypatch.setattr(fastpath, "reduced_precision", lambda device: "int8")
+    with pytest.raises(ValueError, match="--precision auto chose int8 on this CPU"):
+        Codec(h, encoder, decoder, torch.device("cpu"), precision="auto", compile=True)
 
 
 def _compiler_or_skip():
@@ -384,11 +387,24 @@ def test_compiled_blocks_give_the_uncompiled_outputs(model, chunk_frames):
         assert (c["audio"] - e["audio"]).abs().max() < TOLERANCE
 
 
+def test_compiled_expand_keeps_more_versions_than_torch_compiles_default(monkeypatch):
+    """Precisions, masks, TF32 and batch sizes each compile a version of `expand`; past
+    torch.compile's default limit of 8 it would silently run uncompiled."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *args: seen.append(torch._dynamo.config.recompile_limit))
+    fastpath.compiled_expand.cache_clear()
+    try:
+        fastpath.compiled_expand()(None)
+    finally:
+        fastpath.compiled_expand.cache_clear()
+    assert seen == [fastpath.EXPAND_VERSIONS] and fastpath.EXPAND_VERSIONS > 8 >= torch._dynamo.config.recompile_limit
+
+
 def test_compile_unavailable_runs_without_it_with_one_line(model, monkeypatch, capsys):
     h, encoder, decoder = model
-    monkeypatch.setattr(fastpath, "compile_problem", lambda: "torch.compile is unavailable here (RuntimeError: x)")
+    monkeypatch.setattr(fastpath, "compile_problem", lambda device: "torch.compile is unavailable here (RuntimeError: x)")
     fast = FastGenerator(encoder, decoder, h, compile=True)
-    assert not fast.compiled and not any(block.compiled for block in fast.enc_amp.blocks)
+    assert not fast.compiled and all(block.expand is fastpath.expand for block in fast.enc_amp.blocks)
     assert capsys.readouterr().err == "compile: torch.compile is unavailable here (RuntimeError: x); running without it\n"
 
 
