@@ -336,13 +336,14 @@ def bench_files(h: AttrDict, device: torch.device, seconds: List[float], precisi
                 name, compiled = inference_configuration(precision)
                 codec_ = codec.Codec(h, encoder, decoder, device, precision="float32" if name == "tf32" else name,
                                      compile=compiled)
-                # Warm-up, untimed: two lengths, so that a compiled path has its dynamic shapes.
-                for part in (1, 2):
-                    tf32_run(name, lambda: codec_.resynthesize(base[:h.sampling_rate // part], h.sampling_rate))()
-                reset_peak_memory(device)
-                start = time.perf_counter()
-                tf32_run(name, lambda: codec_.resynthesize_file(path, os.path.join(folder, "out.wav")))()
-                wall = time.perf_counter() - start
+                with fastpath.tf32(name == "tf32", name == "tf32"):
+                    # Warm-up, untimed: two lengths, so that a compiled path has its dynamic shapes.
+                    for part in (1, 2):
+                        codec_.resynthesize(base[:h.sampling_rate // part], h.sampling_rate)
+                    reset_peak_memory(device)
+                    start = time.perf_counter()
+                    codec_.resynthesize_file(path, os.path.join(folder, "out.wav"))
+                    wall = time.perf_counter() - start
                 yield {"bench": "inference_file", "precision": precision, "file_s": length,
                        "windows": len(codec_.windows(int(length * h.sampling_rate))), "wall_s": round(wall, 2),
                        "s_per_audio_s": round(wall / length, 4), **peak_memory(device)}

@@ -331,8 +331,9 @@ class AudioDataset(torch.utils.data.Dataset):
     def _read_crop(self, path: str, draw: random.Random) -> Optional[torch.Tensor]:
         """The training crop read alone from a wav or flac file at the model's rate and at least
         a segment long: the samples that reading the whole file would give there. None, with
-        nothing drawn from `draw`, for other files, which are read whole (resampling needs the whole signal; Ogg seeks approximately,
-        and some wav codecs, such as GSM 6.10, cannot seek)."""
+        nothing drawn from `draw`, for other files, which are read whole (resampling needs the
+        whole signal, Ogg seeks approximately, and some wav codecs, such as GSM 6.10, cannot
+        seek)."""
         segment = self.h.segment_size
         try:
             with sf.SoundFile(path) as f:
