@@ -32,7 +32,7 @@ from checkpoints import load_generator
 from config import AttrDict
 from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
-from spectral import amp_pha_spectrum, min_analysis_length, pad_for_analysis
+from spectral import amp_pha_spectrum, analysis_length, pad_for_analysis
 from streaming import causal_analysis, causal_decode, causal_roundtrip, stream_roundtrip
 from streaming import latent_frames as causal_latent_frames
 from utils import atomic_write, pick_device
@@ -112,8 +112,7 @@ def latent_frames(length: int, h: AttrDict) -> int:
     """Latent frames T' that `codec_roundtrip` gives for `length` samples."""
     if h.causal:
         return causal_latent_frames(length, h)
-    padded = max(-(-length // h.hop_size) * h.hop_size, min_analysis_length(h.n_fft, h.hop_size))
-    return -(-(padded // h.hop_size + 1) // h.ratio)
+    return -(-(analysis_length(length, h.n_fft, h.hop_size) // h.hop_size + 1) // h.ratio)
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,6 +347,8 @@ def _blocks_of(audio: Audio) -> Tuple[List[np.ndarray], int, int]:
     """In-memory audio (L,) or (C, L) as one block (L, C) float32, its channels and length."""
     audio = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     audio = np.atleast_2d(audio).astype(np.float32)
+    if audio.ndim != 2:
+        raise ValueError(f"audio must be (samples,) or (channels, samples), got shape {audio.shape}")
     if audio.size == 0:
         raise ValueError("no samples to code")
     return [np.ascontiguousarray(_finite(audio, "the audio").T)], audio.shape[0], audio.shape[1]
@@ -566,6 +567,9 @@ class Codec:
             raise ValueError(f"{codes.name}: encoded by another model (weights {codes.model_hash.hex()[:12]}, "
                              f"this model {self.model_hash.hex()[:12]}); decode it with the checkpoints it was "
                              f"encoded with")
+        if not (codes.n_codebooks and codes.channels and codes.original_length):
+            raise ValueError(f"{codes.name}: corrupted codes file ({codes.n_codebooks} codebooks, {codes.channels} "
+                             f"channels, {codes.original_length} samples)")
         frames = sum(latent_frames(n, h) for _, n in self._stored_windows(codes))
         if frames != codes.codes.size(-1) or not codes.model_length or not codes.original_sample_rate:
             raise ValueError(f"{codes.name}: corrupted codes file ({codes.codes.size(-1)} frames, "
@@ -650,7 +654,7 @@ class Codec:
         `batch_seconds` of padded audio per batch: on a GPU each batch is one forward pass.
         The outputs are those of `resynthesize_file`, to float rounding.
         """
-        limit = self.chunk_length + self.chunk_overlap
+        n_codebooks = self.check_n_codebooks(n_codebooks)
         batchable, alone = [], []
         for path, output in jobs:
             try:
@@ -659,7 +663,7 @@ class Codec:
                 yield path, e
                 continue
             length = resampled_length(length, rate, self.h.sampling_rate)
-            fits = self.fast is not None and self.roundtrip == self._fast_roundtrip and length <= limit
+            fits = self.fast is not None and len(self.windows(length)) == 1
             (batchable if fits else alone).append((length * channels, path, output))
         batchable.sort()
         batch: List[Tuple[int, str, str]] = []

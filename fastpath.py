@@ -509,7 +509,7 @@ class FastBranch:
     def __init__(self, branch: Branch, precision: str, dense: bool = False, compiled: bool = False):
         self.precision = precision
         self.embed = Convolution(branch.embed.weight, branch.embed.bias, precision, dense)
-        self.norm, self.final_norm = branch.norm.eps, branch.final_norm.eps
+        self.norm_eps, self.final_norm_eps = branch.norm.eps, branch.final_norm.eps
         self.norm_affine = (branch.norm.weight.detach(), branch.norm.bias.detach())
         self.blocks = [FastBlock(block, precision, dense, compiled) for block in branch.blocks]
         self.out = Product(*folded_norm_linear(branch.final_norm, branch.out), precision)
@@ -527,19 +527,19 @@ class FastBranch:
         stream = margined(b, t, self.width, m, x.device)
         # Dense uncompiled blocks share one workspace, allocated once so that its pages are
         # faulted in once, in the products' precision; the others keep each span's own.
-        hidden = x.new_empty(b, t, max(block.hidden for block in self.blocks),
+        hidden = x.new_empty(b, t, self.blocks[0].hidden,
                              dtype=torch.float32 if self.precision == "float32" else torch.bfloat16
                              ) if self.blocks and self.blocks[0].workspace else None
         weight, bias = self.norm_affine
         for start, rows in spans:
             y = self.embed(x, margin, start, rows).float()
-            stream[:, m + start:m + start + rows] = F.layer_norm(y, (self.width,), weight, bias, self.norm)
+            stream[:, m + start:m + start + rows] = F.layer_norm(y, (self.width,), weight, bias, self.norm_eps)
         if padding is not None:
             padding.zero(stream, m)
         sums = [block(stream, m, spans, padding, hidden, None if statistics is None else statistics[i], counted)
                 for i, block in enumerate(self.blocks)]
         for start, rows in spans:
-            y = normalise(stream[:, m + start:m + start + rows], self.final_norm)
+            y = normalise(stream[:, m + start:m + start + rows], self.final_norm_eps)
             out[:, start:start + rows] = self.out(y.reshape(-1, self.width)).view(b, rows, self.out_width).float()
         return sums
 
@@ -609,7 +609,7 @@ class FastGenerator:
                  chunk_frames: Optional[int] = CHUNK_FRAMES, compile: bool = False):
         if h.causal:
             raise ValueError("the fast forward runs the paper's non-causal codec; a causal one streams instead")
-        self.h, self.encoder, self.decoder, self.precision = h, encoder, decoder, precision
+        self.h, self.encoder, self.decoder = h, encoder, decoder
         self.device = next(decoder.parameters()).device
         check_precision(precision, self.device)
         if precision == "int8" and not onednn_int8():
@@ -650,14 +650,7 @@ class FastGenerator:
 
     def _batches(self, items: Sequence) -> List[Sequence]:
         """Chunked runs take one clip at a time (a batch's chunks would not be contiguous rows)."""
-        return [[item] for item in items] if self.chunk_frames else [items]
-
-    def _inside(self, lengths: Sequence[int], frames: int) -> Optional[torch.Tensor]:
-        """(B, frames) float, 1 inside each clip and 0 past its end; None when all are full length."""
-        if all(n == frames for n in lengths):
-            return None
-        return (torch.arange(frames, device=self.device)[None]
-                < torch.tensor(lengths, device=self.device)[:, None]).float()
+        return [[item] for item in items] if self.chunk_frames else [items] if items else []
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, margin + T + margin, C) with zero margins."""
@@ -730,8 +723,9 @@ class FastGenerator:
 
     def _masked(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """(B, C, T) with frames past each item's length zeroed."""
-        inside = self._inside(lengths, x.size(-1))
-        return x if inside is None else x * inside[:, None]
+        if all(n == x.size(-1) for n in lengths):
+            return x
+        return x * Padding(lengths, x.size(-1)).inside(x.device).transpose(1, 2)
 
     def _decode(self, latent: torch.Tensor, latent_lengths: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
         """Quantised latent (B, D, T') -> per clip its audio (hop * (ratio * T'_i - 1),) (and spectrum)."""

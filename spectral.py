@@ -178,6 +178,11 @@ def min_analysis_length(n_fft: int, hop_size: int) -> int:
     return (n_fft // 2 // hop_size + 1) * hop_size
 
 
+def analysis_length(length: int, n_fft: int, hop_size: int) -> int:
+    """The length `pad_for_analysis` pads `length` samples to."""
+    return max(-(-length // hop_size) * hop_size, min_analysis_length(n_fft, hop_size))
+
+
 def pad_for_analysis(audio: torch.Tensor, n_fft: int, hop_size: int) -> torch.Tensor:
     """Zero-pad (..., L) at the end to whole hops, and to `min_analysis_length` for very short clips.
 
@@ -185,8 +190,7 @@ def pad_for_analysis(audio: torch.Tensor, n_fft: int, hop_size: int) -> torch.Te
     is trimmed back to L.
     """
     length = audio.size(-1)
-    target = max(-(-length // hop_size) * hop_size, min_analysis_length(n_fft, hop_size))
-    return F.pad(audio, (0, target - length))
+    return F.pad(audio, (0, analysis_length(length, n_fft, hop_size) - length))
 
 
 def anti_wrapping(x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ covers it is decoded, so it needs input up to sample p + `latency_samples(h)`:
 the causal layers need between chunks: the last input frames of each convolution, the
 samples of the STFT frames not yet complete and the overlap-add tail. `causal_roundtrip` is
 the offline pass they reproduce: in float32 the same codes, and the same audio up to float
-rounding. A stream reads the model's weights when it is made: weights changed later do not
-reach it.
+rounding. A stream keeps rearranged copies of the model's weights, made when it is made:
+after changing the weights, make a new stream.
 
 They run the trained weights rearranged for a few frames at a time (the layers below):
 activations are (group, batch, time, channels) rows, and the amplitude and phase paths run
@@ -392,7 +392,7 @@ class StreamingDecoder:
         sums[:, :tail] += self.sums
         weights[:tail] += self.weights
         # The next frame starts m hops on: everything before it is final.
-        done = frames.size(-1) * h.hop_size
+        done = count * h.hop_size
         out = sums[:, :done] / weights[:done]
         self.sums, self.weights = sums[:, done:].clone(), weights[done:].clone()
         skip = min(max(0, -self.position), done)

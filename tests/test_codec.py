@@ -111,6 +111,16 @@ def test_bad_files_are_one_line_errors_naming_the_file(codec, tmp_path):
             CodesFile.load(str(path))
         message = str(info.value)
         assert str(path) in message and problem in message and "\n" not in message
+    # Well-formed files (valid checksums) that hold nothing to decode.
+    for field, bad in (("codebooks", CodesFile(**{**good.__dict__, "codes": good.codes[:, :0]})),
+                       ("channels", CodesFile(**{**good.__dict__, "codes": good.codes[:0]})),
+                       ("samples", CodesFile(**{**good.__dict__, "original_length": 0}))):
+        path = tmp_path / f"no_{field}.apc"
+        bad.save(str(path))
+        for decode in (codec.decode, lambda c: codec.decode_to_file(c, str(tmp_path / "out.wav"))):
+            with pytest.raises(ValueError, match=f"{path}: corrupted codes file .*0 {field}"):
+                decode(CodesFile.load(str(path)))
+        assert not (tmp_path / "out.wav").exists()
     other = _codec(codec.h, seed=1)
     good.name = "speech.apc"
     with pytest.raises(ValueError, match="speech.apc: encoded by another model"):
@@ -186,6 +196,21 @@ def test_non_finite_audio_is_refused(codec):
     for code in (codec.resynthesize, codec.encode):
         with pytest.raises(ValueError, match="NaN or infinite samples"):
             code(audio, 48000)
+
+
+def test_audio_of_more_than_two_dimensions_is_refused(codec):
+    for code in (codec.resynthesize, codec.encode):
+        with pytest.raises(ValueError, match=r"audio must be \(samples,\) or \(channels, samples\), got shape \(1, 2, "):
+            code(np.stack([tone(0.1), tone(0.1)])[None], 48000)
+
+
+def test_resynthesize_files_checks_n_codebooks(tmp_path):
+    codec = _codec(make_config(**TINY_1024))
+    write_tone(tmp_path / "a.wav", 0.3)
+    for n in (0, -1, codec.h.n_codebooks + 1):
+        with pytest.raises(ValueError, match=f"--n_codebooks must be in 1 ... {codec.h.n_codebooks}.*got {n}"):
+            list(codec.resynthesize_files([(str(tmp_path / "a.wav"), str(tmp_path / "b.wav"))], n_codebooks=n))
+    assert not (tmp_path / "b.wav").exists()
 
 
 def test_window_spans_cover_the_input():

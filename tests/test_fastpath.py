@@ -102,6 +102,12 @@ def test_a_batch_of_different_lengths_equals_one_clip_at_a_time(model):
         assert (b["audio"] - a["audio"]).abs().max() < TOLERANCE
 
 
+@pytest.mark.parametrize("chunk_frames", [fastpath.CHUNK_FRAMES, None])
+def test_no_clips_give_no_outputs(model, chunk_frames):
+    h, encoder, decoder = model
+    fast = FastGenerator(encoder, decoder, h, chunk_frames=chunk_frames)
+    assert fast.roundtrip([]) == fast.encode([]) == fast.decode([]) == []
+
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_dense_convolutions_equal_the_chunked_ones(precision):
