@@ -114,6 +114,11 @@ def load_release_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tenso
         except KeyError:
             raise ValueError(f"unexpected key '{name}'{where} for {type(module).__name__}") from None
     expected = module.state_dict()
+    extra = [n for n in converted if n not in expected]
+    if extra:
+        # A known layer that this model does not have: more codebooks, blocks or periods.
+        raise ValueError(f"unexpected key '{_to_release_name(extra[0], table)[0]}'{where} "
+                         f"for {type(module).__name__} ({len(extra)} unexpected)")
     missing = [n for n in expected if n not in converted]
     if missing:
         raise ValueError(f"missing key '{_to_release_name(missing[0], table)[0]}'{where} "

@@ -351,7 +351,7 @@ def save_config(h: Dict[str, Any], path: str) -> None:
 
 def _parse_value(name: str, text: str) -> Any:
     # Paths stay strings even when they look like JSON numbers ("2024").
-    if KEYS[name].check is path:
+    if KEYS[name].check in (path, optional_path):
         return text
     try:
         return json.loads(text)

@@ -1,6 +1,6 @@
 """MPD and MRD discriminators (HiFi-GAN periods, UniVNet resolutions), weight-normalised throughout."""
 from functools import lru_cache
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,8 @@ DiscriminatorOutput = Tuple[List[torch.Tensor], List[torch.Tensor],
                             List[List[torch.Tensor]], List[List[torch.Tensor]]]
 
 
-def wn_conv2d(in_channels: int, out_channels: int, kernel_size, stride, padding) -> nn.Module:
+def wn_conv2d(in_channels: int, out_channels: int, kernel_size: Union[int, Tuple[int, int]],
+              stride: Union[int, Tuple[int, int]], padding: Union[int, Tuple[int, int]]) -> nn.Module:
     return weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding))
 
 

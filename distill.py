@@ -16,7 +16,7 @@ from models import Decoder, Encoder
 
 # (logged name, part, module): the module's output is compared. Each branch's output before
 # the encoder's downsampling, the latent before quantisation, each decoder branch's output
-# after its ConvNeXt stack, and the decoded log amplitude and pseudo real / imaginary parts.
+# (after its final norm and Linear), and the decoded log amplitude and pseudo real / imaginary parts.
 KD_POINTS: Tuple[Tuple[str, str, str], ...] = (
     ("KD_enc_amp", "encoder", "amp"),
     ("KD_enc_pha", "encoder", "pha"),

@@ -40,7 +40,7 @@ def spectral_losses(ref: Dict[str, torch.Tensor], gen: Dict[str, torch.Tensor], 
     """Every generator loss term that needs no discriminator.
 
     ref: logamp, pha, real, imag (B, F, T) and mel (B, M, T) of the target;
-    gen: the same names from the decoder plus audio (B, 1, L).
+    gen: logamp, pha, real, imag (B, F, T) from the decoder and its audio (B, 1, L).
     """
     audio = gen["audio"].squeeze(1)
     # One STFT of the output serves the consistency loss and the mel losses.
@@ -114,7 +114,7 @@ def generator_total(terms: Dict[str, torch.Tensor]) -> torch.Tensor:
     """L_G from the named terms (spectral_losses + GAN, FM, codebook, commitment)."""
     w = WEIGHTS
     phase = terms["IP"] + terms["GD"] + terms["PTD"]
-    stft = terms["C"] + w["real_imag"] * (terms["R"] + terms["I"])
+    stft_loss = terms["C"] + w["real_imag"] * (terms["R"] + terms["I"])
     waveform = terms["GAN"] + terms["FM"] + w["mel"] * terms["Mel"] + w["mel_l2"] * terms["Mel_L2"]
-    return (w["amplitude"] * terms["A"] + w["phase"] * phase + w["stft"] * stft + waveform
+    return (w["amplitude"] * terms["A"] + w["phase"] * phase + w["stft"] * stft_loss + waveform
             + w["codebook"] * terms["codebook"] + w["commitment"] * terms["commitment"])

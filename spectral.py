@@ -5,7 +5,7 @@ same audio always gives the same numbers.
 """
 import math
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Tuple
 
 import librosa
 import torch
@@ -18,9 +18,9 @@ def _hann(win_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 
 @lru_cache(maxsize=None)
-def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float,
-               fmax: Optional[float], device: torch.device) -> torch.Tensor:
-    mel = librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=num_mels, fmin=fmin, fmax=fmax)
+def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, device: torch.device) -> torch.Tensor:
+    """Slaney mel filters from 0 Hz to the Nyquist rate, (num_mels, n_fft // 2 + 1)."""
+    mel = librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=num_mels)
     return torch.from_numpy(mel).float().to(device)
 
 
@@ -147,22 +147,21 @@ class OverlapAdd:
 
 
 def mel_spectrogram(y: torch.Tensor, sampling_rate: int, n_fft: int, num_mels: int,
-                    hop_size: int, win_size: int, fmin: float = 0.0,
-                    fmax: Optional[float] = None) -> torch.Tensor:
+                    hop_size: int, win_size: int) -> torch.Tensor:
     """Log Slaney mel spectrogram used by the mel losses. y: (B, L) -> (B, num_mels, T)."""
     spec = stft(y, n_fft, hop_size, win_size)
-    return mel_from_spectrum(spec.real, spec.imag, sampling_rate, n_fft, num_mels, fmin, fmax)
+    return mel_from_spectrum(spec.real, spec.imag, sampling_rate, n_fft, num_mels)
 
 
-def mel_from_spectrum(real: torch.Tensor, imag: torch.Tensor, sampling_rate: int, n_fft: int, num_mels: int,
-                      fmin: float = 0.0, fmax: Optional[float] = None) -> torch.Tensor:
+def mel_from_spectrum(real: torch.Tensor, imag: torch.Tensor, sampling_rate: int, n_fft: int, num_mels: int
+                      ) -> torch.Tensor:
     """`mel_spectrogram` from an STFT already computed (real, imag: (B, F, T)) -> (B, num_mels, T).
 
     Training takes the mel and the other features from one STFT instead of two.
     """
     # The 1e-9 keeps the sqrt differentiable at exact zeros.
     magnitude = torch.sqrt(real.pow(2) + imag.pow(2) + 1e-9)
-    basis = _mel_basis(sampling_rate, n_fft, num_mels, fmin, fmax, real.device).to(magnitude.dtype)
+    basis = _mel_basis(sampling_rate, n_fft, num_mels, real.device).to(magnitude.dtype)
     mel = torch.matmul(basis, magnitude)
     return torch.log(torch.clamp(mel, min=1e-5))
 
@@ -186,7 +185,7 @@ def analysis_length(length: int, n_fft: int, hop_size: int) -> int:
 def pad_for_analysis(audio: torch.Tensor, n_fft: int, hop_size: int) -> torch.Tensor:
     """Zero-pad (..., L) at the end to whole hops, and to `min_analysis_length` for very short clips.
 
-    Clips of at least n_fft / 2 samples get at most hop_size - 1 zeros; the codec's output
+    Clips of more than n_fft / 2 samples get at most hop_size - 1 zeros; the codec's output
     is trimmed back to L.
     """
     length = audio.size(-1)

@@ -1,4 +1,5 @@
-"""Small helpers shared by the scripts: the compute device, atomic file writes, figures."""
+"""Small helpers shared by the scripts: the compute device, distributed ranks, precision and
+compile checks, atomic file writes, one-line errors, figures."""
 import os
 import tempfile
 from contextlib import nullcontext

@@ -202,10 +202,22 @@ def test_load_errors_name_the_key(full):
 
 
 def test_load_error_for_wrong_config(tiny_h, full):
-    """A full-size checkpoint into tiny modules fails with a shape error naming a key."""
+    """A full-size checkpoint into tiny modules fails naming a key; with the same layers, a key's shape."""
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match=r"key '[\w.]+'.*shape"):
+    with pytest.raises(ValueError, match=r"unexpected key 'convnext_logamp\.1\.[\w.]+' for Encoder"):
         checkpoints.load_release_state_dict(models.Encoder(tiny_h), distinct_state_dict("encoder"))
+    wider = models.Encoder(type(tiny_h)({**tiny_h, "convnext_dim": 2 * tiny_h.convnext_dim}))
+    with pytest.raises(ValueError, match=r"key '[\w.]+' has shape \(32, [\d, ]+\), the model expects \(16, "):
+        checkpoints.load_release_state_dict(models.Encoder(tiny_h), checkpoints.release_state_dict(wider))
+
+
+@pytest.mark.parametrize("key, more", [("n_codebooks", 8), ("convnext_layers", 2)])
+def test_load_error_for_layers_the_model_does_not_have(tiny_h, key, more):
+    """A checkpoint with more codebooks or blocks than the config names its first extra key."""
+    bigger = models.Encoder(type(tiny_h)({**tiny_h, key: more}))
+    with pytest.raises(ValueError, match=r"unexpected key '(quantizer\.quantizers\.\d|convnext_logamp\.1)\.[\w.]+' for "
+                                         r"Encoder \(\d+ unexpected\)"):
+        checkpoints.load_release_state_dict(models.Encoder(tiny_h), checkpoints.release_state_dict(bigger))
 
 
 def test_save_load_round_trip_reproduces_outputs(tiny_h, tmp_path):

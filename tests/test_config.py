@@ -112,8 +112,10 @@ def test_overrides_fill_missing_keys_and_keep_paths_as_strings(tmp_path):
     path = _write(tmp_path, raw)
     with pytest.raises(ConfigError, match="missing config key 'num_workers'"):
         load_config(path)
-    h = _parse(["--config", path, "--num_workers", "2", "--checkpoint_path", "2024"])
+    h = _parse(["--config", path, "--num_workers", "2", "--checkpoint_path", "2024", "--kd_teacher_encoder", "2024",
+                "--kd_teacher_decoder", "null"])
     assert h.num_workers == 2 and h.checkpoint_path == "2024"
+    assert h.kd_teacher_encoder == "2024" and h.kd_teacher_decoder == "null"
     with pytest.raises(ConfigError, match="mrd_resolutions"):
         _parse(["--config", path, "--num_workers", "2", "--mrd_resolutions", "5"])
     with pytest.raises(ConfigError, match="learning_rate"):
