@@ -116,9 +116,9 @@ def load_release_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tenso
     expected = module.state_dict()
     extra = [n for n in converted if n not in expected]
     if extra:
-        # A known layer that this model does not have: more codebooks, blocks or periods.
         raise ValueError(f"unexpected key '{_to_release_name(extra[0], table)[0]}'{where} "
-                         f"for {type(module).__name__} ({len(extra)} unexpected)")
+                         f"for {type(module).__name__} ({len(extra)} unexpected): the checkpoint has more "
+                         f"codebooks, blocks or periods than the config")
     missing = [n for n in expected if n not in converted]
     if missing:
         raise ValueError(f"missing key '{_to_release_name(missing[0], table)[0]}'{where} "
