@@ -14,6 +14,7 @@ exactly. --random_weights needs no checkpoints (for timing only).
 """
 import argparse
 import contextlib
+import os
 import signal
 import statistics
 import sys
@@ -26,6 +27,7 @@ import torch
 
 from config import AttrDict, make_parser, run_cli
 from codec import STREAM_CHUNK_MS, chunk_samples, load_codec
+from dataset import AUDIO_EXTENSIONS
 from models import Decoder, Encoder, remove_weight_norm
 from fastpath import PRECISIONS, kernels, resolve_precision
 from streaming import StreamingCodec, latency_samples
@@ -157,8 +159,21 @@ def demo(h: AttrDict, args: argparse.Namespace) -> None:
         _demo(h, args, pcm)
 
 
+def check_output(input: str, output: str) -> None:
+    """A one-line ValueError for an --output that would replace --input or that names an audio
+    format other than wav (anything else is written as raw PCM)."""
+    if output == "-":
+        return
+    if input != "-" and os.path.exists(input) and os.path.exists(output) and os.path.samefile(input, output):
+        raise ValueError(f"--output {output} would replace --input; write elsewhere")
+    extension = os.path.splitext(output)[1].lower()
+    if extension in AUDIO_EXTENSIONS and extension != ".wav":
+        raise ValueError(f"--output {output}: this writes .wav or raw PCM (any other name), not {extension}")
+
+
 def _demo(h: AttrDict, args: argparse.Namespace, pcm: Optional[BinaryIO]) -> None:
     """`demo`, writing raw PCM to `pcm` when given, else to the --output file."""
+    check_output(args.input, args.output)
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)

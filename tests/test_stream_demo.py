@@ -1,4 +1,5 @@
 """stream_demo.py: a wav or raw PCM on stdin in, the causal codec's output written as it goes."""
+import os
 import signal
 import subprocess
 import sys
@@ -65,6 +66,19 @@ def test_non_causal_config_and_missing_input_exit_in_one_line(tmp_path, causal_c
             stream_demo.main(argv + ["--output", str(tmp_path / "o.wav"), "--random_weights"])
         assert "\n" not in str(exit_info.value)
     assert not (tmp_path / "o.wav").exists()
+
+
+def test_output_that_replaces_the_input_or_is_not_wav_is_refused(tmp_path, causal_config):
+    _, config = causal_config
+    source = write_tone(str(tmp_path / "in.wav"), 0.05)
+    before = (tmp_path / "in.wav").read_bytes()
+    for output, problem in ((source, "would replace --input"), (str(tmp_path / "o.flac"), "not .flac"),
+                            (str(tmp_path / "o.OGG"), "not .ogg")):
+        with pytest.raises(SystemExit) as exit_info:
+            stream_demo.main(["--config", config, "--input", source, "--output", output, "--random_weights"])
+        assert problem in str(exit_info.value) and "\n" not in str(exit_info.value)
+    assert (tmp_path / "in.wav").read_bytes() == before
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("o.")]
 
 
 def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monkeypatch, capsys):
