@@ -34,8 +34,8 @@ import torch
 
 from codec import code_bits, codec_roundtrip, load_codec
 from config import AttrDict, bitrate, make_parser, run_cli
-from dataset import AUDIO_EXTENSIONS, audio_index, load_audio
-from inference import check_inputs
+from dataset import audio_index, load_audio
+from inference import check_inputs, check_outputs
 from metrics import (HIGHER_IS_BETTER, POWER_FLOOR, compute_metrics, log_power, metric_stft,
                      optional_metrics, stft_consistency)
 from models import Decoder, Encoder
@@ -138,14 +138,14 @@ def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[st
 
 def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: torch.device
               ) -> Tuple[Dict[str, float], Dict[str, object], AttrDict]:
-    """Resynthesise every reference file into `decoded_dir` with the config's checkpoints.
+    """Resynthesise every reference file (checked by `inference.check_inputs`) into `decoded_dir`
+    with the config's checkpoints.
 
     Returns the STFT consistency of each file's predicted spectrum, the codec facts
     (nominal bitrate, bits of the codes actually produced per second of audio, real-time
     factor of encode + decode) for the summary, and the config of the checkpoints (that of
     their training run when it differs from `h`, see `load_codec`), which the metrics use.
     """
-    reference = check_inputs(reference, "the reference folder")
     encoder, decoder, h = load_codec(h, None, None, device)
     consistency: Dict[str, float] = {}
     bits_drawn = 0
@@ -167,7 +167,8 @@ def mean_and_ci(values: List[float]) -> Dict[str, object]:
     """Mean and the t-distribution confidence interval over files (none for a single file)."""
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean()) if x.size else math.nan
-    if x.size < 2:
+    # An infinite value (the SNR of a file identical to its reference) leaves no interval.
+    if x.size < 2 or not np.isfinite(x).all():
         return {"mean": mean, "ci95": None, "n": int(x.size)}
     half = scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(x.size)}
@@ -302,23 +303,23 @@ def write_outputs(output: str, rows: List[Dict[str, object]], summary: Dict[str,
 
 def run(h: AttrDict, args: argparse.Namespace) -> None:
     device = pick_device()
-    reference = audio_index(args.reference)
-    if not reference:
-        raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {args.reference}")
+    listed = audio_index(args.reference)
+    reference = check_inputs(listed, args.reference)
     consistency, codec = {}, {}
     decoded_dir = args.decoded
     if decoded_dir is None:
         decoded_dir = os.path.join(args.output, "decoded")
+        check_outputs(reference, decoded_dir, ".wav", "--output")
         consistency, codec, h = run_codec(h, reference, decoded_dir, device)
     pairs, missing, extra = match_files(reference, audio_index(decoded_dir))
     if not pairs:
         raise FileNotFoundError(f"no file of {args.reference} has a match in {decoded_dir}")
-    notes = [f"Evaluated {len(pairs)} files of {args.reference} against {decoded_dir}."]
+    rows, extremes, failed = evaluate(pairs, h, args.speech, device)
+    notes = [f"Evaluated {len(rows)} files of {args.reference} against {decoded_dir}."]
     if missing:
         notes.append(f"Missing from {decoded_dir} ({len(missing)}): {', '.join(missing)}")
     if extra:
         notes.append(f"Only in {decoded_dir} ({len(extra)}): {', '.join(extra)}")
-    rows, extremes, failed = evaluate(pairs, h, args.speech, device)
     if failed:
         notes.append(f"Failed ({len(failed)}), left out: " + "; ".join(failed))
     for row in rows:
@@ -334,14 +335,16 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         notes.append(f"Nominal bitrate {codec['bitrate_bps']:.0f} bit/s, measured from the codes "
                      f"{codec['bitrate_measured_bps']:.0f} bit/s; RTF (encode + decode) "
                      f"{codec['rtf']:.4f} on {codec['rtf_device']} with {codec['rtf_threads']} threads.")
-    summary = {"metrics": stats, "files": {"evaluated": len(pairs), "missing": missing, "extra": extra},
+    summary = {"metrics": stats, "files": {"evaluated": len(rows), "failed": len(failed), "missing": missing,
+                                           "extra": extra},
                "reference": args.reference, "decoded": decoded_dir, **codec}
     report = markdown_report(names, stats, notes)
     write_outputs(args.output, rows, summary, report, extremes, h.sampling_rate)
     print(report, end="")
     print(f"Wrote metrics.csv, summary.json, report.md and spectrograms.png to {args.output}")
-    # In codec mode, references that could not be read were never decoded.
-    unread = len(failed) + (len(reference) - len(consistency) if codec else 0)
+    # References whose headers failed were never paired; in codec mode, those that could not
+    # be read were never decoded.
+    unread = len(failed) + len(listed) - len(reference) + (len(reference) - len(consistency) if codec else 0)
     if unread:
         raise ValueError(f"{unread} file(s) could not be evaluated (listed above)")
 

@@ -69,10 +69,10 @@ def check_inputs(files: Dict[str, str], location: str) -> Dict[str, str]:
     return usable
 
 
-def check_outputs(files: Dict[str, str], target: str, extension: str) -> None:
-    """A one-line error when an output would replace an input or, decoding codes files, the
-    audio file beside a codes file (presumably its original): what an output folder that is,
-    or lies inside, the input folder can do."""
+def check_outputs(files: Dict[str, str], target: str, extension: str, option: str = "test_wav_output_dir") -> None:
+    """A one-line error, naming the output folder's `option`, when an output would replace an
+    input or, decoding codes files, the audio file beside a codes file (presumably its
+    original): what an output folder that is, or lies inside, the input folder can do."""
     inputs = {os.path.realpath(path) for path in files.values()}
     originals = {os.path.realpath(path)[:-len(CODES_EXTENSION)] + audio
                  for path in files.values() if path.endswith(CODES_EXTENSION) for audio in AUDIO_EXTENSIONS}
@@ -82,8 +82,7 @@ def check_outputs(files: Dict[str, str], target: str, extension: str) -> None:
         replaced = os.path.realpath(out)
         if replaced in protected and os.path.exists(out):
             what = "an input file" if replaced in inputs else "the audio file beside its codes file"
-            raise ValueError(f"test_wav_output_dir: writing {out} would replace {what}; choose another "
-                             f"output folder")
+            raise ValueError(f"{option}: writing {out} would replace {what}; choose another output folder")
 
 
 def _check_codes_files(files: Dict[str, str], location: str, codec: Codec) -> None:

@@ -5,6 +5,7 @@ final evaluation report the same numbers. Audio is (L,) or batched (B, L); every
 returns one value per item: a 0-d tensor for (L,), (B,) for (B, L).
 """
 import math
+import sys
 from typing import Callable, Dict
 
 import librosa
@@ -35,7 +36,7 @@ HIGHER_IS_BETTER = {
 def metric_stft(y: torch.Tensor) -> torch.Tensor:
     """The STFT every spectral metric uses. y: (L,) or (B, L) -> complex (..., 1025, L' // 512 + 1).
 
-    Clips shorter than n_fft / 2 are zero-padded to L' = 1025 samples first (`pad_short`).
+    Clips of up to n_fft / 2 = 1024 samples are zero-padded to L' = 1025 first (`pad_short`).
     """
     return stft(pad_short(y.float(), METRIC_N_FFT), METRIC_N_FFT, METRIC_HOP_SIZE, METRIC_WIN_SIZE)
 
@@ -92,7 +93,7 @@ def snr(ref: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
 def mel_distance(ref: torch.Tensor, deg: torch.Tensor, h: AttrDict) -> torch.Tensor:
     """Mean L1 distance of the training loss's log-mel spectra. ref, deg: (L,) or (B, L) -> () or (B,).
 
-    Clips shorter than n_fft / 2 are zero-padded first, as in `metric_stft`.
+    Clips of up to n_fft / 2 samples are zero-padded first, as in `metric_stft`.
     """
     def mel(y: torch.Tensor) -> torch.Tensor:
         return mel_spectrogram(pad_short(y.float(), h.n_fft), h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
@@ -175,6 +176,6 @@ def optional_metrics(speech: bool) -> Dict[str, ScoreFn]:
         try:
             loaded[name] = loader()
         except ImportError:
-            print(f"{name} skipped: package {package} not installed")
+            print(f"{name} skipped: package {package} not installed", file=sys.stderr)
     return loaded
 

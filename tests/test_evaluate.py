@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_files_are_matched_by_relative_name(folder_run):
     assert float(rows["half"]["SNR"]) == pytest.approx(10 * math.log10(4), abs=1e-4)
     with open(folder_run["out"] / "summary.json") as f:
         files = json.load(f)["files"]
-    assert files == {"evaluated": 3, "missing": ["only_ref"], "extra": ["only_dec"]}
+    assert files == {"evaluated": 3, "failed": 0, "missing": ["only_ref"], "extra": ["only_dec"]}
     assert "only_ref" in folder_run["stdout"] and "only_dec" in folder_run["stdout"]
 
 
@@ -120,7 +121,7 @@ def test_length_and_rate_mismatches_are_warned(folder_run):
 
 
 def test_missing_optional_package_drops_its_column(folder_run):
-    assert "ViSQOL skipped: package visqol-python not installed" in folder_run["stdout"]
+    assert "ViSQOL skipped: package visqol-python not installed" in folder_run["stderr"]
     assert "ViSQOL" not in read_csv(folder_run["out"] / "metrics.csv")[0]
 
 
@@ -246,14 +247,47 @@ def test_codec_mode_keeps_the_length_of_very_short_clips(tmp_path):
 
 def test_unreadable_files_are_reported_the_rest_evaluated_and_the_run_fails(tmp_path, capsys):
     x = tone(0.3, SR, seed=9)
-    write_pairs(tmp_path, {"good": (x, 0.5 * x), "bad": (x, x)})
+    write_pairs(tmp_path, {"good": (x, 0.5 * x), "bad": (x, x), "cut": (x, x)})
     (tmp_path / "dec" / "bad.wav").write_bytes(b"not audio at all")
-    with pytest.raises(SystemExit, match="1 file\\(s\\) could not be evaluated"):
+    # A truncated reference reads as a shorter clip; its header says what is missing.
+    whole = (tmp_path / "ref" / "cut.wav").read_bytes()
+    (tmp_path / "ref" / "cut.wav").write_bytes(whole[:-1000])
+    with pytest.raises(SystemExit, match="2 file\\(s\\) could not be evaluated"):
         evaluate.main(["--reference", str(tmp_path / "ref"), "--decoded", str(tmp_path / "dec"),
                        "--output", str(tmp_path / "out"), "--config", CONFIG])
-    assert "bad.wav" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "bad.wav" in err and f"failed: {tmp_path / 'ref' / 'cut.wav'}: truncated" in err
+    assert "Evaluated 1 files of" in out
     rows = read_csv(tmp_path / "out" / "metrics.csv")
     assert [row["file"] for row in rows] == ["good"]
+    with open(tmp_path / "out" / "summary.json") as f:
+        files = json.load(f)["files"]
+    assert files["evaluated"] == 1 and files["failed"] == 1
+
+
+def test_identical_files_have_infinite_snr_and_no_interval(tmp_path):
+    x = tone(0.3, SR, seed=10)
+    write_pairs(tmp_path, {"a": (x, x), "b": (0.5 * x, 0.5 * x)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_main(["--reference", str(tmp_path / "ref"), "--decoded", str(tmp_path / "dec"),
+                  "--output", str(tmp_path / "out"), "--config", CONFIG], {"visqol": None})
+    with open(tmp_path / "out" / "summary.json") as f:
+        snr = json.load(f)["metrics"]["SNR"]
+    assert snr["mean"] is None and snr["ci95"] is None and snr["n"] == 2
+
+
+def test_codec_mode_never_replaces_the_references(tmp_path):
+    _, config = tiny_codec(tmp_path)
+    decoded = tmp_path / "out" / "decoded"
+    decoded.mkdir(parents=True)
+    write_tone(str(decoded / "a.wav"), 0.25, SR, seed=4)
+    before = (decoded / "a.wav").read_bytes()
+    with pytest.raises(SystemExit, match=f"--output: writing {decoded / 'a.wav'} would replace an input file"):
+        evaluate.main(["--reference", str(decoded), "--checkpoint_file_load_Encoder", str(tmp_path / "encoder"),
+                       "--checkpoint_file_load_Decoder", str(tmp_path / "decoder"), "--config", str(config),
+                       "--output", str(tmp_path / "out")])
+    assert (decoded / "a.wav").read_bytes() == before
 
 
 def test_codec_mode_measures_at_the_rate_of_the_checkpoints_own_config(tmp_path):

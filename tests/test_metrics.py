@@ -200,9 +200,9 @@ def no_optional_packages(monkeypatch):
 
 def test_missing_optional_packages_skip_with_one_line_each(no_optional_packages, capsys):
     assert metrics.optional_metrics(speech=False) == {}
-    assert capsys.readouterr().out == "ViSQOL skipped: package visqol-python not installed\n"
+    assert capsys.readouterr().err == "ViSQOL skipped: package visqol-python not installed\n"
     assert metrics.optional_metrics(speech=True) == {}
-    assert capsys.readouterr().out.splitlines() == [
+    assert capsys.readouterr().err.splitlines() == [
         "ViSQOL skipped: package visqol-python not installed",
         "PESQ skipped: package pesq not installed",
         "STOI skipped: package pystoi not installed",
