@@ -43,6 +43,7 @@ for one core).
 """
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -67,7 +68,7 @@ import fastpath
 import stream_demo
 import train
 from config import AttrDict, build_config, make_parser, run_cli, save_config
-from models import Decoder, Encoder, remove_weight_norm
+from models import Decoder, Encoder, random_encoder_decoder
 from streaming import StreamingCodec, latency_samples
 from utils import pick_device, synchronize
 
@@ -246,8 +247,9 @@ def inference_configuration(name: str) -> Tuple[str, bool]:
     """The precision of an --inference_precisions name such as "bfloat16+compile", and whether
     it compiles."""
     precision, _, option = name.partition("+")
-    if option not in ("", "compile"):
-        raise ValueError(f"--inference_precisions: {name!r} is not a precision, optionally +compile")
+    if precision not in fastpath.PRECISIONS + ("tf32",) or option not in ("", "compile"):
+        raise ValueError(f"--inference_precisions: {name!r} is not one of {', '.join(fastpath.PRECISIONS)}, tf32, "
+                         f"optionally +compile")
     return precision, option == "compile"
 
 
@@ -263,9 +265,7 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
     (single) and `batch` clips of decreasing length down to 90% of it (batched, as a folder
     sorted by length runs: its batches hold clips of similar lengths),
     against the floor: the model's FLOPs at the machine's float32 matrix-product rate."""
-    torch.manual_seed(0)
-    encoder = remove_weight_norm(Encoder(h).to(device)).eval()
-    decoder = remove_weight_norm(Decoder(h).to(device)).eval()
+    encoder, decoder = random_encoder_decoder(h, device)
     gflop = model_gflop_per_second(encoder, decoder, h)
     rate = matmul_gflops(device)
     floor = gflop / rate
@@ -318,9 +318,7 @@ def tf32_run(precision: str, run: Callable[[], object]) -> Callable[[], object]:
 def bench_files(h: AttrDict, device: torch.device, seconds: List[float], precisions: List[str]) -> Iterator[dict]:
     """`Codec.resynthesize_file` (what inference.py runs) on generated wav files of each length:
     files longer than a window go through the chunked path. One run each, peak memory included."""
-    torch.manual_seed(0)
-    encoder = remove_weight_norm(Encoder(h).to(device)).eval()
-    decoder = remove_weight_norm(Decoder(h).to(device)).eval()
+    encoder, decoder = random_encoder_decoder(h, device)
     base = synthetic_audio(1, 10 * h.sampling_rate, h.sampling_rate)[0].numpy()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -451,8 +449,7 @@ def bench_traffic(h: AttrDict, clips: List[float], precisions: List[str], batch:
     meta = torch.device("meta")
     in_place_products = {torch.ops.aten.addmm_: accumulated_product_flops,
                          torch.ops.aten.baddbmm_: accumulated_product_flops}
-    encoder = remove_weight_norm(Encoder(h)).eval().to(meta)
-    decoder = remove_weight_norm(Decoder(h)).eval().to(meta)
+    encoder, decoder = random_encoder_decoder(h, meta)
     for seconds in clips:
         length = int(seconds * h.sampling_rate)
         inputs = {"single": [length], "batched": batch_lengths(length, batch)}
@@ -483,18 +480,16 @@ def bench_streaming(h: AttrDict, clip_seconds: float, chunk_ms: List[float], pre
                     ) -> Iterator[dict]:
     """One record per precision and chunk length: compute per latent frame and per push on the CPU
     (this thread's CPU time), the median of `repeats` streams of the clip."""
-    torch.manual_seed(h.seed)
-    encoder = remove_weight_norm(Encoder(h)).eval()
-    decoder = remove_weight_norm(Decoder(h)).eval()
+    encoder, decoder = random_encoder_decoder(h)
     audio = synthetic_audio(1, int(clip_seconds * h.sampling_rate), h.sampling_rate)[0].numpy()
     for precision in precisions:
         for ms in chunk_ms:
-            chunk = max(1, round(ms * h.sampling_rate / 1000))
+            chunk = codec.chunk_samples(ms, h.sampling_rate)
             runs = []
             for _ in range(max(1, repeats)):
                 chunks = (audio[i:i + chunk] for i in range(0, audio.size, chunk))
-                codec = StreamingCodec(encoder, decoder, h, precision=precision)
-                runs.append(stream_demo.summarise(stream_demo.timed_stream(codec, chunks, lambda samples: None),
+                streamer = StreamingCodec(encoder, decoder, h, precision=precision)
+                runs.append(stream_demo.summarise(stream_demo.timed_stream(streamer, chunks, lambda samples: None),
                                                   h, chunk))
             record = {key: round(statistics.median(run[key] for run in runs), 3) for key in runs[0]}
             yield {"bench": "stream", "precision": precision,
@@ -505,8 +500,23 @@ def bench_streaming(h: AttrDict, clip_seconds: float, chunk_ms: List[float], pre
                    "frame_ms_runs": [round(run["frame_ms"], 3) for run in runs]}
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line errors for values that would otherwise fail deep inside a measurement."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available to this torch build")
+    for option in ("threads", "batch"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option} must be at least 1, got {value}")
+    for option in ("clips", "file_seconds", "stream_chunk_ms"):
+        bad = [v for v in getattr(args, option) if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ValueError(f"--{option} must be positive numbers of seconds or milliseconds, got {bad[0]:g}")
+
+
 def run(h: AttrDict, args: argparse.Namespace) -> None:
-    if args.threads:
+    check_arguments(args)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -570,7 +580,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="comma-separated configurations: float32|bf16|fp16, optionally +compile or "
                              "+cudagraphs, +fused and +graph (the passes as CUDA graphs) (default "
                              "float32,bf16,bf16+compile)")
-    parser.add_argument("--device", default=pick_device().type, help="cuda or cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=pick_device().type,
+                        help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (batch: the config's batch_size) "
                                                                   "(default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (compilation happens here) "

@@ -85,12 +85,10 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
             raise ValueError(f"{option}: writing {out} would replace {what}; choose another output folder")
 
 
-def _check_codes_files(files: Dict[str, str], location: str, codec: Codec) -> None:
+def _check_codes_files(files: Dict[str, str], codec: Codec) -> None:
     """Read every codes file and check it against the model before anything is written; one
     line names the first bad one. (Each is read again when decoded: a folder of long files
     need not fit in memory.)"""
-    if not files:
-        raise FileNotFoundError(f"no codes files ({CODES_EXTENSION}) in {location}")
     for path in files.values():
         codec.check_compatible(CodesFile.load(path))
 
@@ -136,6 +134,8 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     listed = len(files)
     if mode != "decode":
         files = check_inputs(files, source)
+    elif not files:
+        raise FileNotFoundError(f"no codes files ({CODES_EXTENSION}) in {source}")
     check_outputs(files, target, CODES_EXTENSION if mode == "encode" else ".wav")
     start = time.perf_counter()
     codec = Codec.load(h, device=pick_device(),
@@ -146,8 +146,11 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
         print(f"precision {kernels(codec.precision, codec.device, stream=stream_ms is not None)}{note}")
     if n_codebooks is not None:
         codec.check_n_codebooks(n_codebooks)
+    if batch_seconds is not None and codec.fast is None:
+        raise ValueError("--batch_seconds applies to the paper's codec, which resynthesises files in batches; a "
+                         "causal codec codes them one by one")
     if mode == "decode":
-        _check_codes_files(files, source, codec)
+        _check_codes_files(files, codec)
 
     def code(key: str, path: str) -> Union[float, Exception]:
         try:

@@ -12,7 +12,7 @@ import argparse
 import os
 import random
 import sys
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from dataset import AUDIO_EXTENSIONS, find_audio_files
 from utils import atomic_write
@@ -48,7 +48,7 @@ def write_list(path: str, files: Sequence[str], note: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("audio_dir", help="folder searched recursively for wav, flac and ogg files")
     parser.add_argument("--output_dir", default="filelists",
@@ -62,18 +62,24 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not os.path.isdir(args.audio_dir):
         sys.exit(f"error: no such folder: {args.audio_dir}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        sys.exit(f"error: --output_dir {args.output_dir} is a file, not a folder")
     if not 0 < args.valid_fraction < 1:
         sys.exit(f"error: --valid_fraction must be between 0 and 1, got {args.valid_fraction}")
     files = find_audio(args.audio_dir, args.mic)
     if not files:
-        sys.exit(f"error: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found under {args.audio_dir}")
+        mic = f" with '{args.mic}' in their names (--mic)" if args.mic else ""
+        sys.exit(f"error: no audio files ({', '.join(AUDIO_EXTENSIONS)}){mic} found under {args.audio_dir}")
     train, valid = split_files(files, args.split, args.valid_fraction)
     if not train or not valid:
         sys.exit(f"error: the {args.split} split of {args.audio_dir} leaves an empty "
                  f"{'training' if not train else 'validation'} list")
     for name, subset in (("train.txt", train), ("valid.txt", valid)):
         path = os.path.join(args.output_dir, name)
-        write_list(path, subset, f"written by make_filelists.py from {os.path.abspath(args.audio_dir)}")
+        try:
+            write_list(path, subset, f"written by make_filelists.py from {os.path.abspath(args.audio_dir)}")
+        except OSError as e:
+            sys.exit(f"error: cannot write {path}: {e.strerror}")
         print(f"{path}: {len(subset)} files")
 
 

@@ -387,3 +387,10 @@ def remove_weight_norm(module: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     return module
+
+
+def random_encoder_decoder(h: AttrDict, device: torch.device = torch.device("cpu")) -> Tuple[Encoder, Decoder]:
+    """An encoder and decoder with random weights (seed `h.seed`), weight norm folded, in eval
+    mode: for benchmarks and demos without checkpoints."""
+    torch.manual_seed(h.seed)
+    return remove_weight_norm(Encoder(h)).eval().to(device), remove_weight_norm(Decoder(h)).eval().to(device)

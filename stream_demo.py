@@ -28,7 +28,7 @@ import torch
 from config import AttrDict, make_parser, run_cli
 from codec import STREAM_CHUNK_MS, chunk_samples, load_codec
 from dataset import AUDIO_EXTENSIONS
-from models import Decoder, Encoder, remove_weight_norm
+from models import random_encoder_decoder
 from fastpath import PRECISIONS, kernels, resolve_precision
 from streaming import StreamingCodec, latency_samples
 from utils import atomic_write
@@ -178,8 +178,7 @@ def _demo(h: AttrDict, args: argparse.Namespace, pcm: Optional[BinaryIO]) -> Non
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     if args.random_weights:
-        torch.manual_seed(h.seed)
-        encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
+        encoder, decoder = random_encoder_decoder(h)
     else:
         # The config beside the checkpoints, where training wrote one, describes their network.
         encoder, decoder, h = load_codec(h, None, None, torch.device("cpu"))

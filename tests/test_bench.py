@@ -28,8 +28,29 @@ def test_configuration_names_set_the_speed_keys(tiny_h):
 def test_inference_names_set_precision_and_compile():
     assert bench.inference_configuration("bfloat16+compile") == ("bfloat16", True)
     assert bench.inference_configuration("tf32") == ("tf32", False)
-    with pytest.raises(ValueError, match="'int8\\+fast' is not a precision, optionally \\+compile"):
-        bench.inference_configuration("int8+fast")
+    for bad in ("int8+fast", "float33", "bf16"):
+        with pytest.raises(ValueError, match=re.escape(f"'{bad}' is not one of float32, bfloat16, int8, tf32")):
+            bench.inference_configuration(bad)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--batch", "-1"], "--batch must be at least 1, got -1"),
+    (["--clips", "10", "0"], "--clips must be positive"),
+    (["--stream_chunk_ms", "nan"], "--stream_chunk_ms must be positive"),
+    (["--suite", "inference", "--inference_precisions", "float33"], "'float33' is not one of"),
+])
+def test_bad_arguments_exit_in_one_line_before_measuring(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv + ["--steps", "0"])
+    assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+    assert capsys.readouterr().out == ""
+
+
+def test_cuda_without_a_gpu_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA GPU is available"):
+        bench.main(["--device", "cuda", "--steps", "0"])
 
 
 def test_training_bench_reports_every_phase():

@@ -327,6 +327,22 @@ def test_an_option_that_does_nothing_in_the_mode_is_an_error(tmp_path, tiny_h, m
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_batch_seconds_with_a_causal_codec_is_an_error(tmp_path, tiny_h):
+    tiny_h.update(causal=True)
+    _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05})
+    with pytest.raises(ValueError, match="--batch_seconds applies to the paper's codec"):
+        inference.inference(tiny_h, batch_seconds=5.0)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_decoding_a_folder_without_codes_files_fails_before_loading_the_model(tmp_path, tiny_h, monkeypatch, capsys):
+    _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05})
+    monkeypatch.setattr(inference.Codec, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(FileNotFoundError, match=f"no codes files \\(.apc\\) in {tmp_path / 'in'}"):
+        inference.inference(tiny_h, mode="decode")
+    assert capsys.readouterr().out == ""
+
+
 def test_a_missing_checkpoint_names_its_config_key(tmp_path, tiny_h):
     _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05})
     tiny_h.update(checkpoint_file_load_Decoder=str(tmp_path / "nowhere"))

@@ -39,9 +39,12 @@ def test_random_split_is_seeded_and_disjoint(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["{tmp}/nowhere"], "no such folder"),
-                                           (["{tmp}", "--valid_fraction", "1.5"], "--valid_fraction")])
+                                           (["{tmp}", "--valid_fraction", "1.5"], "--valid_fraction"),
+                                           (["{tmp}", "--mic", "mic9"], "with 'mic9' in their names (--mic)"),
+                                           (["{tmp}", "--output_dir", "{tmp}/a.wav"], "is a file, not a folder")])
 def test_bad_arguments_exit_in_one_line(tmp_path, args, message):
+    write_tone(str(tmp_path / "a.wav"), 0.05)
     with pytest.raises(SystemExit) as exit_info:
-        main([a.format(tmp=tmp_path) for a in args] + ["--output_dir", str(tmp_path / "lists")])
+        main(["--output_dir", str(tmp_path / "lists")] + [a.format(tmp=tmp_path) for a in args])
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
     assert not (tmp_path / "lists").exists()
