@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -84,3 +85,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def untrained_norms(*modules):
+    """Give every GRN and LayerNorm random scales and shifts, in place. At initialisation GRN is
+    the identity and LayerNorm has scale 1 and shift 0, so code that folds or pools them would
+    go untested. Returns the modules."""
+    from models import GRN
+    with torch.no_grad():
+        for m in (m for module in modules for m in module.modules()):
+            if isinstance(m, GRN):
+                m.gamma.normal_(0, 0.5)
+                m.beta.normal_(0, 0.1)
+            elif isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    return modules
+

@@ -13,7 +13,7 @@ import streaming
 import train
 from codec import load_codec
 from config import build_config, read_config_file
-from conftest import ROOT, TINY, make_config, tone
+from conftest import ROOT, TINY, make_config, tone, untrained_norms
 from models import CausalConv1d, CausalConvTranspose1d, Decoder, Encoder
 
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def codec():
     h = make_config(**TINY, causal=True, causal_kernel_size=3)
     torch.manual_seed(0)
-    return h, Encoder(h).eval(), Decoder(h).eval()
+    return (h, *untrained_norms(Encoder(h).eval(), Decoder(h).eval()))
 
 
 def signal(seconds, seed=0):
