@@ -508,10 +508,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise ValueError(f"--{option} must be at least 1, got {value}")
-    for option in ("clips", "file_seconds", "stream_chunk_ms"):
+    for option, unit in (("clips", "seconds"), ("file_seconds", "seconds"), ("stream_chunk_ms", "milliseconds")):
         bad = [v for v in getattr(args, option) if not (math.isfinite(v) and v > 0)]
         if bad:
-            raise ValueError(f"--{option} must be positive numbers of seconds or milliseconds, got {bad[0]:g}")
+            raise ValueError(f"--{option} takes positive numbers of {unit}, got {bad[0]:g}")
 
 
 def run(h: AttrDict, args: argparse.Namespace) -> None:

@@ -159,16 +159,17 @@ def demo(h: AttrDict, args: argparse.Namespace) -> None:
         _demo(h, args, pcm)
 
 
-def check_output(input: str, output: str) -> None:
+def check_output(input_path: str, output_path: str) -> None:
     """A one-line ValueError for an --output that would replace --input or that names an audio
     format other than wav (anything else is written as raw PCM)."""
-    if output == "-":
+    if output_path == "-":
         return
-    if input != "-" and os.path.exists(input) and os.path.exists(output) and os.path.samefile(input, output):
-        raise ValueError(f"--output {output} would replace --input; write elsewhere")
-    extension = os.path.splitext(output)[1].lower()
+    if (input_path != "-" and os.path.exists(input_path) and os.path.exists(output_path)
+            and os.path.samefile(input_path, output_path)):
+        raise ValueError(f"--output {output_path} would replace --input; write elsewhere")
+    extension = os.path.splitext(output_path)[1].lower()
     if extension in AUDIO_EXTENSIONS and extension != ".wav":
-        raise ValueError(f"--output {output}: this writes .wav or raw PCM (any other name), not {extension}")
+        raise ValueError(f"--output {output_path}: this writes .wav or raw PCM (any other name), not {extension}")
 
 
 def _demo(h: AttrDict, args: argparse.Namespace, pcm: Optional[BinaryIO]) -> None:

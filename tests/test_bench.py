@@ -36,8 +36,8 @@ def test_inference_names_set_precision_and_compile():
 @pytest.mark.parametrize("argv, message", [
     (["--threads", "0"], "--threads must be at least 1, got 0"),
     (["--batch", "-1"], "--batch must be at least 1, got -1"),
-    (["--clips", "10", "0"], "--clips must be positive"),
-    (["--stream_chunk_ms", "nan"], "--stream_chunk_ms must be positive"),
+    (["--clips", "10", "0"], "--clips takes positive numbers of seconds, got 0"),
+    (["--stream_chunk_ms", "nan"], "--stream_chunk_ms takes positive numbers of milliseconds, got nan"),
     (["--suite", "inference", "--inference_precisions", "float33"], "'float33' is not one of"),
 ])
 def test_bad_arguments_exit_in_one_line_before_measuring(argv, message, capsys):
