@@ -91,9 +91,12 @@ def frozen(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 def gradient_norm(parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    """L2 norm of all gradients together, as clip_grad_norm_ computes it (0-d, no host sync)."""
-    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    """L2 norm of all gradients together, as clip_grad_norm_ computes it (0-d, no host sync;
+    one multi-tensor kernel, where a norm per parameter would launch hundreds)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=parameters[0].device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def codebook_health(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -434,21 +437,22 @@ class Trainer:
         return ref, gen
 
     def update(self, name: str, loss: torch.Tensor, want_norm: bool) -> Dict[str, torch.Tensor]:
-        """Step the optimizer of 'G' or 'D' after its backward, unless `loss` is not finite;
-        clips first when `grad_clip` is set. Returns the gradient norm before clipping as
-        'grad_norm_<name>' when computed (clipping, or `want_norm`); measuring leaves the update as is."""
+        """Step the optimizer of 'G' or 'D' after its backward, unless `loss` or a gradient is
+        not finite; clips first when `grad_clip` is set. Returns the gradient norm before
+        clipping as 'grad_norm_<name>' with clipping or `want_norm`; measuring leaves the update as is."""
         optimizer, scaler, params = ((self.optim_g, self.scaler_g, self.params_g) if name == "G"
                                      else (self.optim_d, self.scaler_d, self.params_d))
-        if not self._finite(loss, name, optimizer):
+        scaler.unscale_(optimizer)
+        norm = (torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip) if self.h.grad_clip
+                else gradient_norm(params))
+        # A finite loss can have an infinite gradient (an overflow, atan2's at (0, 0)), which
+        # would write NaN into every weight. fp16's scaler skips those steps itself.
+        check = loss.detach() if scaler.is_enabled() else loss.detach() + norm
+        if not self._finite(check, name, optimizer):
             return {}
-        norm = None
-        if self.h.grad_clip or want_norm:
-            scaler.unscale_(optimizer)
-            norm = (torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip) if self.h.grad_clip
-                    else gradient_norm(params))
         scaler.step(optimizer)
         scaler.update()
-        return {} if norm is None else {f"grad_norm_{name}": norm}
+        return {f"grad_norm_{name}": norm} if self.h.grad_clip or want_norm else {}
 
     def discriminator_half(self, audio: torch.Tensor
                            ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], torch.Tensor]:
@@ -514,7 +518,7 @@ class Trainer:
             return True
         if finite.item():
             return True
-        say(f"warning: non-finite {name} loss at step {self.steps}; its update is skipped")
+        say(f"warning: non-finite {name} loss or gradient at step {self.steps}; its update is skipped")
         self.step_finite = False
         return False
 
@@ -581,7 +585,7 @@ class Trainer:
         self.nonfinite_streak, self.checks_read = streak, True
         if count:
             self.nonfinite_total += count
-            say(f"warning: {count} of the steps up to step {step} had a non-finite loss; "
+            say(f"warning: {count} of the steps up to step {step} had a non-finite loss or gradient; "
                 f"their updates were skipped")
 
     @torch.no_grad()
@@ -887,8 +891,8 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
                     say(f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint set saved "
                         f"({where}). Run the same command to resume.")
                     raise SystemExit(128 + signum)
-                raise SystemExit(f"error: {trainer.nonfinite_streak} steps in a row had a non-finite loss; "
-                                 f"stopped after step {step}, the last finite state is saved ({where})")
+                raise SystemExit(f"error: {trainer.nonfinite_streak} steps in a row had a non-finite loss or "
+                                 f"gradient; stopped after step {step}, the last finite state is saved ({where})")
         trainer.scheduler_g.step()
         trainer.scheduler_d.step()
         trainer.position = 0

@@ -201,9 +201,12 @@ def test_gpu_random_state_is_this_process_device_s(monkeypatch):
 # Read each step; deferred to logging steps with fused AdamW, which skips an update on the
 # device: every step, every second one (the stop then comes at step 4, with 4 in a row), or,
 # with logging every 20 steps, every READ_BACK_STEPS (10).
-@pytest.mark.parametrize("fused, stdout_interval, last", [(False, 1, 3), (True, 1, 3), (True, 2, 4), (True, 20, 10)])
+# A finite loss with an infinite gradient (an overflow) is caught as well.
+@pytest.mark.parametrize("fused, stdout_interval, last, fault", [
+    (False, 1, 3, "loss"), (True, 1, 3, "loss"), (True, 2, 4, "loss"), (True, 20, 10, "loss"),
+    (False, 1, 3, "gradient"), (True, 1, 3, "gradient")])
 def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, capsys, fused, stdout_interval,
-                                                         last):
+                                                         last, fault):
     h = _setup(tmp_path, training_epochs=6, max_nonfinite_steps=3, validation_interval=100,
                checkpoint_interval=100, fused_adamw=fused, stdout_interval=stdout_interval,
                summary_interval=stdout_interval)
@@ -212,22 +215,32 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, 
     real_codec = train.Trainer.codec
     calls = {"n": 0}
 
+    real_generator_half = train.Trainer.generator_half
+
     def codec(self, audio, training=False):
         calls["n"] += 1
         ref, gen = real_codec(self, audio, training)
-        if calls["n"] >= 2:            # every step from the second on has a NaN amplitude loss
+        if calls["n"] >= 2 and fault == "loss":   # every step from the second on: a NaN amplitude loss
             gen["logamp"] = gen["logamp"] * float("nan")
         return ref, gen
+
+    def generator_half(self, audio, ref, gen):
+        terms = real_generator_half(self, audio, ref, gen)
+        if calls["n"] >= 2 and fault == "gradient":   # the loss stays finite
+            self.params_g[0].grad.view(-1)[0] = float("inf")
+        return terms
     monkeypatch.setattr(train.Trainer, "codec", codec)
-    with pytest.raises(SystemExit, match=f"{last} steps in a row had a non-finite loss; stopped after step {last}"):
+    monkeypatch.setattr(train.Trainer, "generator_half", generator_half)
+    with pytest.raises(SystemExit, match=f"{last} steps in a row had a non-finite loss or gradient; stopped after "
+                                         f"step {last}"):
         train.train(h, torch.device("cpu"))
     out = capsys.readouterr().out
     if fused:
-        reported = re.findall(r"warning: (\d+) of the steps up to step (\d+) had a non-finite loss", out)
+        reported = re.findall(r"warning: (\d+) of the steps up to step (\d+) had a non-finite loss or gradient", out)
         assert [int(n) for n, _ in reported] == {1: [1, 1, 1], 2: [2, 2], 20: [10]}[stdout_interval]
         assert reported[-1][1] == str(last)
     else:
-        assert out.count("non-finite G loss") == 3
+        assert out.count("non-finite G loss or gradient") == 3
     # The last finite state is saved: the generator was updated at step 0 only, the
     # discriminators (whose loss stayed finite) at every step.
     assert checkpoint_steps(h.checkpoint_path, "do") == [last]
