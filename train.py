@@ -12,6 +12,7 @@ DistributedDataParallel; `batch_size` is per process, so the effective batch is
 batch_size x N. Rank 0 alone prints, logs, validates and writes checkpoints.
 """
 import datetime
+import glob
 import math
 import os
 import random
@@ -20,8 +21,12 @@ import signal
 import sys
 import tempfile
 import time
+try:
+    import fcntl        # POSIX: locks checkpoint_path against a second run
+except ImportError:     # Windows: runs without the lock
+    fcntl = None
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -664,9 +669,10 @@ def stop_requests() -> Iterator[Dict[str, int]]:
             signal.signal(signum, handler)
 
 
-def check_run_setup(h: AttrDict) -> None:
+def check_run_setup(h: AttrDict) -> Optional[IO]:
     """What can fail before the data check, which can take long: `checkpoint_path` must be
-    writable and have room for one checkpoint set, and a distillation teacher's files exist."""
+    writable, used by no other training run and have room for one checkpoint set, and a
+    distillation teacher's files exist. Returns the open lock file: keep it for the whole run."""
     for key in ("kd_teacher_encoder", "kd_teacher_decoder"):
         if h[key] and not os.path.isfile(h[key]):
             raise FileNotFoundError(f"config key '{key}': checkpoint not found: {h[key]} (set kd_teacher_encoder "
@@ -678,10 +684,24 @@ def check_run_setup(h: AttrDict) -> None:
             pass
     except OSError as e:
         raise ValueError(f"config key 'checkpoint_path': cannot write to {folder} ({e.strerror})") from None
+    lock = None
+    if fcntl is not None:
+        # Two runs in one folder would overwrite each other's checkpoint sets without a word (a
+        # requeued job while the old one still saves, a command started twice).
+        lock = open(os.path.join(folder, ".lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ValueError(f"config key 'checkpoint_path': another training run is using {folder}") from None
+        # With the lock held no write is under way: these are a killed run's unfinished ones.
+        for stale in glob.glob(os.path.join(folder, ".tmp_*")):
+            os.remove(stale)
     needed, free = checkpoint_set_bytes(h), shutil.disk_usage(folder).free
     if free < needed:
         raise ValueError(f"config key 'checkpoint_path': {folder} has {free / 1e9:.2f} GB free, one "
                          f"checkpoint set needs about {needed / 1e9:.2f} GB")
+    return lock
 
 
 def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, Optional[DataLoader]]:
@@ -798,9 +818,13 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
     Under torchrun every process calls this; it joins the process group and leaves it at the end.
     """
     rank, world_size = init_distributed()
+    lock = None
     try:
+        lock = check_run_setup(h) if is_main_process() else None
         return _train(h, device, rank, world_size)
     finally:
+        if lock is not None:
+            lock.close()
         if distributed():
             dist.destroy_process_group()
 
@@ -810,8 +834,6 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else pick_device()
     torch.manual_seed(h.seed)
     torch.backends.cudnn.benchmark = True
-    if is_main_process():
-        check_run_setup(h)
     train_loader, valid_loader = build_loaders(h, rank, world_size)
     trainer = Trainer(h, device)
     trainer.resume()

@@ -862,3 +862,26 @@ def test_recorded_steps_equal_eager_steps_on_a_gpu(tmp_path, overrides):
                                             or math.isnan(x[k]) and math.isnan(y[k]) for k in x)
     for p, q in zip(a.params_g + a.params_d, b.params_g + b.params_d):
         assert torch.allclose(p, q, rtol=0, atol=1e-5)
+
+
+def test_a_second_run_on_the_same_checkpoint_path_is_refused(tmp_path):
+    h = _setup(tmp_path, training_epochs=1)
+    lock = train.check_run_setup(h)
+    try:
+        with pytest.raises(ValueError, match=f"another training run is using {h.checkpoint_path}"):
+            train.train(h, torch.device("cpu"))
+    finally:
+        lock.close()
+    assert not checkpoint_steps(h.checkpoint_path, "do")
+    train.train(h, torch.device("cpu"))        # the lock is free again, and released at the end
+    train.check_run_setup(h).close()
+
+
+def test_a_killed_runs_unfinished_checkpoint_writes_are_removed(tmp_path):
+    h = _setup(tmp_path)
+    os.makedirs(h.checkpoint_path)
+    stale = os.path.join(h.checkpoint_path, ".tmp_do_00000004abcd")
+    with open(stale, "wb") as f:
+        f.write(bytes(1000))
+    train.check_run_setup(h).close()
+    assert not os.path.exists(stale)
