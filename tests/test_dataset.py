@@ -207,3 +207,21 @@ def test_strict_mode_and_lists_without_usable_files_fail(tmp_path):
     with pytest.raises(ValueError, match="list.txt: no usable audio file among its 2 entries"):
         check_audio_files([str(tmp_path / n) for n in list(expected)[:2]], "list.txt", 0.2, False,
                           DataCheckCache(None))
+
+
+@pytest.mark.parametrize("read_alone", [True, False])
+def test_crops_start_anywhere_in_the_clip(tmp_path, tiny_h, monkeypatch, read_alone):
+    """A clip one sample longer than a segment has two crops, and the epochs draw both: at 0 and
+    at 1 (read alone from the wav, and cut from the whole file as resampled or Ogg files are)."""
+    if not read_alone:
+        monkeypatch.setattr(AudioDataset, "_read_crop", lambda self, path, draw: None)
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, tiny_h.segment_size + 1).astype(np.float32)
+    sf.write(tmp_path / "a.wav", audio, tiny_h.sampling_rate, subtype="FLOAT")
+    ds = AudioDataset([str(tmp_path / "a.wav")], tiny_h, train=True)
+    starts = set()
+    for epoch in range(40):
+        crop = ds[(epoch, 0)].numpy()
+        start = [s for s in (0, 1) if np.array_equal(crop, audio[s:s + tiny_h.segment_size])]
+        assert len(start) == 1
+        starts.add(start[0])
+    assert starts == {0, 1}
