@@ -38,7 +38,7 @@ import losses
 from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, load_newest_set,
                          load_release_state_dict, newest_complete_step, prune_checkpoints, release_parameters,
                          release_state_dict, save_checkpoint)
-from config import AttrDict, bitrate, make_parser, run_cli, save_config
+from config import NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, read_config_file, run_cli, save_config
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
@@ -56,6 +56,8 @@ LOGGED_VALIDATION_ITEMS = 5
 READ_BACK_STEPS = 10
 # The longest the other processes of a torchrun wait for rank 0 to check the data.
 DATA_CHECK_TIMEOUT = datetime.timedelta(hours=24)
+# The keys that a run's checkpoints must keep: the generator's network and the discriminators'.
+RUN_NETWORK_KEYS = tuple(NETWORK_KEYS) + ("mpd_periods", "mpd_channels", "mrd_resolutions", "mrd_channels")
 
 
 def random_states() -> Dict[str, object]:
@@ -315,6 +317,20 @@ class Trainer:
                 if "step" in state:
                     state["step"] = state["step"].to(p.device if kernels["fused"] else "cpu", torch.float32)
 
+    def _check_run_config(self, folder: str) -> None:
+        """A one-line error when the run's config.json describes another network than this
+        config: keys such as causal, ratio or the discriminators' periods change no tensor's
+        shape, so the weights would load, train on as another model, and the saved config.json
+        would then describe the checkpoints wrongly."""
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            return
+        saved = build_config(read_config_file(path), path)
+        changed = [f"{key} {saved[key]} -> {self.h[key]}" for key in RUN_NETWORK_KEYS if saved[key] != self.h[key]]
+        if changed:
+            raise ValueError(f"{path} describes another network than this config ({'; '.join(changed)}): resume "
+                             f"with the run's own values, or give a new checkpoint_path")
+
     def resume(self) -> None:
         """Load the newest checkpoint set that reads back whole.
 
@@ -341,6 +357,7 @@ class Trainer:
                                  f"warnings above); move them away to start a new run there")
             return
         step, sets = found
+        self._check_run_config(folder)
         load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
         load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
         do_path, state = checkpoint_file(folder, "do", step), sets["do"]

@@ -911,3 +911,15 @@ def test_a_killed_runs_unfinished_checkpoint_writes_are_removed(tmp_path):
         f.write(bytes(1000))
     train.check_run_setup(h).close()
     assert not os.path.exists(stale)
+
+
+def test_resuming_with_another_network_is_refused(tmp_path):
+    """Keys that change no tensor's shape (causal, the discriminators' periods) must still
+    match the run's: its config.json is left as it was."""
+    h = _setup(tmp_path, training_epochs=1, checkpoint_interval=100, validation_interval=100)
+    train.train(h, torch.device("cpu"))
+    saved = (tmp_path / "cp" / "config.json").read_text()
+    for key, value in (("causal", True), ("mpd_periods", [2, 3, 5, 7, 13])):
+        with pytest.raises(ValueError, match=re.escape(f"describes another network than this config ({key} ")):
+            train.train(make_config(**dict(h, **{key: value})), torch.device("cpu"))
+    assert (tmp_path / "cp" / "config.json").read_text() == saved
