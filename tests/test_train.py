@@ -309,15 +309,21 @@ def test_overfit_full_model():
     assert mel[-1] < 0.5 * mel[0], mel
 
 
+def _twin_trainers(h):
+    """Two trainers with the same weights, and a batch of two segments (a tone at two levels)."""
+    torch.manual_seed(0)
+    trainer = train.Trainer(h, torch.device("cpu"))
+    torch.manual_seed(0)
+    reference = train.Trainer(h, torch.device("cpu"))
+    audio = torch.from_numpy(tone(h.segment_size / h.sampling_rate))[None].repeat(2, 1)
+    audio[1] *= 0.5
+    return trainer, reference, audio
+
+
 def test_generator_step_gradients_equal_unfrozen_discriminators(tiny_h):
     """Freezing the discriminators in the G step skips only gradients that are thrown away."""
     import losses
-    torch.manual_seed(0)
-    trainer = train.Trainer(tiny_h, torch.device("cpu"))
-    torch.manual_seed(0)
-    reference = train.Trainer(tiny_h, torch.device("cpu"))
-    audio = torch.from_numpy(tone(tiny_h.segment_size / tiny_h.sampling_rate))[None].repeat(2, 1)
-    audio[1] *= 0.5
+    trainer, reference, audio = _twin_trainers(tiny_h)
 
     ref, gen = trainer.codec(audio)
     trainer.generator_half(audio, ref, gen)
@@ -342,12 +348,7 @@ def test_generator_step_gradients_equal_unfrozen_discriminators(tiny_h):
 def test_discriminator_step_loss_and_gradients_by_hand(tiny_h):
     """The D half of a step: hinge losses of real and generated audio, MRD's weighted 0.1, and
     their gradients, against the discriminators called directly on a twin trainer."""
-    torch.manual_seed(0)
-    trainer = train.Trainer(tiny_h, torch.device("cpu"))
-    torch.manual_seed(0)
-    reference = train.Trainer(tiny_h, torch.device("cpu"))
-    audio = torch.from_numpy(tone(tiny_h.segment_size / tiny_h.sampling_rate))[None].repeat(2, 1)
-    audio[1] *= 0.5
+    trainer, reference, audio = _twin_trainers(tiny_h)
     _, gen, loss = trainer.discriminator_half(audio)
 
     def hinge(real, fake):
