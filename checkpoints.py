@@ -261,14 +261,19 @@ def checkpoint_set_bytes(h: AttrDict) -> int:
     return 3 * 4 * sum(p.numel() for m in modules for p in m.parameters())
 
 
+def saved_config_differences(h: AttrDict, path: str, keys: Sequence[str]) -> Tuple[AttrDict, List[str]]:
+    """The config saved at `path` (a run's config.json) and those of `keys` whose values differ from `h`'s."""
+    saved = build_config(read_config_file(path), path)
+    return saved, [k for k in keys if saved[k] != h[k]]
+
+
 def _config_beside(h: AttrDict, checkpoint: str) -> Optional[AttrDict]:
     """`h` with the network keys of the config.json that training wrote beside `checkpoint`,
     or None when there is none or it agrees with `h` already."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
     if not os.path.isfile(path) or os.path.abspath(path) == os.path.abspath(h.source):
         return None
-    beside = build_config(read_config_file(path), path)
-    changed = [k for k in NETWORK_KEYS if beside[k] != h[k]]
+    beside, changed = saved_config_differences(h, path, NETWORK_KEYS)
     if not changed:
         return None
     print(f"note: {h.source} does not describe the network of {checkpoint}; using the network keys "

@@ -21,12 +21,12 @@ import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
+from typing import IO, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 try:
     import fcntl        # POSIX: locks checkpoint_path against a second run
 except ImportError:     # Windows: runs without the lock
     fcntl = None
-from contextlib import contextmanager, nullcontext
-from typing import IO, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,8 +37,8 @@ from torch.utils.tensorboard import SummaryWriter
 import losses
 from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, load_newest_set,
                          load_release_state_dict, newest_complete_step, prune_checkpoints, release_parameters,
-                         release_state_dict, save_checkpoint)
-from config import NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, read_config_file, run_cli, save_config
+                         release_state_dict, save_checkpoint, saved_config_differences)
+from config import NETWORK_KEYS, AttrDict, bitrate, make_parser, run_cli, save_config
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
@@ -325,11 +325,11 @@ class Trainer:
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             return
-        saved = build_config(read_config_file(path), path)
-        changed = [f"{key} {saved[key]} -> {self.h[key]}" for key in RUN_NETWORK_KEYS if saved[key] != self.h[key]]
+        saved, changed = saved_config_differences(self.h, path, RUN_NETWORK_KEYS)
         if changed:
-            raise ValueError(f"{path} describes another network than this config ({'; '.join(changed)}): resume "
-                             f"with the run's own values, or give a new checkpoint_path")
+            listed = "; ".join(f"{key} {saved[key]} -> {self.h[key]}" for key in changed)
+            raise ValueError(f"{path} describes another network than this config ({listed}): resume with the run's "
+                             f"own values, or give a new checkpoint_path")
 
     def resume(self) -> None:
         """Load the newest checkpoint set that reads back whole.
