@@ -54,8 +54,8 @@ LOGGED_VALIDATION_ITEMS = 5
 # With the non-finite checks on the device (fused AdamW), the most steps between read-backs:
 # a signal or a run of non-finite losses is acted on within this many steps.
 READ_BACK_STEPS = 10
-# The longest the other processes of a torchrun wait for rank 0 to check the data.
-DATA_CHECK_TIMEOUT = datetime.timedelta(hours=24)
+# The longest the other processes of a torchrun wait for rank 0's host work (see `wait_for_rank0`).
+HOST_WAIT_TIMEOUT = datetime.timedelta(hours=24)
 # The keys that a run's checkpoints must keep: the generator's network and the discriminators'.
 RUN_NETWORK_KEYS = tuple(NETWORK_KEYS) + ("mpd_periods", "mpd_channels", "mrd_resolutions", "mrd_channels")
 
@@ -203,15 +203,32 @@ class StepGraph:
         self.graphs, self.outputs = graphs, (first, second)
 
 
+# Under torchrun, a CPU group whose collectives wait up to HOST_WAIT_TIMEOUT (set by init_distributed).
+_host_group: Optional[dist.ProcessGroup] = None
+
+
 def init_distributed() -> Tuple[int, int]:
     """(rank, world size). Under torchrun this joins the process group (NCCL on GPUs, gloo on
     CPUs) and picks this process's GPU; a plain `python train.py` is rank 0 of 1."""
+    global _host_group
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    _host_group = dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT)
     return rank_and_world_size()
+
+
+def wait_for_rank0() -> None:
+    """Under torchrun, every rank waits here until rank 0 comes.
+
+    Rank 0 alone checks the data, saves and validates, and a new corpus, a long validation
+    list or a slow disk can outlast NCCL's timeout (10 minutes), which would end the job:
+    the others wait in a CPU group that allows HOST_WAIT_TIMEOUT instead.
+    """
+    if distributed():
+        dist.barrier(group=_host_group)
 
 
 def is_main_process() -> bool:
@@ -734,10 +751,9 @@ def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1) -> Tuple[Data
                                    workers=max(1, h.num_workers))
                  for key in ("input_training_wav_list", "input_validation_wav_list")]
     if world_size > 1:
-        # The other ranks wait here while rank 0 reads a new corpus, which can outlast NCCL's
-        # timeout (10 minutes): the lists go through a CPU group that waits as long as needed.
-        # (torchrun stops every rank if rank 0 fails meanwhile.)
-        dist.broadcast_object_list(lists, src=0, group=dist.new_group(backend="gloo", timeout=DATA_CHECK_TIMEOUT))
+        # The other ranks wait here while rank 0 reads the lists (see `wait_for_rank0`);
+        # torchrun stops every rank if rank 0 fails meanwhile.
+        dist.broadcast_object_list(lists, src=0, group=_host_group)
     train_files, valid_files = lists
     if len(train_files) < h.batch_size * world_size:
         raise ValueError(f"{h.input_training_wav_list} has {len(train_files)} usable files, fewer than "
@@ -786,7 +802,8 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
     """The interval work after a step: stdout, checkpoint, TensorBoard, validation.
 
     Every rank calls it: logged values are averaged over ranks, and rank 0 (the one with a
-    writer) prints, logs, saves and validates. Returns whether a checkpoint set was written.
+    writer) prints, logs, saves and validates while the others wait. Returns whether a
+    checkpoint set was written.
     """
     h, steps = trainer.h, trainer.steps
     printing, summary = steps % h.stdout_interval == 0, steps % h.summary_interval == 0
@@ -802,30 +819,32 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
     # Every rank reads back on the same steps, so that they agree in `should_stop` together.
     if printing or summary or saved or steps % READ_BACK_STEPS == 0:
         trainer.read_back_checks(steps)
-    if writer is None:
-        return saved
-    # .item() waits for the GPU, so values are read only on logging steps.
-    if printing:
-        values = {name: value.item() for name, value in terms.items()}
-        print(f"Steps {steps:d}: {format_terms(values)}, s/b {time.time() - step_start:.3f}")
-    if saved:
-        trainer.save(steps, epoch)
-    if health is not None:
-        for name, value in terms.items():
-            writer.add_scalar(f"Training/{name}", value.item(), steps)
-        writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
-        writer.add_scalar("Training/nonfinite_steps", trainer.nonfinite_total, steps)
-        if trainer.scaler_g.is_enabled():
-            # fp16's scalers skip the updates whose gradients overflow, and halve the scale
-            # then: a falling scale shows skipped updates, which nonfinite_steps does not count.
-            writer.add_scalar("Training/loss_scale_G", trainer.scaler_g.get_scale(), steps)
-            writer.add_scalar("Training/loss_scale_D", trainer.scaler_d.get_scale(), steps)
-        for name, per_codebook in health.items():
-            for i, value in enumerate(per_codebook.tolist()):
-                writer.add_scalar(f"Codebook/{name}_{i}", value, steps)
-    if steps % h.validation_interval == 0:
-        means = trainer.validate(valid_loader, writer)
-        print(f"Validation at step {steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    validating = steps % h.validation_interval == 0
+    if writer is not None:
+        # .item() waits for the GPU, so values are read only on logging steps.
+        if printing:
+            values = {name: value.item() for name, value in terms.items()}
+            print(f"Steps {steps:d}: {format_terms(values)}, s/b {time.time() - step_start:.3f}")
+        if saved:
+            trainer.save(steps, epoch)
+        if health is not None:
+            for name, value in terms.items():
+                writer.add_scalar(f"Training/{name}", value.item(), steps)
+            writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
+            writer.add_scalar("Training/nonfinite_steps", trainer.nonfinite_total, steps)
+            if trainer.scaler_g.is_enabled():
+                # fp16's scalers skip the updates whose gradients overflow, and halve the scale
+                # then: a falling scale shows skipped updates, which nonfinite_steps does not count.
+                writer.add_scalar("Training/loss_scale_G", trainer.scaler_g.get_scale(), steps)
+                writer.add_scalar("Training/loss_scale_D", trainer.scaler_d.get_scale(), steps)
+            for name, per_codebook in health.items():
+                for i, value in enumerate(per_codebook.tolist()):
+                    writer.add_scalar(f"Codebook/{name}_{i}", value, steps)
+        if validating:
+            means = trainer.validate(valid_loader, writer)
+            print(f"Validation at step {steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    if saved or validating:
+        wait_for_rank0()
     return saved
 
 
@@ -844,6 +863,8 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
             lock.close()
         if distributed():
             dist.destroy_process_group()
+            global _host_group
+            _host_group = None
 
 
 def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: int) -> Trainer:
@@ -869,7 +890,10 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
         say(f"Nothing to train: the run in {h.checkpoint_path} has finished {start_epoch} epochs "
             f"(training_epochs = {h.training_epochs}); raise training_epochs to continue")
         return trainer
-    writing = SummaryWriter(os.path.join(h.checkpoint_path, "logs")) if is_main_process() else nullcontext()
+    # TensorBoard hides what an earlier process logged from this step on: the steps that a
+    # stopped or crashed run took after its last checkpoint are trained, and logged, again.
+    writing = (SummaryWriter(os.path.join(h.checkpoint_path, "logs"), purge_step=trainer.steps)
+               if is_main_process() else nullcontext())
     with writing as writer, stop_requests() as request:
         try:
             run_epochs(trainer, start_epoch, train_loader, valid_loader, writer, request)
@@ -904,8 +928,7 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
     """The loop over epochs and steps. A stop request or too many non-finite losses in a row
     save a set at the last finished step and end the process with one line."""
     h = trainer.h
-    first_step = trainer.steps
-    last_saved = first_step - 1
+    last_saved = trainer.steps - 1
     for epoch in range(start_epoch, h.training_epochs):
         epoch_start = time.time()
         say(f"Epoch: {epoch + 1}")
@@ -922,8 +945,7 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
                 step = trainer.steps - 1
                 if step > last_saved and is_main_process():
                     trainer.save(step, epoch)
-                if distributed():
-                    dist.barrier()
+                wait_for_rank0()
                 where = checkpoint_file(h.checkpoint_path, "do", step)
                 if reason == "signal":
                     signum = request.get("signal", signal.SIGTERM)
@@ -937,14 +959,14 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
         trainer.position = 0
         say(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
     # Keep the final weights even when the run ends between checkpoint intervals, and mark the
-    # run finished even when its last step was just saved (that set is written again): the
+    # run finished even when its last step was just saved (that set is written again), also
+    # when a run stopped between that save and this one has had no step left to train: the
     # epoch stored is the number of finished epochs, so restarting a finished run trains
     # nothing and raising training_epochs continues with the next epoch.
-    if trainer.steps > first_step and is_main_process():
+    if is_main_process():
         trainer.save(trainer.steps - 1, h.training_epochs)
-    if distributed():
-        # No rank leaves (and tears down the group) while rank 0 still writes.
-        dist.barrier()
+    # No rank leaves (and tears down the group) while rank 0 still writes.
+    wait_for_rank0()
 
 
 def main(argv: Optional[List[str]] = None) -> None:

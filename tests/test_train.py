@@ -558,6 +558,34 @@ def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_p
             assert value == pytest.approx(printed[name], rel=1e-5, abs=2e-3), name
 
 
+def test_torchrun_ranks_wait_for_rank_0s_validation_beyond_the_process_group_timeout(tmp_path):
+    """Rank 0 validates alone, here for longer than the default group's timeout (3 s, as NCCL's
+    10 minutes would be to a long validation list): the other rank waits without failing."""
+    import subprocess
+    import sys
+    settings = dict(_clips(tmp_path, 4), batch_size=2, training_epochs=1, checkpoint_path=str(tmp_path / "ddp"))
+    save_config(make_config(**settings), str(tmp_path / "ddp.json"))
+    slow = _WORKER.format(root=os.path.dirname(os.path.dirname(__file__))).replace("import train\n", """import train
+import datetime, time
+import torch.distributed as dist
+init_process_group = dist.init_process_group
+dist.init_process_group = lambda *args, **kwargs: init_process_group(
+    *args, timeout=datetime.timedelta(seconds=3), **kwargs)
+validate = train.Trainer.validate
+def slow_validate(*args):
+    time.sleep(8)
+    return validate(*args)
+train.Trainer.validate = slow_validate
+""")
+    (tmp_path / "worker.py").write_text(slow)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "worker.py"), str(tmp_path / "ddp.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Validation at step 0:" in run.stdout and os.path.exists(tmp_path / "ddp" / "rank1.pt")
+
+
 def _batch(h):
     audio = torch.from_numpy(tone(h.segment_size / h.sampling_rate))[None].repeat(2, 1)
     audio[1] *= 0.5
@@ -747,6 +775,52 @@ def test_an_exception_says_where_the_last_complete_set_is(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert f"Training failed at step 2; the last complete checkpoint set is " \
            f"{os.path.join(h.checkpoint_path, 'do_00000001')}" in err
+
+
+def test_a_run_stopped_just_before_its_final_save_is_marked_finished_on_restart(tmp_path, monkeypatch, capsys):
+    """The last step (3) is also an interval checkpoint: a run stopped after that save and
+    before the final one has nothing left to train, and the restart still marks it finished."""
+    h = _setup(tmp_path)
+    real_save = train.Trainer.save
+
+    def stopped_at_final_save(self, step, epoch):
+        if epoch == h.training_epochs:
+            raise KeyboardInterrupt
+        real_save(self, step, epoch)
+    monkeypatch.setattr(train.Trainer, "save", stopped_at_final_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(h, torch.device("cpu"))
+    do_path = os.path.join(h.checkpoint_path, "do_00000003")
+    assert torch.load(do_path, weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(train.Trainer, "save", real_save)
+    assert train.train(h, torch.device("cpu")).steps == 4
+    do = torch.load(do_path, weights_only=False)
+    assert do["epoch"] == 2 and do["position"] == 0
+    assert do["optim_g"]["param_groups"][0]["lr"] == pytest.approx(h.learning_rate * h.lr_decay ** 2, rel=1e-9)
+    capsys.readouterr()
+    train.train(h, torch.device("cpu"))
+    assert "Nothing to train: the run in" in capsys.readouterr().out
+
+
+def test_tensorboard_shows_each_step_once_after_a_crash_and_resume(tmp_path, monkeypatch):
+    """Steps 4 and 5 come after the last checkpoint (3): logged by the crashed run, trained
+    and logged again by the resumed one, which hides the first run's from step 4 on."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    h = _setup(tmp_path, training_epochs=4, validation_interval=100)
+    real_step = train.Trainer.train_step
+
+    def crash_at_step_6(self, audio, **options):
+        if self.steps == 6:
+            raise RuntimeError("crash (injected)")
+        return real_step(self, audio, **options)
+    monkeypatch.setattr(train.Trainer, "train_step", crash_at_step_6)
+    with pytest.raises(RuntimeError, match="injected"):
+        train.train(h, torch.device("cpu"))
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    train.train(h, torch.device("cpu"))
+    events = EventAccumulator(os.path.join(h.checkpoint_path, "logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("Training/G")] == list(range(8))
 
 
 def test_a_signal_stops_one_process_at_once_with_device_checks(tmp_path):
