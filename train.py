@@ -242,6 +242,71 @@ def say(*args: object, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
+class NonFiniteChecks:
+    """Skips the updates whose loss or gradient is not finite, and counts the steps that had one.
+
+    Checking a value at once reads it back, a wait for the GPU twice a step. Fused AdamW can
+    skip an update on the device instead (its found_inf), so with it (`deferred`) the flags stay
+    there and are read back on logging and checkpoint steps, and at least every
+    READ_BACK_STEPS. Under fp16 the gradient scaler sets found_inf itself, so there the values
+    are read back each step.
+    """
+
+    def __init__(self, deferred: bool, device: torch.device):
+        self.deferred = deferred
+        # Non-finite steps in a row up to the last step read back, and in the whole run.
+        self.streak = self.total = 0
+        # Whether `streak` and `total` include the last step trained.
+        self.read = True
+        self._step_finite = True
+        # Deferred: this step's finite flags; the streak up to the last step and the non-finite
+        # steps since the last read-back.
+        self._flags: List[torch.Tensor] = []
+        self._pending = torch.zeros(2, device=device)
+
+    def allow(self, value: torch.Tensor, name: str, optimizer: torch.optim.Optimizer, step: int) -> bool:
+        """Whether to step `optimizer` after `value` (its loss, or loss + gradient norm). Where
+        it is not finite (on any rank) the update is skipped on every rank, so the ranks keep
+        equal weights: here, with a report, or with deferred checks by the fused kernels."""
+        finite = torch.isfinite(value.detach()).float()
+        if distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if self.deferred:
+            optimizer.found_inf = 1 - finite
+            self._flags.append(finite)
+            return True
+        if finite.item():
+            return True
+        say(f"warning: non-finite {name} loss or gradient at step {step}; its update is skipped")
+        self._step_finite = False
+        return False
+
+    def end_step(self) -> None:
+        """Count the step whose updates `allow` has just decided."""
+        if self.deferred:
+            nonfinite = 1 - torch.stack(self._flags).amin()
+            self._pending = torch.stack([(self._pending[0] + 1) * nonfinite, self._pending[1] + nonfinite])
+            self._flags.clear()
+            self.read = False
+        else:
+            self.streak = 0 if self._step_finite else self.streak + 1
+            self.total += not self._step_finite
+            self._step_finite = True
+
+    def read_back(self, step: int) -> None:
+        """With deferred checks, bring the counts up to `step` (the last one trained) to the
+        host, a wait for the GPU, and report any new non-finite steps."""
+        if self.read:
+            return
+        streak, count = (int(v) for v in self._pending.tolist())
+        self._pending[1] = 0
+        self.streak, self.read = streak, True
+        if count:
+            self.total += count
+            say(f"warning: {count} of the steps up to step {step} had a non-finite loss or gradient; "
+                f"their updates were skipped")
+
+
 class Trainer:
     """Models, optimizers and schedulers of one run, with the release's parameter order.
 
@@ -268,20 +333,7 @@ class Trainer:
         self.distiller = Distiller(h, self.encoder, self.decoder, device) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on.
         self.position = 0
-        # Consecutive and total steps whose loss was not finite (their updates were skipped).
-        self.nonfinite_streak = self.nonfinite_total = 0
-        self.step_finite = True
-        # Checking a loss for NaN or Inf at once reads it back, a wait for the GPU twice a step.
-        # Fused AdamW can skip an update on the device instead (its found_inf), so with it the
-        # checks stay there and are read back on logging and checkpoint steps, and at least
-        # every READ_BACK_STEPS. Under fp16 the gradient scaler sets found_inf itself, so there
-        # the losses are read back each step.
-        self.deferred_checks = h.fused_adamw and h.mixed_precision != "fp16"
-        self.checks_read = True
-        # Deferred: this step's finite flags; the non-finite steps in a row up to the last step
-        # and the non-finite steps since the last read-back.
-        self.step_checks: List[torch.Tensor] = []
-        self.pending = torch.zeros(2, device=device)
+        self.nonfinite = NonFiniteChecks(h.fused_adamw and h.mixed_precision != "fp16", device)
 
         half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[h.mixed_precision]
         # A recorded step must cast the weights inside the recording, not reuse casts cached
@@ -392,7 +444,7 @@ class Trainer:
             self.scheduler_g.load_state_dict(state["scheduler_g"])
             self.scheduler_d.load_state_dict(state["scheduler_d"])
             set_random_states(state["random_states"])
-            self.nonfinite_total = state["nonfinite_total"]
+            self.nonfinite.total = state["nonfinite_total"]
             self.position = self._resumed_position(state)
         else:
             # As the release does: schedulers built at the saved epoch (which decays the loaded
@@ -444,7 +496,7 @@ class Trainer:
         """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists.
         Then delete the sets before the newest `keep_last_checkpoints` (see `prune_checkpoints`)."""
         folder = self.h.checkpoint_path
-        self.read_back_checks(step)
+        self.nonfinite.read_back(step)
         save_checkpoint(checkpoint_file(folder, "encoder", step), {"encoder": release_state_dict(self.encoder)})
         save_checkpoint(checkpoint_file(folder, "decoder", step), {"decoder": release_state_dict(self.decoder)})
         state = {"mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
@@ -454,7 +506,7 @@ class Trainer:
                  "position": self.position, "epoch_items": self.position * self._items_per_step(),
                  "scheduler_g": self.scheduler_g.state_dict(),
                  "scheduler_d": self.scheduler_d.state_dict(), "random_states": random_states(),
-                 "nonfinite_total": self.nonfinite_total}
+                 "nonfinite_total": self.nonfinite.total}
         if self.scaler_g.is_enabled():
             state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
         save_checkpoint(checkpoint_file(folder, "do", step), state)
@@ -487,7 +539,7 @@ class Trainer:
         # A finite loss can have an infinite gradient (an overflow, atan2's at (0, 0)), which
         # would write NaN into every weight. fp16's scaler skips those steps itself.
         check = loss.detach() if scaler.is_enabled() else loss.detach() + norm
-        if not self._finite(check, name, optimizer):
+        if not self.nonfinite.allow(check, name, optimizer, self.steps):
             return {}
         scaler.step(optimizer)
         scaler.update()
@@ -544,23 +596,6 @@ class Trainer:
             self.scaler_g.scale(terms["G"]).backward()
         return terms
 
-    def _finite(self, loss: torch.Tensor, name: str, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether to step `optimizer` after `loss`. Where the loss is not finite (on any rank)
-        the update is skipped on every rank, so the ranks keep equal weights: here, with a
-        report, or with deferred checks by the fused kernels, counted for `read_back_checks`."""
-        finite = torch.isfinite(loss.detach()).float()
-        if distributed():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if self.deferred_checks:
-            optimizer.found_inf = 1 - finite
-            self.step_checks.append(finite)
-            return True
-        if finite.item():
-            return True
-        say(f"warning: non-finite {name} loss or gradient at step {self.steps}; its update is skipped")
-        self.step_finite = False
-        return False
-
     def count_codes(self, codes: torch.Tensor) -> None:
         """Add codes (B, n_codebooks, T') to `code_counts`. index_add_ rather than bincount,
         whose CUDA version reads the largest code back to the host."""
@@ -578,19 +613,14 @@ class Trainer:
             terms = self.step_graph(audio, want_norms)
         else:
             terms = self.device_step(audio.to(self.device, non_blocking=True), want_norms)
-        if self.deferred_checks:
-            self.checks_read = False
-        else:
-            self.nonfinite_streak = 0 if self.step_finite else self.nonfinite_streak + 1
-            self.nonfinite_total += not self.step_finite
+        self.nonfinite.end_step()
         return terms
 
     def device_step(self, audio: torch.Tensor, want_norms: bool, halves: Optional[Tuple[Callable, Callable]] = None
                     ) -> Dict[str, torch.Tensor]:
         """The step's work on the device, audio (B, L) already there. `halves` replace
         `discriminator_half` and `generator_half` (a recorded step replays them); the updates
-        between and after them run here. Without deferred checks it reads each loss's
-        finiteness back (`step_finite`)."""
+        between and after them run here, each decided by `nonfinite.allow`."""
         first, second = halves or (self.discriminator_half, self.generator_half)
         if self.compiled:
             # With CUDA graphs (compile modes reduce-overhead and max-autotune) a step holds
@@ -598,7 +628,6 @@ class Trainer:
             # marking the step's start keeps the encoder's and decoder's outputs alive until
             # the generator's backward. Without CUDA graphs this only counts steps.
             torch.compiler.cudagraph_mark_step_begin()
-        self.step_finite = True
         self.phase_done("data")
         ref, gen, loss_d = first(audio)
         terms_d = {"D": loss_d, **self.update("D", loss_d, want_norms)}
@@ -608,24 +637,7 @@ class Trainer:
         terms.update(self.update("G", terms["G"], want_norms))
         self.phase_done("optimizer")
         terms.update(terms_d)
-        if self.deferred_checks:
-            nonfinite = 1 - torch.stack(self.step_checks).amin()
-            self.pending = torch.stack([(self.pending[0] + 1) * nonfinite, self.pending[1] + nonfinite])
-            self.step_checks.clear()
         return {name: value.detach() for name, value in terms.items()}
-
-    def read_back_checks(self, step: int) -> None:
-        """With deferred checks, bring the non-finite step counts up to `step` (the last one
-        trained) to the host, a wait for the GPU, and report any new ones."""
-        if self.checks_read:
-            return
-        streak, count = (int(v) for v in self.pending.tolist())
-        self.pending[1] = 0
-        self.nonfinite_streak, self.checks_read = streak, True
-        if count:
-            self.nonfinite_total += count
-            say(f"warning: {count} of the steps up to step {step} had a non-finite loss or gradient; "
-                f"their updates were skipped")
 
     @torch.no_grad()
     def validate(self, loader: DataLoader, writer: SummaryWriter) -> Dict[str, float]:
@@ -818,7 +830,7 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
     saved = steps % h.checkpoint_interval == 0 and steps != 0
     # Every rank reads back on the same steps, so that they agree in `should_stop` together.
     if printing or summary or saved or steps % READ_BACK_STEPS == 0:
-        trainer.read_back_checks(steps)
+        trainer.nonfinite.read_back(steps)
     validating = steps % h.validation_interval == 0
     if writer is not None:
         # .item() waits for the GPU, so values are read only on logging steps.
@@ -831,7 +843,7 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
             for name, value in terms.items():
                 writer.add_scalar(f"Training/{name}", value.item(), steps)
             writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
-            writer.add_scalar("Training/nonfinite_steps", trainer.nonfinite_total, steps)
+            writer.add_scalar("Training/nonfinite_steps", trainer.nonfinite.total, steps)
             if trainer.scaler_g.is_enabled():
                 # fp16's scalers skip the updates whose gradients overflow, and halve the scale
                 # then: a falling scale shows skipped updates, which nonfinite_steps does not count.
@@ -911,11 +923,11 @@ def should_stop(trainer: Trainer, request: Dict[str, int]) -> Optional[str]:
     in a row, else None. Under torchrun the ranks agree (a signal may reach only some of them).
     With deferred checks the ranks of a torchrun wait for their next read-back (see
     `log_and_checkpoint`); one process reads back at once when a signal came."""
-    if not trainer.checks_read:
+    if not trainer.nonfinite.read:
         if distributed() or not request:
             return None
-        trainer.read_back_checks(trainer.steps - 1)
-    flags = [bool(request), trainer.nonfinite_streak >= trainer.h.max_nonfinite_steps]
+        trainer.nonfinite.read_back(trainer.steps - 1)
+    flags = [bool(request), trainer.nonfinite.streak >= trainer.h.max_nonfinite_steps]
     if distributed():
         agreed = torch.tensor(flags, dtype=torch.float32, device=trainer.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -952,7 +964,7 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
                     say(f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint set saved "
                         f"({where}). Run the same command to resume.")
                     raise SystemExit(128 + signum)
-                raise SystemExit(f"error: {trainer.nonfinite_streak} steps in a row had a non-finite loss or "
+                raise SystemExit(f"error: {trainer.nonfinite.streak} steps in a row had a non-finite loss or "
                                  f"gradient; stopped after step {step}, the last finite state is saved ({where})")
         trainer.scheduler_g.step()
         trainer.scheduler_d.step()

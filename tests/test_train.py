@@ -211,7 +211,7 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, 
                checkpoint_interval=100, fused_adamw=fused, stdout_interval=stdout_interval,
                summary_interval=stdout_interval)
     trainer = train.Trainer(h, torch.device("cpu"))
-    assert trainer.deferred_checks == fused
+    assert trainer.nonfinite.deferred == fused
     real_codec = train.Trainer.codec
     calls = {"n": 0}
 
@@ -830,8 +830,8 @@ def test_a_signal_stops_one_process_at_once_with_device_checks(tmp_path):
     trainer = train.Trainer(h, torch.device("cpu"))
     trainer.resume()
     trainer.train_step(_batch(h))
-    assert not trainer.checks_read and train.should_stop(trainer, {}) is None and not trainer.checks_read
-    assert train.should_stop(trainer, {"signal": signal.SIGTERM}) == "signal" and trainer.checks_read
+    assert not trainer.nonfinite.read and train.should_stop(trainer, {}) is None and not trainer.nonfinite.read
+    assert train.should_stop(trainer, {"signal": signal.SIGTERM}) == "signal" and trainer.nonfinite.read
 
 
 # Operations that make the host wait for the device (the host needs their result) or bring
