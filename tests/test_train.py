@@ -761,17 +761,23 @@ def test_optimizer_kernels_keep_the_numbers(tiny_h):
         assert torch.allclose(a, c, rtol=0, atol=1e-5)
 
 
-def test_an_exception_says_where_the_last_complete_set_is(tmp_path, monkeypatch, capsys):
-    h = _setup(tmp_path, training_epochs=3, checkpoint_interval=1, validation_interval=100)
+def _train_failing_at(h, monkeypatch, step):
+    """Run train.py's loop on h with a step that raises when it comes to `step`; then the real step again."""
     real_step = train.Trainer.train_step
 
     def failing_step(self, audio, **options):
-        if self.steps == 2:
+        if self.steps == step:
             raise RuntimeError("out of memory (injected)")
         return real_step(self, audio, **options)
     monkeypatch.setattr(train.Trainer, "train_step", failing_step)
     with pytest.raises(RuntimeError, match="injected"):
         train.train(h, torch.device("cpu"))
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+
+
+def test_an_exception_says_where_the_last_complete_set_is(tmp_path, monkeypatch, capsys):
+    h = _setup(tmp_path, training_epochs=3, checkpoint_interval=1, validation_interval=100)
+    _train_failing_at(h, monkeypatch, 2)
     err = capsys.readouterr().err
     assert f"Training failed at step 2; the last complete checkpoint set is " \
            f"{os.path.join(h.checkpoint_path, 'do_00000001')}" in err
@@ -807,16 +813,7 @@ def test_tensorboard_shows_each_step_once_after_a_crash_and_resume(tmp_path, mon
     and logged again by the resumed one, which hides the first run's from step 4 on."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     h = _setup(tmp_path, training_epochs=4, validation_interval=100)
-    real_step = train.Trainer.train_step
-
-    def crash_at_step_6(self, audio, **options):
-        if self.steps == 6:
-            raise RuntimeError("crash (injected)")
-        return real_step(self, audio, **options)
-    monkeypatch.setattr(train.Trainer, "train_step", crash_at_step_6)
-    with pytest.raises(RuntimeError, match="injected"):
-        train.train(h, torch.device("cpu"))
-    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    _train_failing_at(h, monkeypatch, 6)
     train.train(h, torch.device("cpu"))
     events = EventAccumulator(os.path.join(h.checkpoint_path, "logs"))
     events.Reload()
