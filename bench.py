@@ -1,7 +1,7 @@
 """Measure training and inference speed and memory; prints JSON lines, one per measurement.
 
     python bench.py [--suite step|train|inference|traffic|all] [--precisions float32,bf16,bf16+compile]
-                    [--steps N] [--train_steps N] [--clips S ...] [--inference_precisions LIST] [--batch N]
+                    [--steps N] [--train_steps N] [--train_seconds S] [--clips S ...] [--inference_precisions LIST] [--batch N]
                     [--stream_chunk_ms MS ...] [--config config.json] [--KEY VALUE ...]
 
 --suite step (default): training steps of the config's model on a fixed synthetic batch,
@@ -17,7 +17,8 @@ the host still issues besides the replays: the updates and checks). Then paramet
 --suite train: `train.py` itself, end to end with its DataLoader, on wav files generated
 in a temporary folder, for --train_steps steps per configuration: seconds per step over
 the epochs after the first (which holds compilation and the step-0 validation) and the
-mean loss terms per 50 steps, to compare the curves of the configurations.
+mean loss terms per 50 steps, to compare the curves of the configurations. --train_seconds
+stops each run after that long (it saves, as after Ctrl-C) and reports the steps reached.
 
 --suite inference: first the floor, the model's FLOPs per second of audio (torch's FLOP
 counter, encode + decode) over the machine's float32 rate for a 2048 x 2048 matrix product
@@ -48,10 +49,12 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -363,8 +366,11 @@ def write_dataset(folder: str, n_files: int, seconds: float, sr: int) -> None:
         f.write("\n".join(names[:2]) + "\n")
 
 
-def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: int) -> dict:
-    """Run `python train.py` on the dataset in `folder`; s/step after the first epoch and loss curves."""
+def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: int,
+                       seconds: Optional[float] = None) -> dict:
+    """Run `python train.py` on the dataset in `folder`; s/step after the first epoch and loss
+    curves. After `seconds`, train.py is stopped as a user would (SIGTERM: it saves and exits),
+    and the record covers the steps it reached."""
     run_folder = tempfile.mkdtemp(dir=folder)
     settings = dict(h, input_training_wav_list=os.path.join(folder, "train.txt"),
                     input_validation_wav_list=os.path.join(folder, "valid.txt"),
@@ -376,6 +382,15 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     process = subprocess.Popen([sys.executable, script, "--config", config_path],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fired = threading.Event()
+
+    def stop_run() -> None:
+        fired.set()
+        process.terminate()
+    timer = threading.Timer(seconds, stop_run) if seconds else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     epoch_seconds, logged = [], {}
     for line in process.stdout:
         print("  " + line.rstrip(), file=sys.stderr, flush=True)
@@ -386,16 +401,22 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
         match = re.match(r"Time taken for epoch \d+ is ([\d.]+) s", line)
         if match:
             epoch_seconds.append(float(match.group(1)))
-    if process.wait():
-        raise RuntimeError(f"train.py exited with status {process.returncode}")
+    status = process.wait()
+    if timer is not None:
+        timer.cancel()
+    stopped = fired.is_set() and status == 128 + signal.SIGTERM
+    if status and not stopped:
+        raise RuntimeError(f"train.py exited with status {status}")
     curve = {}
     for start in range(0, steps_per_epoch * epochs, CURVE_WINDOW):
         window = [logged[s] for s in logged if start <= s < start + CURVE_WINDOW]
-        curve[f"{start}-{start + CURVE_WINDOW - 1}"] = {
-            name: round(float(np.mean([w[name] for w in window])), 4) for name in ("G", "D", "Mel", "A", "IP")}
+        if window:
+            curve[f"{start}-{start + CURVE_WINDOW - 1}"] = {
+                name: round(float(np.mean([w[name] for w in window])), 4) for name in ("G", "D", "Mel", "A", "IP")}
     later = epoch_seconds[1:]
-    return {"batch_size": h.batch_size, "steps": steps_per_epoch * epochs,
-            "first_epoch_s": round(epoch_seconds[0], 1),
+    reached = {"stopped_after_s": seconds, "last_logged_step": max(logged, default=None)} if stopped else {}
+    return {"batch_size": h.batch_size, "steps": steps_per_epoch * epochs, **reached,
+            "first_epoch_s": round(epoch_seconds[0], 1) if epoch_seconds else None,
             "s_per_step_after_first_epoch": round(sum(later) / (len(later) * steps_per_epoch), 4) if later else None,
             "loss_means_per_50_steps": curve}
 
@@ -508,6 +529,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise ValueError(f"--{option} must be at least 1, got {value}")
+    if args.train_seconds is not None and not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
+        raise ValueError(f"--train_seconds must be a positive number of seconds, got {args.train_seconds:g}")
     for option, unit in (("clips", "seconds"), ("file_seconds", "seconds"), ("stream_chunk_ms", "milliseconds")):
         bad = [v for v in getattr(args, option) if not (math.isfinite(v) and v > 0)]
         if bad:
@@ -561,7 +584,7 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
                 print(f"train.py with {label}, {steps_per_epoch * epochs} steps:", file=sys.stderr, flush=True)
                 try:
                     emit({"bench": "train.py", "config": label, **common,
-                          **bench_train_script(hc, folder, steps_per_epoch, epochs)})
+                          **bench_train_script(hc, folder, steps_per_epoch, epochs, args.train_seconds)})
                 except Exception as e:
                     emit({"bench": "train.py", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
     if args.stream_chunk_ms:
@@ -588,6 +611,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                                                                    "(default 2)")
     parser.add_argument("--train_steps", type=int, default=300, help="train.py steps per configuration (--suite train) "
                                                                           "(default 300)")
+    parser.add_argument("--train_seconds", type=float, help="stop each configuration's train.py after this many "
+                                                            "seconds, as Ctrl-C would, and report the steps it "
+                                                            "reached (--suite train) (default: no limit)")
     parser.add_argument("--clip_seconds", type=float, default=10.0, help="length of the streamed clip (default 10)")
     parser.add_argument("--clips", type=float, nargs="+", default=[1.0, 10.0, 60.0],
                         help="inference clip lengths in seconds (--suite inference) (default 1 10 60)")

@@ -225,7 +225,9 @@ def wait_for_rank0() -> None:
 
     Rank 0 alone checks the data, saves and validates, and a new corpus, a long validation
     list or a slow disk can outlast NCCL's timeout (10 minutes), which would end the job:
-    the others wait in a CPU group that allows HOST_WAIT_TIMEOUT instead.
+    the others wait in a CPU group that allows HOST_WAIT_TIMEOUT instead. Rank 0 waits there
+    for the others too, so a rank that hangs (one that dies ends the job at once through
+    torchrun) holds the job up to that long at these points.
     """
     if distributed():
         dist.barrier(group=_host_group)
@@ -281,8 +283,11 @@ class NonFiniteChecks:
         self._step_finite = False
         return False
 
+    def start_step(self) -> None:
+        self._step_finite = True
+
     def end_step(self) -> None:
-        """Count the step whose updates `allow` has just decided."""
+        """Count the step whose updates `allow` has decided since `start_step`."""
         if self.deferred:
             nonfinite = 1 - torch.stack(self._flags).amin()
             self._pending = torch.stack([(self._pending[0] + 1) * nonfinite, self._pending[1] + nonfinite])
@@ -291,7 +296,6 @@ class NonFiniteChecks:
         else:
             self.streak = 0 if self._step_finite else self.streak + 1
             self.total += not self._step_finite
-            self._step_finite = True
 
     def read_back(self, step: int) -> None:
         """With deferred checks, bring the counts up to `step` (the last one trained) to the
@@ -628,6 +632,7 @@ class Trainer:
             # marking the step's start keeps the encoder's and decoder's outputs alive until
             # the generator's backward. Without CUDA graphs this only counts steps.
             torch.compiler.cudagraph_mark_step_begin()
+        self.nonfinite.start_step()
         self.phase_done("data")
         ref, gen, loss_d = first(audio)
         terms_d = {"D": loss_d, **self.update("D", loss_d, want_norms)}

@@ -38,6 +38,7 @@ def test_inference_names_set_precision_and_compile():
     (["--batch", "-1"], "--batch must be at least 1, got -1"),
     (["--clips", "10", "0"], "--clips takes positive numbers of seconds, got 0"),
     (["--stream_chunk_ms", "nan"], "--stream_chunk_ms takes positive numbers of milliseconds, got nan"),
+    (["--train_seconds", "0"], "--train_seconds must be a positive number of seconds, got 0"),
     (["--suite", "inference", "--inference_precisions", "float33"], "'float33' is not one of"),
 ])
 def test_bad_arguments_exit_in_one_line_before_measuring(argv, message, capsys):
@@ -63,6 +64,45 @@ def test_training_bench_reports_every_phase():
     # Each sub-discriminator's forward alone issues a reflection pad or an STFT and 6 convolutions.
     n_sub = len(h.mpd_periods) + len(h.mrd_resolutions)
     assert isinstance(result["operations_per_step"], int) and result["operations_per_step"] > 7 * n_sub * 3
+
+
+# Stands in for train.py: prints what train.py prints, then either ends with the given status
+# or trains on until a SIGTERM, which it answers as train.py does (it saves, then exits 143).
+_FAKE_TRAIN = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *args: sys.exit(143))
+for step, g in ((0, 10.0), (10, 8.0), (50, 4.0)):
+    print(f"Steps {step}: G {g}, D 2.0, Mel 1.0, A 3.0, IP 1.5, s/b 0.1", flush=True)
+print("Time taken for epoch 1 is 5.0 s", flush=True)
+if sys.argv[1] == "train on":
+    time.sleep(60)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("ending", ["0", "1", "train on"])
+def test_train_suite_reads_the_curve_and_stops_a_run_at_its_time_limit(tmp_path, monkeypatch, ending):
+    import subprocess
+    import sys
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(_FAKE_TRAIN)
+    popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **options: popen([sys.executable, str(fake), ending],
+                                                                          **options))
+    h = make_config(**TINY)
+    if ending == "1":
+        with pytest.raises(RuntimeError, match="train.py exited with status 1"):
+            bench.bench_train_script(h, str(tmp_path), steps_per_epoch=50, epochs=4, seconds=30)
+        return
+    record = bench.bench_train_script(h, str(tmp_path), steps_per_epoch=50, epochs=4, seconds=1.0)
+    assert record["loss_means_per_50_steps"] == {
+        "0-49": {"G": 9.0, "D": 2.0, "Mel": 1.0, "A": 3.0, "IP": 1.5},
+        "50-99": {"G": 4.0, "D": 2.0, "Mel": 1.0, "A": 3.0, "IP": 1.5}}
+    assert record["first_epoch_s"] == 5.0 and record["s_per_step_after_first_epoch"] is None
+    if ending == "train on":
+        assert record["stopped_after_s"] == 1.0 and record["last_logged_step"] == 50
+    else:
+        assert "stopped_after_s" not in record
 
 
 def test_inference_bench_times_every_precision_and_mode(tiny_h):
