@@ -559,8 +559,9 @@ def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_p
 
 
 def test_torchrun_ranks_wait_for_rank_0s_validation_beyond_the_process_group_timeout(tmp_path):
-    """Rank 0 validates alone, here for longer than the default group's timeout (3 s, as NCCL's
-    10 minutes would be to a long validation list): the other rank waits without failing."""
+    """Rank 0 validates alone, here for 12 s, longer than the default group's timeout of 6 s (as
+    NCCL's 10 minutes would be to a long validation list): the other rank waits without failing.
+    (6 s leaves the ranks' other collectives, which they reach close together, clear of it.)"""
     import subprocess
     import sys
     settings = dict(_clips(tmp_path, 4), batch_size=2, training_epochs=1, checkpoint_path=str(tmp_path / "ddp"))
@@ -570,10 +571,10 @@ import datetime, time
 import torch.distributed as dist
 init_process_group = dist.init_process_group
 dist.init_process_group = lambda *args, **kwargs: init_process_group(
-    *args, timeout=datetime.timedelta(seconds=3), **kwargs)
+    *args, timeout=datetime.timedelta(seconds=6), **kwargs)
 validate = train.Trainer.validate
 def slow_validate(*args):
-    time.sleep(8)
+    time.sleep(12)
     return validate(*args)
 train.Trainer.validate = slow_validate
 """)
