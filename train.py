@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import IO, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 try:
@@ -971,8 +972,12 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
                     raise SystemExit(128 + signum)
                 raise SystemExit(f"error: {trainer.nonfinite.streak} steps in a row had a non-finite loss or "
                                  f"gradient; stopped after step {step}, the last finite state is saved ({where})")
-        trainer.scheduler_g.step()
-        trainer.scheduler_d.step()
+        with warnings.catch_warnings():
+            # torch warns when no optimizer step came before, which is right here: a resumed
+            # epoch with no batch left, or fp16's scaler skipping every update of the epoch.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            trainer.scheduler_g.step()
+            trainer.scheduler_d.step()
         trainer.position = 0
         say(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
     # Keep the final weights even when the run ends between checkpoint intervals, and mark the
