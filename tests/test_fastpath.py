@@ -1,4 +1,5 @@
 """fastpath.py: the reference numbers in float32, batches equal to single clips, reduced precision close."""
+import copy
 import os
 
 import numpy as np
@@ -117,6 +118,43 @@ def test_a_batch_of_different_lengths_equals_one_clip_at_a_time(model):
         assert b["audio"].shape == a["audio"].shape == clip.shape
         assert torch.equal(b["codes"], a["codes"])
         assert (b["audio"] - a["audio"]).abs().max() < TOLERANCE
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device, precision, compile", [
+    ("cpu", "float32", False),
+    pytest.param("cuda", "float32", False, marks=_CUDA),
+    pytest.param("cuda", "bfloat16", False, marks=_CUDA),
+    pytest.param("cuda", "bfloat16", True, marks=_CUDA)])
+def test_padded_batches_on_each_device_equal_the_cpu_clips_alone(model, device, precision, compile):
+    """What a GPU runs for a folder of clips (one padded batch; Triton's kernels when compiled)
+    against the CPU's float32 path one clip at a time: float32 equal up to rounding, bfloat16
+    near it. The CPU case checks the check."""
+    device = torch.device(device)
+    if compile:
+        problem = compile_problem(device)
+        if problem:
+            pytest.skip(problem)
+    h, encoder, decoder = model
+    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 48000, 4801, 1))]
+    expected = FastGenerator(encoder, decoder, h).roundtrip(clips)
+    on_device = [copy.deepcopy(module).to(device) for module in (encoder, decoder)]
+    fast = FastGenerator(*on_device, h, precision, chunk_frames=None, compile=compile)
+    assert fast.compiled == compile
+    got = fast.roundtrip([clip.to(device) for clip in clips])
+    for clip, g, e in zip(clips, got, expected):
+        audio, codes = g["audio"].cpu(), g["codes"].cpu()
+        assert audio.shape == e["audio"].shape == clip.shape and codes.shape == e["codes"].shape
+        if precision == "float32":
+            # Another device's kernels sum in another order: rounding, allowed 10 times the CPU's.
+            assert torch.equal(codes, e["codes"]) and (audio - e["audio"]).abs().max() < 10 * TOLERANCE
+        else:
+            assert (audio - e["audio"]).pow(2).sum() <= 0.1 * e["audio"].pow(2).sum()
+    if precision != "float32":
+        same = torch.cat([(g["codes"].cpu() == e["codes"]).flatten() for g, e in zip(got, expected)])
+        assert same.float().mean() >= 0.95
 
 
 @pytest.mark.parametrize("chunk_frames", [fastpath.CHUNK_FRAMES, None])
