@@ -285,6 +285,7 @@ class NonFiniteChecks:
         return False
 
     def start_step(self) -> None:
+        """A new step: none of its updates skipped yet."""
         self._step_finite = True
 
     def end_step(self) -> None:
@@ -871,6 +872,7 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
 
     Under torchrun every process calls this; it joins the process group and leaves it at the end.
     """
+    global _host_group
     rank, world_size = init_distributed()
     lock = None
     try:
@@ -881,7 +883,6 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
             lock.close()
         if distributed():
             dist.destroy_process_group()
-            global _host_group
             _host_group = None
 
 
