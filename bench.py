@@ -1,8 +1,9 @@
 """Measure training and inference speed and memory; prints JSON lines, one per measurement.
 
     python bench.py [--suite step|train|inference|traffic|all] [--precisions float32,bf16,bf16+compile]
-                    [--steps N] [--train_steps N] [--train_seconds S] [--clips S ...] [--inference_precisions LIST] [--batch N]
-                    [--stream_chunk_ms MS ...] [--config config.json] [--KEY VALUE ...]
+                    [--steps N] [--train_steps N] [--train_seconds S] [--clips S ...]
+                    [--inference_precisions LIST] [--batch N] [--stream_chunk_ms MS ...]
+                    [--config config.json] [--KEY VALUE ...]
 
 --suite step (default): training steps of the config's model on a fixed synthetic batch,
 for each configuration in --precisions (float32, bf16 or fp16, optionally with +compile or

@@ -1,5 +1,7 @@
 """bench.py: configuration names, the phase split and operation count of a training step."""
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,8 +84,6 @@ sys.exit(int(sys.argv[1]))
 
 @pytest.mark.parametrize("ending", ["0", "1", "train on"])
 def test_train_suite_reads_the_curve_and_stops_a_run_at_its_time_limit(tmp_path, monkeypatch, ending):
-    import subprocess
-    import sys
     fake = tmp_path / "fake_train.py"
     fake.write_text(_FAKE_TRAIN)
     popen = subprocess.Popen

@@ -562,8 +562,6 @@ def test_torchrun_ranks_wait_for_rank_0s_validation_beyond_the_process_group_tim
     """Rank 0 validates alone, here for 12 s, longer than the default group's timeout of 6 s (as
     NCCL's 10 minutes would be to a long validation list): the other rank waits without failing.
     (6 s leaves the ranks' other collectives, which they reach close together, clear of it.)"""
-    import subprocess
-    import sys
     settings = dict(_clips(tmp_path, 4), batch_size=2, training_epochs=1, checkpoint_path=str(tmp_path / "ddp"))
     save_config(make_config(**settings), str(tmp_path / "ddp.json"))
     slow = _WORKER.format(root=os.path.dirname(os.path.dirname(__file__))).replace("import train\n", """import train
