@@ -40,6 +40,11 @@ def _clip(length, seed):
     return torch.from_numpy(tone((length + 1) / 48000, seed=seed, f0=110.0 + 20 * seed)[:length])
 
 
+def _clips(*lengths):
+    """Tones of these lengths, each of its own pitch and phase."""
+    return [_clip(n, seed) for seed, n in enumerate(lengths)]
+
+
 def _unlike_clips():
     """Loud white noise, a short quiet sine and a tone: clips whose GRN statistics differ widely,
     of very different lengths, so that a clip in a padded batch pooling another's statistics
@@ -111,7 +116,7 @@ def test_a_batch_of_different_lengths_equals_one_clip_at_a_time(model):
     """The batched forward (a GPU's) pads, masks the padding out of every layer and of GRN's
     pooling, and trims: each clip gets what it gets alone."""
     h, encoder, decoder = model
-    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 48000, 4801, 1))]
+    clips = _clips(30011, 700, 48000, 4801, 1)
     batched = FastGenerator(encoder, decoder, h, chunk_frames=None).roundtrip(clips)
     alone = FastGenerator(encoder, decoder, h).roundtrip(clips)
     for clip, b, a in zip(clips, batched, alone):
@@ -138,7 +143,7 @@ def test_padded_batches_on_each_device_equal_the_cpu_clips_alone(model, device, 
         if problem:
             pytest.skip(problem)
     h, encoder, decoder = model
-    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 48000, 4801, 1))]
+    clips = _clips(30011, 700, 48000, 4801, 1)
     expected = FastGenerator(encoder, decoder, h).roundtrip(clips)
     on_device = [copy.deepcopy(module).to(device) for module in (encoder, decoder)]
     fast = FastGenerator(*on_device, h, precision, chunk_frames=None, compile=compile)
@@ -259,7 +264,7 @@ def test_bfloat16_codec_stays_near_float32_alone_and_batched(model, chunk_frames
     if compile:
         _compiler_or_skip()
     h, encoder, decoder = model
-    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 4801))]
+    clips = _clips(30011, 700, 4801)
     exact = FastGenerator(encoder, decoder, h).roundtrip(clips)
     fast = FastGenerator(encoder, decoder, h, "bfloat16", chunk_frames=chunk_frames, compile=compile)
     for a, e in zip(fast.roundtrip(clips), exact):
@@ -274,7 +279,7 @@ def test_dense_batches_gather_grn_statistics_like_clips_alone(model):
     """The GPU's whole batches gather each clip's GRN sums over its counted samples, as a clip
     alone in chunks does (a long file's windows on a GPU rely on them)."""
     h, encoder, decoder = model
-    clips = [_clip(n, seed) for seed, n in enumerate((30011, 4801, 12000))]
+    clips = _clips(30011, 4801, 12000)
     counted = (1000, 9000)
     batched = FastGenerator(encoder, decoder, h, chunk_frames=None).encoder_statistics(clips, counted)
     chunked = FastGenerator(encoder, decoder, h).encoder_statistics(clips, counted)
@@ -299,7 +304,7 @@ def test_int8_codec_stays_near_float32_alone_and_batched(model, scaled_frames, b
         pytest.skip("8-bit activations need VNNI")
     monkeypatch.setattr(fastpath, "SCALED_FRAMES", scaled_frames)
     h, encoder, decoder = model
-    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 4801))]
+    clips = _clips(30011, 700, 4801)
     exact = FastGenerator(encoder, decoder, h).roundtrip(clips)
     error, agreement, statistics = (0.2, 0.95, 0.05) if bits == 8 else (0.4, 0.9, 0.08)
     alone, batched = (FastGenerator(encoder, decoder, h, "int8", chunk_frames=n)
@@ -446,7 +451,7 @@ def test_compiled_blocks_give_the_uncompiled_outputs(model, chunk_frames):
     its audio; the compiled code really ran."""
     _compiler_or_skip()
     h, encoder, decoder = model
-    clips = [_clip(n, seed) for seed, n in enumerate((30011, 700, 4801))]
+    clips = _clips(30011, 700, 4801)
     exact = FastGenerator(encoder, decoder, h, chunk_frames=chunk_frames).roundtrip(clips)
     fast = FastGenerator(encoder, decoder, h, chunk_frames=chunk_frames, compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
