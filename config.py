@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -58,10 +59,6 @@ def path(v: Any) -> Optional[str]:
     return None if isinstance(v, str) and v else "a non-empty path string"
 
 
-def integer(v: Any) -> Optional[str]:
-    return None if _is_int(v) else "an integer"
-
-
 def positive_int(v: Any) -> Optional[str]:
     return None if _is_int(v) and v > 0 else "a positive integer"
 
@@ -77,6 +74,16 @@ def odd_kernel(v: Any) -> Optional[str]:
 
 def positive_number(v: Any) -> Optional[str]:
     return None if _is_number(v) and v > 0 else "a positive number"
+
+
+def decay(v: Any) -> Optional[str]:
+    # A factor above 1 would grow the learning rate every epoch.
+    return None if _is_number(v) and 0 < v <= 1 else "a number in (0, 1]"
+
+
+def seed(v: Any) -> Optional[str]:
+    # The range torch's generators take.
+    return None if _is_int(v) and -2 ** 63 <= v < 2 ** 64 else "an integer from -2^63 to 2^64 - 1"
 
 
 def beta(v: Any) -> Optional[str]:
@@ -158,8 +165,8 @@ SCHEMA: Tuple[Key, ...] = (
     Key("learning_rate", 0.0002, positive_number, "AdamW learning rate (weight decay: PyTorch default 0.01)"),
     Key("adam_b1", 0.8, beta, "AdamW beta1, in [0, 1)"),
     Key("adam_b2", 0.99, beta, "AdamW beta2, in [0, 1)"),
-    Key("lr_decay", 0.999, positive_number, "ExponentialLR gamma, stepped once per epoch"),
-    Key("seed", 1234, integer, "torch / python seeds and the one-time shuffle of the training list"),
+    Key("lr_decay", 0.999, decay, "ExponentialLR gamma, stepped once per epoch"),
+    Key("seed", 1234, seed, "torch / python seeds and the one-time shuffle of the training list"),
     Key("training_epochs", 3100, positive_int, "epochs (the paper trains about 1M steps)"),
     Key("stdout_interval", 5, positive_int, "steps between stdout lines"),
     Key("checkpoint_interval", 5000, positive_int, "steps between checkpoint sets"),
@@ -262,6 +269,8 @@ def _check_consistency(h: Dict[str, Any]) -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}' ({h[key]!r}) {message}")
 
+    if h["n_fft"] % 2:
+        fail("n_fft", "must be even: the decoder predicts n_fft / 2 + 1 frequency bins")
     if h["win_size"] > h["n_fft"]:
         fail("win_size", f"must be <= n_fft ({h['n_fft']})")
     if h["hop_size"] >= h["win_size"]:
@@ -396,12 +405,15 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
 
 def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
             argv: Optional[Sequence[str]] = None) -> None:
-    """Parse the command line and run job(h, args); bad input exits with one line."""
+    """Parse the command line and run job(h, args); bad input and Ctrl-C exit with one line."""
     try:
         h, args = parse_command_line(parser, argv)
         job(h, args)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def bitrate(h: Dict[str, Any]) -> float:

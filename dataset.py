@@ -40,9 +40,19 @@ def load_audio(path: str, sampling_rate: int) -> np.ndarray:
 
 
 def find_audio_files(folder: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> List[str]:
-    """Paths of the audio files (or of other `extensions`) anywhere under `folder`, sorted."""
-    found = []
-    for root, _, names in os.walk(folder):
+    """Paths of the audio files (or of other `extensions`) anywhere under `folder`, sorted.
+
+    Symbolic links to folders are followed (corpora are often put together from linked
+    speaker folders); a folder already visited, through a link or not, is not walked again,
+    so a link to an ancestor ends instead of looping."""
+    found, visited = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            folders.clear()
+            continue
+        visited.add(real)
+        folders.sort()      # which of two names of one folder is listed must not depend on the disk
         found.extend(os.path.join(root, n) for n in names if n.lower().endswith(tuple(extensions)))
     return sorted(found)
 
@@ -194,7 +204,8 @@ def check_audio_files(paths: List[str], list_path: str, segment_seconds: float, 
             results[path] = cached
     if todo:
         saved = time.monotonic()
-        with ThreadPoolExecutor(max(1, workers)) as pool:
+        pool = ThreadPoolExecutor(max(1, workers))
+        try:
             for path, result in zip(todo, tqdm(pool.map(audio_problem, todo), total=len(todo),
                                                desc=f"checking {os.path.basename(list_path)}", unit="file",
                                                leave=False)):
@@ -203,7 +214,11 @@ def check_audio_files(paths: List[str], list_path: str, segment_seconds: float, 
                 if time.monotonic() - saved > CACHE_SAVE_SECONDS:
                     cache.save()
                     saved = time.monotonic()
-        cache.save()
+        finally:
+            # Also when stopped (Ctrl-C): what was checked is kept, and the files still
+            # queued are not read first.
+            pool.shutdown(cancel_futures=True)
+            cache.save()
     bad = [(path, results[path][0]) for path in paths if results[path][0]]
     if bad and strict:
         raise ValueError(f"{list_path}: {len(bad)} unusable file(s), e.g. {bad[0][0]}: {bad[0][1]} "

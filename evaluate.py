@@ -343,10 +343,13 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     print(report, end="")
     print(f"Wrote metrics.csv, summary.json, report.md and spectrograms.png to {args.output}")
     # References whose headers failed were never paired; in codec mode, those that could not
-    # be read were never decoded.
+    # be read were never decoded (and are the missing ones).
     unread = len(failed) + len(listed) - len(reference) + (len(reference) - len(consistency) if codec else 0)
-    if unread:
-        raise ValueError(f"{unread} file(s) could not be evaluated (listed above)")
+    problems = [f"{unread} file(s) could not be evaluated"] if unread else []
+    if missing and not codec:
+        problems.append(f"{len(missing)} reference file(s) have no decoded file")
+    if problems:
+        raise ValueError("; ".join(problems) + " (listed above); the means are over the rest")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

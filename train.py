@@ -39,7 +39,7 @@ import losses
 from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, load_newest_set,
                          load_release_state_dict, newest_complete_step, prune_checkpoints, release_parameters,
                          release_state_dict, save_checkpoint, saved_config_differences)
-from config import NETWORK_KEYS, AttrDict, bitrate, make_parser, run_cli, save_config
+from config import NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, run_cli, save_config
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
@@ -465,7 +465,8 @@ class Trainer:
     def _apply_config_schedule(self) -> None:
         """After a resume the learning rates and betas go on as saved; lr_decay is the config's
         from here on, as in the release, which builds its schedulers from the config. Says in
-        one line which of those keys the config changes."""
+        one line which of those keys the config changes, and puts the values in effect into
+        `h` (whose copy beside the checkpoints is the run's record)."""
         h, group = self.h, self.optim_g.param_groups[0]
         changed = []
         initial = group.get("initial_lr", group["lr"])
@@ -479,6 +480,8 @@ class Trainer:
             scheduler.gamma = h.lr_decay
         if changed:
             say(f"note: the config differs from the resumed run in {'; '.join(changed)}")
+        self.h = build_config(dict(h, learning_rate=initial, adam_b1=group["betas"][0], adam_b2=group["betas"][1]),
+                              h.source)
 
     def _items_per_step(self) -> int:
         return self.h.batch_size * rank_and_world_size()[1]
@@ -897,7 +900,7 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
     # Written once the checkpoints have loaded into this config's network: the config beside
     # them must keep describing them (inference builds the network from it).
     if is_main_process():
-        save_config(h, os.path.join(h.checkpoint_path, "config.json"))
+        save_config(trainer.h, os.path.join(h.checkpoint_path, "config.json"))
     say(f"Training on {device.type}: {bitrate(h):.0f} bit/s codec, checkpoints and logs in "
         f"{os.path.abspath(h.checkpoint_path)}")
     if world_size > 1:

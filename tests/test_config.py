@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from config import (KEYS, NETWORK_KEYS, SCHEMA, ConfigError, bitrate, build_config, load_config,
-                    make_parser, markdown_table, parse_command_line)
+                    make_parser, markdown_table, parse_command_line, run_cli)
 from conftest import ROOT, default_raw
 
 SCRIPTS = ("train.py", "inference.py", "evaluate.py", "bench.py", "demo.py")
@@ -62,6 +62,9 @@ def test_release_config_without_added_keys_gets_defaults():
     ({"adam_b2": 1.5}, "adam_b2"),
     ({"adam_b1": -0.1}, "adam_b1"),
     ({"learning_rate": 0}, "learning_rate"),
+    ({"lr_decay": 9.99}, "lr_decay"),
+    ({"seed": 2 ** 64}, "seed"),
+    ({"n_fft": 1023}, "n_fft"),
     ({"checkpoint_path": ""}, "checkpoint_path"),
 ])
 def test_bad_values_name_the_key(change, key):
@@ -135,6 +138,15 @@ def test_train_script_reports_bad_config_in_one_line(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "win_size" in result.stderr
+
+
+def test_ctrl_c_exits_with_one_line_and_the_signal_status(tmp_path, capsys):
+    """Ctrl-C where a script does not handle it itself (a long data check, a folder being coded)."""
+    def job(h, args):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(job, make_parser("test"), ["--config", _write(tmp_path, default_raw())])
+    assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

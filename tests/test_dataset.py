@@ -8,8 +8,8 @@ import torch
 
 import dataset
 from conftest import tone, write_tone
-from dataset import (AudioDataset, DataCheckCache, EpochSampler, audio_problem, check_audio_files, load_audio, read_filelist,
-                     trim_for_validation)
+from dataset import (AudioDataset, DataCheckCache, EpochSampler, audio_problem, check_audio_files, find_audio_files,
+                     load_audio, read_filelist, trim_for_validation)
 
 
 def test_filelist_format(tmp_path, monkeypatch):
@@ -30,6 +30,23 @@ def test_filelist_format(tmp_path, monkeypatch):
     lst.write_text("# nothing\n")
     with pytest.raises(ValueError, match="names no audio"):
         read_filelist(str(lst))
+
+
+def test_audio_in_linked_folders_is_found_once_and_a_link_loop_ends(tmp_path):
+    """A corpus put together from linked speaker folders is listed whole; a folder reached
+    twice (by a second link, or by a link to an ancestor) is listed once."""
+    data, corpus = tmp_path / "data", tmp_path / "corpus"
+    for speaker in ("a", "b"):
+        (data / speaker).mkdir(parents=True)
+        write_tone(str(data / speaker / f"{speaker}.wav"), 0.01)
+    (corpus / "own").mkdir(parents=True)
+    write_tone(str(corpus / "own" / "c.wav"), 0.01)
+    os.symlink(data / "a", corpus / "a")
+    os.symlink(data / "b", corpus / "b")
+    os.symlink(data / "a", corpus / "a_again")
+    os.symlink(corpus, corpus / "own" / "loop")
+    found = find_audio_files(str(corpus))
+    assert [os.path.relpath(p, corpus) for p in found] == ["a/a.wav", "b/b.wav", "own/c.wav"]
 
 
 def test_load_audio_mono_and_resampled(tmp_path):
@@ -178,8 +195,8 @@ def test_check_skips_bad_files_reports_them_and_caches(tmp_path, capsys):
 
 
 def test_a_check_stopped_part_way_keeps_what_it_found(tmp_path, monkeypatch):
-    """A long check saves its cache as it goes: a run stopped during its first start does
-    not read those files again."""
+    """A run stopped (Ctrl-C) during its first data check keeps what the check found so far,
+    long before the check's next periodic save: the next start does not read those files again."""
     paths = []
     for i in range(4):
         paths.append(str(tmp_path / f"{i}.wav"))
@@ -191,7 +208,6 @@ def test_a_check_stopped_part_way_keeps_what_it_found(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(path)
     monkeypatch.setattr(dataset, "audio_problem", stopped_at_the_third)
-    monkeypatch.setattr(dataset, "CACHE_SAVE_SECONDS", 0.0)
     cache_path = str(tmp_path / "cache.json")
     with pytest.raises(KeyboardInterrupt):
         check_audio_files(paths, "list.txt", 0.2, False, DataCheckCache(cache_path), workers=1)

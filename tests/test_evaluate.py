@@ -27,13 +27,15 @@ SR = 48000
 CONFIG = os.path.join(ROOT, "config.json")
 
 
-def run_main(argv, monkeypatch_modules=None):
-    """main(argv) with stdout and stderr captured; `monkeypatch_modules` replaces sys.modules entries."""
+def run_main(argv, monkeypatch_modules=None, error=None):
+    """main(argv) with stdout and stderr captured; `monkeypatch_modules` replaces sys.modules
+    entries; `error`: a pattern of the one-line error that main must exit with."""
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         for name, module in (monkeypatch_modules or {}).items():
             mp.setitem(sys.modules, name, module)
-        evaluate.main(argv)
+        with pytest.raises(SystemExit, match=error) if error else contextlib.nullcontext():
+            evaluate.main(argv)
     return out.getvalue(), err.getvalue()
 
 
@@ -58,8 +60,10 @@ def folder_run(tmp_path_factory):
     write_tone(str(dec / "rate.wav"), 0.5, 24000, seed=4)
     write_tone(str(ref / "only_ref.wav"), 0.5, SR, seed=5)
     write_tone(str(dec / "only_dec.wav"), 0.5, SR, seed=6)
+    # The outputs cover the files that have a match, and the run says it was incomplete.
     stdout, stderr = run_main(["--reference", str(ref), "--decoded", str(dec), "--output", str(out),
-                               "--config", CONFIG], {"visqol": None})
+                               "--config", CONFIG], {"visqol": None},
+                              error=r"^error: 1 reference file\(s\) have no decoded file \(listed above\)")
     return {"out": out, "stdout": stdout, "stderr": stderr}
 
 

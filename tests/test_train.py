@@ -921,6 +921,13 @@ def test_a_resume_takes_lr_decay_from_the_config_and_names_the_keys_it_does_not_
     assert resumed.optim_g.param_groups[0]["lr"] == lr
     resumed.scheduler_g.step()
     assert resumed.optim_g.param_groups[0]["lr"] == pytest.approx(lr * 0.5)
+    # The run's record beside the checkpoints holds the values in effect.
+    train.train(make_config(**dict(h, training_epochs=2, lr_decay=0.5, learning_rate=1e-3, adam_b1=0.5)),
+                torch.device("cpu"))
+    with open(os.path.join(h.checkpoint_path, "config.json")) as f:
+        saved = json.load(f)
+    assert (saved["learning_rate"], saved["adam_b1"], saved["adam_b2"], saved["lr_decay"]) == (
+        h.learning_rate, h.adam_b1, h.adam_b2, 0.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
