@@ -267,6 +267,33 @@ def saved_config_differences(h: AttrDict, path: str, keys: Sequence[str]) -> Tup
     return saved, [k for k in keys if saved[k] != h[k]]
 
 
+def network_record(h: AttrDict) -> Dict[str, Any]:
+    """The network keys of `h`, which training stores in each encoder_ and decoder_ file: keys
+    such as `causal` or `win_size` change no weight's shape, so the weights alone cannot tell
+    which network they belong to."""
+    return {key: h[key] for key in NETWORK_KEYS}
+
+
+def _recorded_network(h: AttrDict, encoder_path: str, encoder: Dict[str, Any], decoder_path: str,
+                      decoder: Dict[str, Any]) -> Optional[AttrDict]:
+    """`h` with the network keys recorded in the checkpoints (those they record, of the keys
+    known here), or None when they record none or agree with `h` already."""
+    records = [{k: v for k, v in c.get("network", {}).items() if k in NETWORK_KEYS} for c in (encoder, decoder)]
+    if not any(records):
+        return None
+    if records[0] != records[1]:
+        differ = sorted(k for k in set(records[0]) | set(records[1]) if records[0].get(k) != records[1].get(k))
+        raise ValueError(f"{encoder_path} and {decoder_path} are of different networks ({', '.join(differ)})")
+    changed = [k for k, v in records[0].items() if h[k] != v]
+    if not changed:
+        return None
+    print(f"note: {h.source} does not describe the network of {encoder_path}; using the network keys "
+          f"recorded in it ({', '.join(changed)})")
+    recorded = AttrDict(h, **records[0])
+    recorded.source = encoder_path
+    return recorded
+
+
 def _config_beside(h: AttrDict, checkpoint: str) -> Optional[AttrDict]:
     """`h` with the network keys of the config.json that training wrote beside `checkpoint`,
     or None when there is none or it agrees with `h` already."""
@@ -287,17 +314,21 @@ def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: to
                    ) -> Tuple[Encoder, Decoder, AttrDict]:
     """Encoder and decoder with the weights of two release-format checkpoints.
 
-    Training writes its config beside its checkpoints. When that config's network keys
-    differ from `h`'s, the network is built from them (said in one line); the returned
-    config is the one that matches the weights.
+    Training records its config's network keys in the checkpoints and writes the config
+    beside them. When those keys differ from `h`'s, the network is built from them (said in
+    one line): from the record, else (checkpoints of earlier versions) from the config
+    beside; the returned config is the one that matches the weights.
     """
-    h = _config_beside(h, encoder_path) or h
-    encoder_state = load_checkpoint(encoder_path, device, ["encoder"])["encoder"]
-    decoder_state = load_checkpoint(decoder_path, device, ["decoder"])["decoder"]
+    encoder_file = load_checkpoint(encoder_path, device, ["encoder"])
+    decoder_file = load_checkpoint(decoder_path, device, ["decoder"])
+    if "network" in encoder_file or "network" in decoder_file:
+        h = _recorded_network(h, encoder_path, encoder_file, decoder_path, decoder_file) or h
+    else:
+        h = _config_beside(h, encoder_path) or h
     encoder, decoder = Encoder(h).to(device), Decoder(h).to(device)
     try:
-        load_release_state_dict(encoder, encoder_state, encoder_path)
-        load_release_state_dict(decoder, decoder_state, decoder_path)
+        load_release_state_dict(encoder, encoder_file["encoder"], encoder_path)
+        load_release_state_dict(decoder, decoder_file["decoder"], decoder_path)
     except ValueError as e:
         raise ValueError(f"{e}: the network of {h.source} does not match these checkpoints; "
                          f"pass the config they were trained with as --config") from None

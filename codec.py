@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from checkpoints import load_generator
 from config import AttrDict
+from dataset import sound_file
 from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, analysis_length, pad_for_analysis
@@ -343,28 +344,40 @@ def _finite(block: np.ndarray, source: str) -> np.ndarray:
     return block
 
 
-def _blocks_of(audio: Audio) -> Tuple[List[np.ndarray], int, int]:
-    """In-memory audio (L,) or (C, L) as one block (L, C) float32, its channels and length."""
+def _blocks_of(audio: Audio, sample_rate: float) -> Tuple[List[np.ndarray], int, int, int]:
+    """In-memory audio (L,) or (C, L) as one block (L, C) float32, its rate, channels and length.
+
+    One-line errors for what would otherwise code silently wrong: integer samples (PCM
+    whose scale is not [-1, 1]) and more channels than samples (soundfile's (L, C) layout)."""
     audio = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise ValueError(f"audio must be floating point in [-1, 1], got {audio.dtype} samples (e.g. read files "
+                         f"with soundfile.read(path, dtype='float32'), or divide 16-bit PCM by 32768)")
     audio = np.atleast_2d(audio).astype(np.float32)
     if audio.ndim != 2:
         raise ValueError(f"audio must be (samples,) or (channels, samples), got shape {audio.shape}")
     if audio.size == 0:
         raise ValueError("no samples to code")
-    return [np.ascontiguousarray(_finite(audio, "the audio").T)], audio.shape[0], audio.shape[1]
+    if audio.shape[0] > audio.shape[1]:
+        raise ValueError(f"audio of shape {audio.shape} would be {audio.shape[0]} channels of {audio.shape[1]} "
+                         f"samples: pass (channels, samples), e.g. the transpose of soundfile's (samples, channels)")
+    if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float, np.number)) and sample_rate > 0
+                                             and float(sample_rate).is_integer()):
+        raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
+    return [np.ascontiguousarray(_finite(audio, "the audio").T)], int(sample_rate), audio.shape[0], audio.shape[1]
 
 
 def _file_blocks(path: str) -> Tuple[Iterator[np.ndarray], int, int, int]:
     """A file's blocks (n, channels) float32, read lazily, with its rate, channels and length."""
     try:
-        info = sf.info(path)
+        info = sf.info(sound_file(path))
     except Exception as e:
         raise ValueError(f"cannot read audio file {path}: {e}") from None
     if info.frames < 1:
         raise ValueError(f"audio file {path} holds no samples")
 
     def blocks() -> Iterator[np.ndarray]:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(sound_file(path)) as f:
             for block in f.blocks(blocksize=BLOCK_SAMPLES, dtype="float32", always_2d=True):
                 yield _finite(block, f"audio file {path}")
     return blocks(), info.samplerate, info.channels, info.frames
@@ -546,8 +559,8 @@ class Codec:
 
     def encode(self, audio: Audio, sample_rate: int, n_codebooks: Optional[int] = None) -> CodesFile:
         """Audio (L,) or (C, L) at `sample_rate` -> its codes, with the first `n_codebooks` stages."""
-        blocks, channels, length = _blocks_of(audio)
-        return self._encode_stream(lambda: blocks, sample_rate, channels, length, n_codebooks)
+        blocks, rate, channels, length = _blocks_of(audio, sample_rate)
+        return self._encode_stream(lambda: blocks, rate, channels, length, n_codebooks)
 
     def encode_file(self, path: str, n_codebooks: Optional[int] = None) -> CodesFile:
         """The codes of an audio file (wav, flac, ogg; any rate and channel count), read window by window."""
@@ -639,9 +652,8 @@ class Codec:
                      n_codebooks: Optional[int] = None) -> Tuple[np.ndarray, int]:
         """Audio (L,) or (C, L) -> (coded audio (C, L), its rate), as `decode(encode(audio))` up to
         float rounding (the straight-through latent instead of the codebook rows)."""
-        blocks, channels, length = _blocks_of(audio)
-        stream, rate = self._resynth_stream(lambda: blocks, sample_rate, channels, length, keep_model_rate,
-                                            n_codebooks)
+        blocks, rate, channels, length = _blocks_of(audio, sample_rate)
+        stream, rate = self._resynth_stream(lambda: blocks, rate, channels, length, keep_model_rate, n_codebooks)
         return np.concatenate(list(stream)).T, rate
 
     def resynthesize_files(self, jobs: Sequence[Tuple[str, str]], keep_model_rate: bool = False,

@@ -25,10 +25,21 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 CACHE_SAVE_SECONDS = 60.0
 
 
+def sound_file(path: str) -> Union[str, bytes]:
+    """`path` as soundfile can open it: soundfile encodes a str path strictly as UTF-8, which
+    fails for a name that is not (Python keeps its bytes as surrogates), so such a name goes
+    as its bytes."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
 def load_audio(path: str, sampling_rate: int) -> np.ndarray:
     """Mono float32 audio at `sampling_rate`: channels averaged, resampled if needed."""
     try:
-        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+        audio, sr = sf.read(sound_file(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise ValueError(f"cannot read audio file {path}: {e}") from None
     if not np.isfinite(audio).all():
@@ -111,7 +122,7 @@ def header_problem(path: str) -> Optional[str]:
     if not os.path.isfile(path):
         return "file not found"
     try:
-        info = sf.info(path)
+        info = sf.info(sound_file(path))
     except Exception as e:
         return f"unreadable ({first_line(e)})"
     if info.frames < 1:
@@ -133,7 +144,7 @@ def audio_problem(path: str) -> Tuple[Optional[str], float]:
     if problem:
         return problem, 0.0
     try:
-        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+        audio, sr = sf.read(sound_file(path), dtype="float32", always_2d=True)
     except Exception as e:
         return f"unreadable ({first_line(e)})", 0.0
     seconds = audio.shape[0] / sr
@@ -351,7 +362,7 @@ class AudioDataset(torch.utils.data.Dataset):
         seek)."""
         segment = self.h.segment_size
         try:
-            with sf.SoundFile(path) as f:
+            with sf.SoundFile(sound_file(path)) as f:
                 if (f.format not in ("WAV", "WAVEX", "FLAC") or not f.seekable()
                         or f.samplerate != self.h.sampling_rate or f.frames < segment):
                     return None

@@ -34,7 +34,7 @@ import torch
 
 from codec import code_bits, codec_roundtrip, load_codec
 from config import AttrDict, bitrate, make_parser, run_cli
-from dataset import audio_index, load_audio
+from dataset import audio_index, load_audio, sound_file
 from inference import check_inputs, check_outputs
 from metrics import (HIGHER_IS_BETTER, POWER_FLOOR, compute_metrics, log_power, metric_stft,
                      optional_metrics, stft_consistency)
@@ -73,7 +73,7 @@ def match_files(reference: Dict[str, str], decoded: Dict[str, str]) -> Tuple[Lis
 def read_audio(path: str, sampling_rate: int) -> np.ndarray:
     """Mono audio at `sampling_rate`, with a warning when it had to be resampled."""
     audio = load_audio(path, sampling_rate)
-    native = sf.info(path).samplerate
+    native = sf.info(sound_file(path)).samplerate
     if native != sampling_rate:
         warn(f"{path} is {native} Hz; resampled to {sampling_rate} Hz")
     if audio.size == 0:

@@ -38,7 +38,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -73,14 +73,21 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
     """A one-line error, naming the output folder's `option`, when an output would replace an
     input or, decoding codes files, the audio file beside a codes file (presumably its
     original): what an output folder that is, or lies inside, the input folder can do."""
-    inputs = {os.path.realpath(path) for path in files.values()}
-    originals = {os.path.realpath(path)[:-len(CODES_EXTENSION)] + audio
-                 for path in files.values() if path.endswith(CODES_EXTENSION) for audio in AUDIO_EXTENSIONS}
-    protected = inputs | originals
+    def identity(path: str) -> Optional[Tuple[int, int]]:
+        # The file itself, whatever the name's case (on file systems that ignore it) or links.
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    inputs = {identity(path) for path in files.values()}
+    originals = {identity(os.path.splitext(path)[0] + audio)
+                 for path in files.values() if path.lower().endswith(CODES_EXTENSION) for audio in AUDIO_EXTENSIONS}
     for key in files:
         out = os.path.join(target, key + extension)
-        replaced = os.path.realpath(out)
-        if replaced in protected and os.path.exists(out):
+        replaced = identity(out)
+        if replaced is not None and replaced in inputs | originals:
             what = "an input file" if replaced in inputs else "the audio file beside its codes file"
             raise ValueError(f"{option}: writing {out} would replace {what}; choose another output folder")
 

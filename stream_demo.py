@@ -27,7 +27,7 @@ import torch
 
 from config import AttrDict, make_parser, run_cli
 from codec import STREAM_CHUNK_MS, chunk_samples, load_codec
-from dataset import AUDIO_EXTENSIONS
+from dataset import AUDIO_EXTENSIONS, sound_file
 from models import random_encoder_decoder
 from fastpath import PRECISIONS, kernels, resolve_precision
 from streaming import StreamingCodec, latency_samples
@@ -42,7 +42,7 @@ def read_chunks(source: str, h: AttrDict, chunk: int) -> Iterator[np.ndarray]:
     if source == "-":
         return _stdin_chunks(chunk)
     try:
-        audio = sf.SoundFile(source)
+        audio = sf.SoundFile(sound_file(source))
     except Exception as e:
         raise ValueError(f"cannot read audio file {source}: {e}") from None
     if audio.samplerate != h.sampling_rate:

@@ -37,8 +37,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 import losses
 from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, load_newest_set,
-                         load_release_state_dict, newest_complete_step, prune_checkpoints, release_parameters,
-                         release_state_dict, save_checkpoint, saved_config_differences)
+                         load_release_state_dict, network_record, newest_complete_step, prune_checkpoints,
+                         release_parameters, release_state_dict, save_checkpoint, saved_config_differences)
 from config import NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, run_cli, save_config
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
@@ -506,8 +506,11 @@ class Trainer:
         Then delete the sets before the newest `keep_last_checkpoints` (see `prune_checkpoints`)."""
         folder = self.h.checkpoint_path
         self.nonfinite.read_back(step)
-        save_checkpoint(checkpoint_file(folder, "encoder", step), {"encoder": release_state_dict(self.encoder)})
-        save_checkpoint(checkpoint_file(folder, "decoder", step), {"decoder": release_state_dict(self.decoder)})
+        network = network_record(self.h)
+        save_checkpoint(checkpoint_file(folder, "encoder", step),
+                        {"encoder": release_state_dict(self.encoder), "network": network})
+        save_checkpoint(checkpoint_file(folder, "decoder", step),
+                        {"decoder": release_state_dict(self.decoder), "network": network})
         state = {"mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
                  "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
                  "steps": step, "epoch": epoch,

@@ -271,6 +271,18 @@ def _write_sets(folder, steps, h):
             "optim_g": {}, "optim_d": {}, "steps": step, "epoch": 0})
 
 
+def test_encoder_and_decoder_of_different_networks_are_refused(tiny_h, tmp_path):
+    enc, dec = str(tmp_path / "encoder"), str(tmp_path / "decoder")
+    network = checkpoints.network_record(tiny_h)
+    checkpoints.save_checkpoint(enc, {"encoder": checkpoints.release_state_dict(models.Encoder(tiny_h)),
+                                      "network": network})
+    checkpoints.save_checkpoint(dec, {"decoder": checkpoints.release_state_dict(models.Decoder(tiny_h)),
+                                      "network": dict(network, causal=True, win_size=tiny_h.win_size - 2)})
+    with pytest.raises(ValueError, match=f"^{re.escape(enc)} and {re.escape(dec)} are of different networks "
+                                         r"\(causal, win_size\)$"):
+        checkpoints.load_generator(tiny_h, enc, dec, torch.device("cpu"))
+
+
 def test_newest_readable_set_is_found_and_broken_ones_are_named(tmp_path, tiny_h, capsys):
     folder = str(tmp_path)
     _write_sets(folder, [10, 20, 30, 40], tiny_h)

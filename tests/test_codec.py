@@ -191,6 +191,24 @@ def test_silence_and_very_short_clips(codec, length):
         assert codec.decode(CodesFile.from_bytes(codec.encode(audio, 48000).to_bytes()))[0].shape == (1, length)
 
 
+@pytest.mark.parametrize("audio, rate, message", [
+    ((tone(0.1) * 32767).astype(np.int16), 48000, "audio must be floating point in \\[-1, 1\\], got int16 samples"),
+    (np.stack([tone(0.1)] * 2, axis=1), 48000, r"audio of shape \(4800, 2\) would be 4800 channels of 2 samples"),
+    (tone(0.1), 44100.5, "sample_rate must be a positive whole number of Hz, got 44100.5"),
+    (tone(0.1), 0, "sample_rate must be a positive whole number of Hz, got 0"),
+])
+def test_audio_that_would_code_wrong_is_refused_in_one_line(codec, audio, rate, message):
+    for code in (codec.resynthesize, codec.encode):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            code(audio, rate)
+
+
+def test_a_whole_float_sample_rate_is_taken(codec):
+    audio = tone(0.1)
+    assert np.array_equal(codec.resynthesize(audio, np.float32(48000))[0], codec.resynthesize(audio, 48000)[0])
+    assert codec.encode(audio, 44100.0).original_sample_rate == 44100
+
+
 def test_non_finite_audio_is_refused(codec):
     audio = tone(0.1)
     audio[7] = float("nan")

@@ -111,6 +111,23 @@ def _setup_folder(tmp_path, h, files):
     return inputs
 
 
+def test_file_names_that_are_not_utf8_are_coded(tmp_path, tiny_h):
+    """A Latin-1 name on a UTF-8 system (Python keeps its bytes as surrogates): read, coded
+    and written under the same name in every mode."""
+    inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05})
+    name = os.fsdecode(b"caf\xe9")
+    os.rename(inputs / "a.wav", inputs / f"{name}.wav")
+    length = sf.info(os.fsencode(inputs / f"{name}.wav")).frames
+    for mode, source, target, written in (("resynth", inputs, tmp_path / "out", ".wav"),
+                                          ("encode", inputs, tmp_path / "codes", ".apc"),
+                                          ("decode", tmp_path / "codes", tmp_path / "decoded", ".wav")):
+        tiny_h.update(test_input_wavs_dir=str(source), test_wav_output_dir=str(target))
+        assert inference.inference(tiny_h, mode=mode)["failed"] == 0, mode
+        assert os.listdir(os.fsencode(target)) == [b"caf\xe9" + written.encode()], mode
+    for folder in ("out", "decoded"):
+        assert sf.info(os.fsencode(tmp_path / folder / f"{name}.wav")).frames == length
+
+
 @pytest.mark.parametrize("length", [1, 28, 479, 480, 481, 513, 520, 521])
 def test_very_short_inputs_resynthesise_to_their_length(tiny_h, length):
     encoder, decoder = Encoder(tiny_h).eval(), Decoder(tiny_h).eval()
@@ -300,6 +317,11 @@ def test_an_output_folder_that_is_the_input_folder_replaces_nothing(tmp_path, ti
     tiny_h.update(test_wav_output_dir=str(inputs))
     inference.inference(tiny_h, mode="encode")          # codes beside the wavs replace nothing
     assert os.path.isfile(inputs / "sub" / "a.apc")
+    with pytest.raises(ValueError, match=r"writing .*a\.wav would replace the audio file beside its codes file"):
+        inference.inference(tiny_h, mode="decode")
+    # Codes files are found whatever the case of their extension, and protect their originals so too.
+    for name in ("a", "sub/a"):
+        os.rename(inputs / f"{name}.apc", inputs / f"{name}.APC")
     with pytest.raises(ValueError, match=r"writing .*a\.wav would replace the audio file beside its codes file"):
         inference.inference(tiny_h, mode="decode")
     assert {name: (inputs / name).read_bytes() for name in before} == before

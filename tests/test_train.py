@@ -366,15 +366,20 @@ def test_discriminator_step_loss_and_gradients_by_hand(tiny_h):
             assert torch.allclose(ours[name].grad, p.grad, rtol=1e-5, atol=1e-7), (module, name)
 
 
-def test_causal_run_trains_and_its_checkpoints_load_as_causal(tmp_path, one_thread):
+@pytest.mark.parametrize("config_beside", [True, False])
+def test_causal_run_trains_and_its_checkpoints_load_as_causal(tmp_path, one_thread, config_beside):
     """APCodec-S trains through the same loop; inference rebuilds the causal network from the
-    config beside the checkpoints, even when handed the default (non-causal) config."""
+    network keys recorded in the checkpoints, even when handed the default (non-causal)
+    config and with the run's config.json gone (causal weights have the shapes of the
+    non-causal model's, so only the record tells them apart)."""
     from checkpoints import load_generator
     from conftest import default_raw
     from config import build_config
     h = _setup(tmp_path, causal=True, causal_kernel_size=3, training_epochs=1)
     trainer = train.train(h, torch.device("cpu"))
     step = newest_complete_step(h.checkpoint_path)
+    if not config_beside:
+        os.remove(os.path.join(h.checkpoint_path, "config.json"))
     default = build_config(default_raw())
     encoder, decoder, used = load_generator(default, os.path.join(h.checkpoint_path, f"encoder_{step:08d}"),
                                             os.path.join(h.checkpoint_path, f"decoder_{step:08d}"),
