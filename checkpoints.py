@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import NETWORK_KEYS, AttrDict, build_config, read_config_file
+from config import KEYS, NETWORK_KEYS, AttrDict, build_config, read_config_file
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from models import Decoder, Encoder
 from utils import atomic_write, first_line
@@ -274,39 +274,41 @@ def network_record(h: AttrDict) -> Dict[str, Any]:
     return {key: h[key] for key in NETWORK_KEYS}
 
 
-def _recorded_network(h: AttrDict, encoder_path: str, encoder: Dict[str, Any], decoder_path: str,
-                      decoder: Dict[str, Any]) -> Optional[AttrDict]:
-    """`h` with the network keys recorded in the checkpoints (those they record, of the keys
-    known here), or None when they record none or agree with `h` already."""
-    records = [{k: v for k, v in c.get("network", {}).items() if k in NETWORK_KEYS} for c in (encoder, decoder)]
-    if not any(records):
+def _recorded_network(path: str, checkpoint: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The network keys that a checkpoint records (of those known here), or None without a record."""
+    record = checkpoint.get("network")
+    if record is None:
         return None
-    if records[0] != records[1]:
-        differ = sorted(k for k in set(records[0]) | set(records[1]) if records[0].get(k) != records[1].get(k))
-        raise ValueError(f"{encoder_path} and {decoder_path} are of different networks ({', '.join(differ)})")
-    changed = [k for k, v in records[0].items() if h[k] != v]
-    if not changed:
-        return None
-    print(f"note: {h.source} does not describe the network of {encoder_path}; using the network keys "
-          f"recorded in it ({', '.join(changed)})")
-    recorded = AttrDict(h, **records[0])
-    recorded.source = encoder_path
-    return recorded
+    if not isinstance(record, dict):
+        raise ValueError(f"checkpoint {path}: its 'network' entry is not a table of config keys")
+    record = {k: v for k, v in record.items() if k in NETWORK_KEYS}
+    for key, value in record.items():
+        problem = KEYS[key].check(value)
+        if problem:
+            raise ValueError(f"checkpoint {path}: its recorded '{key}' must be {problem}, got {value!r}")
+    return record
 
 
-def _config_beside(h: AttrDict, checkpoint: str) -> Optional[AttrDict]:
-    """`h` with the network keys of the config.json that training wrote beside `checkpoint`,
-    or None when there is none or it agrees with `h` already."""
+def _network_beside(h: AttrDict, checkpoint: str) -> Optional[Tuple[Dict[str, Any], str]]:
+    """The network keys of the config.json that training wrote beside `checkpoint`, and its
+    path; None when there is none (or it is `h`'s own file)."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
     if not os.path.isfile(path) or os.path.abspath(path) == os.path.abspath(h.source):
         return None
-    beside, changed = saved_config_differences(h, path, NETWORK_KEYS)
+    beside = build_config(read_config_file(path), path)
+    return {key: beside[key] for key in NETWORK_KEYS}, path
+
+
+def _with_network(h: AttrDict, network: Dict[str, Any], origin: str, source: str, checkpoint: str) -> AttrDict:
+    """`h` with the keys of `network` (`origin`, e.g. "of <path>"); says in one line which
+    of them change `h`, whose `source` then becomes `source`."""
+    changed = [key for key, value in network.items() if h[key] != value]
     if not changed:
-        return None
+        return h
     print(f"note: {h.source} does not describe the network of {checkpoint}; using the network keys "
-          f"of {path} ({', '.join(changed)})")
-    merged = AttrDict(h, **{k: beside[k] for k in NETWORK_KEYS})
-    merged.source = path
+          f"{origin} ({', '.join(changed)})")
+    merged = AttrDict(h, **network)
+    merged.source = source
     return merged
 
 
@@ -321,10 +323,21 @@ def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: to
     """
     encoder_file = load_checkpoint(encoder_path, device, ["encoder"])
     decoder_file = load_checkpoint(decoder_path, device, ["decoder"])
-    if "network" in encoder_file or "network" in decoder_file:
-        h = _recorded_network(h, encoder_path, encoder_file, decoder_path, decoder_file) or h
+    recorded = [(record, path) for record, path in ((_recorded_network(encoder_path, encoder_file), encoder_path),
+                                                    (_recorded_network(decoder_path, decoder_file), decoder_path))
+                if record is not None]
+    if len(recorded) == 2 and recorded[0][0] != recorded[1][0]:
+        (a, _), (b, _) = recorded
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"{encoder_path} and {decoder_path} are of different networks ({', '.join(differ)})")
+    if recorded:
+        record, path = recorded[0]
+        h = _with_network(h, record, f"recorded in {path}", path, encoder_path)
     else:
-        h = _config_beside(h, encoder_path) or h
+        beside = _network_beside(h, encoder_path)
+        if beside is not None:
+            network, path = beside
+            h = _with_network(h, network, f"of {path}", path, encoder_path)
     encoder, decoder = Encoder(h).to(device), Decoder(h).to(device)
     try:
         load_release_state_dict(encoder, encoder_file["encoder"], encoder_path)

@@ -344,11 +344,16 @@ def _finite(block: np.ndarray, source: str) -> np.ndarray:
     return block
 
 
+# More channels than this, and than samples, is taken for the (samples, channels) layout.
+MAX_CHANNELS = 64
+
+
 def _blocks_of(audio: Audio, sample_rate: float) -> Tuple[List[np.ndarray], int, int, int]:
     """In-memory audio (L,) or (C, L) as one block (L, C) float32, its rate, channels and length.
 
     One-line errors for what would otherwise code silently wrong: integer samples (PCM
-    whose scale is not [-1, 1]) and more channels than samples (soundfile's (L, C) layout)."""
+    whose scale is not [-1, 1]) and soundfile's (L, C) layout (more than MAX_CHANNELS
+    channels, and more channels than samples)."""
     audio = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     if not np.issubdtype(audio.dtype, np.floating):
         raise ValueError(f"audio must be floating point in [-1, 1], got {audio.dtype} samples (e.g. read files "
@@ -358,7 +363,7 @@ def _blocks_of(audio: Audio, sample_rate: float) -> Tuple[List[np.ndarray], int,
         raise ValueError(f"audio must be (samples,) or (channels, samples), got shape {audio.shape}")
     if audio.size == 0:
         raise ValueError("no samples to code")
-    if audio.shape[0] > audio.shape[1]:
+    if audio.shape[0] > max(audio.shape[1], MAX_CHANNELS):
         raise ValueError(f"audio of shape {audio.shape} would be {audio.shape[0]} channels of {audio.shape[1]} "
                          f"samples: pass (channels, samples), e.g. the transpose of soundfile's (samples, channels)")
     if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float, np.number)) and sample_rate > 0
@@ -557,7 +562,7 @@ class Codec:
             raise ValueError(f"--n_codebooks must be in 1 ... {total} (the model's codebooks), got {n_codebooks}")
         return n_codebooks
 
-    def encode(self, audio: Audio, sample_rate: int, n_codebooks: Optional[int] = None) -> CodesFile:
+    def encode(self, audio: Audio, sample_rate: float, n_codebooks: Optional[int] = None) -> CodesFile:
         """Audio (L,) or (C, L) at `sample_rate` -> its codes, with the first `n_codebooks` stages."""
         blocks, rate, channels, length = _blocks_of(audio, sample_rate)
         return self._encode_stream(lambda: blocks, rate, channels, length, n_codebooks)
@@ -648,7 +653,7 @@ class Codec:
                 yield out.cpu().numpy().T
         return self._output(outputs(), self._chunking(windows)[1], channels, rate, length, keep_model_rate)
 
-    def resynthesize(self, audio: Audio, sample_rate: int, keep_model_rate: bool = False,
+    def resynthesize(self, audio: Audio, sample_rate: float, keep_model_rate: bool = False,
                      n_codebooks: Optional[int] = None) -> Tuple[np.ndarray, int]:
         """Audio (L,) or (C, L) -> (coded audio (C, L), its rate), as `decode(encode(audio))` up to
         float rounding (the straight-through latent instead of the codebook rows)."""

@@ -406,6 +406,9 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
 def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
             argv: Optional[Sequence[str]] = None) -> None:
     """Parse the command line and run job(h, args); bad input and Ctrl-C exit with one line."""
+    # File names that are not UTF-8 are printed with escapes rather than ending the run.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         h, args = parse_command_line(parser, argv)
         job(h, args)

@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,11 +27,13 @@ CACHE_SAVE_SECONDS = 60.0
 
 
 def sound_file(path: str) -> Union[str, bytes]:
-    """`path` as soundfile can open it: soundfile encodes a str path strictly as UTF-8, which
-    fails for a name that is not (Python keeps its bytes as surrogates), so such a name goes
-    as its bytes."""
+    """`path` as soundfile can open it. On POSIX soundfile encodes a str path strictly in the
+    file system's encoding, which fails for a name that is not in it (Python keeps its bytes
+    as surrogates), so such a name goes as its bytes. Windows opens str paths as they are."""
+    if os.name == "nt":
+        return path
     try:
-        path.encode()
+        path.encode(sys.getfilesystemencoding())
     except UnicodeEncodeError:
         return os.fsencode(path)
     return path
@@ -54,11 +57,17 @@ def find_audio_files(folder: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) 
     """Paths of the audio files (or of other `extensions`) anywhere under `folder`, sorted.
 
     Symbolic links to folders are followed (corpora are often put together from linked
-    speaker folders); a folder already visited, through a link or not, is not walked again,
-    so a link to an ancestor ends instead of looping."""
+    speaker folders). A folder already visited, through a link or not, is not walked again,
+    and a link to `folder` itself or to a folder above it is not followed (with a warning):
+    it would loop, or list files outside `folder`."""
     found, visited = [], set()
+    top = os.path.realpath(folder)
     for root, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
+        if root != folder and os.path.commonpath([real, top]) == real:
+            print(f"warning: not following {root}: it links to {real}, which holds {folder}", file=sys.stderr)
+            folders.clear()
+            continue
         if real in visited:
             folders.clear()
             continue
@@ -96,11 +105,12 @@ def read_filelist(list_path: str) -> List[str]:
     exist and hold usable audio is `check_audio_files`' business.
     """
     try:
-        with open(list_path, encoding="utf-8") as f:
+        # Bytes that are not UTF-8 are kept as they are: they name files whose names are not.
+        with open(list_path, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise FileNotFoundError(f"file list not found: {list_path}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ValueError(f"cannot read file list {list_path}: {e}") from None
     base = os.path.dirname(os.path.abspath(list_path))
     paths = []

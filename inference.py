@@ -84,10 +84,11 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
     inputs = {identity(path) for path in files.values()}
     originals = {identity(os.path.splitext(path)[0] + audio)
                  for path in files.values() if path.lower().endswith(CODES_EXTENSION) for audio in AUDIO_EXTENSIONS}
+    protected = inputs | originals
     for key in files:
         out = os.path.join(target, key + extension)
         replaced = identity(out)
-        if replaced is not None and replaced in inputs | originals:
+        if replaced is not None and replaced in protected:
             what = "an input file" if replaced in inputs else "the audio file beside its codes file"
             raise ValueError(f"{option}: writing {out} would replace {what}; choose another output folder")
 

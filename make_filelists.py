@@ -45,7 +45,8 @@ def split_files(files: Sequence[str], how: str, valid_fraction: float = 0.05,
 def write_list(path: str, files: Sequence[str], note: str) -> None:
     """One path per line after a `# note` line, written atomically."""
     text = f"# {note}\n" + "".join(p + "\n" for p in files)
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    # A name that is not UTF-8 is written as its bytes, as read_filelist reads it back.
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -901,7 +901,8 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
     trainer = Trainer(h, device)
     trainer.resume()
     # Written once the checkpoints have loaded into this config's network: the config beside
-    # them must keep describing them (inference builds the network from it).
+    # them must keep describing them (inference builds the network of checkpoints that do not
+    # record it from this file).
     if is_main_process():
         save_config(trainer.h, os.path.join(h.checkpoint_path, "config.json"))
     say(f"Training on {device.type}: {bitrate(h):.0f} bit/s codec, checkpoints and logs in "

@@ -13,6 +13,7 @@ import torch
 import checkpoints
 import models
 import spectral
+from config import AttrDict, save_config
 from conftest import tone
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 
@@ -280,6 +281,24 @@ def test_encoder_and_decoder_of_different_networks_are_refused(tiny_h, tmp_path)
                                       "network": dict(network, causal=True, win_size=tiny_h.win_size - 2)})
     with pytest.raises(ValueError, match=f"^{re.escape(enc)} and {re.escape(dec)} are of different networks "
                                          r"\(causal, win_size\)$"):
+        checkpoints.load_generator(tiny_h, enc, dec, torch.device("cpu"))
+
+
+def test_the_network_recorded_in_checkpoints_comes_before_the_config_beside_them(tiny_h, tmp_path, capsys):
+    """Causal weights have the non-causal network's shapes: only the record tells them apart,
+    also when a config.json beside them says otherwise (or a record holds a bad value)."""
+    causal = AttrDict(tiny_h, causal=True)
+    enc, dec = str(tmp_path / "encoder"), str(tmp_path / "decoder")
+    checkpoints.save_checkpoint(enc, {"encoder": checkpoints.release_state_dict(models.Encoder(causal)),
+                                      "network": checkpoints.network_record(causal)})
+    checkpoints.save_checkpoint(dec, {"decoder": checkpoints.release_state_dict(models.Decoder(causal))})
+    save_config(tiny_h, str(tmp_path / "config.json"))
+    _, _, used = checkpoints.load_generator(tiny_h, enc, dec, torch.device("cpu"))
+    assert used.causal and used.source == enc
+    assert f"using the network keys recorded in {enc} (causal)" in capsys.readouterr().out
+    checkpoints.save_checkpoint(enc, {"encoder": checkpoints.release_state_dict(models.Encoder(causal)),
+                                      "network": dict(checkpoints.network_record(causal), causal="yes")})
+    with pytest.raises(ValueError, match=f"^checkpoint {re.escape(enc)}: its recorded 'causal' must be true or false"):
         checkpoints.load_generator(tiny_h, enc, dec, torch.device("cpu"))
 
 

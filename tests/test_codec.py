@@ -203,7 +203,8 @@ def test_audio_that_would_code_wrong_is_refused_in_one_line(codec, audio, rate, 
             code(audio, rate)
 
 
-def test_a_whole_float_sample_rate_is_taken(codec):
+def test_a_whole_float_sample_rate_and_more_channels_than_samples_are_taken(codec):
+    assert codec.resynthesize(np.stack([tone(0.1)[:1]] * 6), 48000)[0].shape == (6, 1)
     audio = tone(0.1)
     assert np.array_equal(codec.resynthesize(audio, np.float32(48000))[0], codec.resynthesize(audio, 48000)[0])
     assert codec.encode(audio, 44100.0).original_sample_rate == 44100

@@ -1,5 +1,6 @@
 """File lists and their checks, audio loading, training crops and validation trimming."""
 import os
+import time
 
 import numpy as np
 import pytest
@@ -32,9 +33,9 @@ def test_filelist_format(tmp_path, monkeypatch):
         read_filelist(str(lst))
 
 
-def test_audio_in_linked_folders_is_found_once_and_a_link_loop_ends(tmp_path):
+def test_audio_in_linked_folders_is_found_once_and_a_link_loop_ends(tmp_path, capsys):
     """A corpus put together from linked speaker folders is listed whole; a folder reached
-    twice (by a second link, or by a link to an ancestor) is listed once."""
+    twice is listed once, and links to the corpus or above it are not followed."""
     data, corpus = tmp_path / "data", tmp_path / "corpus"
     for speaker in ("a", "b"):
         (data / speaker).mkdir(parents=True)
@@ -45,8 +46,12 @@ def test_audio_in_linked_folders_is_found_once_and_a_link_loop_ends(tmp_path):
     os.symlink(data / "b", corpus / "b")
     os.symlink(data / "a", corpus / "a_again")
     os.symlink(corpus, corpus / "own" / "loop")
+    os.symlink(tmp_path, corpus / "up")
     found = find_audio_files(str(corpus))
     assert [os.path.relpath(p, corpus) for p in found] == ["a/a.wav", "b/b.wav", "own/c.wav"]
+    warned = capsys.readouterr().err
+    assert f"not following {corpus / 'own' / 'loop'}: it links to {os.path.realpath(corpus)}" in warned
+    assert f"not following {corpus / 'up'}: it links to {os.path.realpath(tmp_path)}" in warned
 
 
 def test_load_audio_mono_and_resampled(tmp_path):
@@ -213,6 +218,32 @@ def test_a_check_stopped_part_way_keeps_what_it_found(tmp_path, monkeypatch):
         check_audio_files(paths, "list.txt", 0.2, False, DataCheckCache(cache_path), workers=1)
     cache = DataCheckCache(cache_path)
     assert [cache.get(p) is not None for p in paths] == [True, True, False, False]
+
+
+def test_a_check_stopped_part_way_reads_no_more_files(tmp_path, monkeypatch):
+    """Ctrl-C while the check waits for a result: the files still queued are dropped, not read
+    before the run stops."""
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"{i}.wav"))
+        write_tone(paths[-1], 0.05, seed=i)
+    original, read = dataset.audio_problem, []
+
+    def slow(path):
+        read.append(path)
+        time.sleep(0.1)
+        return original(path)
+
+    def stopped_at_the_third(results, **kwargs):
+        for i, result in enumerate(results):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield result
+    monkeypatch.setattr(dataset, "audio_problem", slow)
+    monkeypatch.setattr(dataset, "tqdm", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        check_audio_files(paths, "list.txt", 0.2, False, DataCheckCache(str(tmp_path / "cache.json")), workers=1)
+    assert len(read) <= 6
 
 
 def test_strict_mode_and_lists_without_usable_files_fail(tmp_path):

@@ -48,3 +48,15 @@ def test_bad_arguments_exit_in_one_line(tmp_path, args, message):
         main(["--output_dir", str(tmp_path / "lists")] + [a.format(tmp=tmp_path) for a in args])
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
     assert not (tmp_path / "lists").exists()
+
+
+def test_names_that_are_not_utf8_round_trip_through_the_lists(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    names = [os.fsdecode(b"caf\xe9.wav"), "plain.wav"]
+    for name in names:
+        write_tone(os.fsencode(audio / name), 0.01)
+    main([str(audio), "--output_dir", str(tmp_path / "lists"), "--valid_fraction", "0.5"])
+    listed = [read_filelist(str(tmp_path / "lists" / f"{part}.txt")) for part in ("train", "valid")]
+    assert sorted(listed[0] + listed[1]) == sorted(str(audio / name) for name in names)
+    assert all(os.path.isfile(path) for path in listed[0] + listed[1])
