@@ -51,7 +51,7 @@ def write_list(path: str, files: Sequence[str], note: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("audio_dir", help="folder searched recursively for wav, flac and ogg files")
+    parser.add_argument("audio_dir", help="folder searched recursively (linked folders too) for wav, flac and ogg files")
     parser.add_argument("--output_dir", default="filelists",
                         help="where train.txt and valid.txt are written (default filelists)")
     parser.add_argument("--split", choices=("speakers", "random"), default="random",
