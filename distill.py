@@ -29,6 +29,30 @@ KD_POINTS: Tuple[Tuple[str, str, str], ...] = (
 )
 
 
+# What the distilled points hold, frame by frame, and the input both models see (the
+# student's spectra): the teacher must share these keys. Its ConvNeXt stacks and quantizer may differ.
+ALIGNED_KEYS = ("sampling_rate", "n_fft", "hop_size", "win_size", "ratio", "latent_dim", "AMP_Encoder_channel",
+                "PHA_Encoder_channel")
+
+
+def load_teacher(h: AttrDict, device: torch.device) -> Tuple[Encoder, Decoder]:
+    """The frozen teacher of `h`'s student (kd_teacher_encoder / kd_teacher_decoder), with a
+    one-line error when it cannot teach it: a causal model, or one that differs in ALIGNED_KEYS."""
+    teacher_h = AttrDict(h, causal=False)
+    teacher_h.source = h.source
+    encoder, decoder, used = load_generator(teacher_h, h.kd_teacher_encoder, h.kd_teacher_decoder, device)
+    if used.causal:
+        raise ValueError(f"config key 'kd_teacher_encoder': {h.kd_teacher_encoder} is a causal model; the teacher "
+                         f"is a trained non-causal codec")
+    differ = [f"{key} {used[key]} (student {h[key]})" for key in ALIGNED_KEYS if used[key] != h[key]]
+    if differ:
+        raise ValueError(f"config key 'kd_teacher_encoder': the teacher {h.kd_teacher_encoder} differs from the "
+                         f"student in {', '.join(differ)}; distillation compares their outputs frame by frame")
+    for module in (encoder, decoder):
+        module.eval().requires_grad_(False)
+    return encoder, decoder
+
+
 class FeatureTap:
     """Keeps the latest output of each distilled module of an encoder and decoder."""
 
@@ -48,12 +72,7 @@ class Distiller:
     """The frozen teacher named by kd_teacher_encoder / kd_teacher_decoder, and the KD loss."""
 
     def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device):
-        teacher_h = AttrDict(h, causal=False)
-        teacher_h.source = h.source
-        self.teacher_encoder, self.teacher_decoder, _ = load_generator(
-            teacher_h, h.kd_teacher_encoder, h.kd_teacher_decoder, device)
-        for module in (self.teacher_encoder, self.teacher_decoder):
-            module.eval().requires_grad_(False)
+        self.teacher_encoder, self.teacher_decoder = load_teacher(h, device)
         self.teacher = FeatureTap(self.teacher_encoder, self.teacher_decoder)
         self.student = FeatureTap(encoder, decoder)
 
@@ -66,10 +85,6 @@ class Distiller:
         terms = {}
         for name, _, _ in KD_POINTS:
             student, teacher = self.student.features[name], self.teacher.features[name]
-            if student.shape[:-1] != teacher.shape[:-1]:
-                raise ValueError(f"distillation point {name}: the student's shape {tuple(student.shape)} does "
-                                 f"not match the teacher's {tuple(teacher.shape)}; the teacher must have the "
-                                 f"student's sizes")
             # A clip that is not whole latent frames gives the causal model fewer frames.
             frames = min(student.size(-1), teacher.size(-1))
             terms[name] = F.mse_loss(student[..., :frames], teacher[..., :frames])

@@ -43,7 +43,7 @@ from config import NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, r
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
-from distill import Distiller
+from distill import Distiller, load_teacher
 from metrics import compute_metrics
 from models import Decoder, Encoder
 from utils import compile_problem, distributed, first_line, pick_device, plot_spectrogram, rank_and_world_size
@@ -731,11 +731,14 @@ def stop_requests() -> Iterator[Dict[str, int]]:
 def check_run_setup(h: AttrDict) -> Optional[IO]:
     """What can fail before the data check, which can take long: `checkpoint_path` must be
     writable, used by no other training run and have room for one checkpoint set, and a
-    distillation teacher's files exist. Returns the open lock file: keep it for the whole run."""
+    distillation teacher's files exist and can teach the student. Returns the open lock file: keep it
+    for the whole run."""
     for key in ("kd_teacher_encoder", "kd_teacher_decoder"):
         if h[key] and not os.path.isfile(h[key]):
             raise FileNotFoundError(f"config key '{key}': checkpoint not found: {h[key]} (set kd_teacher_encoder "
                                     f"and kd_teacher_decoder to \"\" to train without distillation)")
+    if h.kd_teacher_encoder:
+        load_teacher(h, torch.device("cpu"))
     folder = h.checkpoint_path
     try:
         os.makedirs(folder, exist_ok=True)

@@ -83,3 +83,27 @@ def test_kd_weight_scales_the_generator_loss(teacher):
 def test_teacher_paths_come_together():
     with pytest.raises(ConfigError, match="kd_teacher"):
         make_config(kd_teacher_encoder="cp/encoder_00000001")
+
+
+@pytest.mark.parametrize("change, refused", [
+    ({"causal": True}, "is a causal model"),
+    ({"win_size": 160}, r"differs from the student in win_size 160 \(student 320\)"),
+    ({"convnext_layers": 2, "convnext_dim": 8}, None),
+])
+def test_a_teacher_that_cannot_teach_the_student_is_refused_before_the_data_check(tmp_path, change, refused):
+    """Distillation compares the two models' outputs frame by frame on the student's spectra:
+    a causal teacher, or one with another STFT, rate, frame rate or output width, is an error
+    (causal weights and another window change no shape, so only the recorded network shows
+    them); other sizes may differ."""
+    from checkpoints import network_record, save_checkpoint
+    from models import Decoder, Encoder
+    teacher_h = make_config(**dict(TINY, **change))
+    enc, dec = str(tmp_path / "encoder"), str(tmp_path / "decoder")
+    save_checkpoint(enc, {"encoder": release_state_dict(Encoder(teacher_h)), "network": network_record(teacher_h)})
+    save_checkpoint(dec, {"decoder": release_state_dict(Decoder(teacher_h)), "network": network_record(teacher_h)})
+    h = _config(tmp_path, "student", causal=True, kd_teacher_encoder=enc, kd_teacher_decoder=dec,
+                input_training_wav_list=str(tmp_path / "no_such_list.txt"))
+    # The missing list shows that the teacher is checked first.
+    with pytest.raises(ValueError if refused else FileNotFoundError,
+                       match=f"config key 'kd_teacher_encoder': .*{refused}" if refused else "no_such_list"):
+        train.train(h, torch.device("cpu"))
