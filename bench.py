@@ -44,6 +44,7 @@ latent frame against the frame's duration, and per push against the chunk's (--t
 for one core).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -392,7 +393,7 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
     if timer is not None:
         timer.daemon = True
         timer.start()
-    epoch_seconds, logged = [], {}
+    epoch_seconds, logged, last_step = [], {}, None
     for line in process.stdout:
         print("  " + line.rstrip(), file=sys.stderr, flush=True)
         if line.startswith("Steps "):
@@ -402,6 +403,9 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
         match = re.match(r"Time taken for epoch \d+ is ([\d.]+) s", line)
         if match:
             epoch_seconds.append(float(match.group(1)))
+        match = re.match(r"Stopped by \w+ after step (\d+)", line)
+        if match:
+            last_step = int(match.group(1))
     status = process.wait()
     if timer is not None:
         timer.cancel()
@@ -415,7 +419,9 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
             curve[f"{start}-{start + CURVE_WINDOW - 1}"] = {
                 name: round(float(np.mean([w[name] for w in window])), 4) for name in ("G", "D", "Mel", "A", "IP")}
     later = epoch_seconds[1:]
-    reached = {"stopped_after_s": seconds, "last_logged_step": max(logged, default=None)} if stopped else {}
+    reached = {}
+    if stopped:
+        reached = {"stopped_after_s": seconds, "steps_trained": None if last_step is None else last_step + 1}
     return {"batch_size": h.batch_size, "steps": steps_per_epoch * epochs, **reached,
             "first_epoch_s": round(epoch_seconds[0], 1) if epoch_seconds else None,
             "s_per_step_after_first_epoch": round(sum(later) / (len(later) * steps_per_epoch), 4) if later else None,
@@ -494,10 +500,6 @@ def bench_traffic(h: AttrDict, clips: List[float], precisions: List[str], batch:
                        "x_real_time_memory_bound": round(audio_seconds * bandwidth / traffic.bytes, 1)}
 
 
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
-
-
 def bench_streaming(h: AttrDict, clip_seconds: float, chunk_ms: List[float], precisions: List[str], repeats: int
                     ) -> Iterator[dict]:
     """One record per precision and chunk length: compute per latent frame and per push on the CPU
@@ -522,24 +524,40 @@ def bench_streaming(h: AttrDict, clip_seconds: float, chunk_ms: List[float], pre
                    "frame_ms_runs": [round(run["frame_ms"], 3) for run in runs]}
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """One-line errors for values that would otherwise fail deep inside a measurement."""
+def check_arguments(h: AttrDict, args: argparse.Namespace) -> None:
+    """One-line errors for values that would otherwise fail deep inside a measurement, or
+    after the other measurements have run."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available to this torch build")
-    for option in ("threads", "batch"):
+    for option, least in (("threads", 1), ("batch", 1), ("steps", 0), ("train_steps", 1), ("warmup", 0),
+                          ("repeats", 0)):
         value = getattr(args, option)
-        if value is not None and value < 1:
-            raise ValueError(f"--{option} must be at least 1, got {value}")
+        if value is not None and value < least:
+            raise ValueError(f"--{option} must be at least {least}, got {value}")
+    for option in ("clip_seconds", "bandwidth"):
+        value = getattr(args, option)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{option} must be a positive number, got {value:g}")
     if args.train_seconds is not None and not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
         raise ValueError(f"--train_seconds must be a positive number of seconds, got {args.train_seconds:g}")
     for option, unit in (("clips", "seconds"), ("file_seconds", "seconds"), ("stream_chunk_ms", "milliseconds")):
         bad = [v for v in getattr(args, option) if not (math.isfinite(v) and v > 0)]
         if bad:
             raise ValueError(f"--{option} takes positive numbers of {unit}, got {bad[0]:g}")
+    if args.stream_chunk_ms and not h.causal:
+        raise ValueError(f"--stream_chunk_ms needs a causal config ('causal': true), not {h.source}")
 
 
 def run(h: AttrDict, args: argparse.Namespace) -> None:
-    check_arguments(args)
+    check_arguments(h, args)
+    # stdout carries the JSON lines alone: what the measured code prints goes to stderr.
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        measure(h, args, emit=lambda record: print(json.dumps(record), file=out, flush=True))
+
+
+def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None]) -> None:
+    """Run the measurements that `args` asks for, giving each record to `emit`."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -589,8 +607,6 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
                 except Exception as e:
                     emit({"bench": "train.py", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
     if args.stream_chunk_ms:
-        if not h.causal:
-            raise ValueError(f"--stream_chunk_ms needs a causal config ('causal': true), not {h.source}")
         precisions = (args.inference_precisions or "float32," + fastpath.reduced_precision(torch.device("cpu"))).split(",")
         for record in bench_streaming(h, args.clip_seconds, args.stream_chunk_ms, precisions, args.repeats):
             emit({**record, **common})

@@ -1,4 +1,5 @@
 """bench.py: configuration names, the phase split and operation count of a training step."""
+import json
 import re
 import subprocess
 import sys
@@ -42,6 +43,12 @@ def test_inference_names_set_precision_and_compile():
     (["--stream_chunk_ms", "nan"], "--stream_chunk_ms takes positive numbers of milliseconds, got nan"),
     (["--train_seconds", "0"], "--train_seconds must be a positive number of seconds, got 0"),
     (["--suite", "inference", "--inference_precisions", "float33"], "'float33' is not one of"),
+    (["--warmup", "-3"], "--warmup must be at least 0, got -3"),
+    (["--repeats", "-2"], "--repeats must be at least 0, got -2"),
+    (["--suite", "train", "--train_steps", "0"], "--train_steps must be at least 1, got 0"),
+    (["--clip_seconds", "0"], "--clip_seconds must be a positive number, got 0"),
+    (["--suite", "traffic", "--bandwidth", "-3"], "--bandwidth must be a positive number, got -3"),
+    (["--stream_chunk_ms", "10"], "--stream_chunk_ms needs a causal config"),
 ])
 def test_bad_arguments_exit_in_one_line_before_measuring(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -72,7 +79,10 @@ def test_training_bench_reports_every_phase():
 # or trains on until a SIGTERM, which it answers as train.py does (it saves, then exits 143).
 _FAKE_TRAIN = """
 import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *args: sys.exit(143))
+def stop(*args):
+    print("Stopped by SIGTERM after step 57; checkpoint set saved", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
 for step, g in ((0, 10.0), (10, 8.0), (50, 4.0)):
     print(f"Steps {step}: G {g}, D 2.0, Mel 1.0, A 3.0, IP 1.5, s/b 0.1", flush=True)
 print("Time taken for epoch 1 is 5.0 s", flush=True)
@@ -100,7 +110,7 @@ def test_train_suite_reads_the_curve_and_stops_a_run_at_its_time_limit(tmp_path,
         "50-99": {"G": 4.0, "D": 2.0, "Mel": 1.0, "A": 3.0, "IP": 1.5}}
     assert record["first_epoch_s"] == 5.0 and record["s_per_step_after_first_epoch"] is None
     if ending == "train on":
-        assert record["stopped_after_s"] == 1.0 and record["last_logged_step"] == 50
+        assert record["stopped_after_s"] == 1.0 and record["steps_trained"] == 58
     else:
         assert "stopped_after_s" not in record
 
@@ -160,3 +170,17 @@ def test_tf32_run_switches_tf32_for_its_call_alone():
     assert bench.tf32_run("tf32", inside)() == (True, "tf32")
     assert bench.tf32_run("float32", inside)() == (False, "ieee")
     assert (matmul.fp32_precision, conv.fp32_precision) == before
+
+
+def test_stdout_holds_the_json_lines_alone(tmp_path, capsys):
+    """What the measured code prints (here train.py's line that cuda_graph needs a GPU) goes
+    to stderr, so that stdout can be piped to a JSON reader."""
+    from config import save_config
+    config = str(tmp_path / "tiny.json")
+    save_config(make_config(**dict(TINY, batch_size=1)), config)
+    bench.main(["--config", config, "--device", "cpu", "--steps", "1", "--warmup", "0",
+                "--precisions", "float32+graph"])
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["bench"] for r in records] == ["train_step", "params"] and "error" not in records[0]
+    assert "cuda_graph: it needs a CUDA GPU" in err
