@@ -428,6 +428,10 @@ class StreamingCodec:
         """audio (B, n) -> (codes (B, n_codebooks, m), decoded audio (B, n')) completed by it."""
         if self.ended:
             raise ValueError("this stream has ended (flush was called); start a new StreamingCodec")
+        batch = self.encoder.samples.size(0)
+        if audio.dim() != 2 or audio.size(0) != batch:
+            raise ValueError(f"a stream of batch {batch} takes audio (batch, samples) = ({batch}, n), "
+                             f"got shape {tuple(audio.shape)}")
         self.samples_in += audio.size(-1)
         codes = self.encoder.push(audio)
         out = self.decoder.push(codes)

@@ -82,6 +82,9 @@ def test_streamed_output_equals_the_offline_pass(codec, length):
 def test_a_stream_ends_at_flush_and_chunk_sizes_must_advance(codec):
     h, encoder, decoder = codec
     stream = streaming.StreamingCodec(encoder, decoder, h)
+    for wrong in (signal(0.02)[0], signal(0.02).repeat(2, 1)):
+        with pytest.raises(ValueError, match=r"^a stream of batch 1 takes audio \(batch, samples\) = \(1, n\)"):
+            stream.push(wrong)
     stream.push(signal(0.02))
     stream.flush()
     for again in (lambda: stream.push(signal(0.01)), stream.flush):
