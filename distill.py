@@ -4,7 +4,8 @@ L_KD is the mean, over the distilled points, of the mean squared difference betw
 student's and the frozen teacher's outputs for the same audio. The student's own losses are
 unchanged; train.py adds kd_weight x L_KD to the generator loss.
 """
-from typing import Dict, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,10 @@ ALIGNED_KEYS = ("sampling_rate", "n_fft", "hop_size", "win_size", "ratio", "late
 def load_teacher(h: AttrDict, device: torch.device) -> Tuple[Encoder, Decoder]:
     """The frozen teacher of `h`'s student (kd_teacher_encoder / kd_teacher_decoder), with a
     one-line error when it cannot teach it: a causal model, or one that differs in ALIGNED_KEYS."""
+    for key in ("kd_teacher_encoder", "kd_teacher_decoder"):
+        if not os.path.isfile(h[key]):
+            raise FileNotFoundError(f"config key '{key}': checkpoint not found: {h[key]} (set kd_teacher_encoder "
+                                    f"and kd_teacher_decoder to \"\" to train without distillation)")
     teacher_h = AttrDict(h, causal=False)
     teacher_h.source = h.source
     encoder, decoder, used = load_generator(teacher_h, h.kd_teacher_encoder, h.kd_teacher_decoder, device)
@@ -71,8 +76,11 @@ class FeatureTap:
 class Distiller:
     """The frozen teacher named by kd_teacher_encoder / kd_teacher_decoder, and the KD loss."""
 
-    def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device):
-        self.teacher_encoder, self.teacher_decoder = load_teacher(h, device)
+    def __init__(self, h: AttrDict, encoder: Encoder, decoder: Decoder, device: torch.device,
+                 teacher: Optional[Tuple[Encoder, Decoder]] = None):
+        """teacher: `load_teacher(h, ...)`'s result if already loaded, on any device."""
+        teacher = teacher or load_teacher(h, device)
+        self.teacher_encoder, self.teacher_decoder = (module.to(device) for module in teacher)
         self.teacher = FeatureTap(self.teacher_encoder, self.teacher_decoder)
         self.student = FeatureTap(encoder, decoder)
 

@@ -417,7 +417,7 @@ class StreamingCodec:
         self.h = h
         self.encoder = StreamingEncoder(encoder, h, batch, precision)
         self.decoder = StreamingDecoder(encoder, decoder, h, batch, precision)
-        self.samples_in = self.samples_out = 0
+        self.samples_in = self.samples_out = self.frames_out = 0
         self.ended = False
 
     def state_size(self) -> int:
@@ -436,17 +436,20 @@ class StreamingCodec:
         codes = self.encoder.push(audio)
         out = self.decoder.push(codes)
         self.samples_out += out.size(-1)
+        self.frames_out += codes.size(-1)
         return codes, out
 
     def flush(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """End the stream with the silence that completes the output; returns its codes and the
-        last audio, which ends with the last sample pushed before."""
+        """End the stream with the silence that completes the output; returns the last codes
+        and audio, so that the stream's codes are the offline pass's and its audio ends with the
+        last sample pushed (an empty stream gives none)."""
         pushed = self.samples_in
+        frames = latent_frames(pushed, self.h) - self.frames_out if pushed else 0
         codes, out = self.push(self.encoder.samples.new_zeros(self.encoder.samples.size(0),
                                                               latency_samples(self.h)))
         # The stream now holds that silence: audio pushed after it would be coded behind it.
         self.ended = True
-        return codes, out[:, :out.size(-1) - (self.samples_out - pushed)]
+        return codes[..., :frames], out[:, :out.size(-1) - (self.samples_out - pushed)]
 
 
 def chunk_sizes(sizes: Union[int, Iterable[int]]) -> Iterator[int]:
@@ -477,5 +480,4 @@ def stream_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h:
     c, out = codec.flush()
     codes.append(c)
     outs.append(out)
-    return {"codes": torch.cat(codes, dim=-1)[..., :latent_frames(audio.size(-1), h)],
-            "audio": torch.cat(outs, dim=-1)}
+    return {"codes": torch.cat(codes, dim=-1), "audio": torch.cat(outs, dim=-1)}

@@ -321,7 +321,8 @@ class Trainer:
     torch.compile when `compile` asks for it.
     """
 
-    def __init__(self, h: AttrDict, device: torch.device):
+    def __init__(self, h: AttrDict, device: torch.device, teacher: Optional[Tuple[Encoder, Decoder]] = None):
+        """teacher: the distillation teacher if already loaded (else it is loaded from `h`)."""
         self.h, self.device = h, device
         self.encoder = Encoder(h).to(device)
         self.decoder = Decoder(h).to(device)
@@ -336,7 +337,7 @@ class Trainer:
         self.scheduler_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, h.lr_decay)
         self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, h.lr_decay)
         self.steps, self.last_epoch = 0, -1
-        self.distiller = Distiller(h, self.encoder, self.decoder, device) if h.kd_teacher_encoder else None
+        self.distiller = Distiller(h, self.encoder, self.decoder, device, teacher) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on.
         self.position = 0
         self.nonfinite = NonFiniteChecks(h.fused_adamw and h.mixed_precision != "fp16", device)
@@ -546,8 +547,10 @@ class Trainer:
         optimizer, scaler, params = ((self.optim_g, self.scaler_g, self.params_g) if name == "G"
                                      else (self.optim_d, self.scaler_d, self.params_d))
         scaler.unscale_(optimizer)
-        norm = (torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip) if self.h.grad_clip
-                else gradient_norm(params))
+        if self.h.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip)
+        elif want_norm or not scaler.is_enabled():
+            norm = gradient_norm(params)
         # A finite loss can have an infinite gradient (an overflow, atan2's at (0, 0)), which
         # would write NaN into every weight. fp16's scaler skips those steps itself.
         check = loss.detach() if scaler.is_enabled() else loss.detach() + norm
@@ -729,16 +732,9 @@ def stop_requests() -> Iterator[Dict[str, int]]:
 
 
 def check_run_setup(h: AttrDict) -> Optional[IO]:
-    """What can fail before the data check, which can take long: `checkpoint_path` must be
-    writable, used by no other training run and have room for one checkpoint set, and a
-    distillation teacher's files exist and can teach the student. Returns the open lock file: keep it
-    for the whole run."""
-    for key in ("kd_teacher_encoder", "kd_teacher_decoder"):
-        if h[key] and not os.path.isfile(h[key]):
-            raise FileNotFoundError(f"config key '{key}': checkpoint not found: {h[key]} (set kd_teacher_encoder "
-                                    f"and kd_teacher_decoder to \"\" to train without distillation)")
-    if h.kd_teacher_encoder:
-        load_teacher(h, torch.device("cpu"))
+    """What can fail about `checkpoint_path` before the data check, which can take long: it must be
+    writable, used by no other training run and have room for one checkpoint set. Returns the
+    open lock file: keep it for the whole run."""
     folder = h.checkpoint_path
     try:
         os.makedirs(folder, exist_ok=True)
@@ -885,8 +881,10 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
     rank, world_size = init_distributed()
     lock = None
     try:
+        # A teacher that cannot teach is refused before the data check, as is an unusable folder.
+        teacher = load_teacher(h, torch.device("cpu")) if h.kd_teacher_encoder else None
         lock = check_run_setup(h) if is_main_process() else None
-        return _train(h, device, rank, world_size)
+        return _train(h, device, rank, world_size, teacher)
     finally:
         if lock is not None:
             lock.close()
@@ -895,13 +893,14 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
             _host_group = None
 
 
-def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: int) -> Trainer:
+def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: int,
+           teacher: Optional[Tuple[Encoder, Decoder]]) -> Trainer:
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else pick_device()
     torch.manual_seed(h.seed)
     torch.backends.cudnn.benchmark = True
     train_loader, valid_loader = build_loaders(h, rank, world_size)
-    trainer = Trainer(h, device)
+    trainer = Trainer(h, device, teacher)
     trainer.resume()
     # Written once the checkpoints have loaded into this config's network: the config beside
     # them must keep describing them (inference builds the network of checkpoints that do not

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import distill
 import train
 from checkpoints import release_state_dict
 from config import ConfigError
@@ -66,6 +67,16 @@ def test_student_learns_from_a_frozen_teacher(teacher):
         assert not any(p.requires_grad for p in module.parameters())
         for name, tensor in release_state_dict(module).items():
             assert torch.equal(tensor, saved[part][name]), name
+
+
+def test_a_training_run_loads_its_teacher_once(teacher, monkeypatch):
+    tmp_path, enc, dec = teacher
+    loaded = []
+    load = distill.load_generator
+    monkeypatch.setattr(distill, "load_generator", lambda h, *paths: loaded.append(paths) or load(h, *paths))
+    h = _config(tmp_path, "once", causal=True, kd_teacher_encoder=enc, kd_teacher_decoder=dec, training_epochs=1)
+    assert train.train(h, torch.device("cpu")).steps == 1
+    assert loaded == [(enc, dec, torch.device("cpu"))]
 
 
 def test_kd_weight_scales_the_generator_loss(teacher):

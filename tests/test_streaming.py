@@ -90,6 +90,8 @@ def test_a_stream_ends_at_flush_and_chunk_sizes_must_advance(codec):
     for again in (lambda: stream.push(signal(0.01)), stream.flush):
         with pytest.raises(ValueError, match="this stream has ended"):
             again()
+    codes, audio = streaming.StreamingCodec(encoder, decoder, h).flush()
+    assert codes.shape == (1, h.n_codebooks, 0) and audio.shape == (1, 0)
     for sizes in (0, [0, 0], -5, [3, -1]):
         with pytest.raises(ValueError, match="chunk sizes"):
             streaming.stream_roundtrip(encoder, decoder, signal(0.01), h, sizes)
