@@ -544,6 +544,8 @@ def check_arguments(h: AttrDict, args: argparse.Namespace) -> None:
         bad = [v for v in getattr(args, option) if not (math.isfinite(v) and v > 0)]
         if bad:
             raise ValueError(f"--{option} takes positive numbers of {unit}, got {bad[0]:g}")
+    if args.file_seconds and args.suite not in ("inference", "all"):
+        raise ValueError(f"--file_seconds times whole files in --suite inference (or all), not --suite {args.suite}")
     if args.stream_chunk_ms and not h.causal:
         raise ValueError(f"--stream_chunk_ms needs a causal config ('causal': true), not {h.source}")
 

@@ -98,11 +98,11 @@ OutputHook = Callable[[str, Dict[str, torch.Tensor]], None]
 
 
 def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[str, str], output_dir: str,
-                 device: torch.device, on_output: OutputHook) -> Dict[str, float]:
+                 device: torch.device, on_output: OutputHook, failed: List[str]) -> Dict[str, float]:
     """Resynthesise each file of {key: path}, mono at the model's rate, into output_dir/key.wav.
 
     `on_output(key, codec_roundtrip result)` sees every result, predicted spectra included.
-    A file that cannot be read is reported on stderr and left out. Returns the totals: files,
+    A file that cannot be read is reported on stderr, added to `failed` and left out. Returns the totals: files,
     audio seconds and the real-time factor of encode + decode (file I/O excluded; the first
     file gets one untimed pass, which pays for allocations and kernel selection).
     """
@@ -113,6 +113,7 @@ def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[st
             audio = torch.from_numpy(load_audio(path, h.sampling_rate)).to(device).unsqueeze(0)
         except ValueError as e:
             print(f"failed: {e}", file=sys.stderr)
+            failed.append(str(e))
             continue
         if done == 0:
             codec_roundtrip(encoder, decoder, audio, h)
@@ -136,12 +137,13 @@ def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[st
     return totals
 
 
-def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: torch.device
+def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: torch.device, failed: List[str]
               ) -> Tuple[Dict[str, float], Dict[str, object], AttrDict]:
     """Resynthesise every reference file (checked by `inference.check_inputs`) into `decoded_dir`
-    with the config's checkpoints.
+    with the config's checkpoints; those that cannot be read are added to `failed`.
 
-    Returns the STFT consistency of each file's predicted spectrum, the codec facts
+    Returns the STFT consistency of each file's predicted spectrum (its keys: the files
+    resynthesised), the codec facts
     (nominal bitrate, bits of the codes actually produced per second of audio, real-time
     factor of encode + decode) for the summary, and the config of the checkpoints (that of
     their training run when it differs from `h`, see `load_codec`), which the metrics use.
@@ -156,7 +158,7 @@ def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: 
         bits_drawn += out["codes"].numel() * bits_per_code
         consistency[key] = stft_consistency(out["real"][0], out["imag"][0], h).item()
 
-    totals = resynthesize(h, encoder, decoder, reference, decoded_dir, device, measure)
+    totals = resynthesize(h, encoder, decoder, reference, decoded_dir, device, measure, failed)
     # Measured from the codes, padding frames included; a codes-file container adds its header.
     codec = {"bitrate_bps": bitrate(h), "bitrate_measured_bps": bits_drawn / totals["audio_seconds"],
              "rtf": totals["rtf"], "rtf_device": device.type, "rtf_threads": torch.get_num_threads()}
@@ -303,18 +305,24 @@ def write_outputs(output: str, rows: List[Dict[str, object]], summary: Dict[str,
 
 def run(h: AttrDict, args: argparse.Namespace) -> None:
     device = pick_device()
+    # Every reference that could not be read, at any stage: reported, and left out of the means.
+    failed: List[str] = []
     listed = audio_index(args.reference)
-    reference = check_inputs(listed, args.reference)
+    reference = check_inputs(listed, args.reference, failed)
     consistency, codec = {}, {}
     decoded_dir = args.decoded
     if decoded_dir is None:
         decoded_dir = os.path.join(args.output, "decoded")
         check_outputs(reference, decoded_dir, ".wav", "--output")
-        consistency, codec, h = run_codec(h, reference, decoded_dir, device)
+        consistency, codec, h = run_codec(h, reference, decoded_dir, device, failed)
+        reference = {key: path for key, path in reference.items() if key in consistency}
     pairs, missing, extra = match_files(reference, audio_index(decoded_dir))
+    # A decoded file whose reference failed is not extra.
+    extra = [key for key in extra if key not in listed]
     if not pairs:
         raise FileNotFoundError(f"no file of {args.reference} has a match in {decoded_dir}")
-    rows, extremes, failed = evaluate(pairs, h, args.speech, device)
+    rows, extremes, unread = evaluate(pairs, h, args.speech, device)
+    failed += unread
     notes = [f"Evaluated {len(rows)} files of {args.reference} against {decoded_dir}."]
     if missing:
         notes.append(f"Missing from {decoded_dir} ({len(missing)}): {', '.join(missing)}")
@@ -342,10 +350,7 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     write_outputs(args.output, rows, summary, report, extremes, h.sampling_rate)
     print(report, end="")
     print(f"Wrote metrics.csv, summary.json, report.md and spectrograms.png to {args.output}")
-    # References whose headers failed were never paired; in codec mode, those that could not
-    # be read were never decoded (and are the missing ones).
-    unread = len(failed) + len(listed) - len(reference) + (len(reference) - len(consistency) if codec else 0)
-    problems = [f"{unread} file(s) could not be evaluated"] if unread else []
+    problems = [f"{len(failed)} file(s) could not be evaluated"] if failed else []
     if missing and not codec:
         problems.append(f"{len(missing)} reference file(s) have no decoded file")
     if problems:

@@ -11,7 +11,7 @@ outputs go to `test_wav_output_dir` with the same relative path and name:
 
 Any sample rate and channel count: audio is resampled to the model's rate, each channel is
 coded on its own, and the output returns to the input's rate (unless --keep_model_rate)
-with exactly the input's length. Inputs longer than --chunk_seconds are coded in
+with exactly the input's length. Inputs longer than --chunk_seconds + 1 s are coded in
 overlapping windows with a crossfade, so memory stays bounded (--file_statistics makes
 their codes, but for rare near-ties, those of one pass over the whole input, at the cost
 of one more encoder pass). All inputs are checked before anything is written. When the checkpoints were
@@ -22,17 +22,17 @@ Resynthesis batches the files that fit one window, sorted by length, padded and 
 that each gets exactly its own output: on a GPU each batch is one forward pass.
 
 --precision float32 (default) computes the reference numbers; bfloat16 and int8 are faster
-and approximate (codes, LSD and mel distance stay within about 1% of float32's), and auto
-picks the faster one on this machine: bfloat16 on a GPU, a CPU with AMX or a non-x86 CPU,
-else int8. The line it prints names the kernels in use. --compile fuses the work around the
+and approximate (LSD and mel distance within about 1% of float32's, about 99% of the codes
+identical), and auto picks the faster one on this machine: bfloat16 on a GPU, a CPU with AMX
+or a non-x86 CPU, else int8. The line it prints names the kernels in use. --compile fuses the work around the
 first product of each ConvNeXt block in float32 and bfloat16 with torch.compile (a C++
 compiler on a CPU, Triton on a GPU): the first files wait while it compiles, and the
 outputs differ from the uncompiled ones by float rounding.
 
 With --stream (resynth mode, causal codecs: `causal: true`), each file goes through the
 streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live stream
-would, and gives the same files as the offline pass (in float32; --precision applies to
-a causal codec only when it streams).
+would, and gives the offline pass's files to within one 16-bit step (in float32;
+--precision applies to a causal codec only when it streams).
 """
 import argparse
 import os
@@ -52,9 +52,10 @@ from utils import pick_device
 MODES = ("resynth", "encode", "decode")
 
 
-def check_inputs(files: Dict[str, str], location: str) -> Dict[str, str]:
+def check_inputs(files: Dict[str, str], location: str, failed: Optional[List[str]] = None) -> Dict[str, str]:
     """The inputs whose headers read as audio with at least one sample, checked before anything
-    is written; each other one is reported by path and reason. No usable input is an error."""
+    is written; each other one is reported by path and reason (on stderr, and added to `failed`
+    when given). No usable input is an error."""
     if not files:
         raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {location}")
     usable = {}
@@ -62,6 +63,8 @@ def check_inputs(files: Dict[str, str], location: str) -> Dict[str, str]:
         problem = header_problem(path)
         if problem:
             print(f"failed: {path}: {problem}", file=sys.stderr)
+            if failed is not None:
+                failed.append(f"{path}: {problem}")
         else:
             usable[key] = path
     if not usable:

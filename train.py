@@ -881,9 +881,9 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
     rank, world_size = init_distributed()
     lock = None
     try:
-        # A teacher that cannot teach is refused before the data check, as is an unusable folder.
-        teacher = load_teacher(h, torch.device("cpu")) if h.kd_teacher_encoder else None
         lock = check_run_setup(h) if is_main_process() else None
+        # A teacher that cannot teach is refused before the data check too.
+        teacher = load_teacher(h, torch.device("cpu")) if h.kd_teacher_encoder else None
         return _train(h, device, rank, world_size, teacher)
     finally:
         if lock is not None:

@@ -49,6 +49,7 @@ def test_inference_names_set_precision_and_compile():
     (["--clip_seconds", "0"], "--clip_seconds must be a positive number, got 0"),
     (["--suite", "traffic", "--bandwidth", "-3"], "--bandwidth must be a positive number, got -3"),
     (["--stream_chunk_ms", "10"], "--stream_chunk_ms needs a causal config"),
+    (["--file_seconds", "10"], "--file_seconds times whole files in --suite inference (or all), not --suite step"),
 ])
 def test_bad_arguments_exit_in_one_line_before_measuring(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -266,7 +266,9 @@ def test_unreadable_files_are_reported_the_rest_evaluated_and_the_run_fails(tmp_
     assert [row["file"] for row in rows] == ["good"]
     with open(tmp_path / "out" / "summary.json") as f:
         files = json.load(f)["files"]
-    assert files["evaluated"] == 1 and files["failed"] == 1
+    assert files == {"evaluated": 1, "failed": 2, "missing": [], "extra": []}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Failed (2), left out: " in report and "cut.wav: truncated" in report and "bad.wav" in report
 
 
 def test_identical_files_have_infinite_snr_and_no_interval(tmp_path):
@@ -332,6 +334,10 @@ def test_codec_mode_reports_unreadable_references_and_codes_the_rest(tmp_path, c
     err = capsys.readouterr().err
     assert "broken.wav" in err and "nan.wav has NaN or infinite samples" in err
     assert [row["file"] for row in read_csv(tmp_path / "out" / "metrics.csv")] == ["good"]
+    with open(tmp_path / "out" / "summary.json") as f:
+        assert json.load(f)["files"] == {"evaluated": 1, "failed": 2, "missing": [], "extra": []}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Failed (2), left out: " in report and "broken.wav" in report and "nan.wav has NaN" in report
 
 
 def test_an_optional_metric_that_fails_on_a_file_is_left_empty_there(tmp_path, capsys):
