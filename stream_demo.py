@@ -78,33 +78,49 @@ def stream(h: AttrDict, codec: StreamingCodec, chunks: Iterator[np.ndarray], sin
     return timed_stream(codec, chunks, write_raw)
 
 
+class StopReading(Exception):
+    """Ctrl-C while the stream waits for its next chunk."""
+
+
 def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Callable[[np.ndarray], None]
                  ) -> List[dict]:
     """Push each chunk (L,) and write what comes out, then flush; returns per push the latent
     frames completed and the wall and CPU (this thread) seconds it took."""
     timings = []
     stop: List[int] = []
+    reading = False
 
     def request_stop(signum: int, frame: object) -> None:
         if stop:
             raise KeyboardInterrupt    # a second Ctrl-C stops at once
         stop.append(signum)
+        if reading:
+            raise StopReading          # the next chunk may never come (a source that waits)
 
     # Ctrl-C is how a live stream ends: the push under way finishes (the encoder may have
-    # taken its chunk already), then the stream is flushed and everything coded is written.
+    # taken its chunk already), or the wait for the next chunk ends (what it had read of
+    # that chunk is dropped); then the stream is flushed and everything coded is written.
     previous = signal.signal(signal.SIGINT, request_stop)
+    chunks = iter(chunks)
     try:
         with torch.inference_mode():
-            for chunk in chunks:
+            while True:
+                reading = True
+                try:
+                    if stop:
+                        break
+                    chunk = next(chunks)
+                except (StopIteration, StopReading):
+                    break
+                finally:
+                    reading = False
                 wall, cpu = time.perf_counter(), time.thread_time()
                 codes, audio = codec.push(torch.from_numpy(chunk)[None])
                 timings.append({"frames": codes.size(-1), "wall": time.perf_counter() - wall,
                                 "cpu": time.thread_time() - cpu})
                 write(audio[0].numpy())
-                if stop:
-                    print("Interrupted: the stream ends here, and what was coded so far is written",
-                          file=sys.stderr)
-                    break
+            if stop:
+                print("Interrupted: the stream ends here, and what was coded so far is written", file=sys.stderr)
             write(codec.flush()[1][0].numpy())
     finally:
         signal.signal(signal.SIGINT, previous)

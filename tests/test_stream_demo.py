@@ -14,7 +14,7 @@ from checkpoints import release_state_dict
 from config import save_config
 from conftest import ROOT, TINY, make_config, write_tone
 from models import Decoder, Encoder, remove_weight_norm
-from streaming import causal_roundtrip
+from streaming import StreamingCodec, causal_roundtrip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,6 +107,22 @@ def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monk
     assert "Interrupted" in capsys.readouterr().err
     live, five = (sf.read(str(tmp_path / name), dtype="int16")[0] for name in ("live.wav", "five.wav"))
     assert live.size == 5 * chunk and np.array_equal(live, five)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    # Ctrl-C while the stream waits for input (a source that may never send more) ends it there.
+    def source_that_waits():
+        yield from chunks[:3]
+        signal.raise_signal(signal.SIGINT)
+        yield from chunks[3:]
+    monkeypatch.setattr(stream_demo, "StreamingCodec", StreamingCodec)
+    monkeypatch.setattr(stream_demo, "read_chunks", lambda source, h, size: iter(chunks[:3]))
+    stream_demo.main(argv + [str(tmp_path / "three.wav")])
+    monkeypatch.setattr(stream_demo, "read_chunks", lambda source, h, size: source_that_waits())
+    capsys.readouterr()
+    stream_demo.main(argv + [str(tmp_path / "waiting.wav")])
+    assert "Interrupted" in capsys.readouterr().err
+    waiting, three = (sf.read(str(tmp_path / name), dtype="int16")[0] for name in ("waiting.wav", "three.wav"))
+    assert waiting.size == 3 * chunk and np.array_equal(waiting, three)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
