@@ -82,17 +82,23 @@ def test_output_that_replaces_the_input_or_is_not_wav_is_refused(tmp_path, causa
 
 
 def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monkeypatch, capsys):
-    """Ctrl-C is how a live stream ends: the push under way finishes, and the output is that of
-    a stream of the chunks read so far."""
+    """Ctrl-C is how a live stream ends: the push under way finishes, or the wait for the next
+    chunk ends, and the output is that of a stream of the chunks read so far."""
     _, config = causal_config
     chunk = 7 * 48000 // 1000
     rng = np.random.default_rng(1)
     chunks = [(rng.standard_normal(chunk) * 0.1).astype(np.float32) for _ in range(8)]
-    monkeypatch.setattr(stream_demo, "read_chunks", lambda source, h, size: iter(chunks[:5]))
     argv = ["--config", config, "--input", "-", "--random_weights", "--chunk_ms", "7", "--output"]
-    stream_demo.main(argv + [str(tmp_path / "five.wav")])
 
-    class CtrlCOnTheFifthPush(stream_demo.StreamingCodec):
+    def streamed(source, name):
+        """The samples written and stderr of a stream of `source`'s chunks."""
+        monkeypatch.setattr(stream_demo, "read_chunks", lambda path, h, size: source)
+        capsys.readouterr()
+        stream_demo.main(argv + [str(tmp_path / name)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        return sf.read(str(tmp_path / name), dtype="int16")[0], capsys.readouterr().err
+
+    class CtrlCOnTheFifthPush(StreamingCodec):
         pushes = 0
 
         def push(self, audio):
@@ -100,30 +106,20 @@ def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monk
             if CtrlCOnTheFifthPush.pushes == 5:
                 signal.raise_signal(signal.SIGINT)
             return super().push(audio)
-    monkeypatch.setattr(stream_demo, "read_chunks", lambda source, h, size: iter(chunks))
-    monkeypatch.setattr(stream_demo, "StreamingCodec", CtrlCOnTheFifthPush)
-    capsys.readouterr()
-    stream_demo.main(argv + [str(tmp_path / "live.wav")])
-    assert "Interrupted" in capsys.readouterr().err
-    live, five = (sf.read(str(tmp_path / name), dtype="int16")[0] for name in ("live.wav", "five.wav"))
-    assert live.size == 5 * chunk and np.array_equal(live, five)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    # Ctrl-C while the stream waits for input (a source that may never send more) ends it there.
     def source_that_waits():
+        # Ctrl-C while waiting for input that may never come
         yield from chunks[:3]
         signal.raise_signal(signal.SIGINT)
         yield from chunks[3:]
-    monkeypatch.setattr(stream_demo, "StreamingCodec", StreamingCodec)
-    monkeypatch.setattr(stream_demo, "read_chunks", lambda source, h, size: iter(chunks[:3]))
-    stream_demo.main(argv + [str(tmp_path / "three.wav")])
-    monkeypatch.setattr(stream_demo, "read_chunks", lambda source, h, size: source_that_waits())
-    capsys.readouterr()
-    stream_demo.main(argv + [str(tmp_path / "waiting.wav")])
-    assert "Interrupted" in capsys.readouterr().err
-    waiting, three = (sf.read(str(tmp_path / name), dtype="int16")[0] for name in ("waiting.wav", "three.wav"))
-    assert waiting.size == 3 * chunk and np.array_equal(waiting, three)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    five, _ = streamed(iter(chunks[:5]), "five.wav")
+    three, _ = streamed(iter(chunks[:3]), "three.wav")
+    waiting, err = streamed(source_that_waits(), "waiting.wav")
+    assert "Interrupted" in err and waiting.size == 3 * chunk and np.array_equal(waiting, three)
+    monkeypatch.setattr(stream_demo, "StreamingCodec", CtrlCOnTheFifthPush)
+    live, err = streamed(iter(chunks), "live.wav")
+    assert "Interrupted" in err and live.size == 5 * chunk and np.array_equal(live, five)
 
 
 def test_causal_checkpoints_stream_with_the_config_beside_them(tmp_path, causal_config):
