@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 import dataset
-from conftest import tone, write_tone
+from conftest import TINY, make_config, tone, write_tone
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, audio_problem, check_audio_files, find_audio_files,
                      load_audio, read_filelist, trim_for_validation)
 
@@ -272,3 +272,24 @@ def test_crops_start_anywhere_in_the_clip(tmp_path, tiny_h, monkeypatch, read_al
         assert len(start) == 1
         starts.add(start[0])
     assert starts == {0, 1}
+
+
+def test_training_targets_and_encoder_inputs_are_the_analyses_of_the_audio(tiny_h):
+    """The targets are the reflect-padded spectra and the loss mel (both checked against numpy
+    and librosa elsewhere); the paper's encoder reads those spectra, the causal one the
+    zero-padded analysis that a stream sees."""
+    from spectral import amp_pha_spectrum, mel_spectrogram
+    h = tiny_h
+    torch.manual_seed(0)
+    audio = torch.randn(2, h.segment_size) * 0.1
+    ref = dataset.spectral_targets(audio, h)
+    for name, expected in zip(("logamp", "pha", "real", "imag"), amp_pha_spectrum(audio, h.n_fft, h.hop_size,
+                                                                                   h.win_size)):
+        assert torch.equal(ref[name], expected), name
+    mel = mel_spectrogram(audio, h.sampling_rate, h.n_fft, h.num_mels_for_loss, h.hop_size, h.win_size)
+    assert ref["mel"].shape == mel.shape and torch.allclose(ref["mel"], mel, rtol=1e-5, atol=1e-5)
+    assert all(a is b for a, b in zip(dataset.encoder_input(audio, ref, h), (ref["logamp"], ref["pha"])))
+    causal = make_config(**dict(TINY, causal=True))
+    streamed = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size, pad="zeros")[:2]
+    for got, expected, reflected in zip(dataset.encoder_input(audio, ref, causal), streamed, (ref["logamp"], ref["pha"])):
+        assert torch.equal(got, expected) and not torch.allclose(got[..., 0], reflected[..., 0])

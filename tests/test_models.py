@@ -299,6 +299,30 @@ def test_rvq_losses_average_items_then_sum_stages():
     assert commitment.item() == pytest.approx(per_item.mean().item(), rel=1e-5)
 
 
+def test_commitment_trains_the_encoder_side_and_codebook_loss_the_codebook():
+    """commitment = mse(z_e, sg(z_q)) moves only what makes z_e; codebook = mse(z_q, sg(z_e))
+    moves only the rows drawn, by 2 (c_k - z_e) / (B D T) summed over the frames coded k."""
+    torch.manual_seed(0)
+    vq = models.VectorQuantize(8, 16, 4)
+    z = torch.randn(2, 8, 5)
+    in_proj = vq.in_proj.parametrizations.weight.original1
+    commitment = vq(z).commitment.mean()
+    commitment.backward()
+    assert in_proj.grad.abs().sum() > 0
+    assert vq.codebook.weight.grad is None or torch.all(vq.codebook.weight.grad == 0)
+    vq.zero_grad()
+    out = vq(z)
+    out.codebook.mean().backward()
+    assert in_proj.grad is None or torch.all(in_proj.grad == 0)
+    with torch.no_grad():
+        z_e = vq.in_proj(z)                                   # (B, D, T)
+        rows = vq.codebook.weight[out.codes]                  # (B, T, D)
+        step = 2 * (rows - z_e.transpose(1, 2)) / z_e.numel()
+        expected = torch.zeros_like(vq.codebook.weight).index_add_(0, out.codes.flatten(), step.reshape(-1, 4))
+    assert torch.allclose(vq.codebook.weight.grad, expected, atol=1e-7)
+    assert (expected.abs().sum(1) > 0).sum() == out.codes.unique().numel()
+
+
 def test_straight_through_gradient_reaches_encoder(tiny_h):
     torch.manual_seed(0)
     enc, dec = models.Encoder(tiny_h), models.Decoder(tiny_h)
