@@ -122,6 +122,10 @@ def test_files_are_matched_by_relative_name(folder_run):
 def test_length_and_rate_mismatches_are_warned(folder_run):
     assert "sub/longer: reference has 24000 samples, decoded 24005; trimmed to the shorter" in folder_run["stderr"]
     assert "rate.wav is 24000 Hz; resampled to 48000 Hz" in folder_run["stderr"]
+    # Trimmed at the end, where the extra samples are (trimming the start would misalign them),
+    # and resampled to the reference's rate (a 24 kHz tone is near its 48 kHz original).
+    rows = {row["file"]: row for row in read_csv(folder_run["out"] / "metrics.csv")}
+    assert float(rows["sub/longer"]["SNR"]) > 60 and float(rows["rate"]["SNR"]) > 15
 
 
 def test_missing_optional_package_drops_its_column(folder_run):

@@ -61,10 +61,12 @@ def test_raw_pcm_from_stdin_to_stdout(tmp_path, causal_config):
 
 def test_non_causal_config_and_missing_input_exit_in_one_line(tmp_path, causal_config):
     _, config = causal_config
-    for argv in (["--input", str(tmp_path / "x.wav")], ["--config", config, "--input", str(tmp_path / "x.wav")]):
+    write_tone(str(tmp_path / "in.wav"), 0.05)
+    for argv, message in ((["--input", str(tmp_path / "in.wav")], "causal"),
+                          (["--config", config, "--input", str(tmp_path / "x.wav")], "x.wav")):
         with pytest.raises(SystemExit) as exit_info:
             stream_demo.main(argv + ["--output", str(tmp_path / "o.wav"), "--random_weights"])
-        assert "\n" not in str(exit_info.value)
+        assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
     assert not (tmp_path / "o.wav").exists()
 
 

@@ -87,16 +87,26 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     assert "Nothing to train: the run in" in capsys.readouterr().out
 
 
-def test_short_and_silent_validation_clips_validate(tmp_path, capsys):
-    """A 28-sample clip is padded for the analysis; a silent one has no SNR, left out of the mean."""
+def test_short_and_silent_validation_clips_validate(tmp_path, capsys, monkeypatch):
+    """A 28-sample clip is padded for the analysis; one that is silent but for the samples that
+    validation trims off (the data check leaves silent files out) has no SNR, left out of the mean."""
     h = _setup(tmp_path, training_epochs=1)
     sf.write(tmp_path / "wavs" / "blip.wav", tone(0.01)[:28], 48000)
-    sf.write(tmp_path / "wavs" / "silence.wav", np.zeros(4000, np.float32), 48000)
+    silence = np.zeros(4000, np.float32)
+    silence[-5:] = 0.5
+    sf.write(tmp_path / "wavs" / "silence.wav", silence, 48000)
     (tmp_path / "valid.txt").write_text("wavs/clip0.wav\nwavs/blip.wav\nwavs/silence.wav\n")
+    measured = []
+    compute_metrics = train.compute_metrics
+    monkeypatch.setattr(train, "compute_metrics", lambda *args: measured.append(compute_metrics(*args)) or measured[-1])
     train.train(h, torch.device("cpu"))
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("Validation at step 0"))
-    values = dict(item.rsplit(" ", 1) for item in line.split(": ", 1)[1].split(", "))
-    assert all(math.isfinite(float(v)) for v in values.values()), line
+    values = {k: float(v) for k, v in (item.rsplit(" ", 1) for item in line.split(": ", 1)[1].split(", "))}
+    assert all(math.isfinite(v) for v in values.values()), line
+    first = measured[:3]
+    assert math.isnan(first[2]["SNR"]) and all(math.isfinite(m["SNR"]) for m in first[:2])
+    assert values["SNR"] == pytest.approx(np.mean([m["SNR"] for m in first[:2]]), abs=1e-3)
+    assert values["LSD"] == pytest.approx(np.mean([m["LSD"] for m in first]), abs=1e-3)
 
 
 def test_incomplete_checkpoint_set_is_ignored(tmp_path):
