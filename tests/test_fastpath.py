@@ -258,8 +258,9 @@ def test_padding_zeroes_the_rows_past_each_clip_end():
 @pytest.mark.parametrize("chunk_frames, compile", [(fastpath.CHUNK_FRAMES, False), (None, False), (None, True)])
 def test_bfloat16_codec_stays_near_float32_alone_and_batched(model, chunk_frames, compile):
     """bfloat16, chunked one clip at a time (a CPU's way) and as one dense batch (a GPU's),
-    also compiled, near the float32 output of each clip (random weights: loose bounds, as a
-    flipped code moves the audio). The batch's GRN statistics are each clip's own as bfloat16
+    also compiled, near float32: the codes nearly all those of float32 (a near-tie may flip),
+    and the audio near float32's decoding of the same codes (error energy measured at 1-3e-4
+    of the signal's). The batch's GRN statistics are each clip's own as bfloat16
     gathers them alone, within 2%: rounding moves them by 0.4%, a mix-up of clips by 19% or more."""
     if compile:
         _compiler_or_skip()
@@ -267,10 +268,13 @@ def test_bfloat16_codec_stays_near_float32_alone_and_batched(model, chunk_frames
     clips = _clips(30011, 700, 4801)
     exact = FastGenerator(encoder, decoder, h).roundtrip(clips)
     fast = FastGenerator(encoder, decoder, h, "bfloat16", chunk_frames=chunk_frames, compile=compile)
-    for a, e in zip(fast.roundtrip(clips), exact):
+    approx = fast.roundtrip(clips)
+    decoded = FastGenerator(encoder, decoder, h).decode([a["codes"] for a in approx])
+    for a, e, d in zip(approx, exact, decoded):
         assert a["audio"].shape == e["audio"].shape and a["codes"].shape == e["codes"].shape
-        assert (a["audio"] - e["audio"]).pow(2).sum() < 0.1 * e["audio"].pow(2).sum()
-        assert (a["codes"] == e["codes"]).float().mean() >= 0.95
+        assert (a["codes"] == e["codes"]).float().mean() >= 0.97
+        same_codes = d["audio"][:a["audio"].numel()]
+        assert (a["audio"] - same_codes).pow(2).sum() < 5e-3 * same_codes.pow(2).sum()
     if chunk_frames is None:
         _assert_batched_statistics_are_each_clips(fast, FastGenerator(encoder, decoder, h, "bfloat16"), 0.02)
 

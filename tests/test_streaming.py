@@ -215,11 +215,12 @@ def test_streamed_upsampler_equals_the_causal_transposed_convolution(kernel, str
     assert torch.allclose(torch.cat(outs, dim=2), offline, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
-def test_reduced_precision_streams_close_to_float32(codec, precision):
+@pytest.mark.parametrize("precision, bound", [("bfloat16", 0.05), ("int8", 0.1)])
+def test_reduced_precision_streams_close_to_float32(codec, precision, bound):
     """Reduced precision changes the numbers a little, not the stream's shape or timing: same
-    lengths, most codes equal, audio near the float32 stream's (random weights: loose bounds;
-    the demo checkpoint's quality is checked in a slow test)."""
+    lengths, most codes equal, audio near the float32 stream's (error energy measured at 2e-4
+    of the signal's in bfloat16, 0.04 in int8; a code flipped at a near-tie adds a few
+    percent; the demo checkpoint's quality is checked in a slow test)."""
     h, encoder, decoder = codec
     x = signal(0.3)
     exact = streaming.stream_roundtrip(encoder, decoder, x, h, 480)
@@ -227,7 +228,7 @@ def test_reduced_precision_streams_close_to_float32(codec, precision):
     assert approx["codes"].shape == exact["codes"].shape and approx["audio"].shape == exact["audio"].shape
     assert (approx["codes"] == exact["codes"]).float().mean() >= 0.9
     error = (approx["audio"] - exact["audio"]).pow(2).sum() / exact["audio"].pow(2).sum()
-    assert 0 < error < 0.1
+    assert 0 < error < bound
 
 
 def test_stream_int8_keeps_seven_bits_where_fbgemm_could_saturate(monkeypatch):
