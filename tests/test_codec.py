@@ -334,10 +334,15 @@ def test_default_resynthesis_is_the_whole_file_roundtrip(codec, tmp_path):
 
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32", "FLOAT"])
 def test_int_and_float_inputs(codec, tmp_path, subtype):
+    """Each sample format is read as its float values: the file's output is that of the
+    samples soundfile reads, to one 16-bit step."""
     path = str(tmp_path / "a.wav")
     sf.write(path, tone(0.1), 48000, subtype=subtype)
     codec.resynthesize_file(path, str(tmp_path / "out.wav"))
-    assert sf.info(str(tmp_path / "out.wav")).frames == 4800
+    out, rate = sf.read(str(tmp_path / "out.wav"), dtype="int16")
+    expected = codec.resynthesize(sf.read(path, dtype="float32")[0], 48000)[0][0]
+    assert rate == 48000 and out.shape == (4800,)
+    assert np.abs(out - np.round(np.clip(expected, -1, 1) * 32767)).max() <= 1
 
 
 def test_inference_encode_and_decode_modes_mirror_the_tree(tmp_path, tiny_h):

@@ -193,10 +193,16 @@ def test_check_skips_bad_files_reports_them_and_caches(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dataset, "audio_problem", read_only_missing)
         assert check_audio_files(paths[:3], "list.txt", 0.2, False, cache) == [paths[0]]
-    # A changed file is read again.
-    write_tone(paths[0], 0.3)
+    # A changed file is read again, and what it now holds decides.
+    sf.write(paths[0], np.zeros(4800, np.float32), 48000)
     os.utime(paths[0], ns=(1, 1))
     assert cache.get(paths[0]) is None
+    read = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataset, "audio_problem", lambda path: read.append(path) or original(path))
+        with pytest.raises(ValueError, match="no usable audio file"):
+            check_audio_files(paths[:1], "list.txt", 0.2, False, cache)
+    assert read == [paths[0]]
 
 
 def test_a_check_stopped_part_way_keeps_what_it_found(tmp_path, monkeypatch):

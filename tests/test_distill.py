@@ -80,12 +80,20 @@ def test_a_training_run_loads_its_teacher_once(teacher, monkeypatch):
 
 
 def test_kd_weight_scales_the_generator_loss(teacher):
-    """G with KD = G of the student's own terms + kd_weight x KD, and the stdout line shows KD."""
+    """G with KD = G of the student's own terms + kd_weight x KD, KD_latent is the MSE of the two
+    latents, and the stdout line shows KD."""
     tmp_path, enc, dec = teacher
     h = _config(tmp_path, "weighted", causal=True, kd_teacher_encoder=enc, kd_teacher_decoder=dec, kd_weight=3.5)
     trainer = train.Trainer(h, torch.device("cpu"))
     trainer.resume()
+    latents = []
+    for model in (trainer.encoder, trainer.distiller.teacher_encoder):
+        model.latent_conv.register_forward_hook(lambda module, inputs, output: latents.append(output.detach()))
     terms = trainer.train_step(torch.randn(2, h.segment_size) * 0.1)
+    student, teacher = latents
+    frames = min(student.size(-1), teacher.size(-1))
+    by_hand = (student[..., :frames] - teacher[..., :frames]).pow(2).mean()
+    assert terms["KD_latent"].item() == pytest.approx(by_hand.item(), rel=1e-5) and by_hand > 0
     own = train.losses.generator_total({k: v for k, v in terms.items() if not k.startswith("KD")})
     assert terms["G"].item() == pytest.approx(own.item() + 3.5 * terms["KD"].item(), rel=1e-5)
     assert "KD " in train.format_terms({k: v.item() for k, v in terms.items()})
