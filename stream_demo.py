@@ -104,21 +104,20 @@ def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Cal
     chunks = iter(chunks)
     try:
         with torch.inference_mode():
-            while True:
-                reading = True
-                try:
-                    if stop:
-                        break
-                    chunk = next(chunks)
-                except (StopIteration, StopReading):
-                    break
-                finally:
+            try:
+                while True:
+                    reading = True
+                    chunk = None if stop else next(chunks, None)
                     reading = False
-                wall, cpu = time.perf_counter(), time.thread_time()
-                codes, audio = codec.push(torch.from_numpy(chunk)[None])
-                timings.append({"frames": codes.size(-1), "wall": time.perf_counter() - wall,
-                                "cpu": time.thread_time() - cpu})
-                write(audio[0].numpy())
+                    if chunk is None:
+                        break
+                    wall, cpu = time.perf_counter(), time.thread_time()
+                    codes, audio = codec.push(torch.from_numpy(chunk)[None])
+                    timings.append({"frames": codes.size(-1), "wall": time.perf_counter() - wall,
+                                    "cpu": time.thread_time() - cpu})
+                    write(audio[0].numpy())
+            except StopReading:
+                pass
             if stop:
                 print("Interrupted: the stream ends here, and what was coded so far is written", file=sys.stderr)
             write(codec.flush()[1][0].numpy())
