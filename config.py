@@ -168,6 +168,8 @@ SCHEMA: Tuple[Key, ...] = (
     Key("lr_decay", 0.999, decay, "ExponentialLR gamma, stepped once per epoch"),
     Key("seed", 1234, seed, "torch / python seeds and the one-time shuffle of the training list"),
     Key("training_epochs", 3100, positive_int, "epochs (the paper trains about 1M steps)"),
+    Key("max_steps", 0, non_negative_int, "stop after this many steps, e.g. 1000000 as in the paper "
+        "(0: train for training_epochs); the last checkpoint set is numbered max_steps - 1", release=False),
     Key("stdout_interval", 5, positive_int, "steps between stdout lines"),
     Key("checkpoint_interval", 5000, positive_int, "steps between checkpoint sets"),
     Key("summary_interval", 100, positive_int, "steps between TensorBoard scalars"),

@@ -873,7 +873,7 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
 
 
 def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
-    """Train (or resume) the run of config `h` to `training_epochs`; returns the trainer.
+    """Train (or resume) the run of config `h` to `training_epochs` (or `max_steps`); returns the trainer.
 
     Under torchrun every process calls this; it joins the process group and leaves it at the end.
     """
@@ -918,6 +918,10 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
         say(f"Nothing to train: the run in {h.checkpoint_path} has finished {start_epoch} epochs "
             f"(training_epochs = {h.training_epochs}); raise training_epochs to continue")
         return trainer
+    if h.max_steps and trainer.steps >= h.max_steps:
+        say(f"Nothing to train: the run in {h.checkpoint_path} has trained {trainer.steps} steps "
+            f"(max_steps = {h.max_steps}); raise max_steps to continue")
+        return trainer
     # TensorBoard hides what an earlier process logged from this step on: the steps that a
     # stopped or crashed run took after its last checkpoint are trained, and logged, again.
     writing = (SummaryWriter(os.path.join(h.checkpoint_path, "logs"), purge_step=trainer.steps)
@@ -936,25 +940,28 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
 
 def should_stop(trainer: Trainer, request: Dict[str, int]) -> Optional[str]:
     """'signal' after SIGINT / SIGTERM, 'nonfinite' after `max_nonfinite_steps` non-finite steps
-    in a row, else None. Under torchrun the ranks agree (a signal may reach only some of them).
-    With deferred checks the ranks of a torchrun wait for their next read-back (see
-    `log_and_checkpoint`); one process reads back at once when a signal came."""
+    in a row, 'max_steps' once `max_steps` steps are trained, else None. Under torchrun the ranks
+    agree (a signal may reach only some of them). With deferred checks the ranks of a torchrun
+    wait for their next read-back (see `log_and_checkpoint`); one process reads back at once
+    when a signal came."""
+    reached = "max_steps" if trainer.h.max_steps and trainer.steps >= trainer.h.max_steps else None
     if not trainer.nonfinite.read:
         if distributed() or not request:
-            return None
+            return reached
         trainer.nonfinite.read_back(trainer.steps - 1)
     flags = [bool(request), trainer.nonfinite.streak >= trainer.h.max_nonfinite_steps]
     if distributed():
         agreed = torch.tensor(flags, dtype=torch.float32, device=trainer.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         flags = [bool(v) for v in agreed.tolist()]
-    return "signal" if flags[0] else "nonfinite" if flags[1] else None
+    return "signal" if flags[0] else "nonfinite" if flags[1] else reached
 
 
 def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, valid_loader: Optional[DataLoader],
                writer: Optional[SummaryWriter], request: Dict[str, int]) -> None:
     """The loop over epochs and steps. A stop request or too many non-finite losses in a row
-    save a set at the last finished step and end the process with one line."""
+    save a set at the last finished step and end the process with one line; so does reaching
+    `max_steps`, which returns instead."""
     h = trainer.h
     last_saved = trainer.steps - 1
     for epoch in range(start_epoch, h.training_epochs):
@@ -975,6 +982,10 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
                     trainer.save(step, epoch)
                 wait_for_rank0()
                 where = checkpoint_file(h.checkpoint_path, "do", step)
+                if reason == "max_steps":
+                    say(f"Reached max_steps ({h.max_steps}) after step {step}; checkpoint set saved ({where}). "
+                        f"Raise max_steps to continue.")
+                    return
                 if reason == "signal":
                     signum = request.get("signal", signal.SIGTERM)
                     say(f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint set saved "

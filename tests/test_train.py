@@ -87,6 +87,33 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     assert "Nothing to train: the run in" in capsys.readouterr().out
 
 
+def test_max_steps_stops_mid_epoch_and_raising_it_continues_as_one_run(tmp_path, capsys):
+    """4 clips at batch 2, 2 epochs: steps 0..3. max_steps 3 stops after step 2, the first step
+    of epoch 2; a restart trains nothing; without the limit the run goes on to the weights of
+    an uninterrupted run, bit for bit."""
+    settings = dict(checkpoint_interval=100, validation_interval=100)
+    whole = train.train(_setup(tmp_path / "whole", **settings), torch.device("cpu"))
+    h = _setup(tmp_path / "limited", max_steps=3, **settings)
+    capsys.readouterr()
+    first = train.train(h, torch.device("cpu"))
+    assert first.steps == 3
+    assert "Reached max_steps (3) after step 2" in capsys.readouterr().out
+    assert checkpoint_steps(h.checkpoint_path, "do") == [2]
+    do = torch.load(os.path.join(h.checkpoint_path, "do_00000002"), weights_only=False)
+    assert do["steps"] == 2 and do["epoch"] == 1 and do["position"] == 1
+
+    again = train.train(h, torch.device("cpu"))
+    assert again.steps == 3 and checkpoint_steps(h.checkpoint_path, "do") == [2]
+    assert "has trained 3 steps (max_steps = 3)" in capsys.readouterr().out
+
+    rest = train.train(make_config(**dict(h, max_steps=0)), torch.device("cpu"))
+    assert rest.steps == 4 and checkpoint_steps(h.checkpoint_path, "do") == [2, 3]
+    for module in ("encoder", "decoder", "mpd", "mrd"):
+        for (name, a), b in zip(getattr(whole, module).state_dict().items(),
+                                getattr(rest, module).state_dict().values()):
+            assert torch.equal(a, b), (module, name)
+
+
 def test_short_and_silent_validation_clips_validate(tmp_path, capsys, monkeypatch):
     """A 28-sample clip is padded for the analysis; one that is silent but for the samples that
     validation trims off (the data check leaves silent files out) has no SNR, left out of the mean."""
