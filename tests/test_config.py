@@ -169,7 +169,7 @@ def test_help_lists_every_key_and_keeps_the_docstring_lines(script, tmp_path):
 def test_readme_key_table_is_generated_from_the_schema():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    assert markdown_table() in readme
+    assert markdown_table() in readme, "README's key table is out of date: paste `python config.py`'s output over it"
 
 
 def test_repository_cites_no_document_outside_it():
