@@ -3,7 +3,7 @@
     python bench.py [--suite step|train|inference|traffic|all] [--precisions float32,bf16,bf16+compile]
                     [--steps N] [--train_steps N] [--train_seconds S] [--clips S ...]
                     [--inference_precisions LIST] [--batch N] [--stream_chunk_ms MS ...]
-                    [--config config.json] [--KEY VALUE ...]
+                    [--profile N] [--config config.json] [--KEY VALUE ...]
 
 --suite step (default): training steps of the config's model on a fixed synthetic batch,
 for each configuration in --precisions (float32, bf16 or fp16, optionally with +compile or
@@ -36,6 +36,10 @@ device, which has shapes but no data: for one clip and a batch of --batch clips 
 their FLOPs, and the real-time factor that memory traffic alone would allow at --bandwidth.
 An estimate for machines without a GPU, not a timing.
 
+--profile N adds to each step and inference measurement a torch.profiler run: how long the
+device worked in it (a GPU's kernels, a CPU's operations) against its wall time, and the N
+kernels or operations that took longest.
+
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
 numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
 times the streaming codec on the CPU for each chunk length and each precision of
@@ -64,6 +68,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import soundfile as sf
 import torch
+from torch.profiler import ProfilerActivity
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -113,8 +118,9 @@ def configuration(h: AttrDict, name: str) -> AttrDict:
                              cuda_graph=h.cuda_graph or "graph" in options), h.source)
 
 
-def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -> dict:
-    """Time `steps` training steps after `warmup`, then the same number again split into phases."""
+def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int, profile_top: int = 0) -> dict:
+    """Time `steps` training steps after `warmup`, then the same number again split into phases;
+    with `profile_top`, profile one more step (see `profile`)."""
     torch.manual_seed(h.seed)
     # As train.py runs: cuDNN picks its fastest convolution algorithms. And each configuration
     # compiles from scratch: torch.compile keeps 8 versions of a function at most, and a later
@@ -162,6 +168,8 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int) -
         with counter:
             trainer.train_step(audio)
         operations = {"operations_per_step": counter.operations}
+    if profile_top:
+        operations["profile"] = profile(lambda: trainer.train_step(audio), device, profile_top)
     return {"compiled": trainer.compiled, "cuda_graph": recorded, "batch_size": h.batch_size, **operations,
             "s_per_step": round(seconds, 4), "steps_per_s": round(1 / seconds, 3),
             "audio_s_per_s": round(h.batch_size * h.segment_size / h.sampling_rate / seconds, 4),
@@ -224,6 +232,30 @@ def peak_memory(device: torch.device) -> Dict[str, float]:
     return {"peak_host_rss_GiB": round(kib / 2 ** 20, 3)}
 
 
+def profile(run: Callable[[], object], device: torch.device, top: int) -> dict:
+    """One run of `run` under torch.profiler: its wall time, the time the device worked (on a
+    GPU the kernels' summed times, so busy_share well below 1 means the GPU waited, mostly on
+    its host issuing work; on a CPU the operations' own times), the number of kernels or
+    operations, and the `top` kernels (GPU) or operations (CPU) by time as [name, calls, ms]."""
+    gpu = device.type == "cuda"
+    synchronize(device)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    if gpu:   # the kernels and copies themselves; the host-side operations that launched them hold the same time
+        rows = [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages()
+                if e.device_type != torch.autograd.DeviceType.CPU]
+    else:
+        rows = [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages()]
+    rows.sort(key=lambda row: -row[2])
+    busy = sum(row[2] for row in rows) / 1e6
+    return {"wall_s": round(wall, 4), "busy_s": round(busy, 4), "busy_share": round(busy / wall, 3),
+            "kernels" if gpu else "operations": sum(row[1] for row in rows),
+            "top": [[name[:100], calls, round(us / 1e3, 2)] for name, calls, us in rows[:top]]}
+
+
 def _timed_together(runs: Dict[Tuple[str, str], Callable[[], object]], device: torch.device,
                     repeats: int) -> Dict[Tuple[str, str], Tuple[float, Dict[str, float]]]:
     """Best wall time of each run over `repeats` rounds, and its peak memory over one run.
@@ -265,11 +297,12 @@ def batch_lengths(length: int, batch: int) -> List[int]:
 
 
 def bench_inference(h: AttrDict, device: torch.device, clips: List[float], precisions: List[str], batch: int,
-                    repeats: int) -> Iterator[dict]:
+                    repeats: int, profile_top: int = 0) -> Iterator[dict]:
     """Inference speed of the reference path and the fast path in each precision, one clip
     (single) and `batch` clips of decreasing length down to 90% of it (batched, as a folder
     sorted by length runs: its batches hold clips of similar lengths),
-    against the floor: the model's FLOPs at the machine's float32 matrix-product rate."""
+    against the floor: the model's FLOPs at the machine's float32 matrix-product rate. With
+    `profile_top`, each measurement also profiles one run (see `profile`)."""
     encoder, decoder = random_encoder_decoder(h, device)
     gflop = model_gflop_per_second(encoder, decoder, h)
     rate = matmul_gflops(device)
@@ -308,7 +341,7 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
                    "clips": 1 if mode == "single" else batch, "audio_s": round(audio_seconds, 2),
                    "wall_s": round(wall, 4), "s_per_audio_s": round(wall / audio_seconds, 4),
                    "x_real_time": round(audio_seconds / wall, 1), "x_floor": round(wall / audio_seconds / floor, 2),
-                   **memory}
+                   **memory, **({"profile": profile(runs[precision, mode], device, profile_top)} if profile_top else {})}
 
 
 def tf32_run(precision: str, run: Callable[[], object]) -> Callable[[], object]:
@@ -530,7 +563,7 @@ def check_arguments(h: AttrDict, args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available to this torch build")
     for option, least in (("threads", 1), ("batch", 1), ("steps", 0), ("train_steps", 1), ("warmup", 0),
-                          ("repeats", 0)):
+                          ("repeats", 0), ("profile", 0)):
         value = getattr(args, option)
         if value is not None and value < least:
             raise ValueError(f"--{option} must be at least {least}, got {value}")
@@ -570,7 +603,7 @@ def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None])
         for label, hc in configs:
             try:
                 emit({"bench": "train_step", "config": label, **common,
-                      **bench_training(hc, device, args.steps, args.warmup)})
+                      **bench_training(hc, device, args.steps, args.warmup, args.profile)})
             except Exception as e:  # one failing configuration (e.g. compile) must not stop the rest
                 emit({"bench": "train_step", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
         torch.manual_seed(h.seed)
@@ -583,7 +616,8 @@ def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None])
         for name in precisions.split(","):
             inference_configuration(name)    # a misspelt name stops the run before any timing
         for record in bench_inference(h, device, args.clips, precisions.split(","),
-                                      args.batch or (100 if device.type == "cuda" else 4), args.repeats):
+                                      args.batch or (100 if device.type == "cuda" else 4), args.repeats,
+                                      args.profile):
             emit({**record, **common})
         if args.file_seconds:
             for record in bench_files(h, device, args.file_seconds, precisions.split(",")):
@@ -649,6 +683,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="memory bandwidth for --suite traffic's bound (default 3.35, an H100 SXM's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed inference runs (0: none) (default 3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="--suite step and inference: profile one more run of each measurement and add, as "
+                             "'profile', its wall time, the time the device worked (a GPU's kernels; a CPU's "
+                             "operations) and the N kernels or operations that took longest (default 0: off)")
     parser.add_argument("--stream_chunk_ms", type=float, nargs="*", default=[],
                         help="time the causal codec streaming on the CPU in chunks of these lengths (ms)")
     run_cli(run, parser, argv)

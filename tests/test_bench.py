@@ -45,6 +45,7 @@ def test_inference_names_set_precision_and_compile():
     (["--suite", "inference", "--inference_precisions", "float33"], "'float33' is not one of"),
     (["--warmup", "-3"], "--warmup must be at least 0, got -3"),
     (["--repeats", "-2"], "--repeats must be at least 0, got -2"),
+    (["--profile", "-1"], "--profile must be at least 0, got -1"),
     (["--suite", "train", "--train_steps", "0"], "--train_steps must be at least 1, got 0"),
     (["--clip_seconds", "0"], "--clip_seconds must be a positive number, got 0"),
     (["--suite", "traffic", "--bandwidth", "-3"], "--bandwidth must be a positive number, got -3"),
@@ -185,3 +186,26 @@ def test_stdout_holds_the_json_lines_alone(tmp_path, capsys):
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["bench"] for r in records] == ["train_step", "params"] and "error" not in records[0]
     assert "cuda_graph: it needs a CUDA GPU" in err
+
+
+def test_profile_names_the_operations_that_took_the_time():
+    a = torch.randn(384, 384)
+    result = bench.profile(lambda: [torch.relu(a @ a @ a) for _ in range(2)], torch.device("cpu"), top=3)
+    name, calls, ms = result["top"][0]
+    assert (name, calls) == ("aten::mm", 4) and ms > 0
+    assert [row[2] for row in result["top"]] == sorted((row[2] for row in result["top"]), reverse=True)
+    # The operations' own times add up to no more than the run took.
+    assert sum(row[2] for row in result["top"]) / 1e3 <= result["busy_s"] <= result["wall_s"]
+    assert result["busy_share"] == pytest.approx(result["busy_s"] / result["wall_s"], abs=2e-3)
+    assert result["operations"] >= 6
+
+
+def test_profile_option_adds_a_profile_to_steps_and_inference(tiny_h):
+    step = bench.bench_training(make_config(**dict(TINY, batch_size=1)), torch.device("cpu"), steps=1, warmup=0,
+                                profile_top=4)
+    assert len(step["profile"]["top"]) == 4 and "aten::convolution_backward" in [r[0] for r in step["profile"]["top"]]
+    records = list(bench.bench_inference(tiny_h, torch.device("cpu"), clips=[0.3], precisions=["float32"], batch=2,
+                                         repeats=1, profile_top=2))
+    assert all(len(r["profile"]["top"]) == 2 for r in records[1:]) and len(records) == 4
+    assert "profile" not in bench.bench_training(make_config(**dict(TINY, batch_size=1)), torch.device("cpu"),
+                                                 steps=1, warmup=0)
