@@ -73,9 +73,15 @@ def check_inputs(files: Dict[str, str], location: str, failed: Optional[List[str
 
 
 def check_outputs(files: Dict[str, str], target: str, extension: str, option: str = "test_wav_output_dir") -> None:
-    """A one-line error, naming the output folder's `option`, when an output would replace an
-    input or, decoding codes files, the audio file beside a codes file (presumably its
-    original): what an output folder that is, or lies inside, the input folder can do."""
+    """A one-line error, naming the output folder's `option`, when the folder (or a folder
+    above it) is a file, or when an output would replace an input or, decoding codes files,
+    the audio file beside a codes file (presumably its original): what an output folder that
+    is, or lies inside, the input folder can do."""
+    folder = os.path.abspath(target)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option}: {folder} is a file, not a folder")
     def identity(path: str) -> Optional[Tuple[int, int]]:
         # The file itself, whatever the name's case (on file systems that ignore it) or links.
         try:

@@ -1,5 +1,6 @@
 """inference.py: every input gives a wav of exactly its length and rate; release path kept bit for bit."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -332,6 +333,12 @@ def test_an_output_folder_that_is_the_input_folder_replaces_nothing(tmp_path, ti
     tiny_h.update(test_input_wavs_dir=str(inputs / "a.wav"), test_wav_output_dir=str(inputs))
     with pytest.raises(ValueError, match="would replace an input file"):
         inference.inference(tiny_h)
+    # An output folder that is a file, or lies under one, is refused before the model runs.
+    for target in (inputs / "a.wav", inputs / "a.wav" / "out"):
+        tiny_h.update(test_wav_output_dir=str(target))
+        with pytest.raises(ValueError, match=f"test_wav_output_dir: {re.escape(str(inputs / 'a.wav'))} is a file"):
+            inference.inference(tiny_h)
+    assert {name: (inputs / name).read_bytes() for name in before} == before
 
 
 @pytest.mark.parametrize("mode, options, named", [
