@@ -555,6 +555,9 @@ class Trainer:
         # would write NaN into every weight. fp16's scaler skips those steps itself.
         check = loss.detach() if scaler.is_enabled() else loss.detach() + norm
         if not self.nonfinite.allow(check, name, optimizer, self.steps):
+            # The scaler has unscaled this step's gradients: its update ends the step (and
+            # lowers the scale after an overflow), else the next step's unscale_ fails.
+            scaler.update()
             return {}
         scaler.step(optimizer)
         scaler.update()

@@ -289,6 +289,28 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, 
     assert all(torch.isfinite(v).all() for v in encoder.values())
 
 
+def test_fp16_skips_a_non_finite_step_and_trains_on(tmp_path, monkeypatch, capsys):
+    """fp16's gradient scaler has unscaled the gradients before the check; a skipped update
+    must still end the scaler's step (it halves its scale), or the next step's unscale fails."""
+    h = _setup(tmp_path, training_epochs=2, mixed_precision="fp16", validation_interval=100, checkpoint_interval=100)
+    real_codec = train.Trainer.codec
+    calls = {"n": 0}
+
+    def codec(self, audio, training=False):
+        calls["n"] += training
+        ref, gen = real_codec(self, audio, training)
+        if training and calls["n"] == 2:   # step 1 alone: a NaN amplitude loss
+            gen["logamp"] = gen["logamp"] * float("nan")
+        return ref, gen
+    monkeypatch.setattr(train.Trainer, "codec", codec)
+    trainer = train.train(h, torch.device("cpu"))
+    assert capsys.readouterr().out.count("non-finite G loss or gradient at step 1") == 1
+    assert trainer.steps == 4 and trainer.nonfinite.total == 1
+    # The generator was updated at steps 0, 2 and 3; the skip halved its scaler's scale.
+    assert all(s["step"].item() == 3 for s in trainer.optim_g.state.values())
+    assert trainer.scaler_g.get_scale() < trainer.scaler_d.get_scale()
+
+
 def _tiny_run_config(tmp_path, **overrides):
     h = _setup(tmp_path, **overrides)
     path = tmp_path / "run.json"
