@@ -189,7 +189,7 @@ def test_stdout_holds_the_json_lines_alone(tmp_path, capsys):
 
 
 def test_profile_names_the_operations_that_took_the_time():
-    a = torch.randn(384, 384)
+    a = torch.randn(1024, 1024)    # tens of milliseconds, so that rounding to 0.1 ms stays small
     result = bench.profile(lambda: [torch.relu(a @ a @ a) for _ in range(2)], torch.device("cpu"), top=3)
     name, calls, ms = result["top"][0]
     assert (name, calls) == ("aten::mm", 4) and ms > 0
@@ -197,7 +197,7 @@ def test_profile_names_the_operations_that_took_the_time():
     # The operations' own times add up to no more than the run took (busy_s is rounded to 0.1 ms).
     assert sum(row[2] for row in result["top"]) / 1e3 <= result["busy_s"] + 1e-4
     assert result["busy_s"] <= result["wall_s"]
-    assert result["busy_share"] == pytest.approx(result["busy_s"] / result["wall_s"], abs=2e-3)
+    assert result["busy_share"] == pytest.approx(result["busy_s"] / result["wall_s"], abs=0.01)
     assert result["operations"] >= 6
 
 
