@@ -82,6 +82,7 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise ValueError(f"{option}: {folder} is a file, not a folder")
+
     def identity(path: str) -> Optional[Tuple[int, int]]:
         # The file itself, whatever the name's case (on file systems that ignore it) or links.
         try:
