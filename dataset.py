@@ -128,7 +128,7 @@ _TRUNCATED = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
 
 
 def header_problem(path: str) -> Optional[str]:
-    """Why `path` is not readable audio judging by its header, or None. Reads no samples."""
+    """Why `path` is not readable audio judging by its header, or None. Reads only its last sample."""
     if not os.path.isfile(path):
         return "file not found"
     try:
@@ -142,6 +142,16 @@ def header_problem(path: str) -> Optional[str]:
     if truncated and 0 < int(truncated.group(1)) < 0xFFFFFFF0:
         return (f"truncated (its header promises {truncated.group(1)} bytes of audio, "
                 f"the file holds {truncated.group(2)})")
+    # A FLAC header states its length, which a cut-off file does not hold; seeking to the
+    # last sample decodes a frame or two and finds that without reading the rest.
+    try:
+        with sf.SoundFile(sound_file(path)) as f:
+            f.seek(info.frames - 1)
+            readable = len(f.read(1, dtype="float32")) == 1
+    except Exception:
+        readable = False
+    if not readable:
+        return f"truncated (its header promises {info.frames} samples, the last cannot be read)"
     return None
 
 

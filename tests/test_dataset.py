@@ -10,7 +10,7 @@ import torch
 import dataset
 from conftest import TINY, make_config, tone, write_tone
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, audio_problem, check_audio_files, find_audio_files,
-                     load_audio, read_filelist, trim_for_validation)
+                     header_problem, load_audio, read_filelist, trim_for_validation)
 
 
 def test_filelist_format(tmp_path, monkeypatch):
@@ -171,6 +171,27 @@ def test_every_kind_of_bad_file_is_named_with_its_reason(tmp_path):
         problem, _ = audio_problem(str(tmp_path / name))
         assert problem is not None and reason in problem, (name, problem)
     assert audio_problem(str(tmp_path / "full.wav")) == (None, 0.5)
+
+
+def test_a_cut_off_flac_is_truncated_and_streamed_or_whole_files_are_not(tmp_path):
+    audio = tone(0.5)
+    for fmt in ("FLAC", "OGG", "WAV"):
+        sf.write(tmp_path / f"whole.{fmt.lower()}", audio, 48000, format=fmt)
+        assert header_problem(str(tmp_path / f"whole.{fmt.lower()}")) is None, fmt
+    # A FLAC header states the length; a copy cut in half still promises all 24000 samples.
+    data = (tmp_path / "whole.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[:len(data) // 2])
+    assert sf.info(str(tmp_path / "cut.flac")).frames == 24000
+    problem = header_problem(str(tmp_path / "cut.flac"))
+    assert problem.startswith("truncated") and "24000 samples" in problem and "\n" not in problem
+    assert audio_problem(str(tmp_path / "cut.flac"))[0] == problem
+    # A WAV written as a stream says "size unknown" (0xFFFFFFFF) and holds every sample.
+    wav = bytearray((tmp_path / "whole.wav").read_bytes())
+    assert wav[36:40] == b"data"
+    wav[4:8] = wav[40:44] = b"\xff\xff\xff\xff"
+    (tmp_path / "streamed.wav").write_bytes(bytes(wav))
+    assert header_problem(str(tmp_path / "streamed.wav")) is None
+    assert audio_problem(str(tmp_path / "streamed.wav")) == (None, 0.5)
 
 
 def test_check_skips_bad_files_reports_them_and_caches(tmp_path, capsys):
