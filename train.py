@@ -299,6 +299,11 @@ class NonFiniteChecks:
             self.streak = 0 if self._step_finite else self.streak + 1
             self.total += not self._step_finite
 
+    def restore(self, total: int, streak: int) -> None:
+        """Continue the counts of a resumed run."""
+        self.total, self.streak = total, streak
+        self._pending[0] = streak
+
     def read_back(self, step: int) -> None:
         """With deferred checks, bring the counts up to `step` (the last one trained) to the
         host, a wait for the GPU, and report any new non-finite steps."""
@@ -451,7 +456,10 @@ class Trainer:
             self.scheduler_g.load_state_dict(state["scheduler_g"])
             self.scheduler_d.load_state_dict(state["scheduler_d"])
             set_random_states(state["random_states"])
-            self.nonfinite.total = state["nonfinite_total"]
+            # Sets from before the streak was saved resume with none.
+            self.nonfinite.restore(state["nonfinite_total"], state.get("nonfinite_streak", 0))
+            if "code_counts" in state and is_main_process():
+                self.code_counts.copy_(state["code_counts"])
             self.position = self._resumed_position(state)
         else:
             # As the release does: schedulers built at the saved epoch (which decays the loaded
@@ -519,7 +527,8 @@ class Trainer:
                  "position": self.position, "epoch_items": self.position * self._items_per_step(),
                  "scheduler_g": self.scheduler_g.state_dict(),
                  "scheduler_d": self.scheduler_d.state_dict(), "random_states": random_states(),
-                 "nonfinite_total": self.nonfinite.total}
+                 "nonfinite_total": self.nonfinite.total, "nonfinite_streak": self.nonfinite.streak,
+                 "code_counts": self.code_counts.cpu()}
         if self.scaler_g.is_enabled():
             state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
         save_checkpoint(checkpoint_file(folder, "do", step), state)
@@ -613,6 +622,14 @@ class Trainer:
                 terms["G"] = terms["G"] + self.h.kd_weight * terms["KD"]
             self.scaler_g.scale(terms["G"]).backward()
         return terms
+
+    def pool_code_counts(self) -> None:
+        """Sum the ranks' code counts on rank 0, which logs and saves them; the other ranks
+        count on from zero, so that the next sum over ranks is still the window's count."""
+        if distributed():
+            dist.all_reduce(self.code_counts)
+            if not is_main_process():
+                self.code_counts.zero_()
 
     def count_codes(self, codes: torch.Tensor) -> None:
         """Add codes (B, n_codebooks, T') to `code_counts`. index_add_ rather than bincount,
@@ -836,13 +853,12 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
     printing, summary = steps % h.stdout_interval == 0, steps % h.summary_interval == 0
     if (printing or summary) and distributed():
         terms = mean_over_ranks(terms)
-    health = None
-    if summary:
-        if distributed():
-            dist.all_reduce(trainer.code_counts)
-        health = codebook_health(trainer.code_counts)
-        trainer.code_counts.zero_()
     saved = steps % h.checkpoint_interval == 0 and steps != 0
+    if summary or saved:
+        trainer.pool_code_counts()
+    health = codebook_health(trainer.code_counts) if summary and writer is not None else None
+    if summary:
+        trainer.code_counts.zero_()
     # Every rank reads back on the same steps, so that they agree in `should_stop` together.
     if printing or summary or saved or steps % READ_BACK_STEPS == 0:
         trainer.nonfinite.read_back(steps)
@@ -981,8 +997,10 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
             reason = should_stop(trainer, request)
             if reason:
                 step = trainer.steps - 1
-                if step > last_saved and is_main_process():
-                    trainer.save(step, epoch)
+                if step > last_saved:
+                    trainer.pool_code_counts()
+                    if is_main_process():
+                        trainer.save(step, epoch)
                 wait_for_rank0()
                 where = checkpoint_file(h.checkpoint_path, "do", step)
                 if reason == "max_steps":
@@ -1009,6 +1027,7 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
     # when a run stopped between that save and this one has had no step left to train: the
     # epoch stored is the number of finished epochs, so restarting a finished run trains
     # nothing and raising training_epochs continues with the next epoch.
+    trainer.pool_code_counts()
     if is_main_process():
         trainer.save(trainer.steps - 1, h.training_epochs)
     # No rank leaves (and tears down the group) while rank 0 still writes.

@@ -51,7 +51,8 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     do = torch.load(os.path.join(h.checkpoint_path, "do_00000003"), weights_only=False)
     # The release's entries, plus what an exact resume needs.
     assert set(do) == {"mpd", "mrd", "optim_g", "optim_d", "steps", "epoch",
-                       "position", "epoch_items", "scheduler_g", "scheduler_d", "random_states", "nonfinite_total"}
+                       "position", "epoch_items", "scheduler_g", "scheduler_d", "random_states", "nonfinite_total",
+                       "nonfinite_streak", "code_counts"}
     assert do["steps"] == 3 and do["epoch"] == 2 and do["position"] == 0 and do["epoch_items"] == 0
     assert len(do["optim_g"]["state"]) == len(list(first.encoder.parameters())) + len(list(first.decoder.parameters()))
     assert all(s["step"].item() == 4 for s in do["optim_g"]["state"].values())
@@ -309,6 +310,38 @@ def test_fp16_skips_a_non_finite_step_and_trains_on(tmp_path, monkeypatch, capsy
     # The generator was updated at steps 0, 2 and 3; the skip halved its scaler's scale.
     assert all(s["step"].item() == 3 for s in trainer.optim_g.state.values())
     assert trainer.scaler_g.get_scale() < trainer.scaler_d.get_scale()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_resumed_run_continues_the_non_finite_streak(tmp_path, monkeypatch, fused):
+    """Two non-finite steps, a save and a resume: with max_nonfinite_steps 3 the third in a
+    row stops the resumed run, as it would have stopped the run without the break."""
+    h = _setup(tmp_path, fused_adamw=fused, max_nonfinite_steps=3)
+    os.makedirs(h.checkpoint_path)
+    real_codec = train.Trainer.codec
+
+    def nan_codec(self, audio, training=False):
+        ref, gen = real_codec(self, audio, training)
+        gen["logamp"] = gen["logamp"] * float("nan")
+        return ref, gen
+    monkeypatch.setattr(train.Trainer, "codec", nan_codec)
+    first = train.Trainer(h, torch.device("cpu"))
+    first.resume()
+    for _ in range(2):
+        first.train_step(_batch(h))
+    first.save(1, 0)
+    resumed = train.Trainer(h, torch.device("cpu"))
+    resumed.resume()
+    assert (resumed.nonfinite.streak, resumed.nonfinite.total) == (2, 2)
+    resumed.train_step(_batch(h))
+    resumed.steps = 3
+    resumed.nonfinite.read_back(2)   # as on a logging step
+    assert train.should_stop(resumed, {}) == "nonfinite"
+    assert (resumed.nonfinite.streak, resumed.nonfinite.total) == (3, 3)
+    monkeypatch.setattr(train.Trainer, "codec", real_codec)
+    resumed.train_step(_batch(h))
+    resumed.nonfinite.read_back(3)
+    assert (resumed.nonfinite.streak, resumed.nonfinite.total) == (0, 3)
 
 
 def _tiny_run_config(tmp_path, **overrides):
@@ -722,6 +755,30 @@ def test_summary_logs_codebook_health_and_gradient_norms(tmp_path, precision):
         logged = [e.value for e in events.Scalars("Training/loss_scale_G")]
         # Each skipped update halves the scale from 65536; the last value is the scaler's now.
         assert len(logged) == 2 and logged[0] <= 65536 and logged[-1] == trainer.scaler_g.get_scale()
+
+
+def test_codebook_health_after_a_resume_covers_the_whole_window(tmp_path):
+    """Summaries at steps 0 and 4, a set saved at step 2: resumed from it, the summary at step
+    4 counts the codes of steps 1 to 4, as in the run that was not stopped (the resumed steps
+    draw the same codes, bit for bit)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    settings = dict(training_epochs=3, summary_interval=4, checkpoint_interval=2, validation_interval=100)
+    whole = _setup(tmp_path / "a", **settings)
+    train.train(whole, torch.device("cpu"))
+    resumed = tmp_path / "b" / "cp"
+    resumed.mkdir(parents=True)
+    for kind in ("encoder", "decoder", "do"):
+        shutil.copy(os.path.join(whole.checkpoint_path, f"{kind}_00000002"), resumed)
+    assert torch.load(resumed / "do_00000002", weights_only=False)["code_counts"].sum() > 0
+    train.train(_setup(tmp_path / "b", checkpoint_path=str(resumed), **settings), torch.device("cpu"))
+    logged = []
+    for folder in (whole.checkpoint_path, str(resumed)):
+        events = EventAccumulator(os.path.join(folder, "logs"))
+        events.Reload()
+        logged.append({tag: [e.value for e in events.Scalars(tag) if e.step == 4]
+                       for tag in events.Tags()["scalars"] if tag.startswith("Codebook/")})
+    assert len(logged[0]) == 2 * whole.n_codebooks and all(len(v) == 1 for v in logged[0].values())
+    assert logged[0] == logged[1]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
