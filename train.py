@@ -199,8 +199,9 @@ class StepGraph:
             with torch.cuda.graph(graphs[1], pool=pool, stream=stream, capture_error_mode="thread_local"):
                 second = t.generator_half(self.audio, *first[:2])
         except RuntimeError as e:
-            raise RuntimeError(f"cuda_graph: recording the training step failed ({first_line(e)[:160]}); "
-                               f"train with cuda_graph false") from e
+            # A ValueError: the run ends with this one line (the config's choice), not a traceback.
+            raise ValueError(f"cuda_graph: recording the training step failed ({first_line(e)[:160]}); "
+                             f"train with cuda_graph false") from e
         self.graphs, self.outputs = graphs, (first, second)
 
 

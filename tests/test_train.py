@@ -994,6 +994,24 @@ def test_the_recorded_halves_of_a_step_read_nothing_back(overrides):
     assert reads.names
 
 
+def test_a_failed_recording_ends_the_run_with_one_line(monkeypatch):
+    """Recording can fail where eager steps run (an operation that may not be captured): the
+    run stops with one line that names the way out, not a traceback."""
+    trainer = train.Trainer(make_config(**TINY), torch.device("cpu"))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    monkeypatch.setattr(train, "train", lambda h: train.StepGraph(trainer)._record(_batch(h)))
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--config", os.path.join(ROOT, "config_demo.json")])
+    assert str(stop.value) == ("error: cuda_graph: recording the training step failed (CUDA error: operation not "
+                               "permitted when stream is capturing); train with cuda_graph false")
+
+
 def test_cuda_graph_without_a_gpu_trains_without_it_and_says_so(capsys):
     trainer = train.Trainer(make_config(**dict(TINY, fused_adamw=True, cuda_graph=True)), torch.device("cpu"))
     assert trainer.step_graph is None
