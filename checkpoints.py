@@ -20,7 +20,7 @@ from torch import nn
 from config import KEYS, NETWORK_KEYS, AttrDict, build_config, read_config_file
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from models import Decoder, Encoder
-from utils import atomic_write, first_line
+from utils import atomic_write, first_line, remove_if_present, write_temp
 
 # Our module names -> the release's, in the release's registration order. The release
 # names every layer twice (`*_logamp`, `*_pha`); here one `Branch` class is used twice.
@@ -134,6 +134,30 @@ def save_checkpoint(path: str, obj: Dict[str, Any]) -> None:
     """torch.save to a temp file renamed into place: a crash never leaves half a file."""
     atomic_write(path, lambda f: torch.save(obj, f))
     print(f"Saved checkpoint {path}")
+
+
+def save_checkpoint_set(folder: str, step: int, parts: Dict[str, Dict[str, Any]]) -> None:
+    """Write the set of `step`: parts maps "encoder", "decoder" and "do" to their contents.
+
+    do_ marks a set complete, so it must never stand beside another save's encoder_ or
+    decoder_ (rewriting a set, e.g. after a resume passed over it, could otherwise leave a
+    mixed one). All three go to temp files first; then the old do_ is removed and the new
+    files are renamed into place, do_ last. A crash leaves the old set, or an incomplete one.
+    """
+    kinds = ("encoder", "decoder", "do")
+    temps: Dict[str, str] = {}
+    try:
+        for kind in kinds:
+            temps[kind] = write_temp(checkpoint_file(folder, kind, step), lambda f: torch.save(parts[kind], f))
+        remove_if_present(checkpoint_file(folder, "do", step))
+        for kind in kinds:
+            os.replace(temps[kind], checkpoint_file(folder, kind, step))
+            del temps[kind]
+    finally:
+        for tmp in temps.values():
+            remove_if_present(tmp)
+    for kind in kinds:
+        print(f"Saved checkpoint {checkpoint_file(folder, kind, step)}")
 
 
 # Training files of earlier versions hold numpy's random state: arrays, which are plain data.

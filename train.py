@@ -38,7 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 import losses
 from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, load_newest_set,
                          load_release_state_dict, network_record, newest_complete_step, prune_checkpoints,
-                         release_parameters, release_state_dict, save_checkpoint, saved_config_differences)
+                         release_parameters, release_state_dict, save_checkpoint_set, saved_config_differences)
 from config import NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, run_cli, save_config
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
@@ -512,15 +512,11 @@ class Trainer:
         return done // per_step
 
     def save(self, step: int, epoch: int) -> None:
-        """Write encoder_, decoder_ then do_ (each atomically): a set is complete once do_ exists.
-        Then delete the sets before the newest `keep_last_checkpoints` (see `prune_checkpoints`)."""
+        """Write the set of `step` (see `save_checkpoint_set`: a crash never leaves a mixed one),
+        then delete the sets before the newest `keep_last_checkpoints` (see `prune_checkpoints`)."""
         folder = self.h.checkpoint_path
         self.nonfinite.read_back(step)
         network = network_record(self.h)
-        save_checkpoint(checkpoint_file(folder, "encoder", step),
-                        {"encoder": release_state_dict(self.encoder), "network": network})
-        save_checkpoint(checkpoint_file(folder, "decoder", step),
-                        {"decoder": release_state_dict(self.decoder), "network": network})
         state = {"mpd": release_state_dict(self.mpd), "mrd": release_state_dict(self.mrd),
                  "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
                  "steps": step, "epoch": epoch,
@@ -532,7 +528,9 @@ class Trainer:
                  "code_counts": self.code_counts.cpu()}
         if self.scaler_g.is_enabled():
             state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
-        save_checkpoint(checkpoint_file(folder, "do", step), state)
+        save_checkpoint_set(folder, step, {"encoder": {"encoder": release_state_dict(self.encoder), "network": network},
+                                           "decoder": {"decoder": release_state_dict(self.decoder), "network": network},
+                                           "do": state})
         prune_checkpoints(folder, self.h.keep_last_checkpoints, up_to=step)
 
     def codec(self, audio: torch.Tensor, training: bool = False

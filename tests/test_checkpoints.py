@@ -263,13 +263,48 @@ def _write_sets(folder, steps, h):
     encoder, decoder = models.Encoder(h), models.Decoder(h)
     mpd, mrd = MultiPeriodDiscriminator(h), MultiResolutionDiscriminator(h)
     for step in steps:
-        checkpoints.save_checkpoint(checkpoints.checkpoint_file(folder, "encoder", step),
-                                    {"encoder": checkpoints.release_state_dict(encoder)})
-        checkpoints.save_checkpoint(checkpoints.checkpoint_file(folder, "decoder", step),
-                                    {"decoder": checkpoints.release_state_dict(decoder)})
-        checkpoints.save_checkpoint(checkpoints.checkpoint_file(folder, "do", step), {
-            "mpd": checkpoints.release_state_dict(mpd), "mrd": checkpoints.release_state_dict(mrd),
-            "optim_g": {}, "optim_d": {}, "steps": step, "epoch": 0})
+        checkpoints.save_checkpoint_set(folder, step, _set_parts(encoder, decoder, mpd, mrd, step))
+
+
+def _set_parts(encoder, decoder, mpd, mrd, step):
+    return {"encoder": {"encoder": checkpoints.release_state_dict(encoder)},
+            "decoder": {"decoder": checkpoints.release_state_dict(decoder)},
+            "do": {"mpd": checkpoints.release_state_dict(mpd), "mrd": checkpoints.release_state_dict(mrd),
+                   "optim_g": {}, "optim_d": {}, "steps": step, "epoch": 0}}
+
+
+def test_a_set_rewritten_after_a_resume_passed_over_it_is_never_mixed(tmp_path, tiny_h, monkeypatch):
+    """Set 20's encoder_ is unreadable, so a resume passes over it and training reaches step 20
+    again. A rewrite stopped between its renames must not leave a complete set 20 of the new
+    encoder_ beside the old decoder_ and do_."""
+    folder = str(tmp_path)
+    _write_sets(folder, [10, 20], tiny_h)
+    with open(checkpoints.checkpoint_file(folder, "encoder", 20), "r+b") as f:
+        f.truncate(100)
+    assert checkpoints.load_newest_set(folder, torch.device("cpu"), lambda line: None)[0] == 10
+    torch.manual_seed(1)
+    encoder, decoder = models.Encoder(tiny_h), models.Decoder(tiny_h)
+    parts = _set_parts(encoder, decoder, MultiPeriodDiscriminator(tiny_h), MultiResolutionDiscriminator(tiny_h), 20)
+    rename, renamed = os.replace, []
+
+    def killed_after_the_first_rename(source, target):
+        if renamed:
+            raise KeyboardInterrupt
+        renamed.append(target)
+        rename(source, target)
+    monkeypatch.setattr(os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint_set(folder, 20, parts)
+    monkeypatch.undo()
+    assert renamed == [checkpoints.checkpoint_file(folder, "encoder", 20)]
+    assert checkpoints.load_newest_set(folder, torch.device("cpu"), lambda line: None)[0] == 10
+    assert not [name for name in os.listdir(folder) if name.startswith(".tmp_")]
+    checkpoints.save_checkpoint_set(folder, 20, parts)
+    step, sets = checkpoints.load_newest_set(folder, torch.device("cpu"))
+    assert step == 20
+    for name, module in (("encoder", encoder), ("decoder", decoder)):
+        for key, value in checkpoints.release_state_dict(module).items():
+            assert torch.equal(sets[name][name][key], value), (name, key)
 
 
 def test_encoder_and_decoder_of_different_networks_are_refused(tiny_h, tmp_path):
