@@ -146,8 +146,11 @@ def header_problem(path: str) -> Optional[str]:
     # last sample decodes a frame or two and finds that without reading the rest.
     try:
         with sf.SoundFile(sound_file(path)) as f:
-            f.seek(info.frames - 1)
-            readable = len(f.read(1, dtype="float32")) == 1
+            if f.seekable():
+                f.seek(info.frames - 1)
+                readable = len(f.read(1, dtype="float32")) == 1
+            else:   # a few codecs (e.g. GSM 6.10) cannot seek: a full read finds a cut
+                readable = True
     except Exception:
         readable = False
     if not readable:

@@ -178,6 +178,8 @@ def test_a_cut_off_flac_is_truncated_and_streamed_or_whole_files_are_not(tmp_pat
     for fmt in ("FLAC", "OGG", "WAV"):
         sf.write(tmp_path / f"whole.{fmt.lower()}", audio, 48000, format=fmt)
         assert header_problem(str(tmp_path / f"whole.{fmt.lower()}")) is None, fmt
+    sf.write(tmp_path / "gsm.wav", audio, 8000, subtype="GSM610")   # a codec that cannot seek
+    assert header_problem(str(tmp_path / "gsm.wav")) is None
     # A FLAC header states the length; a copy cut in half still promises all 24000 samples.
     data = (tmp_path / "whole.flac").read_bytes()
     (tmp_path / "cut.flac").write_bytes(data[:len(data) // 2])
