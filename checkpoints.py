@@ -20,7 +20,7 @@ from torch import nn
 from config import KEYS, NETWORK_KEYS, AttrDict, build_config, read_config_file
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from models import Decoder, Encoder
-from utils import atomic_write, first_line, remove_if_present, write_temp
+from utils import atomic_write, first_line
 
 # Our module names -> the release's, in the release's registration order. The release
 # names every layer twice (`*_logamp`, `*_pha`); here one `Branch` class is used twice.
@@ -136,28 +136,19 @@ def save_checkpoint(path: str, obj: Dict[str, Any]) -> None:
     print(f"Saved checkpoint {path}")
 
 
-def save_checkpoint_set(folder: str, step: int, parts: Dict[str, Dict[str, Any]]) -> None:
-    """Write the set of `step`: parts maps "encoder", "decoder" and "do" to their contents.
+def save_checkpoint_set(folder: str, step: int, parts: Dict[str, Dict[str, Any]], own: bool = False) -> None:
+    """Write the set of `step` (parts: "encoder", "decoder" and "do" to their contents):
+    encoder_, decoder_ then do_, each atomically. A set is complete once do_ exists.
 
-    do_ marks a set complete, so it must never stand beside another save's encoder_ or
-    decoder_ (rewriting a set, e.g. after a resume passed over it, could otherwise leave a
-    mixed one). All three go to temp files first; then the old do_ is removed and the new
-    files are renamed into place, do_ last. A crash leaves the old set, or an incomplete one.
+    own: any set of this step on disk is one the run resumed from or wrote itself (the same
+    weights): it keeps its do_ while it is written again, so it stays whole throughout.
+    Otherwise such a set is one a resume passed over, with other weights, and its do_ goes
+    first: a crash could leave it beside the new encoder_ as a complete set of two saves.
     """
-    kinds = ("encoder", "decoder", "do")
-    temps: Dict[str, str] = {}
-    try:
-        for kind in kinds:
-            temps[kind] = write_temp(checkpoint_file(folder, kind, step), lambda f: torch.save(parts[kind], f))
-        remove_if_present(checkpoint_file(folder, "do", step))
-        for kind in kinds:
-            os.replace(temps[kind], checkpoint_file(folder, kind, step))
-            del temps[kind]
-    finally:
-        for tmp in temps.values():
-            remove_if_present(tmp)
-    for kind in kinds:
-        print(f"Saved checkpoint {checkpoint_file(folder, kind, step)}")
+    if not own and os.path.exists(checkpoint_file(folder, "do", step)):
+        os.remove(checkpoint_file(folder, "do", step))
+    for kind in KINDS:
+        save_checkpoint(checkpoint_file(folder, kind, step), parts[kind])
 
 
 # Training files of earlier versions hold numpy's random state: arrays, which are plain data.

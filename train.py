@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import IO, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 try:
     import fcntl        # POSIX: locks checkpoint_path against a second run
 except ImportError:     # Windows: runs without the lock
@@ -346,6 +346,9 @@ class Trainer:
         self.distiller = Distiller(h, self.encoder, self.decoder, device, teacher) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on.
         self.position = 0
+        # Steps of the sets on disk that hold this run's weights: the one resumed from, and
+        # those saved since.
+        self.own_sets: Set[int] = set()
         self.nonfinite = NonFiniteChecks(h.fused_adamw and h.mixed_precision != "fp16", device)
 
         half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[h.mixed_precision]
@@ -439,6 +442,7 @@ class Trainer:
                                  f"warnings above); move them away to start a new run there")
             return
         step, sets = found
+        self.own_sets.add(step)
         self._check_run_config(folder)
         load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
         load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
@@ -512,8 +516,9 @@ class Trainer:
         return done // per_step
 
     def save(self, step: int, epoch: int) -> None:
-        """Write the set of `step` (see `save_checkpoint_set`: a crash never leaves a mixed one),
-        then delete the sets before the newest `keep_last_checkpoints` (see `prune_checkpoints`)."""
+        """Write the set of `step` (a crash leaves no set that mixes two saves, see
+        `save_checkpoint_set`), then delete the sets before the newest `keep_last_checkpoints`
+        (see `prune_checkpoints`)."""
         folder = self.h.checkpoint_path
         self.nonfinite.read_back(step)
         network = network_record(self.h)
@@ -530,7 +535,8 @@ class Trainer:
             state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
         save_checkpoint_set(folder, step, {"encoder": {"encoder": release_state_dict(self.encoder), "network": network},
                                            "decoder": {"decoder": release_state_dict(self.decoder), "network": network},
-                                           "do": state})
+                                           "do": state}, own=step in self.own_sets)
+        self.own_sets.add(step)
         prune_checkpoints(folder, self.h.keep_last_checkpoints, up_to=step)
 
     def codec(self, audio: torch.Tensor, training: bool = False

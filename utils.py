@@ -61,9 +61,11 @@ def compile_problem(device: torch.device = torch.device("cpu")) -> Optional[str]
         return f"torch.compile is unavailable here ({type(e).__name__}: {first_line(e)[:120]})"
 
 
-def write_temp(path: str, write: Callable[[BinaryIO], Any]) -> str:
-    """Call write(binary_file) on a new temp file next to `path`, flushed to disk; returns its
-    path, for the caller to rename into place. On failure the temp file is removed."""
+def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Call write(binary_file) on a temp file next to `path`, then rename it into place.
+
+    A crash or a full disk leaves the previous file untouched, never a half-written one.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
@@ -76,28 +78,10 @@ def write_temp(path: str, write: Callable[[BinaryIO], Any]) -> str:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-    except BaseException:
-        remove_if_present(tmp)
-        raise
-    return tmp
-
-
-def remove_if_present(path: str) -> None:
-    """Delete `path` if it exists (a cleanup that must not fail on what is already gone)."""
-    if os.path.exists(path):
-        os.remove(path)
-
-
-def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
-    """Call write(binary_file) on a temp file next to `path`, then rename it into place.
-
-    A crash or a full disk leaves the previous file untouched, never a half-written one.
-    """
-    tmp = write_temp(path, write)
-    try:
         os.replace(tmp, path)
     except BaseException:
-        remove_if_present(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
 
 

@@ -273,10 +273,23 @@ def _set_parts(encoder, decoder, mpd, mrd, step):
                    "optim_g": {}, "optim_d": {}, "steps": step, "epoch": 0}}
 
 
+def _killed_after_renames(monkeypatch, count):
+    """os.replace stops the process (KeyboardInterrupt) after `count` renames; returns their targets."""
+    rename, renamed = os.replace, []
+
+    def replace(source, target):
+        if len(renamed) == count:
+            raise KeyboardInterrupt
+        renamed.append(target)
+        rename(source, target)
+    monkeypatch.setattr(os, "replace", replace)
+    return renamed
+
+
 def test_a_set_rewritten_after_a_resume_passed_over_it_is_never_mixed(tmp_path, tiny_h, monkeypatch):
     """Set 20's encoder_ is unreadable, so a resume passes over it and training reaches step 20
-    again. A rewrite stopped between its renames must not leave a complete set 20 of the new
-    encoder_ beside the old decoder_ and do_."""
+    again. A rewrite stopped after its first file must not leave a complete set 20 of the new
+    encoder_ beside the old decoder_ and do_. A run's own set, written again, stays whole."""
     folder = str(tmp_path)
     _write_sets(folder, [10, 20], tiny_h)
     with open(checkpoints.checkpoint_file(folder, "encoder", 20), "r+b") as f:
@@ -285,14 +298,7 @@ def test_a_set_rewritten_after_a_resume_passed_over_it_is_never_mixed(tmp_path, 
     torch.manual_seed(1)
     encoder, decoder = models.Encoder(tiny_h), models.Decoder(tiny_h)
     parts = _set_parts(encoder, decoder, MultiPeriodDiscriminator(tiny_h), MultiResolutionDiscriminator(tiny_h), 20)
-    rename, renamed = os.replace, []
-
-    def killed_after_the_first_rename(source, target):
-        if renamed:
-            raise KeyboardInterrupt
-        renamed.append(target)
-        rename(source, target)
-    monkeypatch.setattr(os, "replace", killed_after_the_first_rename)
+    renamed = _killed_after_renames(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_checkpoint_set(folder, 20, parts)
     monkeypatch.undo()
@@ -305,6 +311,13 @@ def test_a_set_rewritten_after_a_resume_passed_over_it_is_never_mixed(tmp_path, 
     for name, module in (("encoder", encoder), ("decoder", decoder)):
         for key, value in checkpoints.release_state_dict(module).items():
             assert torch.equal(sets[name][name][key], value), (name, key)
+    # The run's own set 20 written again (a final save), stopped before its do_: still whole.
+    _killed_after_renames(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint_set(folder, 20, dict(parts, do=dict(parts["do"], epoch=1)), own=True)
+    monkeypatch.undo()
+    step, sets = checkpoints.load_newest_set(folder, torch.device("cpu"))
+    assert step == 20 and sets["do"]["epoch"] == 0
 
 
 def test_encoder_and_decoder_of_different_networks_are_refused(tiny_h, tmp_path):

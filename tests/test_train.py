@@ -1034,6 +1034,32 @@ def test_resumed_optimizers_use_this_runs_kernels(tmp_path):
             assert all(optimizer.state[p]["step"].device.type == "cpu" for p in group["params"])
 
 
+def test_only_a_set_the_run_resumed_from_or_wrote_is_rewritten_in_place(tmp_path, monkeypatch):
+    """Sets 2, 4 and 5 (the final one); set 5's encoder_ is cut, so the resume takes set 4.
+    Saving step 5 again replaces a set of other weights (its do_ goes first); saving 4 or 5
+    after that rewrites the run's own set."""
+    h = _setup(tmp_path, training_epochs=3, checkpoint_interval=2, validation_interval=100)
+    train.train(h, torch.device("cpu"))
+    assert checkpoint_steps(h.checkpoint_path, "do") == [2, 4, 5]
+    with open(os.path.join(h.checkpoint_path, "encoder_00000005"), "r+b") as f:
+        f.truncate(100)
+    calls = []
+    real = train.save_checkpoint_set
+
+    def save_checkpoint_set(folder, step, parts, own=False):
+        calls.append((step, own))
+        real(folder, step, parts, own)
+    monkeypatch.setattr(train, "save_checkpoint_set", save_checkpoint_set)
+    trainer = train.Trainer(h, torch.device("cpu"))
+    trainer.resume()
+    assert trainer.steps == 5 and trainer.own_sets == {4}
+    trainer.save(5, 2)
+    trainer.save(5, 3)
+    trainer.save(4, 2)
+    assert calls == [(5, False), (5, True), (4, True)]
+    assert newest_complete_step(h.checkpoint_path) == 5
+
+
 def test_a_resume_that_fails_leaves_the_run_config_as_it_was(tmp_path):
     """The config beside the checkpoints describes them: a restart with another network is an
     error, and the file keeps the network that inference must build."""
