@@ -330,12 +330,14 @@ def build_config(raw: Dict[str, Any], source: str = "config") -> AttrDict:
 def read_config_file(path: str) -> Dict[str, Any]:
     """The JSON object in `path`, with a one-line error for a missing or malformed file."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must hold a JSON object of config keys")
     return raw

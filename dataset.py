@@ -6,7 +6,7 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import librosa
 import numpy as np
@@ -189,10 +189,19 @@ class DataCheckCache:
         self.entries: Dict[str, list] = {}
         if path and os.path.isfile(path):
             try:
-                with open(path) as f:
-                    self.entries = json.load(f)
+                with open(path, encoding="utf-8") as f:
+                    loaded = json.load(f)
             except (OSError, ValueError):
-                self.entries = {}
+                loaded = {}
+            # A damaged or foreign file costs a new read of what it holds wrongly, not the run.
+            if isinstance(loaded, dict):
+                self.entries = {key: entry for key, entry in loaded.items() if self._well_formed(entry)}
+
+    @staticmethod
+    def _well_formed(entry: Any) -> bool:
+        """Whether `entry` is [[size, mtime_ns], problem or None, seconds], as `put` stores it."""
+        return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], list)
+                and isinstance(entry[1], (str, type(None))) and isinstance(entry[2], (int, float)))
 
     @staticmethod
     def _stamp(path: str) -> Optional[List[int]]:

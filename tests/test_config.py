@@ -87,6 +87,24 @@ def test_missing_release_key_is_named():
         build_config(raw)
 
 
+def test_unreadable_config_files_are_named_in_one_line(tmp_path):
+    files = {"missing.json": None, "latin1.json": b'{"seed": "\xe9"}', "text.json": b"seed = 1",
+             "list.json": b"[1, 2]", "folder.json": "folder"}
+    expected = {"missing.json": "config file not found: ", "latin1.json": ": not valid JSON (",
+                "text.json": ": not valid JSON (", "list.json": ": must hold a JSON object",
+                "folder.json": "cannot read config file "}
+    for name, content in files.items():
+        path = tmp_path / name
+        if content == "folder":
+            path.mkdir()
+        elif content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ConfigError) as error:
+            load_config(str(path))
+        message = str(error.value)
+        assert str(path) in message and expected[name] in message and "\n" not in message, (name, message)
+
+
 def test_command_line_overrides(tmp_path):
     path = _write(tmp_path, default_raw())
     h = _parse(["--config", path, "--batch_size", "4", "--mpd_periods", "[2, 3]",

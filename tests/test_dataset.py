@@ -1,4 +1,5 @@
 """File lists and their checks, audio loading, training crops and validation trimming."""
+import json
 import os
 import time
 
@@ -194,6 +195,23 @@ def test_a_cut_off_flac_is_truncated_and_streamed_or_whole_files_are_not(tmp_pat
     (tmp_path / "streamed.wav").write_bytes(bytes(wav))
     assert header_problem(str(tmp_path / "streamed.wav")) is None
     assert audio_problem(str(tmp_path / "streamed.wav")) == (None, 0.5)
+
+
+def test_a_damaged_cache_file_only_costs_a_new_read(tmp_path):
+    paths = [write_tone(str(tmp_path / f"{name}.wav"), 0.1) for name in "ab"]
+    cache_path = tmp_path / "cache.json"
+    check_audio_files(paths, "list.txt", 0.05, False, DataCheckCache(str(cache_path)))
+    entries = json.loads(cache_path.read_text())
+    assert DataCheckCache(str(cache_path)).get(paths[1]) == (None, 0.1)
+    entries[os.path.abspath(paths[0])] = 5
+    entries[os.path.abspath(paths[1])][0] = "stamp"
+    for damaged in (entries, [1, 2], "text", None):
+        cache_path.write_text(json.dumps(damaged))
+        cache = DataCheckCache(str(cache_path))
+        assert cache.get(paths[0]) is None and cache.get(paths[1]) is None
+        assert check_audio_files(paths, "list.txt", 0.05, False, cache) == paths
+    cache_path.write_bytes(b"\xff\xfe not json")
+    assert DataCheckCache(str(cache_path)).entries == {}
 
 
 def test_check_skips_bad_files_reports_them_and_caches(tmp_path, capsys):
