@@ -35,7 +35,7 @@ import torch
 from codec import code_bits, codec_roundtrip, load_codec
 from config import AttrDict, bitrate, make_parser, run_cli
 from dataset import audio_index, load_audio, sound_file
-from inference import check_inputs, check_outputs
+from inference import check_inputs, check_outputs, check_outside
 from metrics import (HIGHER_IS_BETTER, POWER_FLOOR, compute_metrics, log_power, metric_stft,
                      optional_metrics, stft_consistency)
 from models import Decoder, Encoder
@@ -314,6 +314,7 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     if decoded_dir is None:
         decoded_dir = os.path.join(args.output, "decoded")
         check_outputs(reference, decoded_dir, ".wav", "--output")
+        check_outside(decoded_dir, args.reference, "--output", "--reference")
         consistency, codec, h = run_codec(h, reference, decoded_dir, device, failed)
         reference = {key: path for key, path in reference.items() if key in consistency}
     pairs, missing, extra = match_files(reference, audio_index(decoded_dir))

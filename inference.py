@@ -103,6 +103,15 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
             raise ValueError(f"{option}: writing {out} would replace {what}; choose another output folder")
 
 
+def check_outside(target: str, source: str, option: str, source_option: str) -> None:
+    """A one-line error when the output folder `target` is, or lies inside, the input folder
+    `source` and its outputs are audio: a second run would take them for inputs."""
+    inner, outer = os.path.realpath(target), os.path.realpath(source)
+    if os.path.isdir(source) and os.path.commonpath([inner, outer]) == outer:
+        raise ValueError(f"{option}: {target} lies inside {source_option} {source}, so a second run would take "
+                         f"the wavs written there for inputs; choose a folder outside it")
+
+
 def _check_codes_files(files: Dict[str, str], codec: Codec) -> None:
     """Read every codes file and check it against the model before anything is written; one
     line names the first bad one. (Each is read again when decoded: a folder of long files
@@ -155,6 +164,8 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     elif not files:
         raise FileNotFoundError(f"no codes files ({CODES_EXTENSION}) in {source}")
     check_outputs(files, target, CODES_EXTENSION if mode == "encode" else ".wav")
+    if mode == "resynth":
+        check_outside(target, source, "test_wav_output_dir", "test_input_wavs_dir")
     start = time.perf_counter()
     codec = Codec.load(h, device=pick_device(),
                        chunk_seconds=CHUNK_SECONDS if chunk_seconds is None else chunk_seconds, precision=precision,

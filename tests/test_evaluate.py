@@ -298,6 +298,13 @@ def test_codec_mode_never_replaces_the_references(tmp_path):
                        "--checkpoint_file_load_Decoder", str(tmp_path / "decoder"), "--config", str(config),
                        "--output", str(tmp_path / "out")])
     assert (decoded / "a.wav").read_bytes() == before
+    # An output folder inside the references: the decoded files would be references next time.
+    with pytest.raises(SystemExit, match=f"--output: {decoded / 'eval' / 'decoded'} lies inside --reference "
+                                         f"{decoded}, so a second run would take the wavs"):
+        evaluate.main(["--reference", str(decoded), "--checkpoint_file_load_Encoder", str(tmp_path / "encoder"),
+                       "--checkpoint_file_load_Decoder", str(tmp_path / "decoder"), "--config", str(config),
+                       "--output", str(decoded / "eval")])
+    assert os.listdir(decoded) == ["a.wav"]
 
 
 def test_codec_mode_measures_at_the_rate_of_the_checkpoints_own_config(tmp_path):

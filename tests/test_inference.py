@@ -330,6 +330,12 @@ def test_an_output_folder_that_is_the_input_folder_replaces_nothing(tmp_path, ti
     for _ in range(2):
         inference.inference(tiny_h, mode="decode")
     assert os.path.isfile(inputs / "decoded" / "sub" / "a.wav")
+    # Resynthesis into a folder of its own inside the inputs: its wavs would be inputs next time.
+    tiny_h.update(test_wav_output_dir=str(inputs / "resynth"))
+    with pytest.raises(ValueError, match=f"test_wav_output_dir: {re.escape(str(inputs / 'resynth'))} lies inside "
+                                         f"test_input_wavs_dir {re.escape(str(inputs))}, so a second run"):
+        inference.inference(tiny_h)
+    assert not os.path.exists(inputs / "resynth")
     tiny_h.update(test_input_wavs_dir=str(inputs / "a.wav"), test_wav_output_dir=str(inputs))
     with pytest.raises(ValueError, match="would replace an input file"):
         inference.inference(tiny_h)
