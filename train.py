@@ -745,7 +745,9 @@ def stop_requests() -> Iterator[Dict[str, int]]:
 
     def handle(signum: int, frame) -> None:
         if request:
-            raise KeyboardInterrupt
+            name = signal.Signals(signum).name
+            print(f"{name} again: stopping at once, without saving", file=sys.stderr)
+            raise SystemExit(128 + signum)
         request["signal"] = signum
 
     previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
@@ -777,6 +779,12 @@ def check_run_setup(h: AttrDict) -> Optional[IO]:
         except BlockingIOError:
             lock.close()
             raise ValueError(f"config key 'checkpoint_path': another training run is using {folder}") from None
+        except OSError as e:
+            # E.g. a network file system without locks: train, but unguarded.
+            lock.close()
+            lock = None
+            say(f"warning: cannot lock {folder} ({e.strerror}); a second training run there would not be noticed")
+    if lock is not None:
         # With the lock held no write is under way: these are a killed run's unfinished ones.
         for stale in glob.glob(os.path.join(folder, ".tmp_*")):
             os.remove(stale)

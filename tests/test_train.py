@@ -1,4 +1,5 @@
 """train.py: a few CPU steps write a checkpoint set in the release layout; a second run resumes."""
+import errno
 import json
 import math
 import os
@@ -1145,6 +1146,33 @@ def test_a_second_run_on_the_same_checkpoint_path_is_refused(tmp_path):
     assert not checkpoint_steps(h.checkpoint_path, "do")
     train.train(h, torch.device("cpu"))        # the lock is free again, and released at the end
     train.check_run_setup(h).close()
+
+
+@pytest.mark.skipif(train.fcntl is None, reason="file locks are POSIX")
+def test_a_folder_that_cannot_be_locked_trains_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A file system without locks (some network mounts): the run goes on, and leaves the
+    temporary files alone, which another run may be writing."""
+    h = _setup(tmp_path)
+    os.makedirs(h.checkpoint_path)
+    (tmp_path / "cp" / ".tmp_do_00000003x").write_bytes(b"partial")
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    assert train.check_run_setup(h) is None
+    assert f"warning: cannot lock {h.checkpoint_path} (No locks available)" in capsys.readouterr().out
+    assert (tmp_path / "cp" / ".tmp_do_00000003x").exists()
+
+
+def test_a_second_stop_signal_stops_at_once_with_its_status(capsys):
+    with pytest.raises(SystemExit) as stop:
+        with train.stop_requests() as request:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert request == {"signal": signal.SIGTERM}
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "SIGTERM again: stopping at once, without saving" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_killed_runs_unfinished_checkpoint_writes_are_removed(tmp_path):
