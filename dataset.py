@@ -123,6 +123,8 @@ def read_filelist(list_path: str) -> List[str]:
     return paths
 
 
+# libsndfile's frame count for a file whose header leaves the length open (its largest count).
+_UNKNOWN_LENGTH = 2 ** 63 - 1
 # libsndfile's report on a WAV whose data chunk is shorter than its header says.
 _TRUNCATED = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
 
@@ -137,6 +139,8 @@ def header_problem(path: str) -> Optional[str]:
         return f"unreadable ({first_line(e)})"
     if info.frames < 1:
         return "holds no samples"
+    if info.frames >= _UNKNOWN_LENGTH:
+        return "has no length in its header (a FLAC written as a stream), which libsndfile cannot read; re-encode it"
     truncated = _TRUNCATED.search(info.extra_info)
     # Writers that stream set the size to 0 or 0xFFFFFFFF ("unknown"): not a truncation.
     if truncated and 0 < int(truncated.group(1)) < 0xFFFFFFF0:

@@ -188,6 +188,12 @@ def test_a_cut_off_flac_is_truncated_and_streamed_or_whole_files_are_not(tmp_pat
     problem = header_problem(str(tmp_path / "cut.flac"))
     assert problem.startswith("truncated") and "24000 samples" in problem and "\n" not in problem
     assert audio_problem(str(tmp_path / "cut.flac"))[0] == problem
+    # A FLAC written as a stream may leave its length (36 bits of STREAMINFO) at 0, "unknown".
+    streamed = bytearray(data)
+    streamed[21] &= 0xF0
+    streamed[22:26] = bytes(4)
+    (tmp_path / "open.flac").write_bytes(bytes(streamed))
+    assert header_problem(str(tmp_path / "open.flac")).startswith("has no length in its header")
     # A WAV written as a stream says "size unknown" (0xFFFFFFFF) and holds every sample.
     wav = bytearray((tmp_path / "whole.wav").read_bytes())
     assert wav[36:40] == b"data"
