@@ -758,6 +758,30 @@ def test_summary_logs_codebook_health_and_gradient_norms(tmp_path, precision):
         assert len(logged) == 2 and logged[0] <= 65536 and logged[-1] == trainer.scaler_g.get_scale()
 
 
+def _pool_worker(rank, folder):
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
+    try:
+        trainer = SimpleNamespace(code_counts=torch.full((2, 3), rank + 1.0))
+        train.Trainer.pool_code_counts(trainer)
+        first = trainer.code_counts.clone()
+        trainer.code_counts += rank + 1.0       # the next steps' codes
+        train.Trainer.pool_code_counts(trainer)
+        torch.save((first, trainer.code_counts), f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_code_counts_are_pooled_on_rank_0_and_counted_once(tmp_path):
+    """Rank 0 holds the sum over ranks (which it logs and saves); the others count on from
+    zero, so pooling again adds only what came since."""
+    torch.multiprocessing.spawn(_pool_worker, args=(str(tmp_path),), nprocs=2)
+    (first0, second0), (first1, second1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(first0, torch.full((2, 3), 3.0)) and not first1.any()
+    assert torch.equal(second0, torch.full((2, 3), 6.0)) and not second1.any()
+
+
 def test_codebook_health_after_a_resume_covers_the_whole_window(tmp_path):
     """Summaries at steps 0 and 4, a set saved at step 2: resumed from it, the summary at step
     4 counts the codes of steps 1 to 4, as in the run that was not stopped (the resumed steps
