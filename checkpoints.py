@@ -149,6 +149,14 @@ def save_checkpoint_set(folder: str, step: int, parts: Dict[str, Dict[str, Any]]
         os.remove(checkpoint_file(folder, "do", step))
     for kind in KINDS:
         save_checkpoint(checkpoint_file(folder, kind, step), parts[kind])
+    if os.name != "nt":
+        # The renames reach the disk before anything else happens in the folder (pruning
+        # deletes older sets next), also across a power cut.
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 # Training files of earlier versions hold numpy's random state: arrays, which are plain data.

@@ -286,6 +286,34 @@ def _killed_after_renames(monkeypatch, count):
     return renamed
 
 
+@pytest.mark.skipif(os.name == "nt", reason="folders cannot be opened for fsync on Windows")
+def test_a_saved_set_is_on_disk_before_older_sets_are_pruned(tmp_path, tiny_h, monkeypatch):
+    """After the last rename the folder itself is flushed (a power cut could otherwise undo
+    the renames but keep the deletions of older sets that follow)."""
+    events, real_open, real_fsync, real_replace = [], os.open, os.fsync, os.replace
+
+    def logged_open(path, flags, *args):
+        handle = real_open(path, flags, *args)
+        events.append(("open", os.fspath(path), handle))
+        return handle
+
+    def logged_fsync(handle):
+        events.append(("fsync", handle))
+        real_fsync(handle)
+
+    def logged_replace(source, target):
+        events.append(("replace", os.path.basename(target)))
+        real_replace(source, target)
+    monkeypatch.setattr(os, "open", logged_open)
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    _write_sets(str(tmp_path), [10], tiny_h)
+    monkeypatch.undo()
+    opened = [i for i, event in enumerate(events) if event[0] == "open" and event[1] == str(tmp_path)]
+    assert len(opened) == 1 and events.index(("replace", "do_00000010")) < opened[0]
+    assert events[opened[0] + 1] == ("fsync", events[opened[0]][2])
+
+
 def test_a_set_rewritten_after_a_resume_passed_over_it_is_never_mixed(tmp_path, tiny_h, monkeypatch):
     """Set 20's encoder_ is unreadable, so a resume passes over it and training reaches step 20
     again. A rewrite stopped after its first file must not leave a complete set 20 of the new
