@@ -11,7 +11,7 @@ import os
 import pickle
 import re
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -140,10 +140,11 @@ def save_checkpoint_set(folder: str, step: int, parts: Dict[str, Dict[str, Any]]
     """Write the set of `step` (parts: "encoder", "decoder" and "do" to their contents):
     encoder_, decoder_ then do_, each atomically. A set is complete once do_ exists.
 
-    own: any set of this step on disk is one the run resumed from or wrote itself (the same
-    weights): it keeps its do_ while it is written again, so it stays whole throughout.
-    Otherwise such a set is one a resume passed over, with other weights, and its do_ goes
-    first: a crash could leave it beside the new encoder_ as a complete set of two saves.
+    own: any files of this step on disk are of the set the run resumed from or wrote itself
+    (the same weights): it keeps its do_ while it is written again, so it stays whole
+    throughout. Otherwise they are of a set that a resume passed over, with other weights,
+    and its do_ goes first: a crash could leave it beside the new encoder_ as a complete
+    set of two saves.
     """
     if not own and os.path.exists(checkpoint_file(folder, "do", step)):
         os.remove(checkpoint_file(folder, "do", step))
@@ -222,6 +223,11 @@ def checkpoint_steps(folder: str, kind: str) -> List[int]:
 KINDS = ("encoder", "decoder", "do")
 
 
+def steps_on_disk(folder: str) -> List[int]:
+    """Steps of which any checkpoint file (encoder_, decoder_ or do_) exists, ascending."""
+    return sorted({s for kind in KINDS for s in checkpoint_steps(folder, kind)})
+
+
 def complete_steps(folder: str, up_to: Optional[int] = None) -> List[int]:
     """Steps (up to `up_to`, if given) for which encoder_, decoder_ and do_ checkpoints all
     exist, ascending."""
@@ -245,7 +251,7 @@ def load_newest_set(folder: str, device: torch.device, warn: Callable[[str], Non
     is usable.
     """
     complete = complete_steps(folder)
-    newest_any = max((s for kind in KINDS for s in checkpoint_steps(folder, kind)), default=None)
+    newest_any = max(steps_on_disk(folder), default=None)
     if newest_any is not None and (not complete or newest_any > complete[-1]):
         fallback = "resuming from an older one" if complete else "no complete one is older, so training starts anew"
         warn(f"warning: checkpoint set {newest_any} in {folder} is incomplete; {fallback}")
@@ -259,17 +265,19 @@ def load_newest_set(folder: str, device: torch.device, warn: Callable[[str], Non
     return None
 
 
-def prune_checkpoints(folder: str, keep: int, up_to: int) -> None:
-    """Delete every checkpoint file older than the newest `keep` complete sets up to step
-    `up_to`, the one just saved (0 keeps all). Newer sets are left alone: a resumed run
-    passed over them as unreadable, so they cannot count among the ones kept."""
-    complete = complete_steps(folder, up_to)
+def prune_checkpoints(folder: str, keep: int, passed_over: Collection[int] = ()) -> None:
+    """Delete every checkpoint file older than the newest `keep` complete sets (0 keeps all).
+
+    passed_over: steps of the sets that a resume passed over as unreadable or incomplete
+    (and that were not written again since): they cannot count among the ones kept, and
+    are left alone for the user to look at."""
+    complete = [step for step in complete_steps(folder) if step not in passed_over]
     if keep <= 0 or len(complete) <= keep:
         return
     oldest_kept = complete[-keep]
     for kind in KINDS:
         for step in checkpoint_steps(folder, kind):
-            if step < oldest_kept:
+            if step < oldest_kept and step not in passed_over:
                 os.remove(checkpoint_file(folder, kind, step))
 
 

@@ -38,7 +38,8 @@ from torch.utils.tensorboard import SummaryWriter
 import losses
 from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, load_newest_set,
                          load_release_state_dict, network_record, newest_complete_step, prune_checkpoints,
-                         release_parameters, release_state_dict, save_checkpoint_set, saved_config_differences)
+                         release_parameters, release_state_dict, save_checkpoint_set, saved_config_differences,
+                         steps_on_disk)
 from config import NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, run_cli, save_config
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
@@ -346,9 +347,9 @@ class Trainer:
         self.distiller = Distiller(h, self.encoder, self.decoder, device, teacher) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on.
         self.position = 0
-        # Steps of the sets on disk that hold this run's weights: the one resumed from, and
-        # those saved since.
-        self.own_sets: Set[int] = set()
+        # Steps of the checkpoint files on disk that a resume passed over (newer than the set
+        # it loaded: unreadable or incomplete) and that this run has not written again.
+        self.passed_over: Set[int] = set()
         self.nonfinite = NonFiniteChecks(h.fused_adamw and h.mixed_precision != "fp16", device)
 
         half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[h.mixed_precision]
@@ -434,6 +435,7 @@ class Trainer:
                 raise ValueError(f"the processes see different newest checkpoint sets in {folder} "
                                  f"(steps by rank: {seen}); every node needs the same checkpoint_path, "
                                  f"e.g. on a shared file system")
+        self.passed_over = {s for s in steps_on_disk(folder) if found is None or s > found[0]}
         if found is None:
             unreadable = complete_steps(folder)
             if unreadable:
@@ -442,7 +444,6 @@ class Trainer:
                                  f"warnings above); move them away to start a new run there")
             return
         step, sets = found
-        self.own_sets.add(step)
         self._check_run_config(folder)
         load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
         load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
@@ -535,9 +536,9 @@ class Trainer:
             state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
         save_checkpoint_set(folder, step, {"encoder": {"encoder": release_state_dict(self.encoder), "network": network},
                                            "decoder": {"decoder": release_state_dict(self.decoder), "network": network},
-                                           "do": state}, own=step in self.own_sets)
-        self.own_sets.add(step)
-        prune_checkpoints(folder, self.h.keep_last_checkpoints, up_to=step)
+                                           "do": state}, own=step not in self.passed_over)
+        self.passed_over.discard(step)
+        prune_checkpoints(folder, self.h.keep_last_checkpoints, self.passed_over)
 
     def codec(self, audio: torch.Tensor, training: bool = False
               ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:

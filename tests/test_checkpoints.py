@@ -405,24 +405,29 @@ def test_prune_keeps_the_newest_complete_sets(tmp_path, tiny_h):
     folder = str(tmp_path)
     _write_sets(folder, [1, 2, 3, 4], tiny_h)
     os.remove(checkpoints.checkpoint_file(folder, "do", 4))
-    checkpoints.prune_checkpoints(folder, 0, up_to=4)
+    checkpoints.prune_checkpoints(folder, 0)
     assert checkpoints.complete_steps(folder) == [1, 2, 3]
-    checkpoints.prune_checkpoints(folder, 2, up_to=4)
+    checkpoints.prune_checkpoints(folder, 2)
     assert checkpoints.complete_steps(folder) == [2, 3]
     assert sorted(os.listdir(folder)) == ["decoder_00000002", "decoder_00000003", "decoder_00000004",
                                           "do_00000002", "do_00000003",
                                           "encoder_00000002", "encoder_00000003", "encoder_00000004"]
 
 
-def test_prune_counts_only_the_sets_up_to_the_one_just_saved(tmp_path, tiny_h):
+def test_prune_counts_no_set_a_resume_passed_over(tmp_path, tiny_h):
     """A run resumed from set 4 past unreadable sets 6 and 7 saves 5: keeping one set keeps 5,
-    not 7, and sets 6 and 7 stay for the user to look at."""
+    not 7, and sets 6 and 7 stay for the user to look at. With another checkpoint_interval
+    it saves 8 instead, beyond them: keeping two keeps 4 and 8, not 7 and 8."""
     folder = str(tmp_path)
     _write_sets(folder, [2, 4, 5, 6, 7], tiny_h)
-    checkpoints.prune_checkpoints(folder, 1, up_to=5)
+    checkpoints.prune_checkpoints(folder, 1, passed_over={6, 7})
     assert checkpoints.complete_steps(folder) == [5, 6, 7]
     assert checkpoints.newest_complete_step(folder, up_to=5) == 5
     assert checkpoints.newest_complete_step(folder, up_to=1) is None
+    other = str(tmp_path / "other_interval")
+    _write_sets(other, [2, 4, 6, 7, 8], tiny_h)
+    checkpoints.prune_checkpoints(other, 2, passed_over={6, 7})
+    assert checkpoints.complete_steps(other) == [4, 6, 7, 8]
 
 
 def test_checkpoint_set_bytes_counts_weights_and_adam_moments(full):

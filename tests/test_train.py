@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from conftest import ROOT, TINY, make_config, tone, write_tone
-from checkpoints import checkpoint_steps, load_release_state_dict, newest_complete_step
+from checkpoints import checkpoint_steps, complete_steps, load_release_state_dict, newest_complete_step
 from config import save_config
 from models import Encoder
 
@@ -1077,12 +1077,34 @@ def test_only_a_set_the_run_resumed_from_or_wrote_is_rewritten_in_place(tmp_path
     monkeypatch.setattr(train, "save_checkpoint_set", save_checkpoint_set)
     trainer = train.Trainer(h, torch.device("cpu"))
     trainer.resume()
-    assert trainer.steps == 5 and trainer.own_sets == {4}
+    assert trainer.steps == 5 and trainer.passed_over == {5}
     trainer.save(5, 2)
+    assert trainer.passed_over == set()
     trainer.save(5, 3)
     trainer.save(4, 2)
     assert calls == [(5, False), (5, True), (4, True)]
     assert newest_complete_step(h.checkpoint_path) == 5
+
+
+def test_keep_last_checkpoints_counts_good_sets_only(tmp_path):
+    """Sets every 2 steps, keeping 2: 4 and 5 (the final one) stay. Set 5 then reads back
+    cut, and a longer run resumed from 4 saves 6 and 7: the cut set never counted as kept,
+    so 4 stayed beside 6 until 7 came, and it is left for the user to look at."""
+    h = _setup(tmp_path, training_epochs=3, checkpoint_interval=2, validation_interval=100, keep_last_checkpoints=2)
+    train.train(h, torch.device("cpu"))
+    assert complete_steps(h.checkpoint_path) == [4, 5]
+    with open(os.path.join(h.checkpoint_path, "encoder_00000005"), "r+b") as f:
+        f.truncate(100)
+    kept = []
+    real = train.prune_checkpoints
+
+    def prune(folder, keep, passed_over):
+        real(folder, keep, passed_over)
+        kept.append(complete_steps(folder))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "prune_checkpoints", prune)
+        train.train(make_config(**dict(h, training_epochs=4)), torch.device("cpu"))
+    assert kept == [[4, 5, 6], [5, 6, 7]]
 
 
 def test_a_resume_that_fails_leaves_the_run_config_as_it_was(tmp_path):
