@@ -21,6 +21,7 @@ the products in bfloat16, "int8" in PyTorch's dynamic int8 quantisation (see `Pr
 faster, approximate.
 """
 import itertools
+import numbers
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -414,6 +415,8 @@ class StreamingCodec:
     """
 
     def __init__(self, encoder: Encoder, decoder: Decoder, h: AttrDict, batch: int = 1, precision: str = "float32"):
+        if not isinstance(batch, numbers.Integral) or batch < 1:
+            raise ValueError(f"a stream's batch must be a whole number of at least 1, got {batch!r}")
         self.h = h
         self.encoder = StreamingEncoder(encoder, h, batch, precision)
         self.decoder = StreamingDecoder(encoder, decoder, h, batch, precision)
@@ -428,10 +431,16 @@ class StreamingCodec:
         """audio (B, n) -> (codes (B, n_codebooks, m), decoded audio (B, n')) completed by it."""
         if self.ended:
             raise ValueError("this stream has ended (flush was called); start a new StreamingCodec")
+        if not isinstance(audio, torch.Tensor) or not audio.is_floating_point():
+            got = f"{audio.dtype} samples" if isinstance(audio, torch.Tensor) else f"a {type(audio).__name__}"
+            raise ValueError(f"a stream takes a floating point torch tensor in [-1, 1], got {got} "
+                             f"(16-bit PCM: torch.from_numpy(pcm).float() / 32768)")
         batch = self.encoder.samples.size(0)
         if audio.dim() != 2 or audio.size(0) != batch:
             raise ValueError(f"a stream of batch {batch} takes audio (batch, samples) = ({batch}, n), "
                              f"got shape {tuple(audio.shape)}")
+        # The stream's own dtype and device: float64 samples would turn its state float64.
+        audio = audio.to(self.encoder.samples)
         self.samples_in += audio.size(-1)
         codes = self.encoder.push(audio)
         out = self.decoder.push(codes)
@@ -454,7 +463,7 @@ class StreamingCodec:
 
 def chunk_sizes(sizes: Union[int, Iterable[int]]) -> Iterator[int]:
     """An endless sequence of chunk sizes: one size repeated, or a list of sizes cycled."""
-    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    sizes = [sizes] if isinstance(sizes, numbers.Integral) else list(sizes)
     if min(sizes, default=-1) < 0 or sum(sizes) == 0:
         raise ValueError(f"chunk sizes must be at least 0 samples, and not all 0; got {sizes}")
     return itertools.cycle(sizes)

@@ -625,7 +625,8 @@ class Trainer:
             terms["G"] = losses.generator_total(terms)
             if "kd" in gen:
                 terms.update(gen["kd"])
-                terms["G"] = terms["G"] + self.h.kd_weight * terms["KD"]
+                if self.h.kd_weight:     # at 0 KD is only measured: 0 x inf would be NaN
+                    terms["G"] = terms["G"] + self.h.kd_weight * terms["KD"]
             self.scaler_g.scale(terms["G"]).backward()
         return terms
 

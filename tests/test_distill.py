@@ -1,4 +1,5 @@
 """distill.py and train.py's KD term: a tiny teacher, then a causal student that learns from it."""
+import math
 import os
 
 import pytest
@@ -67,6 +68,15 @@ def test_student_learns_from_a_frozen_teacher(teacher):
         assert not any(p.requires_grad for p in module.parameters())
         for name, tensor in release_state_dict(module).items():
             assert torch.equal(tensor, saved[part][name]), name
+
+
+def test_kd_weight_0_measures_kd_and_trains_without_it(teacher, monkeypatch):
+    """The 'w/o KD' ablation with a teacher named logs KD; even an infinite one leaves the
+    generator loss, and so the update, the student's own."""
+    real = distill.Distiller.loss
+    monkeypatch.setattr(distill.Distiller, "loss", lambda self, ref: dict(real(self, ref), KD=torch.tensor(math.inf)))
+    trainer, kd, terms = _student(teacher, "measured", 0.0)
+    assert kd == [math.inf] * len(kd) and math.isfinite(terms["G"].item()) and trainer.nonfinite.total == 0
 
 
 def test_a_training_run_loads_its_teacher_once(teacher, monkeypatch):

@@ -85,6 +85,20 @@ def test_a_stream_ends_at_flush_and_chunk_sizes_must_advance(codec):
     for wrong in (signal(0.02)[0], signal(0.02).repeat(2, 1)):
         with pytest.raises(ValueError, match=r"^a stream of batch 1 takes audio \(batch, samples\) = \(1, n\)"):
             stream.push(wrong)
+    # PCM integers would be coded 32768 times too loud; a numpy array is not a tensor.
+    for wrong, named in (((signal(0.02) * 32767).short(), "torch.int16 samples"), (signal(0.02).numpy(), "a ndarray")):
+        with pytest.raises(ValueError, match=f"^a stream takes a floating point torch tensor in \\[-1, 1\\], got {named}"):
+            stream.push(wrong)
+    for batch in (0, 1.5):
+        with pytest.raises(ValueError, match="batch must be a whole number of at least 1"):
+            streaming.StreamingCodec(encoder, decoder, h, batch=batch)
+    # float64 audio is taken as the stream's float32; numpy's integers are chunk sizes too.
+    doubled = streaming.StreamingCodec(encoder, decoder, h)
+    pushed = [streaming.StreamingCodec(encoder, decoder, h).push(signal(0.02)), doubled.push(signal(0.02).double())]
+    assert doubled.encoder.samples.dtype == torch.float32
+    assert torch.equal(pushed[0][0], pushed[1][0]) and torch.equal(pushed[0][1], pushed[1][1])
+    chunked = [streaming.stream_roundtrip(encoder, decoder, signal(0.01), h, size) for size in (100, np.int64(100))]
+    assert torch.equal(chunked[0]["audio"], chunked[1]["audio"])
     stream.push(signal(0.02))
     stream.flush()
     for again in (lambda: stream.push(signal(0.01)), stream.flush):
