@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="where train.txt and valid.txt are written (default filelists)")
     parser.add_argument("--split", choices=("speakers", "random"), default="random",
                         help="random (default): a seeded random fraction of the files is validation; "
-                             "speakers: the VCTK test speakers are")
+                             "speakers: the VCTK test speakers are validation, every other speaker trains")
     parser.add_argument("--valid_fraction", type=float, default=0.05,
                         help="with --split random, the fraction of files held out (default 0.05)")
     parser.add_argument("--mic", default="", help="keep only files whose name contains this, e.g. mic1")
