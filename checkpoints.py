@@ -152,12 +152,16 @@ def save_checkpoint_set(folder: str, step: int, parts: Dict[str, Dict[str, Any]]
         save_checkpoint(checkpoint_file(folder, kind, step), parts[kind])
     if os.name != "nt":
         # The renames reach the disk before anything else happens in the folder (pruning
-        # deletes older sets next), also across a power cut.
-        handle = os.open(folder, os.O_RDONLY)
+        # deletes older sets next), also across a power cut. Some network and FUSE file
+        # systems cannot flush a folder: there it is left to them.
         try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
+            handle = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
+        except OSError:
+            pass
 
 
 # Training files of earlier versions hold numpy's random state: arrays, which are plain data.

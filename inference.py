@@ -107,7 +107,11 @@ def check_outside(target: str, source: str, option: str, source_option: str) -> 
     """A one-line error when the output folder `target` is, or lies inside, the input folder
     `source` and its outputs are audio: a second run would take them for inputs."""
     inner, outer = os.path.realpath(target), os.path.realpath(source)
-    if os.path.isdir(source) and os.path.commonpath([inner, outer]) == outer:
+    try:
+        inside = os.path.isdir(source) and os.path.commonpath([inner, outer]) == outer
+    except ValueError:      # Windows: paths on two drives
+        inside = False
+    if inside:
         raise ValueError(f"{option}: {target} lies inside {source_option} {source}, so a second run would take "
                          f"the wavs written there for inputs; choose a folder outside it")
 

@@ -347,8 +347,9 @@ class Trainer:
         self.distiller = Distiller(h, self.encoder, self.decoder, device, teacher) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on.
         self.position = 0
-        # Steps of the checkpoint files on disk that a resume passed over (newer than the set
-        # it loaded: unreadable or incomplete) and that this run has not written again.
+        # Steps of the checkpoint files on disk that a resume passed over (unreadable or
+        # incomplete) and that no run has written again since; saved with each set, so that
+        # later resumes keep knowing them.
         self.passed_over: Set[int] = set()
         self.nonfinite = NonFiniteChecks(h.fused_adamw and h.mixed_precision != "fp16", device)
 
@@ -435,7 +436,8 @@ class Trainer:
                 raise ValueError(f"the processes see different newest checkpoint sets in {folder} "
                                  f"(steps by rank: {seen}); every node needs the same checkpoint_path, "
                                  f"e.g. on a shared file system")
-        self.passed_over = {s for s in steps_on_disk(folder) if found is None or s > found[0]}
+        on_disk = steps_on_disk(folder)
+        self.passed_over = {s for s in on_disk if found is None or s > found[0]}
         if found is None:
             unreadable = complete_steps(folder)
             if unreadable:
@@ -448,6 +450,7 @@ class Trainer:
         load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
         load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
         do_path, state = checkpoint_file(folder, "do", step), sets["do"]
+        self.passed_over |= set(state.get("passed_over", ())) & set(on_disk)
         load_release_state_dict(self.mpd, state["mpd"], do_path)
         load_release_state_dict(self.mrd, state["mrd"], do_path)
         self.steps = state["steps"] + 1
@@ -531,7 +534,7 @@ class Trainer:
                  "scheduler_g": self.scheduler_g.state_dict(),
                  "scheduler_d": self.scheduler_d.state_dict(), "random_states": random_states(),
                  "nonfinite_total": self.nonfinite.total, "nonfinite_streak": self.nonfinite.streak,
-                 "code_counts": self.code_counts.cpu()}
+                 "code_counts": self.code_counts.cpu(), "passed_over": sorted(self.passed_over - {step})}
         if self.scaler_g.is_enabled():
             state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
         save_checkpoint_set(folder, step, {"encoder": {"encoder": release_state_dict(self.encoder), "network": network},

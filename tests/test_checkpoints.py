@@ -1,9 +1,11 @@
 """checkpoints.py: release key names, order and shapes, optimizer positions, atomic save / load."""
 import copy
+import errno
 import io
 import math
 import os
 import re
+import stat
 import zipfile
 
 import numpy as np
@@ -312,6 +314,20 @@ def test_a_saved_set_is_on_disk_before_older_sets_are_pruned(tmp_path, tiny_h, m
     opened = [i for i, event in enumerate(events) if event[0] == "open" and event[1] == str(tmp_path)]
     assert len(opened) == 1 and events.index(("replace", "do_00000010")) < opened[0]
     assert events[opened[0] + 1] == ("fsync", events[opened[0]][2])
+
+
+@pytest.mark.skipif(os.name == "nt", reason="folders are not flushed on Windows")
+def test_a_folder_that_cannot_be_flushed_still_saves(tmp_path, tiny_h, monkeypatch):
+    """Some network and FUSE file systems refuse fsync on a folder (EINVAL): the set is saved."""
+    real_fsync = os.fsync
+
+    def files_only(handle):
+        if stat.S_ISDIR(os.fstat(handle).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(handle)
+    monkeypatch.setattr(os, "fsync", files_only)
+    _write_sets(str(tmp_path), [10], tiny_h)
+    assert checkpoints.load_newest_set(str(tmp_path), torch.device("cpu"))[0] == 10
 
 
 def test_a_set_rewritten_after_a_resume_passed_over_it_is_never_mixed(tmp_path, tiny_h, monkeypatch):

@@ -305,6 +305,13 @@ def test_options_a_causal_codec_cannot_honour_are_refused():
         Codec(h, encoder, decoder, torch.device("cpu"), file_statistics=True)
 
 
+def test_folders_on_two_windows_drives_are_not_inside_each_other(tmp_path, monkeypatch):
+    def two_drives(paths):
+        raise ValueError("Paths don't have the same drive")
+    monkeypatch.setattr(os.path, "commonpath", two_drives)
+    inference.check_outside(str(tmp_path / "out"), str(tmp_path), "test_wav_output_dir", "test_input_wavs_dir")
+
+
 def test_an_output_folder_that_is_the_input_folder_replaces_nothing(tmp_path, tiny_h):
     """Resynthesis into the input folder (or a folder inside it) would overwrite inputs, and
     decoding there the originals beside the codes files: both are refused before anything is

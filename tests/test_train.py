@@ -53,7 +53,7 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     # The release's entries, plus what an exact resume needs.
     assert set(do) == {"mpd", "mrd", "optim_g", "optim_d", "steps", "epoch",
                        "position", "epoch_items", "scheduler_g", "scheduler_d", "random_states", "nonfinite_total",
-                       "nonfinite_streak", "code_counts"}
+                       "nonfinite_streak", "code_counts", "passed_over"}
     assert do["steps"] == 3 and do["epoch"] == 2 and do["position"] == 0 and do["epoch_items"] == 0
     assert len(do["optim_g"]["state"]) == len(list(first.encoder.parameters())) + len(list(first.decoder.parameters()))
     assert all(s["step"].item() == 4 for s in do["optim_g"]["state"].values())
@@ -1087,24 +1087,26 @@ def test_only_a_set_the_run_resumed_from_or_wrote_is_rewritten_in_place(tmp_path
 
 
 def test_keep_last_checkpoints_counts_good_sets_only(tmp_path):
-    """Sets every 2 steps, keeping 2: 4 and 5 (the final one) stay. Set 5 then reads back
-    cut, and a longer run resumed from 4 saves 6 and 7: the cut set never counted as kept,
-    so 4 stayed beside 6 until 7 came, and it is left for the user to look at."""
-    h = _setup(tmp_path, training_epochs=3, checkpoint_interval=2, validation_interval=100, keep_last_checkpoints=2)
+    """Sets every 2 steps, keeping 4: 2, 4 and 5 (the final one). Set 5 then reads back cut.
+    A longer run resumed from 4 saves 6 and 7 and keeps 2 beside them: the cut set never
+    counts among the kept. Nor does it in a third run, resumed from 7 past it (each set
+    records the steps passed over): that one keeps 4 good sets, and leaves the cut one."""
+    h = _setup(tmp_path, training_epochs=3, checkpoint_interval=2, validation_interval=100, keep_last_checkpoints=4)
     train.train(h, torch.device("cpu"))
-    assert complete_steps(h.checkpoint_path) == [4, 5]
+    assert complete_steps(h.checkpoint_path) == [2, 4, 5]
     with open(os.path.join(h.checkpoint_path, "encoder_00000005"), "r+b") as f:
         f.truncate(100)
-    kept = []
     real = train.prune_checkpoints
+    for epochs, expected in ((4, [[2, 4, 5, 6], [2, 4, 5, 6, 7]]), (5, [[4, 5, 6, 7, 8], [5, 6, 7, 8, 9]])):
+        kept = []
 
-    def prune(folder, keep, passed_over):
-        real(folder, keep, passed_over)
-        kept.append(complete_steps(folder))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "prune_checkpoints", prune)
-        train.train(make_config(**dict(h, training_epochs=4)), torch.device("cpu"))
-    assert kept == [[4, 5, 6], [5, 6, 7]]
+        def prune(folder, keep, passed_over):
+            real(folder, keep, passed_over)
+            kept.append(complete_steps(folder))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train, "prune_checkpoints", prune)
+            train.train(make_config(**dict(h, training_epochs=epochs)), torch.device("cpu"))
+        assert kept == expected, epochs
 
 
 def test_a_resume_that_fails_leaves_the_run_config_as_it_was(tmp_path):
