@@ -150,18 +150,17 @@ def save_checkpoint_set(folder: str, step: int, parts: Dict[str, Dict[str, Any]]
         os.remove(checkpoint_file(folder, "do", step))
     for kind in KINDS:
         save_checkpoint(checkpoint_file(folder, kind, step), parts[kind])
-    if os.name != "nt":
-        # The renames reach the disk before anything else happens in the folder (pruning
-        # deletes older sets next), also across a power cut. Some network and FUSE file
-        # systems cannot flush a folder: there it is left to them.
+    # The renames reach the disk before anything else happens in the folder (pruning deletes
+    # older sets next), also across a power cut. Where a folder cannot be opened or flushed
+    # (Windows, some network and FUSE file systems) that is left to the system.
+    try:
+        handle = os.open(folder, os.O_RDONLY)
         try:
-            handle = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(handle)
-            finally:
-                os.close(handle)
-        except OSError:
-            pass
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    except OSError:
+        pass
 
 
 # Training files of earlier versions hold numpy's random state: arrays, which are plain data.

@@ -134,31 +134,30 @@ def header_problem(path: str) -> Optional[str]:
     if not os.path.isfile(path):
         return "file not found"
     try:
-        info = sf.info(sound_file(path))
+        audio = sf.SoundFile(sound_file(path))
     except Exception as e:
         return f"unreadable ({first_line(e)})"
-    if info.frames < 1:
-        return "holds no samples"
-    if info.frames >= _UNKNOWN_LENGTH:
-        return "has no length in its header (a FLAC written as a stream), which libsndfile cannot read; re-encode it"
-    truncated = _TRUNCATED.search(info.extra_info)
-    # Writers that stream set the size to 0 or 0xFFFFFFFF ("unknown"): not a truncation.
-    if truncated and 0 < int(truncated.group(1)) < 0xFFFFFFF0:
-        return (f"truncated (its header promises {truncated.group(1)} bytes of audio, "
-                f"the file holds {truncated.group(2)})")
-    # A FLAC header states its length, which a cut-off file does not hold; seeking to the
-    # last sample decodes a frame or two and finds that without reading the rest.
-    try:
-        with sf.SoundFile(sound_file(path)) as f:
-            if f.seekable():
-                f.seek(info.frames - 1)
-                readable = len(f.read(1, dtype="float32")) == 1
-            else:   # a few codecs (e.g. GSM 6.10) cannot seek: a full read finds a cut
-                readable = True
-    except Exception:
-        readable = False
-    if not readable:
-        return f"truncated (its header promises {info.frames} samples, the last cannot be read)"
+    with audio:
+        if audio.frames < 1:
+            return "holds no samples"
+        if audio.frames >= _UNKNOWN_LENGTH:
+            return "has no length in its header (a FLAC written as a stream), which libsndfile cannot read; re-encode it"
+        truncated = _TRUNCATED.search(audio.extra_info)
+        # Writers that stream set the size to 0 or 0xFFFFFFFF ("unknown"): not a truncation.
+        if truncated and 0 < int(truncated.group(1)) < 0xFFFFFFF0:
+            return (f"truncated (its header promises {truncated.group(1)} bytes of audio, "
+                    f"the file holds {truncated.group(2)})")
+        if not audio.seekable():    # a few codecs (e.g. GSM 6.10): a full read finds a cut
+            return None
+        # A FLAC header states its length, which a cut-off file does not hold; seeking to the
+        # last sample decodes a frame or two and finds that without reading the rest.
+        try:
+            audio.seek(audio.frames - 1)
+            readable = len(audio.read(1, dtype="float32")) == 1
+        except Exception:
+            readable = False
+        if not readable:
+            return f"truncated (its header promises {audio.frames} samples, the last cannot be read)"
     return None
 
 

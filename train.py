@@ -436,7 +436,7 @@ class Trainer:
                 raise ValueError(f"the processes see different newest checkpoint sets in {folder} "
                                  f"(steps by rank: {seen}); every node needs the same checkpoint_path, "
                                  f"e.g. on a shared file system")
-        on_disk = steps_on_disk(folder)
+        on_disk = set(steps_on_disk(folder))
         self.passed_over = {s for s in on_disk if found is None or s > found[0]}
         if found is None:
             unreadable = complete_steps(folder)
@@ -450,7 +450,7 @@ class Trainer:
         load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
         load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
         do_path, state = checkpoint_file(folder, "do", step), sets["do"]
-        self.passed_over |= set(state.get("passed_over", ())) & set(on_disk)
+        self.passed_over |= on_disk.intersection(state.get("passed_over", ()))
         load_release_state_dict(self.mpd, state["mpd"], do_path)
         load_release_state_dict(self.mrd, state["mrd"], do_path)
         self.steps = state["steps"] + 1
