@@ -401,11 +401,12 @@ def write_dataset(folder: str, n_files: int, seconds: float, sr: int) -> None:
         f.write("\n".join(names[:2]) + "\n")
 
 
-def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: int,
+def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: int, device: torch.device,
                        seconds: Optional[float] = None) -> dict:
-    """Run `python train.py` on the dataset in `folder`; s/step after the first epoch and loss
-    curves. After `seconds`, train.py is stopped as a user would (SIGTERM: it saves and exits),
-    and the record covers the steps it reached."""
+    """Run `python train.py` on the dataset in `folder`, on `device` (train.py takes a GPU where
+    it sees one, so the CPU's runs hide it); s/step after the first epoch and loss curves.
+    After `seconds`, train.py is stopped as a user would (SIGTERM: it saves and exits), and
+    the record covers the steps it reached."""
     run_folder = tempfile.mkdtemp(dir=folder)
     settings = dict(h, input_training_wav_list=os.path.join(folder, "train.txt"),
                     input_validation_wav_list=os.path.join(folder, "valid.txt"),
@@ -415,8 +416,9 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
     config_path = os.path.join(run_folder, "config.json")
     save_config(build_config(settings), config_path)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else None
     process = subprocess.Popen([sys.executable, script, "--config", config_path],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     fired = threading.Event()
 
     def stop_run() -> None:
@@ -639,7 +641,7 @@ def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None])
                 print(f"train.py with {label}, {steps_per_epoch * epochs} steps:", file=sys.stderr, flush=True)
                 try:
                     emit({"bench": "train.py", "config": label, **common,
-                          **bench_train_script(hc, folder, steps_per_epoch, epochs, args.train_seconds)})
+                          **bench_train_script(hc, folder, steps_per_epoch, epochs, device, args.train_seconds)})
                 except Exception as e:
                     emit({"bench": "train.py", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
     if args.stream_chunk_ms:

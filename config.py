@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from spectral import empty_mel_bands
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Scripts read the repository's own config.json unless told otherwise, from any folder.
 DEFAULT_CONFIG = os.path.join(ROOT, "config.json")
@@ -61,6 +63,11 @@ def path(v: Any) -> Optional[str]:
 
 def positive_int(v: Any) -> Optional[str]:
     return None if _is_int(v) and v > 0 else "a positive integer"
+
+
+def two_or_more(v: Any) -> Optional[str]:
+    # A codebook of one code carries no bits.
+    return None if _is_int(v) and v >= 2 else "an integer >= 2"
 
 
 def non_negative_int(v: Any) -> Optional[str]:
@@ -128,8 +135,10 @@ def int_list(length: Optional[int] = None) -> Check:
 
 def resolutions(v: Any) -> Optional[str]:
     ok = isinstance(v, list) and v and all(
-        isinstance(r, list) and len(r) == 3 and all(_is_int(x) and x > 0 for x in r) and r[2] <= r[0] for r in v)
-    return None if ok else "a list of [n_fft, hop, win] triples of positive integers with win <= n_fft"
+        isinstance(r, list) and len(r) == 3 and all(_is_int(x) and x > 0 for x in r) and r[1] <= r[2] <= r[0]
+        for r in v)
+    # A hop longer than the window would leave samples that this discriminator never sees.
+    return None if ok else "a list of [n_fft, hop, win] triples of positive integers with hop <= win <= n_fft"
 
 
 @dataclass(frozen=True)
@@ -207,7 +216,7 @@ SCHEMA: Tuple[Key, ...] = (
     Key("ratio", 8, positive_int, "STFT frames per latent frame", network=True),
     Key("latent_dim", 32, positive_int, "latent and codebook dimension", network=True),
     Key("n_codebooks", 4, positive_int, "residual VQ stages", release=False, network=True),
-    Key("codebook_size", 1024, positive_int, "codes per stage", release=False, network=True),
+    Key("codebook_size", 1024, two_or_more, "codes per stage", release=False, network=True),
     Key("convnext_dim", 256, positive_int, "ConvNeXt v2 width of every branch", release=False, network=True),
     Key("convnext_hidden_dim", 512, positive_int, "ConvNeXt v2 hidden width", release=False, network=True),
     Key("convnext_layers", 8, positive_int, "ConvNeXt v2 blocks per branch", release=False, network=True),
@@ -279,6 +288,11 @@ def _check_consistency(h: Dict[str, Any]) -> None:
         fail("hop_size", f"must be < win_size ({h['win_size']}): the inverse STFT needs overlapping windows")
     if h["num_mels"] != h["num_mels_for_loss"]:
         fail("num_mels_for_loss", f"must equal num_mels ({h['num_mels']})")
+    empty = empty_mel_bands(h["sampling_rate"], h["n_fft"], h["num_mels"])
+    if empty:
+        fail("num_mels", f"leaves {empty} mel band(s) empty: at n_fft {h['n_fft']} and sampling_rate "
+                         f"{h['sampling_rate']} the lowest bands are narrower than a frequency bin; use fewer bands "
+                         f"or a larger n_fft")
     if h["segment_size"] % h["hop_size"]:
         fail("segment_size", f"must be a multiple of hop_size ({h['hop_size']})")
     if (h["segment_size"] // h["hop_size"] + 1) % h["ratio"]:

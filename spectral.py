@@ -4,10 +4,12 @@ Dataset, losses, validation, evaluation and inference all call these functions, 
 same audio always gives the same numbers.
 """
 import math
+import warnings
 from functools import lru_cache
 from typing import Tuple
 
 import librosa
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -18,10 +20,23 @@ def _hann(win_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 
 @lru_cache(maxsize=None)
-def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, device: torch.device) -> torch.Tensor:
+def _mel_filters(sampling_rate: int, n_fft: int, num_mels: int) -> np.ndarray:
     """Slaney mel filters from 0 Hz to the Nyquist rate, (num_mels, n_fft // 2 + 1)."""
-    mel = librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=num_mels)
-    return torch.from_numpy(mel).float().to(device)
+    with warnings.catch_warnings():
+        # librosa warns of empty filters; `empty_mel_bands` lets the config check name them instead.
+        warnings.filterwarnings("ignore", "Empty filters detected", UserWarning)
+        return librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=num_mels)
+
+
+@lru_cache(maxsize=None)
+def _mel_basis(sampling_rate: int, n_fft: int, num_mels: int, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(_mel_filters(sampling_rate, n_fft, num_mels)).float().to(device)
+
+
+def empty_mel_bands(sampling_rate: int, n_fft: int, num_mels: int) -> int:
+    """How many mel filters cover no frequency bin: the low bands are narrower than a bin when
+    num_mels is large for n_fft."""
+    return int((_mel_filters(sampling_rate, n_fft, num_mels).max(axis=1) == 0).sum())
 
 
 @lru_cache(maxsize=None)

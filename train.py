@@ -800,6 +800,21 @@ def check_run_setup(h: AttrDict) -> Optional[IO]:
     return lock
 
 
+def with_run_seed(h: AttrDict) -> AttrDict:
+    """`h` with the seed of the run it resumes, said in one line when the config's differs: the
+    seed deals the files of every epoch and seeds the crops, so another one in the middle of an
+    epoch would train some files twice and skip others."""
+    path = os.path.join(h.checkpoint_path, "config.json")
+    if not complete_steps(h.checkpoint_path) or not os.path.isfile(path):
+        return h
+    saved, changed = saved_config_differences(h, path, ("seed",))
+    if not changed:
+        return h
+    say(f"note: the config differs from the resumed run in seed {h.seed} (the run's {saved.seed} goes on: it orders "
+        f"the files of every epoch and seeds the crops; a new seed needs a new checkpoint_path)")
+    return build_config(dict(h, seed=saved.seed), h.source)
+
+
 def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, Optional[DataLoader]]:
     """Training loader (this rank's share) and validation loader (rank 0 only, else None).
 
@@ -934,6 +949,7 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
            teacher: Optional[Tuple[Encoder, Decoder]]) -> Trainer:
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else pick_device()
+    h = with_run_seed(h)
     torch.manual_seed(h.seed)
     torch.backends.cudnn.benchmark = True
     train_loader, valid_loader = build_loaders(h, rank, world_size)

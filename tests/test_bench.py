@@ -1,5 +1,6 @@
 """bench.py: configuration names, the phase split and operation count of a training step."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -101,12 +102,12 @@ def test_train_suite_reads_the_curve_and_stops_a_run_at_its_time_limit(tmp_path,
     popen = subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", lambda argv, **options: popen([sys.executable, str(fake), ending],
                                                                           **options))
-    h = make_config(**TINY)
+    h, cpu = make_config(**TINY), torch.device("cpu")
     if ending == "1":
         with pytest.raises(RuntimeError, match="train.py exited with status 1"):
-            bench.bench_train_script(h, str(tmp_path), steps_per_epoch=50, epochs=4, seconds=30)
+            bench.bench_train_script(h, str(tmp_path), steps_per_epoch=50, epochs=4, device=cpu, seconds=30)
         return
-    record = bench.bench_train_script(h, str(tmp_path), steps_per_epoch=50, epochs=4, seconds=1.0)
+    record = bench.bench_train_script(h, str(tmp_path), steps_per_epoch=50, epochs=4, device=cpu, seconds=1.0)
     assert record["loss_means_per_50_steps"] == {
         "0-49": {"G": 9.0, "D": 2.0, "Mel": 1.0, "A": 3.0, "IP": 1.5},
         "50-99": {"G": 4.0, "D": 2.0, "Mel": 1.0, "A": 3.0, "IP": 1.5}}
@@ -115,6 +116,25 @@ def test_train_suite_reads_the_curve_and_stops_a_run_at_its_time_limit(tmp_path,
         assert record["stopped_after_s"] == 1.0 and record["steps_trained"] == 58
     else:
         assert "stopped_after_s" not in record
+
+
+@pytest.mark.parametrize("device, hidden", [("cpu", True), ("cuda", False)])
+def test_train_suite_runs_train_py_on_the_device_asked_for(tmp_path, monkeypatch, device, hidden):
+    """train.py takes a GPU where it sees one: the CPU's runs hide the GPUs from it."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(_FAKE_TRAIN)
+    seen = {}
+    popen = subprocess.Popen
+
+    def start(argv, **options):
+        seen["env"] = options.get("env")
+        return popen([sys.executable, str(fake), "0"], **options)
+    monkeypatch.setattr(subprocess, "Popen", start)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    bench.bench_train_script(make_config(**TINY), str(tmp_path), steps_per_epoch=50, epochs=4,
+                             device=torch.device(device))
+    visible = (seen["env"] or os.environ)["CUDA_VISIBLE_DEVICES"]
+    assert visible == ("" if hidden else "0,1")
 
 
 def test_inference_bench_times_every_precision_and_mode(tiny_h):

@@ -244,3 +244,12 @@ def test_log_amplitude_and_phase_by_hand():
     logamp, phase = spectral.log_amplitude_and_phase(torch.tensor([3.0, 0.0, -1.0]), torch.tensor([4.0, 0.0, 0.0]))
     assert torch.allclose(logamp, torch.log(torch.tensor([5.0, 0.0, 1.0]) + 1e-5))
     assert torch.allclose(phase, torch.tensor([math.atan2(4, 3), 0.0, math.pi]))
+
+
+def test_empty_mel_bands_counts_the_filters_that_cover_no_bin():
+    """Counted against the filters' own rows; at n_fft 1024 and 48 kHz the release's 80 bands all
+    cover a bin, and more bands leave more of the narrow low ones empty."""
+    assert spectral.empty_mel_bands(48000, 1024, 80) == 0
+    basis = librosa.filters.mel(sr=48000, n_fft=1024, n_mels=200)
+    assert spectral.empty_mel_bands(48000, 1024, 200) == int((basis.sum(axis=1) == 0).sum()) > 0
+    assert spectral.empty_mel_bands(48000, 1024, 1000) > spectral.empty_mel_bands(48000, 1024, 200)

@@ -518,6 +518,23 @@ def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, workers, dropo
                 assert a[name]["param_groups"][0]["lr"] == b[name]["param_groups"][0]["lr"]
 
 
+def test_a_resume_keeps_the_runs_seed(tmp_path, capsys):
+    """The seed orders an epoch's files and seeds the crops: a run stopped mid-epoch and resumed
+    from a config with another seed ends as the uninterrupted run, says so, and records its seed."""
+    settings = dict(training_epochs=1, batch_size=1, checkpoint_interval=100, validation_interval=100)
+    whole = train.train(_setup(tmp_path / "a", **settings), torch.device("cpu"))
+    h = _setup(tmp_path / "b", max_steps=2, **settings)
+    train.train(h, torch.device("cpu"))
+    assert "the config differs" not in capsys.readouterr().out
+    resumed = train.train(make_config(**dict(h, max_steps=0, seed=h.seed + 1)), torch.device("cpu"))
+    assert f"seed {h.seed + 1} (the run's {h.seed} goes on" in capsys.readouterr().out
+    assert resumed.steps == whole.steps == 4
+    for a, b in zip(whole.params_g, resumed.params_g):
+        assert torch.equal(a, b)
+    with open(os.path.join(h.checkpoint_path, "config.json")) as f:
+        assert json.load(f)["seed"] == h.seed
+
+
 def test_resuming_with_another_batch_size_continues_after_the_files_trained_on(tmp_path, capsys):
     """An epoch of 4 files at batch 1 saves sets at steps 1 and 2 (2 and 3 files done).
     Resumed at batch 2, the first continues with one step on files 3 and 4; the second
