@@ -149,6 +149,7 @@ class Key:
     help: str
     release: bool = True    # in the authors' config.json (a config must name it)
     network: bool = False   # shapes the generator: checkpoints are only valid with the same value
+    discriminator: bool = False     # shapes a discriminator: a training run resumes only with the same value
 
 
 _RESBLOCK_KERNELS = [3, 7, 11]
@@ -220,11 +221,11 @@ SCHEMA: Tuple[Key, ...] = (
     Key("convnext_dim", 256, positive_int, "ConvNeXt v2 width of every branch", release=False, network=True),
     Key("convnext_hidden_dim", 512, positive_int, "ConvNeXt v2 hidden width", release=False, network=True),
     Key("convnext_layers", 8, positive_int, "ConvNeXt v2 blocks per branch", release=False, network=True),
-    Key("mpd_periods", [2, 3, 5, 7, 11], int_list(), "MPD periods", release=False),
-    Key("mpd_channels", [32, 128, 512, 1024], int_list(4), "MPD conv widths", release=False),
+    Key("mpd_periods", [2, 3, 5, 7, 11], int_list(), "MPD periods", release=False, discriminator=True),
+    Key("mpd_channels", [32, 128, 512, 1024], int_list(4), "MPD conv widths", release=False, discriminator=True),
     Key("mrd_resolutions", [[512, 20, 160], [1024, 40, 320], [2048, 80, 640]], resolutions,
-        "MRD (n_fft, hop, win) triples", release=False),
-    Key("mrd_channels", 64, positive_int, "MRD width", release=False),
+        "MRD (n_fft, hop, win) triples", release=False, discriminator=True),
+    Key("mrd_channels", 64, positive_int, "MRD width", release=False, discriminator=True),
     Key("segment_size", 7960, positive_int, "training crop in samples: a multiple of hop_size with "
         "segment_size / hop_size + 1 a multiple of ratio"),
     Key("num_mels", 80, positive_int, "mel bands of the mel losses"),
@@ -273,6 +274,8 @@ SCHEMA: Tuple[Key, ...] = (
 
 KEYS: Dict[str, Key] = {key.name: key for key in SCHEMA}
 NETWORK_KEYS = tuple(key.name for key in SCHEMA if key.network)
+# What a resumed training run must keep: its generator's and its discriminators' keys.
+RUN_NETWORK_KEYS = NETWORK_KEYS + tuple(key.name for key in SCHEMA if key.discriminator)
 
 
 def _check_consistency(h: Dict[str, Any]) -> None:

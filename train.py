@@ -40,7 +40,7 @@ from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, 
                          load_release_state_dict, network_record, newest_complete_step, prune_checkpoints,
                          release_parameters, release_state_dict, save_checkpoint_set, saved_config_differences,
                          steps_on_disk)
-from config import NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, run_cli, save_config
+from config import RUN_NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, run_cli, save_config
 from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
                      spectral_targets, trim_for_validation)
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
@@ -58,8 +58,6 @@ LOGGED_VALIDATION_ITEMS = 5
 READ_BACK_STEPS = 10
 # The longest the other processes of a torchrun wait for rank 0's host work (see `wait_for_rank0`).
 HOST_WAIT_TIMEOUT = datetime.timedelta(hours=24)
-# The keys that a run's checkpoints must keep: the generator's network and the discriminators'.
-RUN_NETWORK_KEYS = tuple(NETWORK_KEYS) + ("mpd_periods", "mpd_channels", "mrd_resolutions", "mrd_channels")
 
 
 def random_states() -> Dict[str, object]:
@@ -234,6 +232,30 @@ def wait_for_rank0() -> None:
     """
     if distributed():
         dist.barrier(group=_host_group)
+
+
+def on_rank0(work: Callable[[], Any]) -> Any:
+    """work() on rank 0 alone; None on the other ranks. When it fails on bad input under
+    torchrun, rank 0 prints the error line and every rank exits with status 1, where the
+    others would fail in their next collective with tracebacks that hide the cause; a plain
+    process raises the error."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = work()
+        except (OSError, ValueError) as e:
+            if not distributed():
+                raise
+            error = e
+    if distributed():
+        if error is not None:
+            # Printed before the others learn of it: torchrun stops this process once one has exited.
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        failed = [error is not None]
+        dist.broadcast_object_list(failed, src=0, group=_host_group)
+        if failed[0]:
+            raise SystemExit(1)
+    return result
 
 
 def is_main_process() -> bool:
@@ -820,13 +842,13 @@ def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1) -> Tuple[Data
 
     Rank 0 reads every listed file once at start-up (cached) and keeps the usable ones.
     """
-    lists: List[Optional[List[str]]] = [None, None]
-    if rank == 0:
+    def check_lists() -> List[List[str]]:
         cache = DataCheckCache(os.path.join(h.checkpoint_path, "data_check.json"))
         segment_seconds = h.segment_size / h.sampling_rate
-        lists = [check_audio_files(read_filelist(h[key]), h[key], segment_seconds, h.strict_data, cache,
-                                   workers=max(1, h.num_workers))
-                 for key in ("input_training_wav_list", "input_validation_wav_list")]
+        return [check_audio_files(read_filelist(h[key]), h[key], segment_seconds, h.strict_data, cache,
+                                  workers=max(1, h.num_workers))
+                for key in ("input_training_wav_list", "input_validation_wav_list")]
+    lists: List[Optional[List[str]]] = on_rank0(check_lists) or [None, None]
     if world_size > 1:
         # The other ranks wait here while rank 0 reads the lists (see `wait_for_rank0`);
         # torchrun stops every rank if rank 0 fails meanwhile.
@@ -933,7 +955,7 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
     rank, world_size = init_distributed()
     lock = None
     try:
-        lock = check_run_setup(h) if is_main_process() else None
+        lock = on_rank0(lambda: check_run_setup(h))
         # A teacher that cannot teach is refused before the data check too.
         teacher = load_teacher(h, torch.device("cpu")) if h.kd_teacher_encoder else None
         return _train(h, device, rank, world_size, teacher)

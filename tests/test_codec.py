@@ -13,7 +13,7 @@ import codec as codec_module
 import inference
 from codec import (HEADER_FIELDS, Codec, CodesFile, code_bits, codec_roundtrip, decoding_weights_hash, latent_frames,
                    load_codec, pack_codes, unpack_codes, window_spans)
-from config import bitrate, build_config, read_config_file
+from config import SCHEMA, bitrate, build_config, read_config_file
 from conftest import ROOT, TINY, default_raw, make_config, tone, write_tone
 from dataset import load_audio
 from models import Decoder, Encoder, remove_weight_norm
@@ -402,6 +402,8 @@ def test_presets_build_and_have_their_bitrate(name):
     audio = torch.from_numpy(tone(0.1, sr=h.sampling_rate))[None]
     out = codec_roundtrip(encoder, decoder, audio, h)
     assert out["audio"].shape == audio.shape and out["codes"].shape[1] == h.n_codebooks
+    # A preset names every key, in the schema's order, so that it reads as config.json does.
+    assert list(read_config_file(path)) == [key.name for key in SCHEMA]
     if name == "apcodec_48k_6kbps":
         assert read_config_file(path) == default_raw()
     assert sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))) == sorted(

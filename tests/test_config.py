@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
-from config import (KEYS, NETWORK_KEYS, SCHEMA, ConfigError, bitrate, build_config, load_config,
-                    make_parser, markdown_table, parse_command_line, run_cli)
+from config import (KEYS, NETWORK_KEYS, RUN_NETWORK_KEYS, SCHEMA, AttrDict, ConfigError, bitrate, build_config,
+                    load_config, make_parser, markdown_table, parse_command_line, run_cli)
 from conftest import ROOT, default_raw
+from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
+from models import Decoder, Encoder
 
 SCRIPTS = ("train.py", "inference.py", "evaluate.py", "bench.py", "demo.py")
 
@@ -150,6 +152,30 @@ def test_network_keys_are_the_generator_shape_keys():
     assert {"n_fft", "hop_size", "ratio", "latent_dim", "n_codebooks", "codebook_size", "sampling_rate",
             "convnext_dim", "AMP_Encoder_channel"} <= set(NETWORK_KEYS)
     assert not {"batch_size", "learning_rate", "mpd_periods", "checkpoint_path"} & set(NETWORK_KEYS)
+
+
+class _ReadKeys(AttrDict):
+    """A config that records which keys are read."""
+
+    def __getitem__(self, name):
+        self.__dict__.setdefault("read", set()).add(name)
+        return super().__getitem__(name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_key_the_networks_read_is_kept_by_checkpoints_and_resumes(causal):
+    """A key that the generator's or the discriminators' constructors read but that is not marked
+    network / discriminator would let a checkpoint load into another network without a word."""
+    h = _ReadKeys(build_config(dict(default_raw(), causal=causal)))
+    Encoder(h), Decoder(h)
+    generator = h.__dict__.pop("read")
+    MultiPeriodDiscriminator(h), MultiResolutionDiscriminator(h)
+    discriminators = h.__dict__.pop("read")
+    # Dropout of quantizer stages acts in training only: inference runs every stage asked for.
+    generator -= {"quantizer_dropout"}
+    assert generator <= set(NETWORK_KEYS), generator - set(NETWORK_KEYS)
+    assert discriminators <= set(RUN_NETWORK_KEYS), discriminators - set(RUN_NETWORK_KEYS)
+    assert {"mpd_periods", "mrd_resolutions"} <= discriminators
 
 
 def test_train_script_reports_bad_config_in_one_line(tmp_path):

@@ -700,6 +700,23 @@ train.Trainer.validate = slow_validate
     assert "Validation at step 0:" in run.stdout and os.path.exists(tmp_path / "ddp" / "rank1.pt")
 
 
+def test_torchrun_bad_input_on_rank_0_ends_every_rank_with_its_one_line(tmp_path):
+    """Rank 0 alone checks the data lists: a missing one is its one-line error, and the other
+    rank leaves quietly rather than failing in the broadcast with a traceback of its own."""
+    settings = dict(_clips(tmp_path, 4), batch_size=2, checkpoint_path=str(tmp_path / "ddp"),
+                    input_training_wav_list=str(tmp_path / "missing.txt"))
+    save_config(make_config(**settings), str(tmp_path / "ddp.json"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, "--config", str(tmp_path / "ddp.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert output.count("missing.txt") >= 1 and "error:" in output
+    assert "Connection closed by peer" not in output and "broadcast" not in output, output[-3000:]
+
+
 def _batch(h):
     audio = torch.from_numpy(tone(h.segment_size / h.sampling_rate))[None].repeat(2, 1)
     audio[1] *= 0.5
