@@ -237,8 +237,8 @@ def wait_for_rank0() -> None:
 def on_rank0(work: Callable[[], Any]) -> Any:
     """work() on rank 0 alone; None on the other ranks. When it fails on bad input under
     torchrun, rank 0 prints the error line and every rank exits with status 1, where the
-    others would fail in their next collective with tracebacks that hide the cause; a plain
-    process raises the error."""
+    others would fail in their next collective with tracebacks that hide the cause (torchrun
+    may still name one of them as the first failure); a plain process raises the error."""
     result, error = None, None
     if is_main_process():
         try:

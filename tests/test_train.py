@@ -713,7 +713,7 @@ def test_torchrun_bad_input_on_rank_0_ends_every_rank_with_its_one_line(tmp_path
                          capture_output=True, text=True, env=env, timeout=300)
     output = run.stdout + run.stderr
     assert run.returncode != 0
-    assert output.count("missing.txt") >= 1 and "error:" in output
+    assert output.count("error: file list not found: ") == 1 and "missing.txt" in output
     assert "Connection closed by peer" not in output and "broadcast" not in output, output[-3000:]
 
 
