@@ -431,7 +431,14 @@ def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        h, args = parse_command_line(parser, argv)
+        try:
+            h, args = parse_command_line(parser, argv)
+        except (OSError, ValueError):
+            # torchrun starts every process of a machine with the same command line: the
+            # first one's line is enough.
+            if os.environ.get("LOCAL_RANK", "0") != "0":
+                sys.exit(1)
+            raise
         job(h, args)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

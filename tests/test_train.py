@@ -700,7 +700,7 @@ train.Trainer.validate = slow_validate
     assert "Validation at step 0:" in run.stdout and os.path.exists(tmp_path / "ddp" / "rank1.pt")
 
 
-def test_torchrun_bad_input_on_rank_0_ends_every_rank_with_its_one_line(tmp_path):
+def test_torchrun_bad_input_is_said_once_without_tracebacks_from_the_other_ranks(tmp_path):
     """Rank 0 alone checks the data lists: a missing one is its one-line error, and the other
     rank leaves quietly rather than failing in the broadcast with a traceback of its own."""
     settings = dict(_clips(tmp_path, 4), batch_size=2, checkpoint_path=str(tmp_path / "ddp"),
@@ -715,6 +715,11 @@ def test_torchrun_bad_input_on_rank_0_ends_every_rank_with_its_one_line(tmp_path
     assert run.returncode != 0
     assert output.count("error: file list not found: ") == 1 and "missing.txt" in output
     assert "Connection closed by peer" not in output and "broadcast" not in output, output[-3000:]
+    # A bad value on the command line: every process parses it, the first one says so.
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, "--config", str(tmp_path / "ddp.json"), "--batch_size", "-1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode != 0 and (run.stdout + run.stderr).count("error: --batch_size must be") == 1
 
 
 def _batch(h):
