@@ -230,7 +230,8 @@ class CodesFile:
         bits = code_bits(max(fields["codebook_size"], 1))
         expected = _HEADER.size + -(-count * bits // 8)
         if len(data) < expected:
-            fail(f"truncated codes file ({len(data)} of {expected} bytes)")
+            # A header whose counts were corrupted reads as a cut-off file too.
+            fail(f"truncated or corrupted codes file ({len(data)} of the {expected} bytes its header gives)")
         if len(data) > expected or zlib.crc32(data[_HEADER.size:], zlib.crc32(data[:_HEADER.size - 4])) != fields["crc32"]:
             fail("corrupted codes file (checksum mismatch)")
         codes = unpack_codes(data[_HEADER.size:], bits, count)

@@ -424,12 +424,22 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
     return load_config(args.config, overrides), args
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    print("terminated", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
             argv: Optional[Sequence[str]] = None) -> None:
-    """Parse the command line and run job(h, args); bad input and Ctrl-C exit with one line."""
+    """Parse the command line and run job(h, args); bad input, Ctrl-C and SIGTERM exit with one line."""
     # File names that are not UTF-8 are printed with escapes rather than ending the run.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    # SIGTERM (kill, timeout, a batch scheduler) ends the job as Ctrl-C does, through its
+    # cleanup: by default it would kill the process in the middle of writing a file.
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         try:
             h, args = parse_command_line(parser, argv)
@@ -445,6 +455,9 @@ def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    finally:
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def bitrate(h: Dict[str, Any]) -> float:

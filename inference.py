@@ -73,15 +73,18 @@ def check_inputs(files: Dict[str, str], location: str, failed: Optional[List[str
 
 
 def check_outputs(files: Dict[str, str], target: str, extension: str, option: str = "test_wav_output_dir") -> None:
-    """A one-line error, naming the output folder's `option`, when the folder (or a folder
-    above it) is a file, or when an output would replace an input or, decoding codes files,
-    the audio file beside a codes file (presumably its original): what an output folder that
-    is, or lies inside, the input folder can do."""
+    """A one-line error, naming the output folder's `option`, when the folder (or the nearest
+    folder above it that exists) is a file or cannot be written in, or when an output would
+    replace an input or, decoding codes files, the audio file beside a codes file (presumably
+    its original): what an output folder that is, or lies inside, the input folder can do."""
     folder = os.path.abspath(target)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise ValueError(f"{option}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        # Found now, not after every file has been coded.
+        raise ValueError(f"{option}: cannot write in {folder}")
 
     def identity(path: str) -> Optional[Tuple[int, int]]:
         # The file itself, whatever the name's case (on file systems that ignore it) or links.
@@ -99,7 +102,8 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
         out = os.path.join(target, key + extension)
         replaced = identity(out)
         if replaced is not None and replaced in protected:
-            what = "an input file" if replaced in inputs else "the audio file beside its codes file"
+            what = ("an input file" if replaced in inputs else
+                    "the audio file beside its codes file (its original, or an earlier decode's output)")
             raise ValueError(f"{option}: writing {out} would replace {what}; choose another output folder")
 
 

@@ -196,6 +196,33 @@ def test_ctrl_c_exits_with_one_line_and_the_signal_status(tmp_path, capsys):
     assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+_TERMINATED_MID_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from config import make_parser, run_cli
+from utils import atomic_write
+
+def write(f):
+    f.write(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGTERM)
+    f.write(b"y")
+
+run_cli(lambda h, args: atomic_write(os.path.join(sys.argv[1], "out.wav"), write), make_parser("test"), [])
+"""
+
+
+def test_sigterm_exits_with_one_line_and_leaves_no_half_written_file(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) in the middle of writing a file: the temp file is
+    removed, as after Ctrl-C, where by default the process would die and leave it."""
+    script = tmp_path / "job.py"
+    script.write_text(_TERMINATED_MID_WRITE.format(root=ROOT))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143 and result.stderr == "terminated\n"
+    assert os.listdir(out) == []
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_lists_every_key_and_keeps_the_docstring_lines(script, tmp_path):
     # From another folder: every script finds the repository's own config.json.

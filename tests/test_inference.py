@@ -390,3 +390,23 @@ def test_a_missing_checkpoint_names_its_config_key(tmp_path, tiny_h):
     tiny_h.update(checkpoint_file_load_Decoder=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="config key 'checkpoint_file_load_Decoder': checkpoint not found"):
         inference.inference(tiny_h)
+
+
+def test_an_output_folder_that_cannot_be_written_in_is_refused_before_coding(tmp_path, tiny_h, monkeypatch):
+    """Found before the model loads, not once every file has been coded. The folder to be made
+    (ro/new) is judged by the nearest one that exists (ro)."""
+    _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05})
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:   # root writes anywhere: the permission check is what is tested
+        access = os.access
+        monkeypatch.setattr(inference.os, "access",
+                            lambda path, mode: access(path, mode) and os.path.abspath(path) != str(locked))
+    monkeypatch.setattr(inference.Codec, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    tiny_h.update(test_wav_output_dir=str(locked / "new"))
+    try:
+        with pytest.raises(ValueError, match=f"test_wav_output_dir: cannot write in {locked}$"):
+            inference.inference(tiny_h)
+    finally:
+        locked.chmod(0o755)
