@@ -57,9 +57,11 @@ _WEIGHT_NORM_NAMES = (
 )
 # The entries every `do_` file has, the release's.
 TRAINING_STATE_KEYS = ("mpd", "mrd", "optim_g", "optim_d", "steps", "epoch")
+# The files of one checkpoint set: `<kind>_<8-digit step>`.
+KINDS = ("encoder", "decoder", "do")
 
 
-def _to_release_name(name: str, table) -> Tuple[str, int]:
+def _to_release_name(name: str, table: Sequence[Tuple[str, str]]) -> Tuple[str, int]:
     for ours, theirs in _WEIGHT_NORM_NAMES:
         if name.endswith(ours):
             name = name[: -len(ours)] + theirs
@@ -69,7 +71,7 @@ def _to_release_name(name: str, table) -> Tuple[str, int]:
     raise KeyError(f"no release name for parameter '{name}'")
 
 
-def _from_release_name(name: str, table) -> str:
+def _from_release_name(name: str, table: Sequence[Tuple[str, str]]) -> str:
     for ours, theirs in table:
         if name == theirs or name.startswith(theirs + "."):
             name = ours + name[len(theirs):]
@@ -221,9 +223,6 @@ def checkpoint_steps(folder: str, kind: str) -> List[int]:
         if match:
             steps.append(int(match.group(1)))
     return sorted(steps)
-
-
-KINDS = ("encoder", "decoder", "do")
 
 
 def steps_on_disk(folder: str) -> List[int]:

@@ -34,7 +34,7 @@ from dataset import sound_file
 from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, analysis_length, pad_for_analysis
-from streaming import causal_analysis, causal_decode, causal_roundtrip, stream_roundtrip
+from streaming import causal_analysis, causal_decode, stream_roundtrip
 from streaming import latent_frames as causal_latent_frames
 from utils import atomic_write, pick_device
 
@@ -100,13 +100,13 @@ def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h: 
     and audio (B, L). The input is zero-padded for the analysis (to whole hops, and to
     n_fft / 2 for very short clips), run through the release's modules and the output
     trimmed back to L: the release's own output when L is a whole number of hops and the
-    frame count a multiple of `ratio`. A causal codec runs `streaming.causal_roundtrip`.
+    frame count a multiple of `ratio`. A causal codec analyses the audio as a stream sees it
+    (`streaming.causal_analysis`), so that this is what a stream gives.
     """
-    if h.causal:
-        return causal_roundtrip(encoder, decoder, audio, h, n_codebooks)
-    quantized = encoder(*_analysis(audio, h), n_codebooks)
-    _, _, real, imag, out = decoder(quantized.latent)
-    return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :audio.size(-1)]}
+    analysis = causal_analysis if h.causal else _analysis
+    quantized = encoder(*analysis(audio, h), n_codebooks)
+    out = decoder(quantized.latent)
+    return {"codes": quantized.codes, "real": out.real, "imag": out.imag, "audio": out.audio.squeeze(1)[:, :audio.size(-1)]}
 
 
 def latent_frames(length: int, h: AttrDict) -> int:
@@ -449,7 +449,7 @@ class Codec:
         if self.fast is not None:
             self.roundtrip = self._fast_roundtrip
         if stream_ms is not None:
-            self._stream(stream_ms)
+            self._use_streaming(stream_ms)
         frame = h.hop_size * h.ratio   # windows start on latent frames, as the whole-file analysis does
         self.chunk_length = max(1, round(chunk_seconds * h.sampling_rate / frame)) * frame
         self.chunk_overlap = max(1, round(OVERLAP_SECONDS * h.sampling_rate / frame)) * frame
@@ -491,7 +491,7 @@ class Codec:
                 total = sums if not total else [a + b for a, b in zip(total, sums)]
         return total
 
-    def _stream(self, chunk_ms: float) -> None:
+    def _use_streaming(self, chunk_ms: float) -> None:
         """Resynthesise through the streaming encoder and decoder in chunks of `chunk_ms`
         milliseconds (causal codecs; in float32 the output equals the offline pass up to float
         rounding)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from spectral import empty_mel_bands
+from utils import atomic_write
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Scripts read the repository's own config.json unless told otherwise, from any folder.
@@ -228,7 +229,7 @@ SCHEMA: Tuple[Key, ...] = (
     Key("mrd_channels", 64, positive_int, "MRD width", release=False, discriminator=True),
     Key("segment_size", 7960, positive_int, "training crop in samples: a multiple of hop_size with "
         "segment_size / hop_size + 1 a multiple of ratio"),
-    Key("num_mels", 80, positive_int, "mel bands of the mel losses"),
+    Key("num_mels", 80, positive_int, "the release's mel band count (the losses read num_mels_for_loss, which must equal it)"),
     Key("n_fft", 1024, positive_int, "STFT size", network=True),
     Key("hop_size", 40, positive_int, "STFT hop", network=True),
     Key("win_size", 320, positive_int, "STFT Hann window length (<= n_fft)", network=True),
@@ -374,7 +375,6 @@ def load_config(path: str, overrides: Optional[Dict[str, Any]] = None) -> AttrDi
 
 def save_config(h: Dict[str, Any], path: str) -> None:
     """Write the config actually used (overrides applied), atomically."""
-    from utils import atomic_write
     data = {key.name: h[key.name] for key in SCHEMA}
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=4) + "\n").encode()))
 

@@ -376,14 +376,14 @@ class AudioDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: Union[Tuple[int, int], int]) -> torch.Tensor:
         h = self.h
-        epoch, index = key if self.train else (0, key)
+        if not self.train:
+            return torch.from_numpy(load_audio(self.files[key], h.sampling_rate))
+        epoch, index = key
         draw = random.Random(f"{h.seed}-{epoch}-{index}")
-        crop = self._read_crop(self.files[index], draw) if self.train else None
+        crop = self._read_crop(self.files[index], draw)
         if crop is not None:
             return crop
         audio = torch.from_numpy(load_audio(self.files[index], h.sampling_rate))
-        if not self.train:
-            return audio
         if audio.numel() >= h.segment_size:
             start = draw.randint(0, audio.numel() - h.segment_size)
             return audio[start:start + h.segment_size]

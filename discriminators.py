@@ -1,5 +1,4 @@
 """MPD and MRD discriminators (HiFi-GAN periods, UniVNet resolutions), weight-normalised throughout."""
-from functools import lru_cache
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -8,6 +7,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from config import AttrDict
+from spectral import stft
 from utils import full_precision
 
 LRELU_SLOPE = 0.1
@@ -61,12 +61,6 @@ class DiscriminatorP(nn.Module):
         return _score_with_features(x, self.convs, self.conv_post)
 
 
-@lru_cache(maxsize=None)
-def _rectangular(win_size: int, device: torch.device) -> torch.Tensor:
-    # torch.stft pads a win_size window to n_fft, centred: what window=None means, without its warning.
-    return torch.ones(win_size, device=device)
-
-
 class DiscriminatorR(nn.Module):
     """UniVNet resolution discriminator on a linear magnitude STFT (rectangular window)."""
 
@@ -86,8 +80,7 @@ class DiscriminatorR(nn.Module):
         """x: (B, L) -> magnitude (B, n_fft // 2 + 1, L // hop + 1)."""
         n_fft, hop, win = self.resolution
         with full_precision(x):
-            return torch.stft(x.float(), n_fft, hop_length=hop, win_length=win, window=_rectangular(win, x.device),
-                              center=True, return_complex=True).abs()
+            return stft(x.float(), n_fft, hop, win, window="rectangular").abs()
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """x: (B, 1, L) -> (scores (B, N), feature maps of every layer)."""

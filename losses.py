@@ -19,6 +19,8 @@ WEIGHTS = {
     "codebook": 10.0,
     "commitment": 2.5,
 }
+# The generator's terms, in the release's stdout order (G and D, the totals, come first there).
+TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
 
 
 def phase_losses(pha_r: torch.Tensor, pha_g: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -62,6 +64,11 @@ def discriminator_loss(real_scores: Sequence[torch.Tensor], fake_scores: Sequenc
     return sum(torch.mean(F.relu(1 - r)) + torch.mean(F.relu(1 + g)) for r, g in zip(real_scores, fake_scores))
 
 
+def both_discriminators(mpd_term: torch.Tensor, mrd_term: torch.Tensor) -> torch.Tensor:
+    """A loss over both discriminators: MPD's term plus MRD's, weighted."""
+    return mpd_term + WEIGHTS["mrd"] * mrd_term
+
+
 def generator_adversarial_loss(fake_scores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Hinge generator loss summed over sub-discriminators."""
     return sum(torch.mean(F.relu(1 - g)) for g in fake_scores)
@@ -69,12 +76,10 @@ def generator_adversarial_loss(fake_scores: Sequence[torch.Tensor]) -> torch.Ten
 
 class FeatureMatching(torch.autograd.Function):
     """Sum over pairs of feature maps (r_i, g_i) of mean |r_i - g_i|, in a few multi-tensor
-    operations for all pairs: the same loss per pair issues about 8, and a GPU step at batch
-    16 waits on its host issuing operations. Gradients equal autograd's of
-    torch.mean(torch.abs(r - g)) bit for bit; the value differs by float rounding (each mean
-    is a sum of |r - g| over the count). One temporary of each map's size forward and one
-    backward, where autograd's composition makes about eight: feature maps run to tens of MB,
-    and on CPUs a temporary that size is often a fresh mapping to fault in and zero."""
+    operations with one temporary per map each way: a GPU step at batch 16 waits on its host
+    issuing operations, and autograd's composition issues about 8 per pair, with as many
+    map-sized temporaries. Gradients equal autograd's of torch.mean(torch.abs(r - g)) bit for
+    bit; the value differs by float rounding."""
 
     @staticmethod
     def forward(ctx, n: int, *maps: torch.Tensor) -> torch.Tensor:

@@ -322,6 +322,15 @@ class Encoder(nn.Module):
         return self.quantizer.from_codes(codes)
 
 
+class DecoderOutput(NamedTuple):
+    """The decoder's predicted spectra, each (B, F, ratio*T'), and its waveform (B, 1, L)."""
+    logamp: torch.Tensor
+    pha: torch.Tensor
+    real: torch.Tensor
+    imag: torch.Tensor
+    audio: torch.Tensor
+
+
 class Decoder(nn.Module):
     """Parallel amplitude/phase decoder; the waveform comes from the iSTFT of the predicted spectrum."""
 
@@ -338,6 +347,7 @@ class Decoder(nn.Module):
                                       causal)
         self.pha_up = self._upsampler(mid, h.PHA_Decoder_channel, h.PHA_Decoder_input_upconv_kernel_size, h.ratio,
                                       causal)
+        # The release sizes the branches' final Linear by the encoder's key (the config requires them equal).
         self.amp = Branch(h.AMP_Decoder_channel, h.AMP_Encoder_channel, *branch_size(h))
         self.pha = Branch(h.PHA_Decoder_channel, h.PHA_Encoder_channel, *branch_size(h))
         self.amp_out = wn_conv1d(h.AMP_Decoder_channel, n_bins, h.AMP_Decoder_output_conv_kernel_size, causal=causal)
@@ -354,15 +364,15 @@ class Decoder(nn.Module):
         return weight_norm(nn.ConvTranspose1d(in_channels, out_channels, kernel_size, ratio,
                                               padding=(kernel_size - ratio) // 2))
 
-    def forward(self, latent: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """latent (B, latent_dim, T') -> (logamp, pha, real, imag) each (B, F, ratio*T'), audio (B, 1, L).
+    def forward(self, latent: torch.Tensor) -> DecoderOutput:
+        """latent (B, latent_dim, T') -> logamp, pha, real, imag each (B, F, ratio*T'), audio (B, 1, L).
 
         L = hop_size * (ratio * T' - 1).
         """
         logamp, pha, real, imag = self.spectra(latent)
         with full_precision(latent):
             audio = istft(real, imag, self.n_fft, self.hop_size, self.win_size)
-        return logamp, pha, real, imag, audio.unsqueeze(1)
+        return DecoderOutput(logamp, pha, real, imag, audio.unsqueeze(1))
 
     def spectra(self, latent: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """latent (B, latent_dim, T') -> the predicted logamp, pha, real, imag, each (B, F, ratio*T')."""

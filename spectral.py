@@ -20,6 +20,12 @@ def _hann(win_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 
 @lru_cache(maxsize=None)
+def _rectangular(win_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # What torch.stft's window=None means, without its warning.
+    return torch.ones(win_size, device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=None)
 def _mel_filters(sampling_rate: int, n_fft: int, num_mels: int) -> np.ndarray:
     """Slaney mel filters from 0 Hz to the Nyquist rate, (num_mels, n_fft // 2 + 1)."""
     with warnings.catch_warnings():
@@ -50,17 +56,20 @@ def _frame_window(n_fft: int, win_size: int, device: torch.device, dtype: torch.
 # causal codec: the past before the signal is silence and nothing after the signal is
 # reflected back into it), or not at all (the caller brings the padding, as a stream does).
 PADDINGS = {"reflect": (True, "reflect"), "zeros": (True, "constant"), "none": (False, "constant")}
+WINDOWS = {"hann": _hann, "rectangular": _rectangular}
 
 
-def stft(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int, pad: str = "reflect") -> torch.Tensor:
-    """STFT with a periodic Hann window of `win_size`; frame t is centred on sample t * hop_size.
+def stft(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int, pad: str = "reflect",
+         window: str = "hann") -> torch.Tensor:
+    """STFT with a periodic Hann window of `win_size` (or a "rectangular" one, the resolution
+    discriminator's), centred in the n_fft frame; frame t is centred on sample t * hop_size.
 
     y: (B, L) -> complex (B, n_fft // 2 + 1, L // hop_size + 1), or
     (B, n_fft // 2 + 1, (L - n_fft) // hop_size + 1) with pad "none".
     """
     center, pad_mode = PADDINGS[pad]
     return torch.stft(y, n_fft, hop_length=hop_size, win_length=win_size,
-                      window=_hann(win_size, y.device, y.dtype), center=center, pad_mode=pad_mode,
+                      window=WINDOWS[window](win_size, y.device, y.dtype), center=center, pad_mode=pad_mode,
                       return_complex=True)
 
 
@@ -151,10 +160,10 @@ class OverlapAdd:
     def add(self, start: int, rows: torch.Tensor) -> None:
         frames = torch.fft.irfft(rows, n=self.n_fft, dim=-1) * self.window
         at = start * self.hop_size
-        self.signal[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += overlap_add(
-            frames.t()[None], self.hop_size)[0]
-        self.envelope[at:at + self.n_fft + self.hop_size * (rows.size(0) - 1)] += window_envelope(
-            rows.size(0), self.n_fft, self.win_size, self.hop_size, self.window.device)
+        span = slice(at, at + self.n_fft + self.hop_size * (rows.size(0) - 1))
+        self.signal[span] += overlap_add(frames.t()[None], self.hop_size)[0]
+        self.envelope[span] += window_envelope(rows.size(0), self.n_fft, self.win_size, self.hop_size,
+                                               self.window.device)
 
     def audio(self) -> torch.Tensor:
         inside = slice(self.n_fft // 2, self.n_fft // 2 + self.hop_size * (self.frames - 1))

@@ -9,8 +9,8 @@ covers it is decoded, so it needs input up to sample p + `latency_samples(h)`:
 
 `StreamingEncoder` (audio -> codes) and `StreamingDecoder` (codes -> audio) keep only what
 the causal layers need between chunks: the last input frames of each convolution, the
-samples of the STFT frames not yet complete and the overlap-add tail. `causal_roundtrip` is
-the offline pass they reproduce: in float32 the same codes, and the same audio up to float
+samples of the STFT frames not yet complete and the overlap-add tail. `codec.codec_roundtrip`
+is the offline pass they reproduce: in float32 the same codes, and the same audio up to float
 rounding. A stream keeps rearranged copies of the model's weights, made when it is made:
 after changing the weights, make a new stream.
 
@@ -76,21 +76,9 @@ def causal_analysis(audio: torch.Tensor, h: AttrDict) -> Tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def causal_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h: AttrDict,
-                     n_codebooks: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Offline pass of the causal codec over audio (B, L), any L >= 1: what a stream gives.
-
-    Returns codes (B, n_codebooks, T'), real/imag (B, F, ratio*T') and audio (B, L).
-    """
-    quantized = encoder(*causal_analysis(audio, h), n_codebooks)
-    _, _, real, imag, out = decoder(quantized.latent)
-    return {"codes": quantized.codes, "real": real, "imag": imag, "audio": out.squeeze(1)[:, :audio.size(-1)]}
-
-
-@torch.no_grad()
 def causal_decode(encoder: Encoder, decoder: Decoder, codes: torch.Tensor, length: int) -> torch.Tensor:
     """Codes (B, n, T') of `causal_analysis` -> audio (B, length), `length` the coded signal's."""
-    return decoder(encoder.latent_from_codes(codes))[-1].squeeze(1)[:, :length]
+    return decoder(encoder.latent_from_codes(codes)).audio.squeeze(1)[:, :length]
 
 
 class Products:
@@ -473,7 +461,7 @@ def stream_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h:
                      chunks: Union[int, Iterable[int]], precision: str = "float32") -> Dict[str, torch.Tensor]:
     """Stream audio (B, L) through the codec in chunks of `chunks` samples.
 
-    Returns codes (B, n_codebooks, T') and audio (B, L), as `causal_roundtrip` does.
+    Returns codes (B, n_codebooks, T') and audio (B, L), as `codec.codec_roundtrip` does.
     """
     codec = StreamingCodec(encoder, decoder, h, audio.size(0), precision)
     codes: List[torch.Tensor] = []

@@ -49,8 +49,6 @@ from metrics import compute_metrics
 from models import Decoder, Encoder
 from utils import compile_problem, distributed, first_line, pick_device, plot_spectrogram, rank_and_world_size
 
-# Names of the terms printed and logged, in the release's stdout order.
-TERM_NAMES = ("A", "IP", "GD", "PTD", "C", "R", "I", "Mel", "Mel_L2", "GAN", "FM", "codebook", "commitment")
 # How many validation utterances get audio and figures in TensorBoard.
 LOGGED_VALIDATION_ITEMS = 5
 # With the non-finite checks on the device (fused AdamW), the most steps between read-backs:
@@ -179,6 +177,7 @@ class StepGraph:
         return self.outputs[0]
 
     def _second(self, audio: torch.Tensor, ref: Dict[str, torch.Tensor], gen: Dict[str, torch.Tensor]) -> Any:
+        # generator_half's signature; the recording already holds this step's inputs.
         self.graphs[1].replay()
         return self.outputs[1]
 
@@ -493,8 +492,8 @@ class Trainer:
                 self.code_counts.copy_(state["code_counts"])
             self.position = self._resumed_position(state)
         else:
-            # As the release does: schedulers built at the saved epoch (which decays the loaded
-            # learning rate once more).
+            # As the release does: schedulers built at the saved epoch (older torch versions
+            # decayed the loaded learning rate once more here; recent ones keep it).
             self.scheduler_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, self.h.lr_decay, state["epoch"])
             self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, self.h.lr_decay, state["epoch"])
         self._apply_config_schedule()
@@ -575,9 +574,8 @@ class Trainer:
         encoder, decoder = (self.train_encoder, self.train_decoder) if training else (self.encoder, self.decoder)
         with self.autocast() if training else nullcontext():
             quantized = encoder(*encoder_input(audio, ref, self.h))
-            logamp, pha, real, imag, y_g = decoder(quantized.latent)
-        gen = {"logamp": logamp, "pha": pha, "real": real, "imag": imag, "audio": y_g,
-               "commitment": quantized.commitment, "codebook": quantized.codebook, "codes": quantized.codes}
+            gen = decoder(quantized.latent)._asdict()
+        gen.update(commitment=quantized.commitment, codebook=quantized.codebook, codes=quantized.codes)
         return ref, gen
 
     def update(self, name: str, loss: torch.Tensor, want_norm: bool) -> Dict[str, torch.Tensor]:
@@ -587,6 +585,7 @@ class Trainer:
         optimizer, scaler, params = ((self.optim_g, self.scaler_g, self.params_g) if name == "G"
                                      else (self.optim_d, self.scaler_d, self.params_d))
         scaler.unscale_(optimizer)
+        norm: Optional[torch.Tensor] = None       # fp16's scaler checks the gradients itself
         if self.h.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip)
         elif want_norm or not scaler.is_enabled():
@@ -618,8 +617,8 @@ class Trainer:
         with self.autocast():
             mpd_real, mpd_fake, _, _ = self.train_mpd(y, y_g)
             mrd_real, mrd_fake, _, _ = self.train_mrd(y, y_g)
-        loss = (losses.discriminator_loss(mpd_real, mpd_fake)
-                + losses.WEIGHTS["mrd"] * losses.discriminator_loss(mrd_real, mrd_fake))
+        loss = losses.both_discriminators(losses.discriminator_loss(mpd_real, mpd_fake),
+                                          losses.discriminator_loss(mrd_real, mrd_fake))
         self.scaler_d.scale(loss).backward()
         return ref, gen, loss
 
@@ -636,16 +635,14 @@ class Trainer:
             with self.autocast():
                 # Together, the backward also runs through the real half: a tenth more
                 # discriminator arithmetic, which a CPU pays in full, while a GPU at batch 16
-                # gains from the fewer, larger kernels (float32 on an H100: 0.181 -> 0.162 s
-                # per step, 1 GiB more memory).
+                # gains from the fewer, larger kernels.
                 together = self.device.type == "cuda"
                 _, mpd_fake, mpd_real_fmaps, mpd_fake_fmaps = self.frozen_mpd(y, gen["audio"], together=together)
                 _, mrd_fake, mrd_real_fmaps, mrd_fake_fmaps = self.frozen_mrd(y, gen["audio"], together=together)
-            w = losses.WEIGHTS["mrd"]
-            terms["GAN"] = (losses.generator_adversarial_loss(mpd_fake)
-                            + w * losses.generator_adversarial_loss(mrd_fake))
-            terms["FM"] = (losses.feature_matching_loss(mpd_real_fmaps, mpd_fake_fmaps)
-                           + w * losses.feature_matching_loss(mrd_real_fmaps, mrd_fake_fmaps))
+            terms["GAN"] = losses.both_discriminators(losses.generator_adversarial_loss(mpd_fake),
+                                                      losses.generator_adversarial_loss(mrd_fake))
+            terms["FM"] = losses.both_discriminators(losses.feature_matching_loss(mpd_real_fmaps, mpd_fake_fmaps),
+                                                     losses.feature_matching_loss(mrd_real_fmaps, mrd_fake_fmaps))
             terms["codebook"], terms["commitment"] = gen["codebook"], gen["commitment"]
             terms["G"] = losses.generator_total(terms)
             if "kd" in gen:
@@ -743,7 +740,8 @@ class Trainer:
             writer.add_scalar(f"Validation/{name}", value, self.steps)
         return means
 
-    def _log_example(self, writer: SummaryWriter, j: int, audio, ref, gen) -> None:
+    def _log_example(self, writer: SummaryWriter, j: int, audio: torch.Tensor, ref: Dict[str, torch.Tensor],
+                     gen: Dict[str, torch.Tensor]) -> None:
         sr = self.h.sampling_rate
         if self.steps == 0:
             writer.add_audio(f"gt/y_{j}", audio[0:1], self.steps, sr)
@@ -885,7 +883,7 @@ def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1) -> Tuple[Data
 
 def format_terms(values: Dict[str, float]) -> str:
     """The stdout line's loss terms, in a fixed order."""
-    names = ("G", "D") + TERM_NAMES + (("KD",) if "KD" in values else ())
+    names = ("G", "D") + losses.TERM_NAMES + (("KD",) if "KD" in values else ())
     return ", ".join(f"{name} {values[name]:.3f}" for name in names)
 
 

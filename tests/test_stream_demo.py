@@ -11,10 +11,11 @@ import torch
 
 import stream_demo
 from checkpoints import release_state_dict
+from codec import codec_roundtrip
 from config import save_config
 from conftest import ROOT, TINY, make_config, write_tone
 from models import Decoder, Encoder, remove_weight_norm
-from streaming import StreamingCodec, causal_roundtrip
+from streaming import StreamingCodec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +31,7 @@ def causal_config(tmp_path):
 def offline_pcm16(h, audio):
     torch.manual_seed(h.seed)
     encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
-    out = causal_roundtrip(encoder, decoder, torch.from_numpy(audio)[None], h)["audio"][0].numpy()
+    out = codec_roundtrip(encoder, decoder, torch.from_numpy(audio)[None], h)["audio"][0].numpy()
     return np.round(np.clip(out, -1, 1) * 32767)
 
 

@@ -11,7 +11,7 @@ import fastpath
 import metrics
 import streaming
 import train
-from codec import load_codec
+from codec import codec_roundtrip, load_codec
 from config import build_config, read_config_file
 from conftest import ROOT, TINY, make_config, tone, untrained_norms
 from models import CausalConv1d, CausalConvTranspose1d, Decoder, Encoder
@@ -47,8 +47,8 @@ def test_changing_the_future_leaves_the_past_bit_exact(codec, seed):
     s = int(rng.integers(streaming.latency_samples(h) + 1, x.size(-1) - 1))
     y = x.clone()
     y[:, s:] = torch.from_numpy(rng.standard_normal(x.size(-1) - s).astype(np.float32))
-    a = streaming.causal_roundtrip(encoder, decoder, x, h)
-    b = streaming.causal_roundtrip(encoder, decoder, y, h)
+    a = codec_roundtrip(encoder, decoder, x, h)
+    b = codec_roundtrip(encoder, decoder, y, h)
     keep = s - streaming.latency_samples(h)
     assert torch.equal(a["audio"][:, :keep], b["audio"][:, :keep])
     assert not torch.equal(a["audio"][:, keep:], b["audio"][:, keep:])
@@ -70,7 +70,7 @@ def chunkings(length, seed):
 def test_streamed_output_equals_the_offline_pass(codec, length):
     h, encoder, decoder = codec
     x = signal(length / 48000 + 0.01, seed=length)[:, :length]
-    offline = streaming.causal_roundtrip(encoder, decoder, x, h)
+    offline = codec_roundtrip(encoder, decoder, x, h)
     assert offline["audio"].shape == (1, length)
     for chunks in chunkings(length, length):
         streamed = streaming.stream_roundtrip(encoder, decoder, x, h, chunks)
@@ -126,7 +126,7 @@ def test_paths_of_different_sizes_stream_exactly():
     torch.manual_seed(0)
     encoder, decoder = Encoder(h).eval(), Decoder(h).eval()
     x = signal(0.1)
-    offline = streaming.causal_roundtrip(encoder, decoder, x, h)
+    offline = codec_roundtrip(encoder, decoder, x, h)
     streamed = streaming.stream_roundtrip(encoder, decoder, x, h, 333)
     assert torch.equal(streamed["codes"], offline["codes"])
     assert (streamed["audio"] - offline["audio"]).abs().max() <= 1e-5
@@ -137,7 +137,7 @@ def test_batch_streams_each_item_as_alone(codec):
     x = torch.cat([signal(0.1, 1), signal(0.1, 2)])
     both = streaming.stream_roundtrip(encoder, decoder, x, h, 97)
     for i in range(2):
-        alone = streaming.causal_roundtrip(encoder, decoder, x[i:i + 1], h)
+        alone = codec_roundtrip(encoder, decoder, x[i:i + 1], h)
         assert torch.equal(both["codes"][i:i + 1], alone["codes"])
         assert (both["audio"][i:i + 1] - alone["audio"]).abs().max() <= 1e-5
 
@@ -165,7 +165,7 @@ def test_impulse_delay_through_the_stream_is_the_latency(codec):
     frame = h.ratio * h.hop_size
     length = 4 * frame + latency + 10
     delays = {}
-    silent = streaming.causal_roundtrip(encoder, decoder, torch.zeros(1, length), h)["audio"]
+    silent = codec_roundtrip(encoder, decoder, torch.zeros(1, length), h)["audio"]
     for s in (2 * frame - a, 2 * frame - a + 1, 2 * frame - a + frame // 2, 3 * frame - a - 1):
         x = torch.zeros(1, length)
         x[0, s] = 100.0  # loud enough to change the codes of its latent frame
@@ -278,7 +278,7 @@ def test_reduced_precision_streams_keep_quality_on_a_trained_causal_model(tmp_pa
         return {"lsd": np.mean([metrics.lsd(c, o["audio"]).item() for c, o in zip(clips, outputs)]),
                 "mel": np.mean([metrics.mel_distance(c, o["audio"], h).item() for c, o in zip(clips, outputs)])}
 
-    reference = [streaming.causal_roundtrip(encoder, decoder, clip, h) for clip in clips]
+    reference = [codec_roundtrip(encoder, decoder, clip, h) for clip in clips]
     base = scores(reference)
     for precision in ("bfloat16", "int8"):
         outputs = [streaming.stream_roundtrip(encoder, decoder, clip, h, 480, precision) for clip in clips]
