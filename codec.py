@@ -122,7 +122,7 @@ def latent_frames(length: int, h: AttrDict) -> int:
 
 MAGIC = b"APCD"
 FORMAT_VERSION = 1
-# (field, struct code, meaning): the header, little-endian, in file order. README documents it.
+# (field, struct code, meaning): the header, little-endian, in file order. docs/inference.md documents it.
 HEADER_FIELDS = (
     ("magic", "4s", "b'APCD'"),
     ("version", "H", "format version (1)"),

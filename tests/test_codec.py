@@ -257,7 +257,7 @@ def test_window_spans_cover_the_input():
 def test_chunked_output_matches_whole_file_output_on_a_long_signal():
     """Seams: chunked vs whole-input output of the same model, >= 40 dB SNR; a chunked codes
     file decodes to the chunked resynthesis. (At initialisation GRN is the identity, so this
-    measures the windowing and crossfade alone; see the README for trained models.)"""
+    measures the windowing and crossfade alone; see docs/benchmarks.md for trained models.)"""
     h = make_config(**TINY_1024)
     whole, chunked = _codec(h, chunk_seconds=60), _codec(h, chunk_seconds=2)
     rng = np.random.default_rng(0)

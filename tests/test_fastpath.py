@@ -573,7 +573,7 @@ def test_reduced_precision_keeps_quality_on_the_demo_checkpoint(tmp_path, monkey
     h = build_config(read_config_file(os.path.join(ROOT, "config_demo.json")))
     demo.make_demo_data(h)
     # The checkpoint depends on the thread count: trained on 1 thread it ends on a loss spike,
-    # where more codes are nearly tied and flip (int8 keeps 98.5% there; see README.md).
+    # where more codes are nearly tied and flip (int8 keeps 98.5% there; see docs/inference.md).
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
