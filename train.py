@@ -894,6 +894,25 @@ def mean_over_ranks(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return dict(zip(values, stacked / dist.get_world_size()))
 
 
+def log_summary(writer: SummaryWriter, trainer: Trainer, terms: Dict[str, torch.Tensor],
+                health: Dict[str, torch.Tensor]) -> None:
+    """TensorBoard's scalars of a summary step: the loss terms, the learning rate, the skipped
+    updates, fp16's loss scales and each codebook's health."""
+    steps = trainer.steps
+    for name, value in terms.items():
+        writer.add_scalar(f"Training/{name}", value.item(), steps)
+    writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
+    writer.add_scalar("Training/nonfinite_steps", trainer.nonfinite.total, steps)
+    if trainer.scaler_g.is_enabled():
+        # fp16's scalers skip the updates whose gradients overflow, and halve the scale then:
+        # a falling scale shows skipped updates, which nonfinite_steps does not count.
+        writer.add_scalar("Training/loss_scale_G", trainer.scaler_g.get_scale(), steps)
+        writer.add_scalar("Training/loss_scale_D", trainer.scaler_d.get_scale(), steps)
+    for name, per_codebook in health.items():
+        for i, value in enumerate(per_codebook.tolist()):
+            writer.add_scalar(f"Codebook/{name}_{i}", value, steps)
+
+
 def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: int, step_start: float,
                        writer: Optional[SummaryWriter], valid_loader: Optional[DataLoader]) -> bool:
     """The interval work after a step: stdout, checkpoint, TensorBoard, validation.
@@ -924,18 +943,7 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
         if saved:
             trainer.save(steps, epoch)
         if health is not None:
-            for name, value in terms.items():
-                writer.add_scalar(f"Training/{name}", value.item(), steps)
-            writer.add_scalar("Training/learning_rate", trainer.optim_g.param_groups[0]["lr"], steps)
-            writer.add_scalar("Training/nonfinite_steps", trainer.nonfinite.total, steps)
-            if trainer.scaler_g.is_enabled():
-                # fp16's scalers skip the updates whose gradients overflow, and halve the scale
-                # then: a falling scale shows skipped updates, which nonfinite_steps does not count.
-                writer.add_scalar("Training/loss_scale_G", trainer.scaler_g.get_scale(), steps)
-                writer.add_scalar("Training/loss_scale_D", trainer.scaler_d.get_scale(), steps)
-            for name, per_codebook in health.items():
-                for i, value in enumerate(per_codebook.tolist()):
-                    writer.add_scalar(f"Codebook/{name}_{i}", value, steps)
+            log_summary(writer, trainer, terms, health)
         if validating:
             means = trainer.validate(valid_loader, writer)
             print(f"Validation at step {steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
