@@ -28,7 +28,8 @@ reference path (`codec.codec_roundtrip`, the release's computation) and the fast
 (`fastpath.FastGenerator`, what inference.py runs) on one clip and on --batch clips of
 different lengths: seconds per audio-second, times real time, times the floor and the peak
 memory of that measurement. --file_seconds adds whole files through `Codec.resynthesize_file`,
-as inference.py runs them: a file longer than a window (30 s) goes through the chunked path.
+as inference.py runs them: a file longer than one window (31 s: the 30 s stride and its 1 s
+overlap) goes through the chunked path.
 
 --suite traffic: the fast path as a GPU runs it (whole batches, no chunks) on PyTorch's meta
 device, which has shapes but no data: for one clip and a batch of --batch clips (default
@@ -83,7 +84,7 @@ from streaming import StreamingCodec, latency_samples
 from utils import pick_device, synchronize
 
 # Configuration names of --precisions: a precision, optionally "+" a torch.compile mode.
-PRECISIONS = {"float32": "no", "bf16": "bf16", "fp16": "fp16"}
+STEP_PRECISIONS = {"float32": "no", "bf16": "bf16", "fp16": "fp16"}
 COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}
 CURVE_WINDOW = 50
 
@@ -108,12 +109,12 @@ def configuration(h: AttrDict, name: str) -> AttrDict:
     """h with the keys of a configuration name such as "bf16+compile" or "bf16+cudagraphs+fused"."""
     precision, *options = name.split("+")
     modes = [COMPILE_MODES[o] for o in options if o in COMPILE_MODES]
-    if (precision not in PRECISIONS or len(modes) > 1
+    if (precision not in STEP_PRECISIONS or len(modes) > 1
             or any(o not in COMPILE_MODES and o not in ("fused", "graph") for o in options)):
-        raise ValueError(f"unknown configuration '{name}': use one of {', '.join(PRECISIONS)}, optionally "
+        raise ValueError(f"unknown configuration '{name}': use one of {', '.join(STEP_PRECISIONS)}, optionally "
                          f"followed by +{' or +'.join(COMPILE_MODES)}, by +fused (fused AdamW) and by +graph "
                          f"(the passes as CUDA graphs)")
-    return build_config(dict(h, mixed_precision=PRECISIONS[precision], compile=modes[0] if modes else "no",
+    return build_config(dict(h, mixed_precision=STEP_PRECISIONS[precision], compile=modes[0] if modes else "no",
                              fused_adamw=h.fused_adamw or "fused" in options,
                              cuda_graph=h.cuda_graph or "graph" in options), h.source)
 
@@ -315,7 +316,7 @@ def bench_inference(h: AttrDict, device: torch.device, clips: List[float], preci
     for seconds in clips:
         length = int(seconds * h.sampling_rate)
         one = synthetic_audio(1, length, h.sampling_rate).to(device)
-        # Rotations of one clip: generating each of 100 clips would take about half a minute.
+        # Rotations of one clip: generating each of 100 clips would take far longer than a run.
         many = [one[0].roll(997 * i)[:n].contiguous() for i, n in enumerate(batch_lengths(length, batch))]
         runs: Dict[Tuple[str, str], Callable[[], object]] = {}
         errors = []

@@ -47,6 +47,9 @@ CHUNK_SECONDS = 30.0        # default window stride of long inputs
 BATCH_SECONDS = 600.0       # padded audio per batch of short files (one forward pass on a GPU)
 STREAM_CHUNK_MS = 10.0      # default chunk of a stream
 BLOCK_SAMPLES = 1 << 16     # file read size
+# What coding one file can raise that fails that file alone (unreadable, bad content, out of
+# memory), so that the others go on.
+FILE_ERRORS = (OSError, ValueError, RuntimeError)
 Audio = Union[np.ndarray, torch.Tensor]
 
 
@@ -86,6 +89,7 @@ def decoding_weights_hash(encoder: Encoder, decoder: Decoder) -> bytes:
 
 
 def _analysis(audio: torch.Tensor, h: AttrDict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's inputs for audio (B, L): log amplitude and phase (B, F, T) of the padded signal."""
     logamp, pha, _, _ = amp_pha_spectrum(pad_for_analysis(audio, h.n_fft, h.hop_size),
                                          h.n_fft, h.hop_size, h.win_size)
     return logamp, pha
@@ -106,7 +110,8 @@ def codec_roundtrip(encoder: Encoder, decoder: Decoder, audio: torch.Tensor, h: 
     analysis = causal_analysis if h.causal else _analysis
     quantized = encoder(*analysis(audio, h), n_codebooks)
     out = decoder(quantized.latent)
-    return {"codes": quantized.codes, "real": out.real, "imag": out.imag, "audio": out.audio.squeeze(1)[:, :audio.size(-1)]}
+    return {"codes": quantized.codes, "real": out.real, "imag": out.imag,
+            "audio": out.audio.squeeze(1)[:, :audio.size(-1)]}
 
 
 def latent_frames(length: int, h: AttrDict) -> int:
@@ -198,6 +203,7 @@ class CodesFile:
 
     @property
     def channels(self) -> int:
+        """Channels of the coded audio, each coded on its own."""
         return self.codes.size(0)
 
     @property
@@ -205,6 +211,7 @@ class CodesFile:
         return self.codes.size(1)
 
     def to_bytes(self) -> bytes:
+        """The file's bytes: header, then the codes packed in whole bits each."""
         payload = pack_codes(self.codes.cpu().numpy(), code_bits(self.codebook_size))
         fields = dict(magic=MAGIC, version=FORMAT_VERSION, n_codebooks=self.n_codebooks, channels=self.channels,
                       frames=self.codes.size(2), crc32=0,
@@ -247,6 +254,7 @@ class CodesFile:
 
     @classmethod
     def load(cls, path: str) -> "CodesFile":
+        """Read a codes file; a one-line ValueError naming it if it cannot be read or is not one."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -255,6 +263,7 @@ class CodesFile:
         return cls.from_bytes(data, path)
 
     def seconds(self) -> float:
+        """Duration of the coded audio."""
         return self.original_length / self.original_sample_rate
 
 
@@ -289,6 +298,7 @@ def _resampled(blocks: Iterable[np.ndarray], from_rate: int, to_rate: int, chann
 
 
 def resampled_length(length: int, from_rate: int, to_rate: int) -> int:
+    """Samples that `length` samples at `from_rate` last at `to_rate`, rounded up."""
     return -(-length * to_rate // from_rate)
 
 
@@ -699,7 +709,7 @@ class Codec:
         for path, output in jobs:
             try:
                 yield path, self.resynthesize_file(path, output, keep_model_rate, n_codebooks)
-            except (OSError, ValueError, RuntimeError) as e:
+            except FILE_ERRORS as e:
                 yield path, e
 
     @torch.no_grad()
@@ -713,7 +723,7 @@ class Codec:
                 model_length = resampled_length(length, rate, h.sampling_rate)
                 audio = np.concatenate(list(_resampled(blocks, rate, h.sampling_rate, channels, model_length)))
                 loaded.append((path, output, rate, channels, length, torch.from_numpy(audio.T.copy())))
-            except (OSError, ValueError, RuntimeError) as e:
+            except FILE_ERRORS as e:
                 yield path, e
         clips = [channel.to(self.device) for *_, audio in loaded for channel in audio]
         try:
@@ -734,7 +744,7 @@ class Codec:
                 stream, out_rate = self._output([audio], 0, channels, rate, length, keep_model_rate)
                 _write_stream(output, stream, out_rate, channels)
                 yield path, length / rate
-            except (OSError, ValueError, RuntimeError) as e:
+            except FILE_ERRORS as e:
                 yield path, e
 
     def resynthesize_file(self, path: str, output_path: str, keep_model_rate: bool = False,

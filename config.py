@@ -229,7 +229,8 @@ SCHEMA: Tuple[Key, ...] = (
     Key("mrd_channels", 64, positive_int, "MRD width", release=False, discriminator=True),
     Key("segment_size", 7960, positive_int, "training crop in samples: a multiple of hop_size with "
         "segment_size / hop_size + 1 a multiple of ratio"),
-    Key("num_mels", 80, positive_int, "the release's mel band count (the losses read num_mels_for_loss, which must equal it)"),
+    Key("num_mels", 80, positive_int,
+        "the release's mel band count (the losses read num_mels_for_loss, which must equal it)"),
     Key("n_fft", 1024, positive_int, "STFT size", network=True),
     Key("hop_size", 40, positive_int, "STFT hop", network=True),
     Key("win_size", 320, positive_int, "STFT Hann window length (<= n_fft)", network=True),

@@ -69,11 +69,22 @@ def onednn_int8() -> bool:
 def reduced_precision(device: torch.device) -> str:
     """The reduced precision this machine runs fastest: bfloat16 on GPUs, on x86 CPUs with AMX
     tiles and on other CPUs (ARM), else int8. (AVX512-BF16 alone doubles the float32 product
-    rate at best, while int8 with VNNI, or even AVX2, gains more: on a Zen 4 core int8 runs
-    the whole codec 2x faster than float32, bfloat16 1.5x.)"""
+    rate at best, while int8 with VNNI, or even AVX2, gains more.)"""
     if device.type == "cuda" or "amx_bf16" in cpu_flags() or not onednn_int8():
         return "bfloat16"
     return "int8"
+
+
+def product_dtype(precision: str) -> torch.dtype:
+    """The dtype of the float operands of `precision`'s products (int8 quantises float32 ones)."""
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
+
+
+def folded_grn_bias(block: ConvNeXtBlock) -> torch.Tensor:
+    """The second pointwise layer's bias with GRN's shift folded in: GRN adds beta to that
+    layer's input, which the layer turns into W @ beta. (C,), float32."""
+    weight = block.pwconv2.weight.detach().float()
+    return block.pwconv2.bias.detach().float() + weight @ block.grn.beta.detach().flatten().float()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -164,7 +175,7 @@ class Product:
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str, gelu: bool = False):
         self.int8, self.gelu = precision == "int8", gelu
-        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        self.dtype = product_dtype(precision)
         if self.int8:
             self.scale = channel_scales(weight)
             integers = torch.round(weight / self.scale[:, None]).to(torch.int8).contiguous()
@@ -220,7 +231,7 @@ class Convolution:
         self.kernel, self.out_channels = weight.size(2), weight.size(0)
         self.dense = dense and precision != "int8"
         if self.dense:
-            dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            dtype = product_dtype(precision)
             self.weight, self.bias = image_weight(weight, dtype), bias.detach().to(dtype)
         else:
             self.taps = [Product(weight[:, :, k], bias.detach().float() if k == 0 else None, precision)
@@ -298,10 +309,10 @@ def expand(window: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, eps: fl
     sums of squares over the rows (B, hidden width). The weights are arguments, not constants,
     so that every block runs the same compiled code."""
     y = normalise(depthwise(window, taps, bias), eps)
-    h = F.gelu(torch.addmm(product_bias, y.flatten(0, 1).to(weight_t.dtype), weight_t)).view(*y.shape[:2], -1)
+    hidden_rows = F.gelu(torch.addmm(product_bias, y.flatten(0, 1).to(weight_t.dtype), weight_t)).view(*y.shape[:2], -1)
     if inside is not None:
-        h = torch.where(inside, h, 0)
-    return h, h.float().square().sum(1)
+        hidden_rows = torch.where(inside, hidden_rows, 0)
+    return hidden_rows, hidden_rows.float().square().sum(1)
 
 
 EXPAND_VERSIONS = 64    # compiled versions of `expand` kept (torch.compile's default limit is 8)
@@ -389,8 +400,7 @@ class FastBlock:
         self.eps = block.norm.eps
         self.pw1 = Product(*folded_norm_linear(block.norm, block.pwconv1), precision, gelu=True)
         self.pw2_weight = block.pwconv2.weight.detach().float()
-        # GRN's shift goes through the second pointwise layer into its bias.
-        self.pw2_bias = block.pwconv2.bias.detach().float() + self.pw2_weight @ block.grn.beta.detach().flatten()
+        self.pw2_bias = folded_grn_bias(block)
         self.gamma = block.grn.gamma.detach().flatten().float()
         self.hidden = block.pwconv1.out_features
         self.pw2 = Product(self.pw2_weight, self.pw2_bias, precision) if precision == "int8" else None
@@ -421,12 +431,14 @@ class FastBlock:
         """
         b, _, c = x.shape
         sumsq = torch.zeros(b, self.hidden, device=x.device)
+        # Without `counted` the sums returned are this input's own, even where `statistics`
+        # replaces them for GRN below: `measured` keeps the tensor that `sumsq` names here.
         measured = sumsq if counted is None else torch.zeros_like(sumsq)
         offset = margin - self.kernel // 2
         # int8 keeps a short input's hidden activations in float32 (in L3) and scales them by
         # GRN before quantising them for the second product. A long input's are quantised at
         # once, and GRN is folded into per-item weights instead: packing those for the int8
-        # kernels costs about 0.5 ms per block, which only pays over many chunks.
+        # kernels costs time per block, which only pays over many chunks.
         scaled = self.pw2 is not None and b * (x.size(1) - 2 * margin) <= SCALED_FRAMES
         kept: List[Activations] = []
         if self.dense and padding is not None:
@@ -435,31 +447,31 @@ class FastBlock:
         for start, rows in spans:
             if self.expand is not None:
                 window = x[:, offset + start:offset + start + rows + self.kernel - 1]
-                h, squares = self.expand(window, self.dw_weight, self.dw_bias, self.eps, self.pw1.weight_t,
+                hidden_rows, squares = self.expand(window, self.dw_weight, self.dw_bias, self.eps, self.pw1.weight_t,
                                          self.pw1.bias, None if padding is None else padding.inside(x.device))
-                kept.append(h)
+                kept.append(hidden_rows)
                 sumsq += squares
                 if counted is not None:
-                    measured += (h.float().square() * counted[start:start + rows, None]).sum(1)
+                    measured += (hidden_rows.float().square() * counted[start:start + rows, None]).sum(1)
                 continue
             y = normalise(self.depthwise(x, offset + start, rows), self.eps)
             out = None if hidden is None else hidden[:, start:start + rows].view(-1, self.hidden)
-            h = self.pw1(y.view(-1, c), out=out).view(b, rows, self.hidden)
+            hidden_rows = self.pw1(y.view(-1, c), out=out).view(b, rows, self.hidden)
             if padding is not None:
-                padding.zero(h)
+                padding.zero(hidden_rows)
             if self.dense:
                 if counted is None:
                     # One read of the activations from memory, where squaring a float32 copy
                     # and summing it takes three.
-                    sumsq += torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).square()
+                    sumsq += torch.linalg.vector_norm(hidden_rows, dim=1, dtype=torch.float32).square()
                     continue
-                squares = h.float().square()
+                squares = hidden_rows.float().square()
             elif scaled:
-                kept.append(h)
-                squares = h.square()
+                kept.append(hidden_rows)
+                squares = hidden_rows.square()
             else:
-                kept.append(quantize(h))
-                squares = h.square_()
+                kept.append(quantize(hidden_rows))
+                squares = hidden_rows.square_()
             sumsq += squares.sum(1)
             if counted is not None:
                 measured += (squares * counted[start:start + rows, None]).sum(1)
@@ -472,8 +484,8 @@ class FastBlock:
             self._dense_second_product(x, margin, hidden if self.expand is None else kept[0], scales)
             return measured
         if scaled:
-            for (start, rows), h in zip(spans, kept):
-                q = quantize(h.mul_(scales[:, None]))
+            for (start, rows), hidden_rows in zip(spans, kept):
+                q = quantize(hidden_rows.mul_(scales[:, None]))
                 for i in range(b):
                     self.pw2.accumulate(q[i], x[i, margin + start:margin + start + rows])
         else:
@@ -528,8 +540,7 @@ class FastBranch:
         # Dense uncompiled blocks share one workspace, allocated once so that its pages are
         # faulted in once, in the products' precision; the others keep each span's own.
         hidden = x.new_empty(b, t, self.blocks[0].hidden,
-                             dtype=torch.float32 if self.precision == "float32" else torch.bfloat16
-                             ) if self.blocks and self.blocks[0].workspace else None
+                             dtype=product_dtype(self.precision)) if self.blocks and self.blocks[0].workspace else None
         weight, bias = self.norm_affine
         for start, rows in spans:
             y = self.embed(x, margin, start, rows).float()
@@ -693,7 +704,7 @@ class FastGenerator:
             for start, rows in self._spans(n):
                 spec = stft_rows(signal, start, rows, h.n_fft, h.hop_size, h.win_size)
                 # Contiguous parts: on the complex tensor's strided views atan2 runs a scalar loop,
-                # 5x slower than the vectorised one (which differs by at most 1 ulp).
+                # several times slower than the vectorised one (which differs by at most 1 ulp).
                 logamp[i, m + start:m + start + rows], phase[i, m + start:m + start + rows] = \
                     log_amplitude_and_phase(spec.real.contiguous(), spec.imag.contiguous())
         counting = None

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from codec import BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, STREAM_CHUNK_MS, Codec, CodesFile
+from codec import BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, FILE_ERRORS, STREAM_CHUNK_MS, Codec, CodesFile
 from config import AttrDict, make_parser, run_cli
 from dataset import AUDIO_EXTENSIONS, audio_index, header_problem
 from fastpath import PRECISIONS, kernels
@@ -197,7 +197,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
                 one.save(os.path.join(target, key + CODES_EXTENSION))
                 return one.seconds()
             return codec.decode_to_file(CodesFile.load(path), os.path.join(target, key + ".wav"), keep_model_rate)
-        except (OSError, ValueError, RuntimeError) as e:
+        except FILE_ERRORS as e:
             return e
 
     if mode == "resynth":

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import AttrDict
-from fastpath import channel_scales, check_precision, folded_norm_linear, normalise, polar_spectrum, vnni
+from fastpath import (channel_scales, check_precision, folded_grn_bias, folded_norm_linear, normalise, polar_spectrum,
+                      product_dtype, vnni)
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
 from spectral import amp_pha_spectrum, overlap_add, window_envelope
 
@@ -86,8 +87,7 @@ class Products:
 
     Float32 and bfloat16 run one batched product. int8 runs one product each with PyTorch's
     dynamic quantisation (fbgemm): on a stream's few rows per call it costs less than the
-    oneDNN kernels that `fastpath` uses for long chunks (5.8 against 7.9 ms per latent frame
-    of the full-size model in 10 ms chunks on one Zen 4 core).
+    oneDNN kernels that `fastpath` uses for long chunks.
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]], precision: str):
@@ -101,7 +101,7 @@ class Products:
                                                torch.qint8)
                 self.packed.append(torch.ops.quantized.linear_prepack(q, b))
         else:
-            self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            self.dtype = product_dtype(precision)
             self.weight_t = torch.stack([w.t() for w in weights]).to(self.dtype)
             self.bias = None if biases[0] is None else torch.stack(list(biases))[:, None].to(self.dtype)
 
@@ -205,10 +205,8 @@ class CausalBlocks:
         self.dw_bias = torch.stack([b.dwconv.bias.detach() for b in blocks])[:, None, None]
         self.eps = blocks[0].norm.eps
         self.pw1 = Products(*zip(*(folded_norm_linear(b.norm, b.pwconv1) for b in blocks)), precision)
-        # GRN's shift goes through the second pointwise layer into its bias.
-        self.pw2 = Products([b.pwconv2.weight.detach() for b in blocks],
-                            [b.pwconv2.bias.detach() + b.pwconv2.weight.detach() @ b.grn.beta.detach().flatten()
-                             for b in blocks], precision)
+        self.pw2 = Products([b.pwconv2.weight.detach() for b in blocks], [folded_grn_bias(b) for b in blocks],
+                            precision)
         self.gamma = torch.stack([b.grn.gamma.detach().flatten() for b in blocks])[:, None]
         channels = dw.size(1)
         self.rows = dw.new_zeros(len(blocks), batch, self.kernel - 1, channels)
