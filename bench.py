@@ -594,6 +594,12 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         measure(h, args, emit=lambda record: print(json.dumps(record), file=out, flush=True))
 
 
+def default_inference_precisions(device: torch.device) -> str:
+    """float32 and what this device runs faster: TF32 and bfloat16 on a GPU, else the CPU's
+    reduced precision."""
+    return "float32,tf32,bfloat16" if device.type == "cuda" else "float32," + fastpath.reduced_precision(device)
+
+
 def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None]) -> None:
     """Run the measurements that `args` asks for, giving each record to `emit`."""
     if args.threads is not None:
@@ -614,8 +620,7 @@ def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None])
             ("encoder", Encoder), ("decoder", Decoder), ("mpd", train.MultiPeriodDiscriminator),
             ("mrd", train.MultiResolutionDiscriminator))}})
     if args.suite in ("inference", "all") and args.repeats:
-        precisions = args.inference_precisions or ("float32,tf32,bfloat16" if device.type == "cuda"
-                                                   else "float32," + fastpath.reduced_precision(device))
+        precisions = args.inference_precisions or default_inference_precisions(device)
         for name in precisions.split(","):
             inference_configuration(name)    # a misspelt name stops the run before any timing
         for record in bench_inference(h, device, args.clips, precisions.split(","),
@@ -646,7 +651,7 @@ def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None])
                 except Exception as e:
                     emit({"bench": "train.py", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
     if args.stream_chunk_ms:
-        precisions = (args.inference_precisions or "float32," + fastpath.reduced_precision(torch.device("cpu"))).split(",")
+        precisions = (args.inference_precisions or default_inference_precisions(torch.device("cpu"))).split(",")
         for record in bench_streaming(h, args.clip_seconds, args.stream_chunk_ms, precisions, args.repeats):
             emit({**record, **common})
 

@@ -418,7 +418,7 @@ class FastBlock:
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
                  padding: Optional[Padding], hidden: Optional[torch.Tensor],
-                 statistics: Optional[torch.Tensor] = None, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 statistics: Optional[torch.Tensor] = None, frame_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, margin + T + margin, C), updated in place; rows past a clip's end (`padding`)
         must be zero, and dense blocks leave them otherwise (see `_dense_second_product`).
         hidden: (B, T, hidden width) workspace where `workspace` is set, else None (each span's
@@ -427,13 +427,13 @@ class FastBlock:
 
         GRN pools the sums of squares (B, hidden width) of its input over time: `statistics`
         replaces them (a long input's, gathered over its windows). Returns this input's sums
-        over the frames where `counted` (T,) is 1 (all frames by default).
+        over the frames where `frame_mask` (T,) is 1 (all frames by default).
         """
         b, _, c = x.shape
         sumsq = torch.zeros(b, self.hidden, device=x.device)
-        # Without `counted` the sums returned are this input's own, even where `statistics`
+        # Without `frame_mask` the sums returned are this input's own, even where `statistics`
         # replaces them for GRN below: `measured` keeps the tensor that `sumsq` names here.
-        measured = sumsq if counted is None else torch.zeros_like(sumsq)
+        measured = sumsq if frame_mask is None else torch.zeros_like(sumsq)
         offset = margin - self.kernel // 2
         # int8 keeps a short input's hidden activations in float32 (in L3) and scales them by
         # GRN before quantising them for the second product. A long input's are quantised at
@@ -451,8 +451,8 @@ class FastBlock:
                                          self.pw1.bias, None if padding is None else padding.inside(x.device))
                 kept.append(hidden_rows)
                 sumsq += squares
-                if counted is not None:
-                    measured += (hidden_rows.float().square() * counted[start:start + rows, None]).sum(1)
+                if frame_mask is not None:
+                    measured += (hidden_rows.float().square() * frame_mask[start:start + rows, None]).sum(1)
                 continue
             y = normalise(self.depthwise(x, offset + start, rows), self.eps)
             out = None if hidden is None else hidden[:, start:start + rows].view(-1, self.hidden)
@@ -460,7 +460,7 @@ class FastBlock:
             if padding is not None:
                 padding.zero(hidden_rows)
             if self.dense:
-                if counted is None:
+                if frame_mask is None:
                     # One read of the activations from memory, where squaring a float32 copy
                     # and summing it takes three.
                     sumsq += torch.linalg.vector_norm(hidden_rows, dim=1, dtype=torch.float32).square()
@@ -473,8 +473,8 @@ class FastBlock:
                 kept.append(quantize(hidden_rows))
                 squares = hidden_rows.square_()
             sumsq += squares.sum(1)
-            if counted is not None:
-                measured += (squares * counted[start:start + rows, None]).sum(1)
+            if frame_mask is not None:
+                measured += (squares * frame_mask[start:start + rows, None]).sum(1)
         if statistics is not None:
             sumsq = statistics
         gx = sumsq.sqrt()
@@ -530,13 +530,13 @@ class FastBranch:
 
     def __call__(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]],
                  padding: Optional[Padding], out: torch.Tensor, statistics: Optional[List[torch.Tensor]] = None,
-                 counted: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                 frame_mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """x: (B, margin + T + margin, C_in) with zero margins -> out (B, T, C_out), written in place.
 
-        `statistics` and `counted` as in `FastBlock`, one per block; returns each block's sums."""
+        `statistics` and `frame_mask` as in `FastBlock`, one per block; returns each block's sums."""
         b, t = x.size(0), x.size(1) - 2 * margin
         m = self.margin
-        stream = margined(b, t, self.width, m, x.device)
+        residual = margined(b, t, self.width, m, x.device)
         # Dense uncompiled blocks share one workspace, allocated once so that its pages are
         # faulted in once, in the products' precision; the others keep each span's own.
         hidden = x.new_empty(b, t, self.blocks[0].hidden,
@@ -544,13 +544,13 @@ class FastBranch:
         weight, bias = self.norm_affine
         for start, rows in spans:
             y = self.embed(x, margin, start, rows).float()
-            stream[:, m + start:m + start + rows] = F.layer_norm(y, (self.width,), weight, bias, self.norm_eps)
+            residual[:, m + start:m + start + rows] = F.layer_norm(y, (self.width,), weight, bias, self.norm_eps)
         if padding is not None:
-            padding.zero(stream, m)
-        sums = [block(stream, m, spans, padding, hidden, None if statistics is None else statistics[i], counted)
+            padding.zero(residual, m)
+        sums = [block(residual, m, spans, padding, hidden, None if statistics is None else statistics[i], frame_mask)
                 for i, block in enumerate(self.blocks)]
         for start, rows in spans:
-            y = normalise(stream[:, m + start:m + start + rows], self.final_norm_eps)
+            y = normalise(residual[:, m + start:m + start + rows], self.final_norm_eps)
             out[:, start:start + rows] = self.out(y.reshape(-1, self.width)).view(b, rows, self.out_width).float()
         return sums
 
@@ -670,7 +670,7 @@ class FastGenerator:
         return out
 
     def _run_branch(self, branch: FastBranch, x: torch.Tensor, lengths: Sequence[int], frames: int,
-                    statistics: Optional[List[torch.Tensor]] = None, counted: Optional[torch.Tensor] = None
+                    statistics: Optional[List[torch.Tensor]] = None, frame_mask: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """x (B, margin + T + margin, C_in) -> (B, margin + T + margin, C_out), zero outside each clip,
         and the branch's GRN sums (see `FastBranch`)."""
@@ -680,7 +680,7 @@ class FastGenerator:
         if padding is not None:
             # An upsampler's output runs past a shorter clip's frames; alone, that clip has none there.
             padding.zero(x, m)
-        sums = branch(x, m, self._spans(frames), padding, out[:, m:m + frames], statistics, counted)
+        sums = branch(x, m, self._spans(frames), padding, out[:, m:m + frames], statistics, frame_mask)
         if padding is not None:
             padding.zero(out, m)
         return out, sums
@@ -707,15 +707,15 @@ class FastGenerator:
                 # several times slower than the vectorised one (which differs by at most 1 ulp).
                 logamp[i, m + start:m + start + rows], phase[i, m + start:m + start + rows] = \
                     log_amplitude_and_phase(spec.real.contiguous(), spec.imag.contiguous())
-        counting = None
+        frame_mask = None
         if counted is not None:
             centres = torch.arange(frames, device=self.device) * h.hop_size
-            counting = ((centres >= counted[0]) & (centres < counted[1])).float()
+            frame_mask = ((centres >= counted[0]) & (centres < counted[1])).float()
         split = len(self.enc_amp.blocks)
         amp, amp_sums = self._run_branch(self.enc_amp, logamp, lengths, frames,
-                                         None if statistics is None else statistics[:split], counting)
+                                         None if statistics is None else statistics[:split], frame_mask)
         pha, pha_sums = self._run_branch(self.enc_pha, phase, lengths, frames,
-                                         None if statistics is None else statistics[split:], counting)
+                                         None if statistics is None else statistics[split:], frame_mask)
         return amp, pha, lengths, amp_sums + pha_sums
 
     def _encode(self, audio: Sequence[torch.Tensor], n_codebooks: Optional[int],
