@@ -447,8 +447,9 @@ class FastBlock:
         for start, rows in spans:
             if self.expand is not None:
                 window = x[:, offset + start:offset + start + rows + self.kernel - 1]
-                hidden_rows, squares = self.expand(window, self.dw_weight, self.dw_bias, self.eps, self.pw1.weight_t,
-                                         self.pw1.bias, None if padding is None else padding.inside(x.device))
+                hidden_rows, squares = self.expand(window, self.dw_weight, self.dw_bias, self.eps,
+                                                   self.pw1.weight_t, self.pw1.bias,
+                                                   None if padding is None else padding.inside(x.device))
                 kept.append(hidden_rows)
                 sumsq += squares
                 if frame_mask is not None:

@@ -146,8 +146,8 @@ def check_options(mode: str, n_codebooks: Optional[int], keep_model_rate: bool, 
         raise ValueError(f"--batch_seconds applies to resynth, which batches files, and must be positive "
                          f"(got {batch_seconds} with --mode {mode})")
     if stream_ms is not None and (mode != "resynth" or n_codebooks is not None):
-        raise ValueError(f"--stream resynthesises (--mode resynth, got {mode}) with every codebook "
-                         f"(no --n_codebooks)")
+        raise ValueError(f"--stream resynthesises with every codebook: it needs --mode resynth (got {mode}) "
+                         f"and no --n_codebooks")
 
 
 def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = None,
