@@ -6,6 +6,8 @@ validation of config files, every script's `--help` and the README's key table
 keeps the paper's behaviour.
 """
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -441,13 +443,15 @@ def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
+    # torchrun starts every process of a machine with the same command line: the first one's
+    # word on it is enough, argparse's own errors (an unknown option) included.
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"
     try:
         try:
-            h, args = parse_command_line(parser, argv)
+            with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+                h, args = parse_command_line(parser, argv)
         except (OSError, ValueError):
-            # torchrun starts every process of a machine with the same command line: the
-            # first one's line is enough.
-            if os.environ.get("LOCAL_RANK", "0") != "0":
+            if quiet:
                 sys.exit(1)
             raise
         job(h, args)

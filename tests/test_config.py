@@ -196,6 +196,22 @@ def test_ctrl_c_exits_with_one_line_and_the_signal_status(tmp_path, capsys):
     assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.parametrize("local_rank, says", [("0", True), ("1", False)])
+def test_under_torchrun_only_local_rank_0_says_what_is_wrong_with_the_command_line(tmp_path, capsys, monkeypatch,
+                                                                                   local_rank, says):
+    """torchrun gives every process of a machine the same command line: argparse's own error
+    (an unknown option) and a bad value are each said by local rank 0 alone."""
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    config = _write(tmp_path, default_raw())
+    for argv, message in ((["--no_such_option", "1"], "unrecognized arguments: --no_such_option"),
+                          (["--batch_size", "-1"], "error: --batch_size must be")):
+        with pytest.raises(SystemExit) as stopped:
+            run_cli(lambda h, args: None, make_parser("test"), ["--config", config] + argv)
+        assert stopped.value.code != 0
+        err = capsys.readouterr().err + str(stopped.value.code)
+        assert (message in err) == says, err
+
+
 _TERMINATED_MID_WRITE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
