@@ -429,21 +429,52 @@ class FastBlock:
         replaces them (a long input's, gathered over its windows). Returns this input's sums
         over the frames where `frame_mask` (T,) is 1 (all frames by default).
         """
-        b, _, c = x.shape
-        sumsq = torch.zeros(b, self.hidden, device=x.device)
-        # Without `frame_mask` the sums returned are this input's own, even where `statistics`
-        # replaces them for GRN below: `measured` keeps the tensor that `sumsq` names here.
-        measured = sumsq if frame_mask is None else torch.zeros_like(sumsq)
-        offset = margin - self.kernel // 2
+        b = x.size(0)
         # int8 keeps a short input's hidden activations in float32 (in L3) and scales them by
         # GRN before quantising them for the second product. A long input's are quantised at
         # once, and GRN is folded into per-item weights instead: packing those for the int8
         # kernels costs time per block, which only pays over many chunks.
         scaled = self.pw2 is not None and b * (x.size(1) - 2 * margin) <= SCALED_FRAMES
-        kept: List[Activations] = []
         if self.dense and padding is not None:
             # The rows past each clip's end that the depthwise convolution reads.
             padding.zero(x, margin, self.kernel // 2)
+        kept, sumsq, measured = self._first_half(x, margin, spans, padding, hidden, scaled, frame_mask)
+        if statistics is not None:
+            sumsq = statistics
+        gx = sumsq.sqrt()
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        scales = self.gamma * nx + 1     # GRN's per-channel scale with its residual, (B, hidden width)
+        if self.dense:
+            self._dense_second_product(x, margin, hidden if self.expand is None else kept[0], scales)
+            return measured
+        if scaled:
+            for (start, rows), hidden_rows in zip(spans, kept):
+                q = quantize(hidden_rows.mul_(scales[:, None]))
+                for i in range(b):
+                    self.pw2.accumulate(q[i], x[i, margin + start:margin + start + rows])
+        else:
+            for i in range(b):
+                pw2 = Product(self.pw2_weight * scales[i], self.pw2_bias, self.precision)
+                for j, (start, rows) in enumerate(spans):
+                    pw2.accumulate(kept[j][i], x[i, margin + start:margin + start + rows])
+        if padding is not None:
+            padding.zero(x, margin)
+        return measured
+
+    def _first_half(self, x: torch.Tensor, margin: int, spans: List[Tuple[int, int]], padding: Optional[Padding],
+                    hidden: Optional[torch.Tensor], scaled: bool, frame_mask: Optional[torch.Tensor]
+                    ) -> Tuple[List[Activations], torch.Tensor, torch.Tensor]:
+        """Depthwise convolution, LayerNorm and the first product (with GELU) of every span.
+
+        Returns the hidden activations kept for the second product (none where they went into
+        the `hidden` workspace), their sums of squares over time (B, hidden width), and those
+        sums over the frames of `frame_mask` (the same tensor without one).
+        """
+        b, _, c = x.shape
+        sumsq = torch.zeros(b, self.hidden, device=x.device)
+        measured = sumsq if frame_mask is None else torch.zeros_like(sumsq)
+        offset = margin - self.kernel // 2
+        kept: List[Activations] = []
         for start, rows in spans:
             if self.expand is not None:
                 window = x[:, offset + start:offset + start + rows + self.kernel - 1]
@@ -476,27 +507,7 @@ class FastBlock:
             sumsq += squares.sum(1)
             if frame_mask is not None:
                 measured += (squares * frame_mask[start:start + rows, None]).sum(1)
-        if statistics is not None:
-            sumsq = statistics
-        gx = sumsq.sqrt()
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        scales = self.gamma * nx + 1     # GRN's per-channel scale with its residual, (B, hidden width)
-        if self.dense:
-            self._dense_second_product(x, margin, hidden if self.expand is None else kept[0], scales)
-            return measured
-        if scaled:
-            for (start, rows), hidden_rows in zip(spans, kept):
-                q = quantize(hidden_rows.mul_(scales[:, None]))
-                for i in range(b):
-                    self.pw2.accumulate(q[i], x[i, margin + start:margin + start + rows])
-        else:
-            for i in range(b):
-                pw2 = Product(self.pw2_weight * scales[i], self.pw2_bias, self.precision)
-                for j, (start, rows) in enumerate(spans):
-                    pw2.accumulate(kept[j][i], x[i, margin + start:margin + start + rows])
-        if padding is not None:
-            padding.zero(x, margin)
-        return measured
+        return kept, sumsq, measured
 
     def _dense_second_product(self, x: torch.Tensor, margin: int, hidden: torch.Tensor, scales: torch.Tensor
                               ) -> None:
