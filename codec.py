@@ -453,13 +453,7 @@ class Codec:
         # On a GPU a batch of clips runs at once; on the CPU one clip at a time, in cache-sized chunks.
         self.fast = None if h.causal else FastGenerator(encoder, decoder, h, self.precision,
                                                         None if device.type == "cuda" else CHUNK_FRAMES, compile)
-        # Resynthesis of one window, (C, L) -> (C, L); `stream_ms` swaps in the streaming codec.
-        self.roundtrip: Callable[[torch.Tensor, Optional[int]], torch.Tensor] = (
-            lambda audio, n_codebooks: codec_roundtrip(encoder, decoder, audio, h, n_codebooks)["audio"])
-        if self.fast is not None:
-            self.roundtrip = self._fast_roundtrip
-        if stream_ms is not None:
-            self._use_streaming(stream_ms)
+        self.stream_chunk: Optional[int] = None if stream_ms is None else self._stream_chunk(stream_ms)
         frame = h.hop_size * h.ratio   # windows start on latent frames, as the whole-file analysis does
         self.chunk_length = max(1, round(chunk_seconds * h.sampling_rate / frame)) * frame
         self.chunk_overlap = max(1, round(OVERLAP_SECONDS * h.sampling_rate / frame)) * frame
@@ -480,8 +474,18 @@ class Codec:
         encoder, decoder, h = load_codec(h, encoder_path, decoder_path, device)
         return cls(h, encoder, decoder, device, chunk_seconds, precision, stream_ms, file_statistics, compile)
 
-    def _fast_roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int],
-                        statistics: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    def roundtrip(self, audio: torch.Tensor, n_codebooks: Optional[int],
+                  statistics: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Resynthesis of one window's channels, (C, L) -> (C, L): the fast path, or for a causal
+        codec its offline pass or (`stream_ms`) the streaming codec; `statistics` as in `_statistics`."""
+        if self.stream_chunk is not None:
+            if n_codebooks not in (None, self.h.n_codebooks):
+                raise ValueError("--stream resynthesises with every codebook; n_codebooks applies to the "
+                                 "offline pass")
+            return stream_roundtrip(self.encoder, self.decoder, audio, self.h, self.stream_chunk,
+                                    self.precision)["audio"]
+        if self.fast is None:
+            return codec_roundtrip(self.encoder, self.decoder, audio, self.h, n_codebooks)["audio"]
         return torch.stack([out["audio"] for out in self.fast.roundtrip(list(audio), n_codebooks, statistics)])
 
     def _statistics(self, blocks: Iterable[np.ndarray], rate: int, channels: int, model_length: int,
@@ -501,21 +505,15 @@ class Codec:
                 total = sums if not total else [a + b for a, b in zip(total, sums)]
         return total
 
-    def _use_streaming(self, chunk_ms: float) -> None:
-        """Resynthesise through the streaming encoder and decoder in chunks of `chunk_ms`
+    def _stream_chunk(self, chunk_ms: float) -> int:
+        """The streaming codec's chunk in samples, for resynthesis in chunks of `chunk_ms`
         milliseconds (causal codecs; in float32 the output equals the offline pass up to float
         rounding)."""
         chunk = chunk_samples(chunk_ms, self.h.sampling_rate)
         if not self.h.causal:
             raise ValueError(f"--stream needs a causal codec ('causal': true); {self.h.source} describes the "
                              f"paper's non-causal model")
-
-        def streamed(audio: torch.Tensor, n_codebooks: Optional[int]) -> torch.Tensor:
-            if n_codebooks not in (None, self.h.n_codebooks):
-                raise ValueError("--stream resynthesises with every codebook; n_codebooks applies to the "
-                                 "offline pass")
-            return stream_roundtrip(self.encoder, self.decoder, audio, self.h, chunk, self.precision)["audio"]
-        self.roundtrip = streamed
+        return chunk
 
     def _window_audio(self, blocks: Iterable[np.ndarray], rate: int, channels: int, model_length: int,
                       windows: List[Tuple[int, int]], what: str) -> Iterator[torch.Tensor]:
@@ -659,8 +657,7 @@ class Codec:
         def outputs() -> Iterator[np.ndarray]:
             statistics = self._statistics(reader(), rate, channels, model_length, windows)
             for audio in self._window_audio(reader(), rate, channels, model_length, windows, "resynthesising"):
-                out = self.roundtrip(audio, n_codebooks) if statistics is None else \
-                    self._fast_roundtrip(audio, n_codebooks, statistics)
+                out = self.roundtrip(audio, n_codebooks, statistics)
                 yield out.cpu().numpy().T
         return self._output(outputs(), self._chunking(windows)[1], channels, rate, length, keep_model_rate)
 
