@@ -180,12 +180,7 @@ def bench_training(h: AttrDict, device: torch.device, steps: int, warmup: int, p
 
 def cpu_model() -> str:
     """The CPU's model name (Linux), else the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.MULTILINE)
-    except OSError:
-        match = None
-    return match.group(1) if match else (platform.processor() or "unknown")
+    return fastpath.cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:

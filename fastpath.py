@@ -50,14 +50,19 @@ SCALED_FRAMES = 4096        # int8 applies GRN to the activations of inputs up t
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_flags() -> set:
-    """The CPU's feature flags (Linux /proc/cpuinfo), empty where unknown."""
+def cpuinfo(field: str) -> str:
+    """The first CPU's `field` in Linux's /proc/cpuinfo ("flags", "model name"), "" where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
-            match = re.search(r"^flags\s*:(.*)$", f.read(), re.MULTILINE)
+            match = re.search(rf"^{re.escape(field)}\s*:(.*)$", f.read(), re.MULTILINE)
     except OSError:
-        return set()
-    return set(match.group(1).split()) if match else set()
+        return ""
+    return match.group(1).strip() if match else ""
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags, empty where unknown."""
+    return set(cpuinfo("flags").split())
 
 
 def onednn_int8() -> bool:
