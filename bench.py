@@ -101,7 +101,8 @@ def synthetic_audio(batch: int, length: int, sr: int, seed: int = 0) -> torch.Te
     return torch.tensor(np.stack(rows), dtype=torch.float32)
 
 
-def count(module: torch.nn.Module) -> int:
+def parameter_count(module: torch.nn.Module) -> int:
+    """Parameters of `module`, every tensor's elements summed."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -611,7 +612,7 @@ def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None])
             except Exception as e:  # one failing configuration (e.g. compile) must not stop the rest
                 emit({"bench": "train_step", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
         torch.manual_seed(h.seed)
-        emit({"bench": "params", **{part: count(cls(h)) for part, cls in (
+        emit({"bench": "params", **{part: parameter_count(cls(h)) for part, cls in (
             ("encoder", Encoder), ("decoder", Decoder), ("mpd", train.MultiPeriodDiscriminator),
             ("mrd", train.MultiResolutionDiscriminator))}})
     if args.suite in ("inference", "all") and args.repeats:

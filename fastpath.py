@@ -33,7 +33,7 @@ import platform
 import re
 import sys
 import warnings
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -292,6 +292,7 @@ def image_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension without its affine (folded into the next layer)."""
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
@@ -331,7 +332,7 @@ def compiled_expand() -> Callable:
     default limit of 8 versions, after which it would silently run `expand` uncompiled."""
     compiled = torch.compile(expand)
 
-    def run(*args):
+    def run(*args: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch._dynamo.config.patch(recompile_limit=EXPAND_VERSIONS):
             return compiled(*args)
     return run

@@ -106,6 +106,7 @@ class Products:
             self.bias = None if biases[0] is None else torch.stack(list(biases))[:, None].to(self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (G, N, K) -> (G, N, M) float32."""
         if self.int8:
             # 7-bit activations where fbgemm's 8-bit products could saturate (without AVX512-VNNI).
             reduce_range = not vnni(fbgemm=True)
@@ -178,6 +179,7 @@ class CausalUpsampler:
         self.rows = weights[0].new_zeros(batch, self.keep, self.in_channels)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, n, C_in) -> the output frames (G, B, stride * n, C_out) that x completes."""
         b, n = x.shape[:2]
         rows = torch.cat((self.rows, x), dim=1)
         self.rows = rows[:, rows.size(1) - self.keep:]
@@ -242,6 +244,7 @@ class CausalBranches:
         self.out_channels = branches[0].out.out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (G, B, n, C_in) -> (G, B, n, C_out)."""
         g, b, n = x.shape[:3]
         if n == 0:
             return x.new_zeros(g, b, 0, self.out_channels)
