@@ -64,7 +64,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -398,6 +398,44 @@ def write_dataset(folder: str, n_files: int, seconds: float, sr: int) -> None:
         f.write("\n".join(names[:2]) + "\n")
 
 
+def echoed(lines: Iterable[str]) -> Iterator[str]:
+    """The lines, each also printed (indented) to stderr as it comes."""
+    for line in lines:
+        print("  " + line.rstrip(), file=sys.stderr, flush=True)
+        yield line
+
+
+def parse_train_log(lines: Iterable[str]) -> Tuple[Dict[int, Dict[str, float]], List[float], Optional[int]]:
+    """train.py's stdout -> the loss terms of each logged step, each epoch's seconds, and the
+    step after which a signal stopped it (None if none did)."""
+    logged: Dict[int, Dict[str, float]] = {}
+    epoch_seconds: List[float] = []
+    last_step = None
+    for line in lines:
+        if line.startswith("Steps "):
+            step, rest = line[len("Steps "):].split(": ", 1)
+            logged[int(step)] = {k: float(v) for k, v in (item.rsplit(" ", 1) for item in rest.split(", "))
+                                 if k != "s/b"}
+        match = re.match(r"Time taken for epoch \d+ is ([\d.]+) s", line)
+        if match:
+            epoch_seconds.append(float(match.group(1)))
+        match = re.match(r"Stopped by \w+ after step (\d+)", line)
+        if match:
+            last_step = int(match.group(1))
+    return logged, epoch_seconds, last_step
+
+
+def loss_curve(logged: Dict[int, Dict[str, float]], steps: int) -> Dict[str, Dict[str, float]]:
+    """The mean of a few loss terms over each CURVE_WINDOW steps of `steps`, from the logged ones."""
+    curve = {}
+    for start in range(0, steps, CURVE_WINDOW):
+        window = [logged[s] for s in logged if start <= s < start + CURVE_WINDOW]
+        if window:
+            curve[f"{start}-{start + CURVE_WINDOW - 1}"] = {
+                name: round(float(np.mean([w[name] for w in window])), 4) for name in ("G", "D", "Mel", "A", "IP")}
+    return curve
+
+
 def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: int, device: torch.device,
                        seconds: Optional[float] = None) -> dict:
     """Run `python train.py` on the dataset in `folder`, on `device` (train.py takes a GPU where
@@ -425,31 +463,13 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
     if timer is not None:
         timer.daemon = True
         timer.start()
-    epoch_seconds, logged, last_step = [], {}, None
-    for line in process.stdout:
-        print("  " + line.rstrip(), file=sys.stderr, flush=True)
-        if line.startswith("Steps "):
-            step, rest = line[len("Steps "):].split(": ", 1)
-            logged[int(step)] = {k: float(v) for k, v in (item.rsplit(" ", 1) for item in rest.split(", "))
-                                 if k != "s/b"}
-        match = re.match(r"Time taken for epoch \d+ is ([\d.]+) s", line)
-        if match:
-            epoch_seconds.append(float(match.group(1)))
-        match = re.match(r"Stopped by \w+ after step (\d+)", line)
-        if match:
-            last_step = int(match.group(1))
+    logged, epoch_seconds, last_step = parse_train_log(echoed(process.stdout))
     status = process.wait()
     if timer is not None:
         timer.cancel()
     stopped = fired.is_set() and status == 128 + signal.SIGTERM
     if status and not stopped:
         raise RuntimeError(f"train.py exited with status {status}")
-    curve = {}
-    for start in range(0, steps_per_epoch * epochs, CURVE_WINDOW):
-        window = [logged[s] for s in logged if start <= s < start + CURVE_WINDOW]
-        if window:
-            curve[f"{start}-{start + CURVE_WINDOW - 1}"] = {
-                name: round(float(np.mean([w[name] for w in window])), 4) for name in ("G", "D", "Mel", "A", "IP")}
     later = epoch_seconds[1:]
     reached = {}
     if stopped:
@@ -457,7 +477,7 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
     return {"batch_size": h.batch_size, "steps": steps_per_epoch * epochs, **reached,
             "first_epoch_s": round(epoch_seconds[0], 1) if epoch_seconds else None,
             "s_per_step_after_first_epoch": round(sum(later) / (len(later) * steps_per_epoch), 4) if later else None,
-            "loss_means_per_50_steps": curve}
+            "loss_means_per_50_steps": loss_curve(logged, steps_per_epoch * epochs)}
 
 
 class TrafficCounter(TorchDispatchMode):
