@@ -60,9 +60,10 @@ def cpuinfo(field: str) -> str:
     return match.group(1).strip() if match else ""
 
 
-def cpu_flags() -> set:
-    """The CPU's feature flags, empty where unknown."""
-    return set(cpuinfo("flags").split())
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags, empty where unknown (read once: a stream's int8 products ask on every call)."""
+    return frozenset(cpuinfo("flags").split())
 
 
 def onednn_int8() -> bool:
