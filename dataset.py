@@ -1,4 +1,5 @@
 """Audio loading, audio-file discovery, file lists and their checks, and the training / validation datasets."""
+import hashlib
 import json
 import os
 import random
@@ -353,6 +354,12 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self.indices()) - self.start_batch * self.batch_size)
+
+
+def dealing_digest(files: List[str], shuffle: bool) -> str:
+    """A fingerprint of how `EpochSampler` deals `files` (in this order, reshuffled every epoch
+    or not): a run resumed mid-epoch continues the epoch's dealing only while it matches."""
+    return hashlib.sha256(json.dumps([shuffle, files]).encode()).hexdigest()[:16]
 
 
 class AudioDataset(torch.utils.data.Dataset):

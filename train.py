@@ -41,8 +41,8 @@ from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, 
                          release_parameters, release_state_dict, save_checkpoint_set, saved_config_differences,
                          steps_on_disk)
 from config import RUN_NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, run_cli, save_config
-from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, encoder_input, read_filelist,
-                     spectral_targets, trim_for_validation)
+from dataset import (AudioDataset, DataCheckCache, EpochSampler, check_audio_files, dealing_digest, encoder_input,
+                     read_filelist, spectral_targets, trim_for_validation)
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from distill import Distiller, load_teacher
 from metrics import compute_metrics
@@ -366,8 +366,10 @@ class Trainer:
         self.scheduler_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, h.lr_decay)
         self.steps, self.last_epoch = 0, -1
         self.distiller = Distiller(h, self.encoder, self.decoder, device, teacher) if h.kd_teacher_encoder else None
-        # Batches of the current epoch already trained on.
+        # Batches of the current epoch already trained on, and how the epochs deal the files
+        # (`dataset.dealing_digest`; None where no data loader was built).
         self.position = 0
+        self.dealing: Optional[str] = None
         # Steps of the checkpoint files on disk that a resume passed over (unreadable or
         # incomplete) and that no run has written again since; saved with each set, so that
         # later resumes keep knowing them.
@@ -439,8 +441,9 @@ class Trainer:
             raise ValueError(f"{path} describes another network than this config ({listed}): resume with the run's "
                              f"own values, or give a new checkpoint_path")
 
-    def resume(self) -> None:
-        """Load the newest checkpoint set that reads back whole.
+    def resume(self, dealing: Optional[str] = None) -> None:
+        """Load the newest checkpoint set that reads back whole; `dealing` is how this run's
+        epochs deal the training files (`dataset.dealing_digest`).
 
         A set written here resumes exactly: the epoch, the position in it, the schedulers and
         the random states come back, so N steps, a stop and N more equal 2N steps in one run.
@@ -448,6 +451,7 @@ class Trainer:
         step + 1, restart the saved epoch, rebuild the schedulers from the epoch.
         """
         folder = self.h.checkpoint_path
+        self.dealing = dealing
         # Every rank reads the set; rank 0 alone says what it passed over.
         found = load_newest_set(folder, self.device, say)
         if distributed():
@@ -491,6 +495,11 @@ class Trainer:
             if "code_counts" in state and is_main_process():
                 self.code_counts.copy_(state["code_counts"])
             self.position = self._resumed_position(state)
+            saved = state.get("dealing")
+            if self.position and None not in (saved, dealing) and saved != dealing:
+                say(f"note: the training list or shuffle_every_epoch changed since this set was saved: the rest "
+                    f"of epoch {state['epoch'] + 1} is dealt in the new order, so some of its files may be trained "
+                    f"on twice or not at all in this epoch")
         else:
             # As the release does: schedulers built at the saved epoch (older torch versions
             # decayed the loaded learning rate once more here; recent ones keep it).
@@ -552,6 +561,7 @@ class Trainer:
                  "steps": step, "epoch": epoch,
                  # Not in the release's files: what an exact resume needs beyond them.
                  "position": self.position, "epoch_items": self.position * self._items_per_step(),
+                 "dealing": self.dealing,
                  "scheduler_g": self.scheduler_g.state_dict(),
                  "scheduler_d": self.scheduler_d.state_dict(), "random_states": random_states(),
                  "nonfinite_total": self.nonfinite.total, "nonfinite_streak": self.nonfinite.streak,
@@ -982,7 +992,7 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
     torch.backends.cudnn.benchmark = True
     train_loader, valid_loader = build_loaders(h, rank, world_size)
     trainer = Trainer(h, device, teacher)
-    trainer.resume()
+    trainer.resume(dealing_digest(train_loader.dataset.files, h.shuffle_every_epoch))
     # Written once the checkpoints have loaded into this config's network: the config beside
     # them must keep describing them (inference builds the network of checkpoints that do not
     # record it from this file).
@@ -1047,8 +1057,12 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
     last_saved = trainer.steps - 1
     for epoch in range(start_epoch, h.training_epochs):
         epoch_start = time.time()
-        say(f"Epoch: {epoch + 1}")
         train_loader.sampler.set_epoch(epoch, trainer.position)
+        # A set saved at an epoch's last step resumes with none of its batches left: the epoch
+        # is only closed below (the learning rate decays), not announced as an empty one.
+        announced = len(train_loader.sampler) > 0
+        if announced:
+            say(f"Epoch: {epoch + 1}")
         for audio in train_loader:
             step_start = time.time()
             terms = trainer.train_step(audio, want_norms=trainer.steps % h.summary_interval == 0)
@@ -1083,7 +1097,8 @@ def run_epochs(trainer: Trainer, start_epoch: int, train_loader: DataLoader, val
             trainer.scheduler_g.step()
             trainer.scheduler_d.step()
         trainer.position = 0
-        say(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
+        if announced:
+            say(f"Time taken for epoch {epoch + 1} is {time.time() - epoch_start:.1f} s")
     # Keep the final weights even when the run ends between checkpoint intervals, and mark the
     # run finished even when its last step was just saved (that set is written again), also
     # when a run stopped between that save and this one has had no step left to train: the

@@ -52,7 +52,7 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     do = torch.load(os.path.join(h.checkpoint_path, "do_00000003"), weights_only=False)
     # The release's entries, plus what an exact resume needs.
     assert set(do) == {"mpd", "mrd", "optim_g", "optim_d", "steps", "epoch",
-                       "position", "epoch_items", "scheduler_g", "scheduler_d", "random_states", "nonfinite_total",
+                       "position", "epoch_items", "dealing", "scheduler_g", "scheduler_d", "random_states", "nonfinite_total",
                        "nonfinite_streak", "code_counts", "passed_over"}
     assert do["steps"] == 3 and do["epoch"] == 2 and do["position"] == 0 and do["epoch_items"] == 0
     assert len(do["optim_g"]["state"]) == len(list(first.encoder.parameters())) + len(list(first.decoder.parameters()))
@@ -485,7 +485,7 @@ def test_causal_run_trains_and_its_checkpoints_load_as_causal(tmp_path, one_thre
 
 @pytest.mark.parametrize("workers, dropout, validation_interval", [(0, 0.0, 100), (1, 0.0, 100), (0, 0.5, 100),
                                                                   (0, 0.5, 3)])
-def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, workers, dropout, validation_interval):
+def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, capsys, workers, dropout, validation_interval):
     """The set saved at step 3 (the end of epoch 1) of an uninterrupted 6-step run, resumed in
     a new run, ends with the same weights and optimizer states, bit for bit (crops do not
     depend on the data workers). Quantizer dropout draws from the global generator, so the
@@ -501,8 +501,13 @@ def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, workers, dropo
     for kind in ("encoder", "decoder", "do"):
         shutil.copy(os.path.join(h.checkpoint_path, f"{kind}_00000003"), resumed)
     h2 = _setup(tmp_path / "b", checkpoint_path=str(resumed), **settings)
+    capsys.readouterr()
     second = train.train(h2, torch.device("cpu"))
     assert second.steps == 6
+    # Epoch 2 ended with the saved step: it is closed, not announced again as an empty epoch.
+    out = capsys.readouterr().out
+    assert "batch 2 of the epoch" in out and "Epoch: 3" in out
+    assert "Epoch: 2" not in out and "for epoch 2" not in out
     for kind in ("encoder", "decoder", "do"):
         a = torch.load(os.path.join(h.checkpoint_path, f"{kind}_00000005"), weights_only=False)
         b = torch.load(os.path.join(resumed, f"{kind}_00000005"), weights_only=False)
@@ -516,6 +521,30 @@ def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, workers, dropo
                     for key, tensor in slot.items():
                         assert torch.equal(tensor, b[name]["state"][index][key]), (name, index, key)
                 assert a[name]["param_groups"][0]["lr"] == b[name]["param_groups"][0]["lr"]
+
+
+def test_a_resume_mid_epoch_says_when_the_epochs_files_are_dealt_anew(tmp_path, capsys):
+    """max_steps 3 stops after the first of epoch 2's two steps. Resumed with the same list
+    and order, the epoch goes on silently; with another list, or reshuffled every epoch, the
+    rest of the epoch comes from the new order, and a line says so."""
+    settings = dict(max_steps=3, checkpoint_interval=100, validation_interval=100)
+    h = _setup(tmp_path / "a", **settings)
+    train.train(h, torch.device("cpu"))
+    do = torch.load(os.path.join(h.checkpoint_path, "do_00000002"), weights_only=False)
+    assert do["position"] == 1 and do["dealing"] is not None
+    stopped = {kind: (tmp_path / "a" / "cp" / f"{kind}_00000002").read_bytes() for kind in ("encoder", "decoder", "do")}
+    reordered = tmp_path / "a" / "reordered.txt"
+    names = [line for line in (tmp_path / "a" / "train.txt").read_text().splitlines() if line.startswith("wavs/")]
+    reordered.write_text("\n".join(reversed(names)) + "\n")
+    for i, (changes, noted) in enumerate(((dict(), False), (dict(shuffle_every_epoch=True), True),
+                                          (dict(input_training_wav_list=str(reordered)), True))):
+        folder = tmp_path / f"resumed{i}"
+        folder.mkdir()
+        for kind, data in stopped.items():
+            (folder / f"{kind}_00000002").write_bytes(data)
+        capsys.readouterr()
+        train.train(make_config(**dict(h, max_steps=0, checkpoint_path=str(folder), **changes)), torch.device("cpu"))
+        assert ("some of its files may be trained on twice" in capsys.readouterr().out) == noted, changes
 
 
 def test_a_resume_keeps_the_runs_seed(tmp_path, capsys):
