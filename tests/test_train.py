@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import train
 from conftest import ROOT, TINY, make_config, tone, write_tone
 from checkpoints import checkpoint_steps, complete_steps, load_release_state_dict, newest_complete_step
-from config import save_config
+from config import KEYS, save_config
 from models import Encoder
 
 
@@ -235,6 +235,14 @@ def test_gpu_random_state_is_this_process_device_s(monkeypatch):
     train.set_random_states(states)
     train.set_random_states(dict(states, cuda=device_states))
     assert [int(s) for s in restored] == [1, 0]
+
+
+def test_the_documented_read_back_interval_is_the_one_training_uses():
+    """fused_adamw's help and the README promise a read-back at least every N steps."""
+    promise = f"at least every {train.READ_BACK_STEPS} steps"
+    assert promise in KEYS["fused_adamw"].help
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert promise in f.read()
 
 
 # Read each step; deferred to logging steps with fused AdamW, which skips an update on the
