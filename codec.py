@@ -33,7 +33,7 @@ from config import AttrDict
 from dataset import sound_file
 from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
-from spectral import amp_pha_spectrum, analysis_length, pad_for_analysis
+from spectral import amp_pha_spectrum, analysis_frames, pad_for_analysis
 from streaming import causal_analysis, causal_decode, stream_roundtrip
 from streaming import latent_frames as causal_latent_frames
 from utils import atomic_write, pick_device
@@ -118,7 +118,7 @@ def latent_frames(length: int, h: AttrDict) -> int:
     """Latent frames T' that `codec_roundtrip` gives for `length` samples."""
     if h.causal:
         return causal_latent_frames(length, h)
-    return -(-(analysis_length(length, h.n_fft, h.hop_size) // h.hop_size + 1) // h.ratio)
+    return -(-analysis_frames(length, h.n_fft, h.hop_size) // h.ratio)
 
 
 # ---------------------------------------------------------------------------------------

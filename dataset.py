@@ -18,7 +18,7 @@ import torch.utils.data
 from tqdm import tqdm
 
 from config import AttrDict
-from spectral import amp_pha_spectrum, mel_from_spectrum, min_analysis_length
+from spectral import amp_pha_spectrum, analysis_frames, mel_from_spectrum, min_analysis_length
 from utils import atomic_write, first_line
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -297,8 +297,7 @@ def trim_for_validation(audio: torch.Tensor, hop_size: int, ratio: int, n_fft: i
     shortest = min_analysis_length(n_fft, hop_size)
     if length >= shortest:
         return audio[..., :length]
-    frames = -(-max(audio.size(-1), shortest) // hop_size) + 1
-    frames = -(-frames // ratio) * ratio
+    frames = -(-analysis_frames(audio.size(-1), n_fft, hop_size) // ratio) * ratio
     return F.pad(audio, (0, (frames - 1) * hop_size - audio.size(-1)))
 
 

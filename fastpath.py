@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from config import AttrDict
 from models import Branch, ConvNeXtBlock, Decoder, Encoder
-from spectral import OverlapAdd, centred, log_amplitude_and_phase, pad_for_analysis, stft_rows
+from spectral import OverlapAdd, analysis_frames, centred, log_amplitude_and_phase, pad_for_analysis, stft_rows
 from utils import compile_problem
 
 PRECISIONS = ("float32", "bfloat16", "int8")
@@ -713,7 +713,7 @@ class FastGenerator:
         the samples [start, end) whose frames count toward the returned sums."""
         h, m = self.h, self.margin
         padded = [centred(pad_for_analysis(a.float(), h.n_fft, h.hop_size), h.n_fft) for a in audio]
-        lengths = [(p.numel() - h.n_fft) // h.hop_size + 1 for p in padded]
+        lengths = [analysis_frames(a.numel(), h.n_fft, h.hop_size) for a in audio]
         frames = max(lengths)
         logamp = margined(len(audio), frames, h.n_fft // 2 + 1, m, self.device)
         phase = margined(len(audio), frames, h.n_fft // 2 + 1, m, self.device)

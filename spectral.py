@@ -206,6 +206,11 @@ def analysis_length(length: int, n_fft: int, hop_size: int) -> int:
     return max(-(-length // hop_size) * hop_size, min_analysis_length(n_fft, hop_size))
 
 
+def analysis_frames(length: int, n_fft: int, hop_size: int) -> int:
+    """Frames T of `stft` of `length` samples once `pad_for_analysis` has padded them."""
+    return analysis_length(length, n_fft, hop_size) // hop_size + 1
+
+
 def pad_for_analysis(audio: torch.Tensor, n_fft: int, hop_size: int) -> torch.Tensor:
     """Zero-pad (..., L) at the end to whole hops, and to `min_analysis_length` for very short clips.
 

@@ -253,3 +253,11 @@ def test_empty_mel_bands_counts_the_filters_that_cover_no_bin():
     basis = librosa.filters.mel(sr=48000, n_fft=1024, n_mels=200)
     assert spectral.empty_mel_bands(48000, 1024, 200) == int((basis.sum(axis=1) == 0).sum()) > 0
     assert spectral.empty_mel_bands(48000, 1024, 1000) > spectral.empty_mel_bands(48000, 1024, 200)
+
+
+@pytest.mark.parametrize("n_fft, hop", [(1024, 40), (64, 16), (320, 40)])
+def test_analysis_frames_counts_the_stft_frames_of_the_padded_clip(n_fft, hop):
+    for length in list(range(1, 400, 3)) + [4321]:
+        padded = spectral.pad_for_analysis(torch.zeros(1, length), n_fft, hop)
+        frames = spectral.stft(padded, n_fft, hop, n_fft).size(-1)
+        assert spectral.analysis_frames(length, n_fft, hop) == frames, length
