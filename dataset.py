@@ -357,8 +357,12 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def dealing_digest(files: List[str], shuffle: bool) -> str:
     """A fingerprint of how `EpochSampler` deals `files` (in this order, reshuffled every epoch
-    or not): a run resumed mid-epoch continues the epoch's dealing only while it matches."""
-    return hashlib.sha256(json.dumps([shuffle, files]).encode()).hexdigest()[:16]
+    or not): a run resumed mid-epoch continues the epoch's dealing only while it matches.
+    Paths count from their common folder, so a dataset moved whole (another mount) matches."""
+    absolute = [os.path.abspath(f) for f in files]
+    root = os.path.commonpath([os.path.dirname(f) for f in absolute])
+    relative = [os.path.relpath(f, root) for f in absolute]
+    return hashlib.sha256(json.dumps([shuffle, relative]).encode()).hexdigest()[:16]
 
 
 class AudioDataset(torch.utils.data.Dataset):

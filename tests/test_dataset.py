@@ -10,8 +10,8 @@ import torch
 
 import dataset
 from conftest import TINY, make_config, tone, write_tone
-from dataset import (AudioDataset, DataCheckCache, EpochSampler, audio_problem, check_audio_files, find_audio_files,
-                     header_problem, load_audio, read_filelist, trim_for_validation)
+from dataset import (AudioDataset, DataCheckCache, EpochSampler, audio_problem, check_audio_files, dealing_digest,
+                     find_audio_files, header_problem, load_audio, read_filelist, trim_for_validation)
 
 
 def test_filelist_format(tmp_path, monkeypatch):
@@ -346,3 +346,12 @@ def test_training_targets_and_encoder_inputs_are_the_analyses_of_the_audio(tiny_
     streamed = amp_pha_spectrum(audio, h.n_fft, h.hop_size, h.win_size, pad="zeros")[:2]
     for got, expected, reflected in zip(dataset.encoder_input(audio, ref, causal), streamed, (ref["logamp"], ref["pha"])):
         assert torch.equal(got, expected) and not torch.allclose(got[..., 0], reflected[..., 0])
+
+
+def test_the_dealing_digest_follows_order_and_shuffling_not_where_the_dataset_lies():
+    files = ["/data/a/x.wav", "/data/a/y.wav", "/data/b/z.wav"]
+    digest = dealing_digest(files, False)
+    assert dealing_digest([f.replace("/data", "/mnt/copy") for f in files], False) == digest
+    assert dealing_digest(files[::-1], False) != digest
+    assert dealing_digest(files[:2], False) != digest
+    assert dealing_digest(files, True) != digest
