@@ -6,6 +6,7 @@ A checkpoint set of step N in `checkpoint_path` is three files, as the release w
 adds what an exact resume needs (see `train.Trainer.save`). State dicts on disk use the
 release's key names and order, with weight norm in the old `weight_g` / `weight_v` form.
 """
+import errno
 import glob
 import os
 import pickle
@@ -180,6 +181,12 @@ def _numpy_arrays_allowed() -> ContextManager:
     return allow(_NUMPY_ARRAY_GLOBALS) if allow else nullcontext()
 
 
+# Errors of the file system (permissions, a failing disk, a lost network mount), not of the
+# file read: the file may well be whole.
+FILE_SYSTEM_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENOTCONN,
+                                errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH})
+
+
 def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -> Dict[str, Any]:
     """A checkpoint dict; each of `keys` must be in it.
 
@@ -193,6 +200,9 @@ def load_checkpoint(path: str, device: torch.device, keys: Sequence[str] = ()) -
     except pickle.UnpicklingError as e:
         raise ValueError(f"cannot read checkpoint {path}: {_unpickling_problem(str(e))}") from None
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in FILE_SYSTEM_ERRNOS:
+            raise OSError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+        # Other OSErrors come from the file too (a truncated zip seeks before its start: EINVAL).
         raise ValueError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     for key in keys:
         if not isinstance(checkpoint, dict) or key not in checkpoint:
@@ -250,7 +260,8 @@ def load_newest_set(folder: str, device: torch.device, warn: Callable[[str], Non
 
     Newer sets with a member missing or unreadable (a run killed mid-save, a truncated
     file) are passed over with a one-line warning each, given to `warn`. None when no set
-    is usable.
+    is usable. A file-system error (`FILE_SYSTEM_ERRNOS`) stops instead: that set may well
+    be whole, and a run resumed from an older one would write over it.
     """
     complete = complete_steps(folder)
     newest_any = max(steps_on_disk(folder), default=None)
@@ -264,6 +275,9 @@ def load_newest_set(folder: str, device: torch.device, warn: Callable[[str], Non
                           for kind in KINDS}
         except ValueError as e:
             warn(f"warning: skipping checkpoint set {step}: {e}")
+        except OSError as e:
+            raise OSError(f"{e}; the set is not passed over as damaged: run again once it reads, or move "
+                          f"it away to resume from an older one") from None
     return None
 
 

@@ -365,6 +365,11 @@ def dealing_digest(files: List[str], shuffle: bool) -> str:
     return hashlib.sha256(json.dumps([shuffle, relative]).encode()).hexdigest()[:16]
 
 
+# How many files after one that no longer reads a training item tries: a few damaged files
+# are skipped, but a dataset that has gone (an unmounted disk) stops the run.
+SUBSTITUTES = 10
+
+
 class AudioDataset(torch.utils.data.Dataset):
     """Waveforms (L,) from a file list: random `segment_size` crops for training (short clips
     zero-padded at the end), or whole utterances for validation.
@@ -385,15 +390,36 @@ class AudioDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, key: Union[Tuple[int, int], int]) -> torch.Tensor:
-        h = self.h
+        """A training crop (segment_size,), or a whole validation utterance (L,).
+
+        The start-up check read every file, but one can be removed or damaged later in the
+        run: a training item then takes the next readable file of the list, and a validation
+        item is empty (left out); each says so in a line.
+        """
         if not self.train:
-            return torch.from_numpy(load_audio(self.files[key], h.sampling_rate))
+            try:
+                return torch.from_numpy(load_audio(self.files[key], self.h.sampling_rate))
+            except ValueError as e:
+                print(f"warning: validation leaves out a file that no longer reads: {e}", file=sys.stderr)
+                return torch.zeros(0)
         epoch, index = key
-        draw = random.Random(f"{h.seed}-{epoch}-{index}")
-        crop = self._read_crop(self.files[index], draw)
+        for offset in range(SUBSTITUTES + 1):
+            path = self.files[(index + offset) % len(self.files)]
+            try:
+                return self._training_crop(path, random.Random(f"{self.h.seed}-{epoch}-{index}"))
+            except ValueError as e:
+                print(f"warning: training takes the next file of the list in place of one that no longer reads: "
+                      f"{e}", file=sys.stderr)
+        raise ValueError(f"{SUBSTITUTES + 1} training files in a row no longer read, the last {path}: "
+                         f"is the dataset still where it was at start-up?")
+
+    def _training_crop(self, path: str, draw: random.Random) -> torch.Tensor:
+        """A random `segment_size` crop of `path` (zero-padded when shorter)."""
+        h = self.h
+        crop = self._read_crop(path, draw)
         if crop is not None:
             return crop
-        audio = torch.from_numpy(load_audio(self.files[index], h.sampling_rate))
+        audio = torch.from_numpy(load_audio(path, h.sampling_rate))
         if audio.numel() >= h.segment_size:
             start = draw.randint(0, audio.numel() - h.segment_size)
             return audio[start:start + h.segment_size]

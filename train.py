@@ -37,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import losses
 from checkpoints import (checkpoint_file, checkpoint_set_bytes, complete_steps, load_newest_set,
-                         load_release_state_dict, network_record, newest_complete_step, prune_checkpoints,
+                         load_release_state_dict, network_record, prune_checkpoints,
                          release_parameters, release_state_dict, save_checkpoint_set, saved_config_differences,
                          steps_on_disk)
 from config import RUN_NETWORK_KEYS, AttrDict, bitrate, build_config, make_parser, run_cli, save_config
@@ -731,6 +731,8 @@ class Trainer:
         totals: Dict[str, float] = {}
         counts: Dict[str, int] = {}
         for j, audio in enumerate(loader):
+            if audio.numel() == 0:
+                continue  # a file that no longer reads (the dataset said which)
             length = audio.size(-1)
             audio = trim_for_validation(audio, h.hop_size, h.ratio, h.n_fft).to(self.device)
             ref, gen = self.codec(audio)
@@ -956,7 +958,8 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
             log_summary(writer, trainer, terms, health)
         if validating:
             means = trainer.validate(valid_loader, writer)
-            print(f"Validation at step {steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+            print(f"Validation at step {steps}: "
+                  + (", ".join(f"{k} {v:.3f}" for k, v in means.items()) or "no file of the list read"))
     if saved or validating:
         wait_for_rank0()
     return saved
@@ -1021,7 +1024,8 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
         try:
             run_epochs(trainer, start_epoch, train_loader, valid_loader, writer, request)
         except Exception:
-            last = newest_complete_step(h.checkpoint_path, up_to=trainer.steps)
+            # Not a set that the resume passed over as unreadable.
+            last = max(set(complete_steps(h.checkpoint_path, up_to=trainer.steps)) - trainer.passed_over, default=None)
             where = checkpoint_file(h.checkpoint_path, "do", last) if last is not None else "none yet"
             say(f"Training failed at step {trainer.steps}; the last complete checkpoint set is {where}",
                 file=sys.stderr)

@@ -417,6 +417,24 @@ def test_newest_readable_set_is_found_and_broken_ones_are_named(tmp_path, tiny_h
     assert "training starts anew" in warnings[-1]
 
 
+def test_a_file_system_error_stops_the_resume_instead_of_passing_over_the_set(tmp_path, tiny_h, monkeypatch):
+    """An I/O error (a flaky mount) says nothing about the file: resuming from an older set
+    would later write over one that may be whole, so the search stops with one line."""
+    folder = str(tmp_path)
+    _write_sets(folder, [10, 20], tiny_h)
+    flaky = checkpoints.checkpoint_file(folder, "do", 20)
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if path == flaky:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_load(path, *args, **kwargs)
+    monkeypatch.setattr(checkpoints.torch, "load", load)
+    with pytest.raises(OSError, match=rf"cannot read checkpoint {re.escape(flaky)}: \[Errno 5\] Input/output error"
+                                      rf"; the set is not passed over as damaged: run again once it reads, or move it away"):
+        checkpoints.load_newest_set(folder, torch.device("cpu"), pytest.fail)
+
+
 def test_prune_keeps_the_newest_complete_sets(tmp_path, tiny_h):
     folder = str(tmp_path)
     _write_sets(folder, [1, 2, 3, 4], tiny_h)

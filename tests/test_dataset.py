@@ -1,6 +1,7 @@
 """File lists and their checks, audio loading, training crops and validation trimming."""
 import json
 import os
+import random
 import time
 
 import numpy as np
@@ -146,6 +147,35 @@ def test_short_validation_clip_is_zero_padded_to_the_shortest_valid_length(lengt
 def test_validation_dataset_returns_whole_clips(tmp_path, tiny_h):
     path = write_tone(str(tmp_path / "tiny.wav"), 0.01)
     assert AudioDataset([path], tiny_h, train=False)[0].shape == (480,)
+
+
+def test_a_file_that_no_longer_reads_gives_way_to_the_next_and_a_gone_dataset_stops(tmp_path, tiny_h, capsys):
+    """Removed or damaged after the start-up check: a training item takes the next readable
+    file of the list (with the crop its own key draws), a validation item is empty; each
+    says which file. When SUBSTITUTES + 1 files in a row fail, the item is an error."""
+    paths = [write_tone(str(tmp_path / f"{i}.wav"), 0.2, f0=200 + 50 * i, seed=i) for i in range(3)]
+    items = AudioDataset(paths, tiny_h, train=True)
+
+    def crop_of(path, epoch, index):
+        return items._training_crop(path, random.Random(f"{tiny_h.seed}-{epoch}-{index}"))
+
+    expected = {index: crop_of(paths[1], 5, index) for index in (0, 2)}
+    os.remove(paths[0])
+    with open(paths[2], "r+b") as f:
+        f.write(b"\0" * 64)
+    # Item 0 falls to file 1; item 2 to file 0, then file 1.
+    for index in (0, 2):
+        assert torch.equal(items[(5, index)], expected[index])
+    err = capsys.readouterr().err
+    assert f"no longer reads: cannot read audio file {paths[0]}" in err and f"audio file {paths[2]}" in err
+    assert AudioDataset(paths, tiny_h, train=False)[0].numel() == 0
+    assert f"validation leaves out a file that no longer reads: cannot read audio file {paths[0]}" in \
+        capsys.readouterr().err
+    gone = AudioDataset([str(tmp_path / f"gone{i}.wav") for i in range(dataset.SUBSTITUTES + 1)] + paths[1:2],
+                        tiny_h, train=True)
+    with pytest.raises(ValueError, match="11 training files in a row no longer read, the last .*gone10.wav: is the"):
+        gone[(0, 0)]
+    assert torch.equal(gone[(0, 1)], crop_of(paths[1], 0, 1))
 
 
 def _bad_files(folder):

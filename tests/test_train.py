@@ -1002,6 +1002,38 @@ def test_an_exception_says_where_the_last_complete_set_is(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert f"Training failed at step 2; the last complete checkpoint set is " \
            f"{os.path.join(h.checkpoint_path, 'do_00000001')}" in err
+    # Resumed, the run saves set 2 and fails at step 3. Set 2 damaged, the next resume passes
+    # over it, so a failure before it is written again names set 1.
+    _train_failing_at(h, monkeypatch, 3)
+    with open(os.path.join(h.checkpoint_path, "do_00000002"), "r+b") as f:
+        f.truncate(1000)
+    capsys.readouterr()
+    _train_failing_at(h, monkeypatch, 2)
+    out, err = capsys.readouterr()
+    assert "warning: skipping checkpoint set 2" in out
+    assert f"Training failed at step 2; the last complete checkpoint set is " \
+           f"{os.path.join(h.checkpoint_path, 'do_00000001')}" in err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_file_removed_mid_run_is_skipped_in_training_and_validation(tmp_path, monkeypatch, capfd, workers):
+    """clip0 (also the validation file) is removed after step 1: the run goes on to its end,
+    each skip is said, and validation reports that no file of its list read."""
+    h = _setup(tmp_path, training_epochs=3, checkpoint_interval=100, validation_interval=3, num_workers=workers)
+    real_step = train.Trainer.train_step
+
+    def removing_clip0(self, *args, **kwargs):
+        if self.steps == 1:
+            os.remove(tmp_path / "wavs" / "clip0.wav")
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(train.Trainer, "train_step", removing_clip0)
+    assert train.train(h, torch.device("cpu")).steps == 6
+    # capfd: data workers are other processes.
+    out, err = capfd.readouterr()
+    assert "Validation at step 3: no file of the list read" in out
+    assert "training takes the next file of the list in place of one that no longer reads" in err
+    assert "validation leaves out a file that no longer reads" in err and "clip0.wav" in err
+    assert newest_complete_step(h.checkpoint_path) == 5
 
 
 def test_a_run_stopped_just_before_its_final_save_is_marked_finished_on_restart(tmp_path, monkeypatch, capsys):
