@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from config import AttrDict
 from spectral import amp_pha_spectrum, analysis_frames, mel_from_spectrum, min_analysis_length
-from utils import atomic_write, first_line
+from utils import atomic_write, counted, first_line
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 # How often a long check of the data saves what it has found, so a run stopped during its
@@ -278,7 +278,7 @@ def check_audio_files(paths: List[str], list_path: str, segment_seconds: float, 
     short = sum(results[path][1] < segment_seconds for path in good)
     seconds = sum(results[p][1] for p in good)
     amount = f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
-    print(f"{list_path}: {len(good)} usable files ({amount}), "
+    print(f"{list_path}: {counted(len(good), 'usable file')} ({amount}), "
           f"{len(bad)} skipped" + (f", {short} shorter than a training segment (zero-padded)" if short else ""))
     return good
 

@@ -40,7 +40,7 @@ from metrics import (HIGHER_IS_BETTER, POWER_FLOOR, compute_metrics, log_power, 
                      optional_metrics, stft_consistency)
 from models import Decoder, Encoder
 from spectral import anti_wrapping
-from utils import atomic_write, first_line, pick_device, synchronize
+from utils import atomic_write, counted, first_line, pick_device, synchronize
 
 # Codecs may pad their output to whole frames; beyond this the pairing is probably wrong.
 MAX_LENGTH_MISMATCH_S = 0.1
@@ -324,7 +324,7 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"no file of {args.reference} has a match in {decoded_dir}")
     rows, extremes, unread = evaluate(pairs, h, args.speech, device)
     failed += unread
-    notes = [f"Evaluated {len(rows)} files of {args.reference} against {decoded_dir}."]
+    notes = [f"Evaluated {counted(len(rows), 'file')} of {args.reference} against {decoded_dir}."]
     if missing:
         notes.append(f"Missing from {decoded_dir} ({len(missing)}): {', '.join(missing)}")
     if extra:

@@ -47,7 +47,7 @@ from codec import BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, FILE_ERRORS, ST
 from config import AttrDict, make_parser, run_cli
 from dataset import AUDIO_EXTENSIONS, audio_index, header_problem
 from fastpath import PRECISIONS, kernels
-from utils import pick_device
+from utils import counted, pick_device
 
 MODES = ("resynth", "encode", "decode")
 
@@ -58,6 +58,9 @@ def check_inputs(files: Dict[str, str], location: str, failed: Optional[List[str
     when given). No usable input is an error."""
     if not files:
         raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {location}")
+    if os.path.isfile(location) and (problem := header_problem(location)):
+        # One file given, as a file list might be by mistake.
+        raise ValueError(f"{location}: {problem}; the input is an audio file or a folder of them")
     usable = {}
     for key, path in files.items():
         problem = header_problem(path)
@@ -137,7 +140,7 @@ def check_options(mode: str, n_codebooks: Optional[int], keep_model_rate: bool, 
         given = [name for name, value in (("--n_codebooks", n_codebooks), ("--chunk_seconds", chunk_seconds))
                  if value is not None] + (["--file_statistics"] if file_statistics else [])
         if given:
-            raise ValueError(f"{', '.join(given)} apply to encode and resynth; a codes file records what "
+            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to encode and resynth; a codes file records what "
                              f"decoding needs")
     if mode == "encode" and keep_model_rate:
         raise ValueError("--keep_model_rate applies when decoding (and to resynth): a codes file records the "
@@ -216,7 +219,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     wall = time.perf_counter() - start
     totals = {"files": listed - failed, "failed": failed, "audio_seconds": audio_seconds,
               "wall_seconds": wall, "rtf": wall / audio_seconds if audio_seconds else float("nan")}
-    print(f"{mode}: {totals['files']} files done, {failed} failed, {audio_seconds:.1f} s of audio, "
+    print(f"{mode}: {counted(totals['files'], 'file')} done, {failed} failed, {audio_seconds:.1f} s of audio, "
           f"{wall:.1f} s wall, RTF {totals['rtf']:.4f} ({codec.device.type}, {torch.get_num_threads()} threads) "
           f"-> {os.path.abspath(target)}")
     if failed:

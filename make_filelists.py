@@ -62,7 +62,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--mic", default="", help="keep only files whose name contains this, e.g. mic1")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.audio_dir):
-        sys.exit(f"error: no such folder: {args.audio_dir}")
+        sys.exit(f"error: {args.audio_dir} is a file, not a folder of audio files" if os.path.exists(args.audio_dir)
+                 else f"error: no such folder: {args.audio_dir}")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         sys.exit(f"error: --output_dir {args.output_dir} is a file, not a folder")
     if not 0 < args.valid_fraction < 1:

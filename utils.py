@@ -23,6 +23,11 @@ def rank_and_world_size() -> Tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 file', '2 files': a count with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def pick_device() -> torch.device:
     """CUDA when a GPU is visible, else the CPU (CUDA_VISIBLE_DEVICES= forces the CPU)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -375,7 +375,7 @@ def test_inference_decode_checks_every_file_before_writing(tmp_path, tiny_h, cap
     common = ["--checkpoint_file_load_Encoder", enc_path, "--checkpoint_file_load_Decoder", dec_path]
     inference.main(["--mode", "encode", "--test_input_wavs_dir", str(tmp_path / "a.wav"),
                     "--test_wav_output_dir", str(tmp_path / "codes")] + common)
-    assert "encode: 1 files done, 0 failed" in capsys.readouterr().out
+    assert "encode: 1 file done, 0 failed" in capsys.readouterr().out
     (tmp_path / "codes" / "z.apc").write_bytes((tmp_path / "codes" / "a.apc").read_bytes()[:-3])
     with pytest.raises(SystemExit) as info:
         inference.main(["--mode", "decode", "--test_input_wavs_dir", str(tmp_path / "codes"),

@@ -265,7 +265,7 @@ def test_unreadable_files_are_reported_the_rest_evaluated_and_the_run_fails(tmp_
                        "--output", str(tmp_path / "out"), "--config", CONFIG])
     out, err = capsys.readouterr()
     assert "bad.wav" in err and f"failed: {tmp_path / 'ref' / 'cut.wav'}: truncated" in err
-    assert "Evaluated 1 files of" in out
+    assert "Evaluated 1 file of" in out
     rows = read_csv(tmp_path / "out" / "metrics.csv")
     assert [row["file"] for row in rows] == ["good"]
     with open(tmp_path / "out" / "summary.json") as f:

@@ -158,6 +158,19 @@ def test_empty_folder_is_an_error(tmp_path, tiny_h):
     assert message.startswith("error: no audio files") and "empty" in message and "\n" not in message
 
 
+def test_a_file_list_given_as_the_input_is_one_clear_line(tmp_path, tiny_h, capsys):
+    listed = tmp_path / "train.txt"
+    listed.write_text("a.wav\nb.wav\n")
+    enc_path, dec_path = _save_random_codec(tiny_h, str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--test_input_wavs_dir", str(listed), "--checkpoint_file_load_Encoder", enc_path,
+                        "--checkpoint_file_load_Decoder", dec_path])
+    message = str(exit_info.value)
+    assert message.startswith(f"error: {listed}: unreadable") and "\n" not in message
+    assert message.endswith("the input is an audio file or a folder of them")
+    assert capsys.readouterr().err == ""
+
+
 def test_bad_inputs_are_named_the_rest_coded_and_the_run_fails(tmp_path, tiny_h, capsys):
     """Every input is checked before anything is written; bad ones are reported by path and
     reason, the good ones coded, and the exit status says that something failed."""
@@ -410,3 +423,16 @@ def test_an_output_folder_that_cannot_be_written_in_is_refused_before_coding(tmp
             inference.inference(tiny_h)
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(n_codebooks=2), "--n_codebooks applies to encode and resynth"),
+    (dict(n_codebooks=2, chunk_seconds=5.0, file_statistics=True),
+     "--n_codebooks, --chunk_seconds, --file_statistics apply to encode and resynth")])
+def test_decode_refuses_the_options_a_codes_file_already_records(options, message):
+    settings = dict(n_codebooks=None, keep_model_rate=False, chunk_seconds=None, stream_ms=None, batch_seconds=None,
+                    file_statistics=False)
+    settings.update(options)
+    with pytest.raises(ValueError, match=message):
+        inference.check_options("decode", **settings)
+    inference.check_options("resynth", **settings)

@@ -39,6 +39,7 @@ def test_random_split_is_seeded_and_disjoint(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["{tmp}/nowhere"], "no such folder"),
+                                           (["{tmp}/a.wav"], "a.wav is a file, not a folder of audio files"),
                                            (["{tmp}", "--valid_fraction", "1.5"], "--valid_fraction"),
                                            (["{tmp}", "--mic", "mic9"], "with 'mic9' in their names (--mic)"),
                                            (["{tmp}", "--output_dir", "{tmp}/a.wav"], "is a file, not a folder")])
