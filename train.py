@@ -765,6 +765,10 @@ class Trainer:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A batch scheduler signals every process of a job, and torchrun forwards the signal it gets
+# too, so each rank receives one stop twice, milliseconds apart: a repeat this soon is the same
+# request, not a second one.
+REPEAT_SECONDS = 2.0
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -777,15 +781,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
 @contextmanager
 def stop_requests() -> Iterator[Dict[str, int]]:
     """Catch SIGINT / SIGTERM as a request, {"signal": number}, that the loop acts on between
-    steps; a second signal stops at once."""
+    steps; a second signal, `REPEAT_SECONDS` or more after the first, stops at once."""
     request: Dict[str, int] = {}
+    first: List[float] = []
 
     def handle(signum: int, frame) -> None:
         if request:
+            if time.monotonic() - first[0] < REPEAT_SECONDS:
+                return
             name = signal.Signals(signum).name
             print(f"{name} again: stopping at once, without saving", file=sys.stderr)
             raise SystemExit(128 + signum)
         request["signal"] = signum
+        first.append(time.monotonic())
 
     previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
     try:

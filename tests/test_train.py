@@ -759,6 +759,46 @@ def test_torchrun_bad_input_is_said_once_without_tracebacks_from_the_other_ranks
     assert run.returncode != 0 and (run.stdout + run.stderr).count("error: --batch_size must be") == 1
 
 
+def _children(pid):
+    """The pids whose parent is `pid` (Linux's /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
+def test_torchrun_under_a_scheduler_saves_when_every_process_gets_the_stop(tmp_path):
+    """A batch scheduler signals every process of the job, and torchrun forwards its copy to the
+    ranks: each rank gets SIGTERM twice at once. That is one request, so rank 0 still saves."""
+    settings = dict(_clips(tmp_path, 4), batch_size=1, training_epochs=1000, checkpoint_path=str(tmp_path / "ddp"),
+                    checkpoint_interval=1000, stdout_interval=1)
+    save_config(make_config(**settings), str(tmp_path / "ddp.json"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", os.path.join(ROOT, "train.py"), "--config", str(tmp_path / "ddp.json")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in launcher.stdout:
+        if line.startswith("Steps 2:"):
+            ranks = _children(launcher.pid)
+            for pid in [launcher.pid] + ranks:
+                os.kill(pid, signal.SIGTERM)
+            break
+    out, err = launcher.communicate(timeout=120)
+    assert len(ranks) == 2
+    assert "again: stopping at once" not in err
+    stopped = [line for line in out.splitlines() if line.startswith("Stopped by SIGTERM after step ")]
+    assert len(stopped) == 1 and "checkpoint set saved" in stopped[0], out[-2000:] + err[-2000:]
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert checkpoint_steps(settings["checkpoint_path"], "do") == [step]
+
+
 def _batch(h):
     audio = torch.from_numpy(tone(h.segment_size / h.sampling_rate))[None].repeat(2, 1)
     audio[1] *= 0.5
@@ -1320,7 +1360,17 @@ def test_a_folder_that_cannot_be_locked_trains_unguarded_with_a_warning(tmp_path
     assert (tmp_path / "cp" / ".tmp_do_00000003x").exists()
 
 
-def test_a_second_stop_signal_stops_at_once_with_its_status(capsys):
+def test_a_stop_signal_repeated_at_once_is_one_request(capsys):
+    """Under a batch scheduler with torchrun, a rank gets the scheduler's signal and torchrun's copy."""
+    with train.stop_requests() as request:
+        for signum in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            os.kill(os.getpid(), signum)
+        assert request == {"signal": signal.SIGTERM}
+    assert capsys.readouterr().err == ""
+
+
+def test_a_second_stop_signal_stops_at_once_with_its_status(capsys, monkeypatch):
+    monkeypatch.setattr(train, "REPEAT_SECONDS", 0.0)
     with pytest.raises(SystemExit) as stop:
         with train.stop_requests() as request:
             os.kill(os.getpid(), signal.SIGTERM)
