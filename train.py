@@ -720,7 +720,8 @@ class Trainer:
 
         Each utterance is trimmed as the release trims it (`trim_for_validation`); metrics
         compare it with the output over the utterance's own samples. A metric that is
-        undefined for an utterance (the SNR of silence) is left out of that metric's mean.
+        undefined for an utterance (the SNR of silence) is left out of that metric's mean, and
+        an utterance that no longer reads or does not fit in GPU memory is left out (with a line).
         """
         h = self.h
         if self.step_graph is not None:
@@ -735,10 +736,20 @@ class Trainer:
                 continue  # a file that no longer reads (the dataset said which)
             length = audio.size(-1)
             audio = trim_for_validation(audio, h.hop_size, h.ratio, h.n_fft).to(self.device)
-            ref, gen = self.codec(audio)
-            values = {k: v.item() for k, v in losses.spectral_losses(ref, gen, h).items()}
-            n = min(length, audio.size(-1))
-            values.update(compute_metrics(audio[0, :n], gen["audio"][0, 0, :n], h))
+            try:
+                ref, gen = self.codec(audio)
+                values = {k: v.item() for k, v in losses.spectral_losses(ref, gen, h).items()}
+                n = min(length, audio.size(-1))
+                values.update(compute_metrics(audio[0, :n], gen["audio"][0, 0, :n], h))
+            except torch.cuda.OutOfMemoryError:
+                values = None
+            if values is None:
+                # One long utterance must not end the run (each validation would meet it again).
+                # The cache is emptied once the exception, which holds the tensors, is gone.
+                print(f"warning: validation leaves out {loader.dataset.files[j]}: its {length} samples do not fit "
+                      f"in GPU memory", file=sys.stderr)
+                torch.cuda.empty_cache()
+                continue
             for name, value in values.items():
                 if math.isfinite(value):
                     totals[name] = totals.get(name, 0.0) + value

@@ -1076,6 +1076,27 @@ def test_a_file_removed_mid_run_is_skipped_in_training_and_validation(tmp_path, 
     assert newest_complete_step(h.checkpoint_path) == 5
 
 
+def test_a_validation_utterance_too_long_for_gpu_memory_is_left_out(tmp_path, monkeypatch, capsys):
+    h = _setup(tmp_path, training_epochs=1, validation_interval=1)
+    (tmp_path / "valid.txt").write_text("wavs/clip3.wav\nwavs/clip0.wav\n")
+    real_codec = train.Trainer.codec
+    lengths = []
+
+    def codec(self, audio, *args, **kwargs):
+        if not self.encoder.training:
+            lengths.append(audio.size(-1))
+            if len(lengths) % 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_codec(self, audio, *args, **kwargs)
+    monkeypatch.setattr(train.Trainer, "codec", codec)
+    assert train.train(h, torch.device("cpu")).steps == 2
+    out, err = capsys.readouterr()
+    assert err.count(f"warning: validation leaves out {tmp_path / 'wavs' / 'clip3.wav'}: its 21600 samples do not "
+                     f"fit in GPU memory") == 2
+    assert out.count("Validation at step ") == 2 and re.search(r"Validation at step 1: \w+ \d+\.\d+, ", out)
+    assert len(lengths) == 4 and lengths[0] > lengths[1]
+
+
 def test_a_run_stopped_just_before_its_final_save_is_marked_finished_on_restart(tmp_path, monkeypatch, capsys):
     """The last step (3) is also an interval checkpoint: a run stopped after that save and
     before the final one has nothing left to train, and the restart still marks it finished."""
