@@ -360,9 +360,12 @@ def dealing_digest(files: List[str], shuffle: bool) -> str:
     or not): a run resumed mid-epoch continues the epoch's dealing only while it matches.
     Paths count from their common folder, so a dataset moved whole (another mount) matches."""
     absolute = [os.path.abspath(f) for f in files]
-    root = os.path.commonpath([os.path.dirname(f) for f in absolute])
-    relative = [os.path.relpath(f, root) for f in absolute]
-    return hashlib.sha256(json.dumps([shuffle, relative]).encode()).hexdigest()[:16]
+    try:
+        root = os.path.commonpath([os.path.dirname(f) for f in absolute])
+        named = [os.path.relpath(f, root) for f in absolute]
+    except ValueError:  # files on two Windows drives
+        named = absolute
+    return hashlib.sha256(json.dumps([shuffle, named]).encode()).hexdigest()[:16]
 
 
 # How many files after one that no longer reads a training item tries: a few damaged files

@@ -59,8 +59,9 @@ def check_inputs(files: Dict[str, str], location: str, failed: Optional[List[str
     if not files:
         raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {location}")
     if os.path.isfile(location) and (problem := header_problem(location)):
-        # One file given, as a file list might be by mistake.
-        raise ValueError(f"{location}: {problem}; the input is an audio file or a folder of them")
+        # One file given, perhaps a file list by mistake.
+        audio = location.lower().endswith(AUDIO_EXTENSIONS)
+        raise ValueError(f"{location}: {problem}" + ("" if audio else "; the input is an audio file or a folder of them"))
     usable = {}
     for key, path in files.items():
         problem = header_problem(path)

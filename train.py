@@ -367,9 +367,11 @@ class Trainer:
         self.steps, self.last_epoch = 0, -1
         self.distiller = Distiller(h, self.encoder, self.decoder, device, teacher) if h.kd_teacher_encoder else None
         # Batches of the current epoch already trained on, and how the epochs deal the files
-        # (`dataset.dealing_digest`; None where no data loader was built).
+        # (`dataset.dealing_digest`; None where no data loader was built), in this run and in
+        # the resumed set.
         self.position = 0
         self.dealing: Optional[str] = None
+        self.saved_dealing: Optional[str] = None
         # Steps of the checkpoint files on disk that a resume passed over (unreadable or
         # incomplete) and that no run has written again since; saved with each set, so that
         # later resumes keep knowing them.
@@ -495,11 +497,7 @@ class Trainer:
             if "code_counts" in state and is_main_process():
                 self.code_counts.copy_(state["code_counts"])
             self.position = self._resumed_position(state)
-            saved = state.get("dealing")
-            if self.position and None not in (saved, dealing) and saved != dealing:
-                say(f"note: the training list or shuffle_every_epoch changed since this set was saved: the rest "
-                    f"of epoch {state['epoch'] + 1} is dealt in the new order, so some of its files may be trained "
-                    f"on twice or not at all in this epoch")
+            self.saved_dealing = state.get("dealing")
         else:
             # As the release does: schedulers built at the saved epoch (older torch versions
             # decayed the loaded learning rate once more here; recent ones keep it).
@@ -777,8 +775,8 @@ class Trainer:
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # A batch scheduler signals every process of a job, and torchrun forwards the signal it gets
-# too, so each rank receives one stop twice, milliseconds apart: a repeat this soon is the same
-# request, not a second one.
+# too, so each rank receives one stop twice, milliseconds apart: the same signal again this
+# soon is the same request, not a second one.
 REPEAT_SECONDS = 2.0
 
 
@@ -792,13 +790,13 @@ def _ignore_stop_signals(worker_id: int) -> None:
 @contextmanager
 def stop_requests() -> Iterator[Dict[str, int]]:
     """Catch SIGINT / SIGTERM as a request, {"signal": number}, that the loop acts on between
-    steps; a second signal, `REPEAT_SECONDS` or more after the first, stops at once."""
+    steps; a second signal stops at once, unless it repeats the first within `REPEAT_SECONDS`."""
     request: Dict[str, int] = {}
     first: List[float] = []
 
     def handle(signum: int, frame) -> None:
         if request:
-            if time.monotonic() - first[0] < REPEAT_SECONDS:
+            if signum == request["signal"] and time.monotonic() - first[0] < REPEAT_SECONDS:
                 return
             name = signal.Signals(signum).name
             print(f"{name} again: stopping at once, without saving", file=sys.stderr)
@@ -978,7 +976,7 @@ def log_and_checkpoint(trainer: Trainer, terms: Dict[str, torch.Tensor], epoch: 
         if validating:
             means = trainer.validate(valid_loader, writer)
             print(f"Validation at step {steps}: "
-                  + (", ".join(f"{k} {v:.3f}" for k, v in means.items()) or "no file of the list read"))
+                  + (", ".join(f"{k} {v:.3f}" for k, v in means.items()) or "no utterance gave a finite value"))
     if saved or validating:
         wait_for_rank0()
     return saved
@@ -1035,6 +1033,12 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
         say(f"Nothing to train: the run in {h.checkpoint_path} has trained {trainer.steps} steps "
             f"(max_steps = {h.max_steps}); raise max_steps to continue")
         return trainer
+    train_loader.sampler.set_epoch(start_epoch, trainer.position)
+    if (trainer.position and len(train_loader.sampler)
+            and trainer.saved_dealing not in (None, trainer.dealing)):
+        say(f"note: the training list or shuffle_every_epoch changed since this set was saved: the rest of "
+            f"epoch {start_epoch + 1} is dealt in the new order, so some of its files may be trained on twice "
+            f"or not at all in this epoch")
     # TensorBoard hides what an earlier process logged from this step on: the steps that a
     # stopped or crashed run took after its last checkpoint are trained, and logged, again.
     writing = (SummaryWriter(os.path.join(h.checkpoint_path, "logs"), purge_step=trainer.steps)

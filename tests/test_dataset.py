@@ -378,10 +378,15 @@ def test_training_targets_and_encoder_inputs_are_the_analyses_of_the_audio(tiny_
         assert torch.equal(got, expected) and not torch.allclose(got[..., 0], reflected[..., 0])
 
 
-def test_the_dealing_digest_follows_order_and_shuffling_not_where_the_dataset_lies():
+def test_the_dealing_digest_follows_order_and_shuffling_not_where_the_dataset_lies(monkeypatch):
     files = ["/data/a/x.wav", "/data/a/y.wav", "/data/b/z.wav"]
     digest = dealing_digest(files, False)
     assert dealing_digest([f.replace("/data", "/mnt/copy") for f in files], False) == digest
     assert dealing_digest(files[::-1], False) != digest
     assert dealing_digest(files[:2], False) != digest
     assert dealing_digest(files, True) != digest
+
+    def two_drives(paths):
+        raise ValueError("Paths don't have the same drive")
+    monkeypatch.setattr(dataset.os.path, "commonpath", two_drives)
+    assert dealing_digest(files, False) != dealing_digest(files[::-1], False)

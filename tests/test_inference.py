@@ -169,6 +169,12 @@ def test_a_file_list_given_as_the_input_is_one_clear_line(tmp_path, tiny_h, caps
     assert message.startswith(f"error: {listed}: unreadable") and "\n" not in message
     assert message.endswith("the input is an audio file or a folder of them")
     assert capsys.readouterr().err == ""
+    damaged = tmp_path / "damaged.wav"
+    damaged.write_bytes(b"RIFF....WAVEfmt nonsense")
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--test_input_wavs_dir", str(damaged), "--checkpoint_file_load_Encoder", enc_path,
+                        "--checkpoint_file_load_Decoder", dec_path])
+    assert str(exit_info.value).startswith(f"error: {damaged}: unreadable (") and "folder" not in str(exit_info.value)
 
 
 def test_bad_inputs_are_named_the_rest_coded_and_the_run_fails(tmp_path, tiny_h, capsys):

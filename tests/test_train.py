@@ -531,28 +531,31 @@ def test_training_2n_steps_equals_n_steps_then_resuming(tmp_path, capsys, worker
                 assert a[name]["param_groups"][0]["lr"] == b[name]["param_groups"][0]["lr"]
 
 
-def test_a_resume_mid_epoch_says_when_the_epochs_files_are_dealt_anew(tmp_path, capsys):
-    """max_steps 3 stops after the first of epoch 2's two steps. Resumed with the same list
-    and order, the epoch goes on silently; with another list, or reshuffled every epoch, the
-    rest of the epoch comes from the new order, and a line says so."""
-    settings = dict(max_steps=3, checkpoint_interval=100, validation_interval=100)
-    h = _setup(tmp_path / "a", **settings)
+@pytest.mark.parametrize("max_steps, position", [(3, 1), (2, 2)])
+def test_a_resume_mid_epoch_says_when_the_epochs_files_are_dealt_anew(tmp_path, capsys, max_steps, position):
+    """Two steps an epoch: max_steps 3 stops after the first of epoch 2's steps. Resumed with
+    the same list and order, the epoch goes on silently; with another list, or reshuffled
+    every epoch, the rest of the epoch comes from the new order, and a line says so. Stopped
+    at epoch 1's end (max_steps 2), no file of that epoch is left to deal: no line."""
+    step = max_steps - 1
+    h = _setup(tmp_path / "a", max_steps=max_steps, checkpoint_interval=100, validation_interval=100)
     train.train(h, torch.device("cpu"))
-    do = torch.load(os.path.join(h.checkpoint_path, "do_00000002"), weights_only=False)
-    assert do["position"] == 1 and do["dealing"] is not None
-    stopped = {kind: (tmp_path / "a" / "cp" / f"{kind}_00000002").read_bytes() for kind in ("encoder", "decoder", "do")}
+    stopped = {kind: (tmp_path / "a" / "cp" / f"{kind}_{step:08d}").read_bytes() for kind in ("encoder", "decoder", "do")}
+    do = torch.load(os.path.join(h.checkpoint_path, f"do_{step:08d}"), weights_only=False)
+    assert do["position"] == position and do["dealing"] is not None
     reordered = tmp_path / "a" / "reordered.txt"
     names = [line for line in (tmp_path / "a" / "train.txt").read_text().splitlines() if line.startswith("wavs/")]
     reordered.write_text("\n".join(reversed(names)) + "\n")
-    for i, (changes, noted) in enumerate(((dict(), False), (dict(shuffle_every_epoch=True), True),
-                                          (dict(input_training_wav_list=str(reordered)), True))):
+    for i, (changes, changed) in enumerate(((dict(), False), (dict(shuffle_every_epoch=True), True),
+                                            (dict(input_training_wav_list=str(reordered)), True))):
         folder = tmp_path / f"resumed{i}"
         folder.mkdir()
         for kind, data in stopped.items():
-            (folder / f"{kind}_00000002").write_bytes(data)
+            (folder / f"{kind}_{step:08d}").write_bytes(data)
         capsys.readouterr()
         train.train(make_config(**dict(h, max_steps=0, checkpoint_path=str(folder), **changes)), torch.device("cpu"))
-        assert ("some of its files may be trained on twice" in capsys.readouterr().out) == noted, changes
+        noted = "some of its files may be trained on twice" in capsys.readouterr().out
+        assert noted == (changed and position == 1), changes
 
 
 def test_a_resume_keeps_the_runs_seed(tmp_path, capsys):
@@ -783,18 +786,18 @@ def test_torchrun_under_a_scheduler_saves_when_every_process_gets_the_stop(tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                  "2", os.path.join(ROOT, "train.py"), "--config", str(tmp_path / "ddp.json")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ranks = []
     for line in launcher.stdout:
         if line.startswith("Steps 2:"):
             ranks = _children(launcher.pid)
             for pid in [launcher.pid] + ranks:
                 os.kill(pid, signal.SIGTERM)
             break
-    out, err = launcher.communicate(timeout=120)
-    assert len(ranks) == 2
-    assert "again: stopping at once" not in err
+    out = launcher.communicate(timeout=120)[0]
+    assert len(ranks) == 2 and "again: stopping at once" not in out
     stopped = [line for line in out.splitlines() if line.startswith("Stopped by SIGTERM after step ")]
-    assert len(stopped) == 1 and "checkpoint set saved" in stopped[0], out[-2000:] + err[-2000:]
+    assert len(stopped) == 1 and "checkpoint set saved" in stopped[0], out[-3000:]
     step = int(stopped[0].split("after step ")[1].split(";")[0])
     assert checkpoint_steps(settings["checkpoint_path"], "do") == [step]
 
@@ -1070,7 +1073,7 @@ def test_a_file_removed_mid_run_is_skipped_in_training_and_validation(tmp_path, 
     assert train.train(h, torch.device("cpu")).steps == 6
     # capfd: data workers are other processes.
     out, err = capfd.readouterr()
-    assert "Validation at step 3: no file of the list read" in out
+    assert "Validation at step 3: no utterance gave a finite value" in out
     assert "training takes the next file of the list in place of one that no longer reads" in err
     assert "validation leaves out a file that no longer reads" in err and "clip0.wav" in err
     assert newest_complete_step(h.checkpoint_path) == 5
@@ -1382,12 +1385,17 @@ def test_a_folder_that_cannot_be_locked_trains_unguarded_with_a_warning(tmp_path
 
 
 def test_a_stop_signal_repeated_at_once_is_one_request(capsys):
-    """Under a batch scheduler with torchrun, a rank gets the scheduler's signal and torchrun's copy."""
-    with train.stop_requests() as request:
-        for signum in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
-            os.kill(os.getpid(), signum)
-        assert request == {"signal": signal.SIGTERM}
-    assert capsys.readouterr().err == ""
+    """Under a batch scheduler with torchrun, a rank gets the scheduler's signal and torchrun's
+    copy at once; another signal still stops at once."""
+    with pytest.raises(SystemExit) as stop:
+        with train.stop_requests() as request:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert request == {"signal": signal.SIGTERM}
+            assert capsys.readouterr().err == ""
+            os.kill(os.getpid(), signal.SIGINT)
+    assert stop.value.code == 128 + signal.SIGINT
+    assert "SIGINT again: stopping at once, without saving" in capsys.readouterr().err
 
 
 def test_a_second_stop_signal_stops_at_once_with_its_status(capsys, monkeypatch):
