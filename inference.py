@@ -60,8 +60,8 @@ def check_inputs(files: Dict[str, str], location: str, failed: Optional[List[str
         raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {location}")
     if os.path.isfile(location) and (problem := header_problem(location)):
         # One file given, perhaps a file list by mistake.
-        audio = location.lower().endswith(AUDIO_EXTENSIONS)
-        raise ValueError(f"{location}: {problem}" + ("" if audio else "; the input is an audio file or a folder of them"))
+        hint = "" if location.lower().endswith(AUDIO_EXTENSIONS) else "; the input is an audio file or a folder of them"
+        raise ValueError(f"{location}: {problem}{hint}")
     usable = {}
     for key, path in files.items():
         problem = header_problem(path)
@@ -141,8 +141,9 @@ def check_options(mode: str, n_codebooks: Optional[int], keep_model_rate: bool, 
         given = [name for name, value in (("--n_codebooks", n_codebooks), ("--chunk_seconds", chunk_seconds))
                  if value is not None] + (["--file_statistics"] if file_statistics else [])
         if given:
-            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to encode and resynth; a codes file records what "
-                             f"decoding needs")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} to encode and resynth; a codes file records what decoding "
+                             f"needs")
     if mode == "encode" and keep_model_rate:
         raise ValueError("--keep_model_rate applies when decoding (and to resynth): a codes file records the "
                          "input's rate, and --mode decode --keep_model_rate writes the model's")
