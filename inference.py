@@ -78,7 +78,8 @@ def check_inputs(files: Dict[str, str], location: str, failed: Optional[List[str
 
 def check_outputs(files: Dict[str, str], target: str, extension: str, option: str = "test_wav_output_dir") -> None:
     """A one-line error, naming the output folder's `option`, when the folder (or the nearest
-    folder above it that exists) is a file or cannot be written in, or when an output would
+    folder above it that exists) is a file or cannot be written in, when an output's place is
+    taken by a folder (or a file stands where its folder goes), or when an output would
     replace an input or, decoding codes files, the audio file beside a codes file (presumably
     its original): what an output folder that is, or lies inside, the input folder can do."""
     folder = os.path.abspath(target)
@@ -104,6 +105,13 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
     protected = inputs | originals
     for key in files:
         out = os.path.join(target, key + extension)
+        if os.path.isdir(out):
+            raise ValueError(f"{option}: {out} is a folder, where an output file goes")
+        above = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise ValueError(f"{option}: {above} is a file, where a folder of outputs goes")
         replaced = identity(out)
         if replaced is not None and replaced in protected:
             what = ("an input file" if replaced in inputs else

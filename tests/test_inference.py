@@ -331,6 +331,20 @@ def test_folders_on_two_windows_drives_are_not_inside_each_other(tmp_path, monke
     inference.check_outside(str(tmp_path / "out"), str(tmp_path), "test_wav_output_dir", "test_input_wavs_dir")
 
 
+def test_an_output_whose_place_a_folder_or_file_takes_is_refused_before_anything_is_written(tmp_path, tiny_h):
+    inputs = _setup_folder(tmp_path, tiny_h, {"a.wav": 0.05, "sub/b.wav": 0.06})
+    out = tmp_path / "out"
+    (out / "a.wav").mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"test_wav_output_dir: {re.escape(str(out / 'a.wav'))} is a folder, where an "
+                                         rf"output file goes"):
+        inference.inference(tiny_h)
+    (out / "a.wav").rmdir()
+    (out / "sub").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out / 'sub'))} is a file, where a folder of outputs goes"):
+        inference.inference(tiny_h)
+    assert os.listdir(out) == ["sub"] and len(os.listdir(inputs)) == 2
+
+
 def test_an_output_folder_that_is_the_input_folder_replaces_nothing(tmp_path, tiny_h):
     """Resynthesis into the input folder (or a folder inside it) would overwrite inputs, and
     decoding there the originals beside the codes files: both are refused before anything is
