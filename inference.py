@@ -82,9 +82,14 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
     taken by a folder (or a file stands where its folder goes), or when an output would
     replace an input or, decoding codes files, the audio file beside a codes file (presumably
     its original): what an output folder that is, or lies inside, the input folder can do."""
-    folder = os.path.abspath(target)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    def nearest_existing(path: str) -> str:
+        # The path, or the nearest folder above it that exists (an output folder is made as needed).
+        path = os.path.abspath(path)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        return path
+
+    folder = nearest_existing(target)
     if not os.path.isdir(folder):
         raise ValueError(f"{option}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -107,9 +112,7 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
         out = os.path.join(target, key + extension)
         if os.path.isdir(out):
             raise ValueError(f"{option}: {out} is a folder, where an output file goes")
-        above = os.path.dirname(os.path.abspath(out))
-        while not os.path.exists(above):
-            above = os.path.dirname(above)
+        above = nearest_existing(os.path.dirname(out))
         if not os.path.isdir(above):
             raise ValueError(f"{option}: {above} is a file, where a folder of outputs goes")
         replaced = identity(out)
