@@ -316,7 +316,8 @@ def expand(window: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, eps: fl
     sums of squares over the rows (B, hidden width). The weights are arguments, not constants,
     so that every block runs the same compiled code."""
     y = normalise(depthwise(window, taps, bias), eps)
-    hidden_rows = F.gelu(torch.addmm(product_bias, y.flatten(0, 1).to(weight_t.dtype), weight_t)).view(*y.shape[:2], -1)
+    hidden_rows = F.gelu(torch.addmm(product_bias, y.flatten(0, 1).to(weight_t.dtype), weight_t))
+    hidden_rows = hidden_rows.view(*y.shape[:2], -1)
     if inside is not None:
         hidden_rows = torch.where(inside, hidden_rows, 0)
     return hidden_rows, hidden_rows.float().square().sum(1)
