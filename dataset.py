@@ -7,7 +7,7 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import librosa
 import numpy as np
@@ -388,6 +388,8 @@ class AudioDataset(torch.utils.data.Dataset):
         self.files = files
         self.h = h
         self.train = train
+        # Paths already warned about: a bad file comes up every epoch, and one line is enough.
+        self.warned: Set[str] = set()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -397,13 +399,13 @@ class AudioDataset(torch.utils.data.Dataset):
 
         The start-up check read every file, but one can be removed or damaged later in the
         run: a training item then takes the next readable file of the list, and a validation
-        item is empty (left out); each says so in a line.
+        item is empty (left out); each says so in a line, once per file (and data worker).
         """
         if not self.train:
             try:
                 return torch.from_numpy(load_audio(self.files[key], self.h.sampling_rate))
             except ValueError as e:
-                print(f"warning: validation leaves out a file that no longer reads: {e}", file=sys.stderr)
+                self._warn(self.files[key], f"validation leaves out a file that no longer reads: {e}")
                 return torch.zeros(0)
         epoch, index = key
         for offset in range(SUBSTITUTES + 1):
@@ -411,10 +413,15 @@ class AudioDataset(torch.utils.data.Dataset):
             try:
                 return self._training_crop(path, random.Random(f"{self.h.seed}-{epoch}-{index}"))
             except ValueError as e:
-                print(f"warning: training takes the next file of the list in place of one that no longer reads: "
-                      f"{e}", file=sys.stderr)
+                self._warn(path, f"training takes the next file of the list in place of one that no longer reads: "
+                                 f"{e}")
         raise ValueError(f"{SUBSTITUTES + 1} training files in a row no longer read, the last {path}: "
                          f"is the dataset still where it was at start-up?")
+
+    def _warn(self, path: str, message: str) -> None:
+        if path not in self.warned:
+            self.warned.add(path)
+            print(f"warning: {message} (said once for this file)", file=sys.stderr)
 
     def _training_crop(self, path: str, draw: random.Random) -> torch.Tensor:
         """A random `segment_size` crop of `path` (zero-padded when shorter)."""

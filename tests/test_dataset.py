@@ -168,6 +168,9 @@ def test_a_file_that_no_longer_reads_gives_way_to_the_next_and_a_gone_dataset_st
         assert torch.equal(items[(5, index)], expected[index])
     err = capsys.readouterr().err
     assert f"no longer reads: cannot read audio file {paths[0]}" in err and f"audio file {paths[2]}" in err
+    # File 0 failed for both items and again next epoch, but is named once.
+    assert torch.equal(items[(6, 0)], crop_of(paths[1], 6, 0))
+    assert sum(paths[0] in line for line in err.splitlines()) == 1 and capsys.readouterr().err == ""
     assert AudioDataset(paths, tiny_h, train=False)[0].numel() == 0
     assert f"validation leaves out a file that no longer reads: cannot read audio file {paths[0]}" in \
         capsys.readouterr().err
