@@ -359,14 +359,16 @@ def _with_network(h: AttrDict, network: Dict[str, Any], origin: str, source: str
     return merged
 
 
-def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device
+def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: torch.device,
+                   advice: str = "pass the config they were trained with as --config"
                    ) -> Tuple[Encoder, Decoder, AttrDict]:
     """Encoder and decoder with the weights of two release-format checkpoints.
 
     Training records its config's network keys in the checkpoints and writes the config
     beside them. When those keys differ from `h`'s, the network is built from them (said in
     one line): from the record, else (checkpoints of earlier versions) from the config
-    beside; the returned config is the one that matches the weights.
+    beside; the returned config is the one that matches the weights. When the weights fit
+    no network known, the error ends with `advice`.
     """
     encoder_file = load_checkpoint(encoder_path, device, ["encoder"])
     decoder_file = load_checkpoint(decoder_path, device, ["decoder"])
@@ -390,6 +392,5 @@ def load_generator(h: AttrDict, encoder_path: str, decoder_path: str, device: to
         load_release_state_dict(encoder, encoder_file["encoder"], encoder_path)
         load_release_state_dict(decoder, decoder_file["decoder"], decoder_path)
     except ValueError as e:
-        raise ValueError(f"{e}: the network of {h.source} does not match these checkpoints; "
-                         f"pass the config they were trained with as --config") from None
+        raise ValueError(f"{e}: the network of {h.source} does not match these checkpoints; {advice}") from None
     return encoder, decoder, h

@@ -45,7 +45,13 @@ def load_teacher(h: AttrDict, device: torch.device) -> Tuple[Encoder, Decoder]:
                                     f"and kd_teacher_decoder to \"\" to train without distillation)")
     teacher_h = AttrDict(h, causal=False)
     teacher_h.source = h.source
-    encoder, decoder, used = load_generator(teacher_h, h.kd_teacher_encoder, h.kd_teacher_decoder, device)
+    try:
+        # The student's config is not the teacher's: the advice is to put the teacher's beside it.
+        encoder, decoder, used = load_generator(teacher_h, h.kd_teacher_encoder, h.kd_teacher_decoder, device,
+                                                advice="put the config.json the teacher was trained with "
+                                                       "beside its checkpoints")
+    except ValueError as e:
+        raise ValueError(f"config key 'kd_teacher_encoder': {e}") from None
     if used.causal:
         raise ValueError(f"config key 'kd_teacher_encoder': {h.kd_teacher_encoder} is a causal model; the teacher "
                          f"is a trained non-causal codec")

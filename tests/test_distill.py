@@ -83,7 +83,7 @@ def test_a_training_run_loads_its_teacher_once(teacher, monkeypatch):
     tmp_path, enc, dec = teacher
     loaded = []
     load = distill.load_generator
-    monkeypatch.setattr(distill, "load_generator", lambda h, *paths: loaded.append(paths) or load(h, *paths))
+    monkeypatch.setattr(distill, "load_generator", lambda h, *paths, **kw: loaded.append(paths) or load(h, *paths, **kw))
     h = _config(tmp_path, "once", causal=True, kd_teacher_encoder=enc, kd_teacher_decoder=dec, training_epochs=1)
     assert train.train(h, torch.device("cpu")).steps == 1
     assert loaded == [(enc, dec, torch.device("cpu"))]
@@ -135,4 +135,20 @@ def test_a_teacher_that_cannot_teach_the_student_is_refused_before_the_data_chec
     # The missing list shows that the teacher is checked first.
     with pytest.raises(ValueError if refused else FileNotFoundError,
                        match=f"config key 'kd_teacher_encoder': .*{refused}" if refused else "no_such_list"):
+        train.train(h, torch.device("cpu"))
+
+
+def test_a_teacher_of_another_size_without_its_config_is_named_with_the_remedy(tmp_path):
+    """Release-style teacher checkpoints (no network record) of another depth do not fit the
+    student's config: the error names the teacher's key and asks for the teacher's own config
+    beside its checkpoints (not a new --config, which would change the student)."""
+    from checkpoints import save_checkpoint
+    from models import Decoder, Encoder
+    teacher_h = make_config(**dict(TINY, convnext_layers=2))
+    enc, dec = str(tmp_path / "encoder"), str(tmp_path / "decoder")
+    save_checkpoint(enc, {"encoder": release_state_dict(Encoder(teacher_h))})
+    save_checkpoint(dec, {"decoder": release_state_dict(Decoder(teacher_h))})
+    h = _config(tmp_path, "student", causal=True, kd_teacher_encoder=enc, kd_teacher_decoder=dec)
+    with pytest.raises(ValueError, match=r"^config key 'kd_teacher_encoder': .*put the config.json the teacher "
+                                         r"was trained with beside its checkpoints$"):
         train.train(h, torch.device("cpu"))
