@@ -600,6 +600,13 @@ def check_arguments(h: AttrDict, args: argparse.Namespace) -> None:
         raise ValueError(f"--file_seconds times whole files in --suite inference (or all), not --suite {args.suite}")
     if args.stream_chunk_ms and not h.causal:
         raise ValueError(f"--stream_chunk_ms needs a causal config ('causal': true), not {h.source}")
+    if max(args.stream_chunk_ms, default=0) > codec.MAX_CHUNK_MS:
+        raise ValueError(f"--stream_chunk_ms takes at most {codec.MAX_CHUNK_MS:g} milliseconds, "
+                         f"got {max(args.stream_chunk_ms):g}")
+    if args.stream_chunk_ms and args.clip_seconds * h.sampling_rate < latency_samples(h):
+        # No push would complete a latent frame: there would be nothing to time.
+        raise ValueError(f"--clip_seconds {args.clip_seconds:g} is shorter than the stream's latency "
+                         f"({1000 * latency_samples(h) / h.sampling_rate:.2f} ms), so no latent frame completes")
 
 
 def run(h: AttrDict, args: argparse.Namespace) -> None:

@@ -34,7 +34,7 @@ from dataset import sound_file
 from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_precision
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, analysis_frames, pad_for_analysis
-from streaming import causal_analysis, causal_decode, stream_roundtrip
+from streaming import causal_analysis, causal_decode, require_causal, stream_roundtrip
 from streaming import latent_frames as causal_latent_frames
 from utils import atomic_write, pick_device
 
@@ -46,6 +46,7 @@ OVERLAP_SECONDS = 1.0
 CHUNK_SECONDS = 30.0        # default window stride of long inputs
 BATCH_SECONDS = 600.0       # padded audio per batch of short files (one forward pass on a GPU)
 STREAM_CHUNK_MS = 10.0      # default chunk of a stream
+MAX_CHUNK_MS = 60000.0
 BLOCK_SAMPLES = 1 << 16     # file read size
 # What coding one file can raise that fails that file alone (unreadable, bad content, out of
 # memory), so that the others go on.
@@ -155,9 +156,11 @@ _DERIVED = ("magic", "version", "n_codebooks", "channels", "frames", "crc32")
 
 def chunk_samples(chunk_ms: float, sampling_rate: int) -> int:
     """A stream's chunk of `chunk_ms` milliseconds in samples (at least one); a one-line error
-    naming --chunk_ms unless it is a positive number."""
-    if not (math.isfinite(chunk_ms) and chunk_ms > 0):
-        raise ValueError(f"--chunk_ms must be a positive number, got {chunk_ms}")
+    naming --chunk_ms unless it is a positive number of at most MAX_CHUNK_MS (a larger chunk
+    is not a stream, and is read into memory whole)."""
+    if not (math.isfinite(chunk_ms) and 0 < chunk_ms <= MAX_CHUNK_MS):
+        raise ValueError(f"--chunk_ms must be a positive number of at most {MAX_CHUNK_MS:g} (a minute), "
+                         f"got {chunk_ms}")
     return max(1, round(chunk_ms * sampling_rate / 1000))
 
 
@@ -510,9 +513,7 @@ class Codec:
         milliseconds (causal codecs; in float32 the output equals the offline pass up to float
         rounding)."""
         chunk = chunk_samples(chunk_ms, self.h.sampling_rate)
-        if not self.h.causal:
-            raise ValueError(f"--stream needs a causal codec ('causal': true); {self.h.source} describes the "
-                             f"paper's non-causal model")
+        require_causal(self.h)
         return chunk
 
     def _window_audio(self, blocks: Iterable[np.ndarray], rate: int, channels: int, model_length: int,

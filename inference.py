@@ -47,7 +47,7 @@ from codec import BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, FILE_ERRORS, ST
 from config import AttrDict, make_parser, run_cli
 from dataset import AUDIO_EXTENSIONS, audio_index, header_problem
 from fastpath import PRECISIONS, kernels
-from utils import counted, pick_device
+from utils import check_output_file, counted, nearest_existing, pick_device
 
 MODES = ("resynth", "encode", "decode")
 
@@ -82,13 +82,6 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
     taken by a folder (or a file stands where its folder goes), or when an output would
     replace an input or, decoding codes files, the audio file beside a codes file (presumably
     its original): what an output folder that is, or lies inside, the input folder can do."""
-    def nearest_existing(path: str) -> str:
-        # The path, or the nearest folder above it that exists (an output folder is made as needed).
-        path = os.path.abspath(path)
-        while not os.path.exists(path):
-            path = os.path.dirname(path)
-        return path
-
     folder = nearest_existing(target)
     if not os.path.isdir(folder):
         raise ValueError(f"{option}: {folder} is a file, not a folder")
@@ -110,11 +103,7 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
     protected = inputs | originals
     for key in files:
         out = os.path.join(target, key + extension)
-        if os.path.isdir(out):
-            raise ValueError(f"{option}: {out} is a folder, where an output file goes")
-        above = nearest_existing(os.path.dirname(out))
-        if not os.path.isdir(above):
-            raise ValueError(f"{option}: {above} is a file, where a folder of outputs goes")
+        check_output_file(out, option)
         replaced = identity(out)
         if replaced is not None and replaced in protected:
             what = ("an input file" if replaced in inputs else

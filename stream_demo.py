@@ -30,8 +30,8 @@ from codec import STREAM_CHUNK_MS, chunk_samples, load_codec
 from dataset import AUDIO_EXTENSIONS, sound_file
 from models import random_encoder_decoder
 from fastpath import PRECISIONS, kernels, resolve_precision
-from streaming import StreamingCodec, latency_samples
-from utils import atomic_write
+from streaming import StreamingCodec, latency_samples, require_causal
+from utils import atomic_write, check_output_file
 
 
 def read_chunks(source: str, h: AttrDict, chunk: int) -> Iterator[np.ndarray]:
@@ -97,10 +97,11 @@ def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Cal
         if reading:
             raise StopReading          # the next chunk may never come (a source that waits)
 
-    # Ctrl-C is how a live stream ends: the push under way finishes (the encoder may have
-    # taken its chunk already), or the wait for the next chunk ends (what it had read of
-    # that chunk is dropped); then the stream is flushed and everything coded is written.
-    previous = signal.signal(signal.SIGINT, request_stop)
+    # Ctrl-C (or SIGTERM, from `timeout`, `kill` or a service manager) is how a live stream
+    # ends: the push under way finishes (the encoder may have taken its chunk already), or the
+    # wait for the next chunk ends (what it had read of that chunk is dropped); then the
+    # stream is flushed and everything coded is written.
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     chunks = iter(chunks)
     try:
         with torch.inference_mode():
@@ -119,10 +120,12 @@ def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Cal
             except StopReading:
                 pass
             if stop:
-                print("Interrupted: the stream ends here, and what was coded so far is written", file=sys.stderr)
+                print(f"{signal.Signals(stop[0]).name}: the stream ends here, and what was coded so far is written",
+                      file=sys.stderr)
             write(codec.flush()[1][0].numpy())
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return timings
 
 
@@ -175,10 +178,11 @@ def demo(h: AttrDict, args: argparse.Namespace) -> None:
 
 
 def check_output(input_path: str, output_path: str) -> None:
-    """A one-line ValueError for an --output that would replace --input or that names an audio
-    format other than wav (anything else is written as raw PCM)."""
+    """A one-line ValueError for an --output that would replace --input, that names an audio
+    format other than wav (anything else is written as raw PCM), or where no file can be written."""
     if output_path == "-":
         return
+    check_output_file(output_path, "--output")
     if (input_path != "-" and os.path.exists(input_path) and os.path.exists(output_path)
             and os.path.samefile(input_path, output_path)):
         raise ValueError(f"--output {output_path} would replace --input; write elsewhere")
@@ -198,9 +202,7 @@ def _demo(h: AttrDict, args: argparse.Namespace, pcm: Optional[BinaryIO]) -> Non
     else:
         # The config beside the checkpoints, where training wrote one, describes their network.
         encoder, decoder, h = load_codec(h, None, None, torch.device("cpu"))
-    if not h.causal:
-        raise ValueError(f"streaming needs a causal codec ('causal': true); {h.source} describes the paper's "
-                         f"non-causal model (try --config configs/apcodec_s_48k.json)")
+    require_causal(h)
     chunk = chunk_samples(args.chunk_ms, h.sampling_rate)
     chunks = read_chunks(args.input, h, chunk)
     latency = latency_samples(h)

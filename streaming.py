@@ -31,8 +31,20 @@ from torch import nn
 from config import AttrDict
 from fastpath import (channel_scales, check_precision, folded_grn_bias, folded_norm_linear, normalise, polar_spectrum,
                       product_dtype, vnni)
-from models import Branch, ConvNeXtBlock, Decoder, Encoder
+from models import Branch, CausalConv1d, ConvNeXtBlock, Decoder, Encoder
 from spectral import amp_pha_spectrum, overlap_add, window_envelope
+
+
+def require_causal(h: AttrDict, *modules: nn.Module) -> None:
+    """A one-line ValueError unless `h`, and each Encoder / Decoder in `modules`, is causal: a
+    stream of the paper's non-causal model would run without error and decode wrongly."""
+    if not h.causal:
+        raise ValueError(f"streaming needs a causal codec ('causal': true); {h.source} describes the paper's "
+                         f"non-causal model (try --config configs/apcodec_s_48k.json)")
+    for module in modules:
+        if not isinstance(module.latent_conv, CausalConv1d):
+            raise ValueError(f"streaming needs a causal codec: {h.source} says 'causal': true, but the "
+                             f"{type(module).__name__.lower()} given was built non-causal")
 
 
 def window_extent(h: AttrDict) -> Tuple[int, int]:
@@ -292,6 +304,7 @@ class StreamingEncoder:
     """
 
     def __init__(self, encoder: Encoder, h: AttrDict, batch: int = 1, precision: str = "float32"):
+        require_causal(h, encoder)
         check_precision(precision, next(encoder.parameters()).device)
         self.h = h
         self.quantizer = encoder.quantizer
@@ -338,6 +351,7 @@ class StreamingDecoder:
     """Codes (B, n_codebooks, m) in, audio (B, n) out: every sample that no later frame will change."""
 
     def __init__(self, encoder: Encoder, decoder: Decoder, h: AttrDict, batch: int = 1, precision: str = "float32"):
+        require_causal(h, encoder, decoder)
         check_precision(precision, next(decoder.parameters()).device)
         self.h = h
         self.quantizer = encoder.quantizer
@@ -413,7 +427,8 @@ class StreamingCodec:
         self.ended = False
 
     def state_size(self) -> int:
-        """Numbers the stream keeps between pushes: constant, however long the stream."""
+        """Numbers the stream keeps between pushes: bounded, however long the stream (it varies a
+        little with the position in the current latent frame)."""
         return sum(t.numel() for t in self.encoder.state() + self.decoder.state())
 
     def push(self, audio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

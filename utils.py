@@ -66,6 +66,27 @@ def compile_problem(device: torch.device = torch.device("cpu")) -> Optional[str]
         return f"torch.compile is unavailable here ({type(e).__name__}: {first_line(e)[:120]})"
 
 
+def nearest_existing(path: str) -> str:
+    """`path`, or the nearest folder above it that exists (outputs make their folders as needed)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_file(path: str, option: str) -> None:
+    """A one-line ValueError naming `option` when no file can be written at `path`: a folder
+    takes its place, a file stands where a folder above it goes, or that folder is read-only.
+    Checked before the work, which would otherwise be lost when the output is renamed into place."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise ValueError(f"{option}: {path} is a folder, where an output file goes")
+    above = nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(above):
+        raise ValueError(f"{option}: {above} is a file, where a folder of outputs goes")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: cannot write in {above}")
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Call write(binary_file) on a temp file next to `path`, then rename it into place.
 

@@ -10,7 +10,7 @@ import torch
 
 import bench
 import fastpath
-from conftest import TINY, make_config
+from conftest import ROOT, TINY, make_config
 
 
 def test_configuration_names_set_the_speed_keys(tiny_h):
@@ -57,6 +57,18 @@ def test_bad_arguments_exit_in_one_line_before_measuring(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv + ["--steps", "0"])
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stream_chunk_ms", "1e9"], "--stream_chunk_ms takes at most 60000 milliseconds, got 1e+09"),
+    (["--stream_chunk_ms", "10", "--clip_seconds", "0.01"],
+     "--clip_seconds 0.01 is shorter than the stream's latency (12.48 ms), so no latent frame completes"),
+])
+def test_streams_that_could_time_nothing_exit_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv + ["--config", os.path.join(ROOT, "configs", "apcodec_s_48k.json"), "--steps", "0"])
+    assert message in str(exit_info.value)
     assert capsys.readouterr().out == ""
 
 

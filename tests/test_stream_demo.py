@@ -71,12 +71,16 @@ def test_non_causal_config_and_missing_input_exit_in_one_line(tmp_path, causal_c
     assert not (tmp_path / "o.wav").exists()
 
 
-def test_output_that_replaces_the_input_or_is_not_wav_is_refused(tmp_path, causal_config):
+def test_output_that_replaces_the_input_is_not_wav_or_cannot_be_a_file_is_refused(tmp_path, causal_config):
     _, config = causal_config
     source = write_tone(str(tmp_path / "in.wav"), 0.05)
     before = (tmp_path / "in.wav").read_bytes()
+    (tmp_path / "folder").mkdir()
     for output, problem in ((source, "would replace --input"), (str(tmp_path / "o.flac"), "not .flac"),
-                            (str(tmp_path / "o.OGG"), "not .ogg")):
+                            (str(tmp_path / "o.OGG"), "not .ogg"),
+                            (str(tmp_path / "folder"), "folder is a folder, where an output file goes"),
+                            (str(tmp_path / "new") + os.sep, "new/ is a folder, where an output file goes"),
+                            (os.path.join(source, "o.wav"), "in.wav is a file, where a folder of outputs goes")):
         with pytest.raises(SystemExit) as exit_info:
             stream_demo.main(["--config", config, "--input", source, "--output", output, "--random_weights"])
         assert problem in str(exit_info.value) and "\n" not in str(exit_info.value)
@@ -85,8 +89,8 @@ def test_output_that_replaces_the_input_or_is_not_wav_is_refused(tmp_path, causa
 
 
 def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monkeypatch, capsys):
-    """Ctrl-C is how a live stream ends: the push under way finishes, or the wait for the next
-    chunk ends, and the output is that of a stream of the chunks read so far."""
+    """Ctrl-C or SIGTERM is how a live stream ends: the push under way finishes, or the wait for
+    the next chunk ends, and the output is that of a stream of the chunks read so far."""
     _, config = causal_config
     chunk = 7 * 48000 // 1000
     rng = np.random.default_rng(1)
@@ -101,13 +105,13 @@ def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monk
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         return sf.read(str(tmp_path / name), dtype="int16")[0], capsys.readouterr().err
 
-    class CtrlCOnTheFifthPush(StreamingCodec):
+    class TerminatedOnTheFifthPush(StreamingCodec):
         pushes = 0
 
         def push(self, audio):
-            CtrlCOnTheFifthPush.pushes += 1
-            if CtrlCOnTheFifthPush.pushes == 5:
-                signal.raise_signal(signal.SIGINT)
+            TerminatedOnTheFifthPush.pushes += 1
+            if TerminatedOnTheFifthPush.pushes == 5:
+                signal.raise_signal(signal.SIGTERM)
             return super().push(audio)
 
     def source_that_waits():
@@ -119,10 +123,10 @@ def test_an_interrupted_stream_keeps_what_it_coded(tmp_path, causal_config, monk
     five, _ = streamed(iter(chunks[:5]), "five.wav")
     three, _ = streamed(iter(chunks[:3]), "three.wav")
     waiting, err = streamed(source_that_waits(), "waiting.wav")
-    assert "Interrupted" in err and waiting.size == 3 * chunk and np.array_equal(waiting, three)
-    monkeypatch.setattr(stream_demo, "StreamingCodec", CtrlCOnTheFifthPush)
+    assert "SIGINT: the stream ends here" in err and waiting.size == 3 * chunk and np.array_equal(waiting, three)
+    monkeypatch.setattr(stream_demo, "StreamingCodec", TerminatedOnTheFifthPush)
     live, err = streamed(iter(chunks), "live.wav")
-    assert "Interrupted" in err and live.size == 5 * chunk and np.array_equal(live, five)
+    assert "SIGTERM: the stream ends here" in err and live.size == 5 * chunk and np.array_equal(live, five)
 
 
 def test_causal_checkpoints_stream_with_the_config_beside_them(tmp_path, causal_config):
@@ -148,7 +152,7 @@ def test_causal_checkpoints_stream_with_the_config_beside_them(tmp_path, causal_
 
 
 @pytest.mark.parametrize("option, value", [("--chunk_ms", "inf"), ("--chunk_ms", "nan"), ("--chunk_ms", "0"),
-                                           ("--threads", "0")])
+                                           ("--chunk_ms", "1e9"), ("--threads", "0")])
 def test_bad_numbers_exit_in_one_line_naming_the_option(tmp_path, causal_config, option, value):
     _, config = causal_config
     write_tone(str(tmp_path / "in.wav"), 0.05)

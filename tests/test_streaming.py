@@ -113,6 +113,14 @@ def test_a_stream_ends_at_flush_and_chunk_sizes_must_advance(codec):
                  lambda: streaming.StreamingDecoder(encoder, decoder, h, precision="auto")):
         with pytest.raises(ValueError):
             part()
+    # The paper's non-causal model would stream without error and decode wrongly.
+    offline_h = make_config(**TINY)
+    offline = (Encoder(offline_h), Decoder(offline_h))
+    with pytest.raises(ValueError, match=r"^streaming needs a causal codec \('causal': true\); config describes"):
+        streaming.StreamingCodec(*offline, offline_h)
+    for pair, built in ((offline, "encoder"), ((encoder, offline[1]), "decoder")):
+        with pytest.raises(ValueError, match=f"says 'causal': true, but the {built} given was built non-causal"):
+            streaming.StreamingCodec(*pair, h)
 
 
 def test_paths_of_different_sizes_stream_exactly():
@@ -142,7 +150,9 @@ def test_batch_streams_each_item_as_alone(codec):
         assert (both["audio"][i:i + 1] - alone["audio"]).abs().max() <= 1e-5
 
 
-def test_state_size_is_constant_in_stream_length(codec):
+def test_state_size_is_bounded_in_stream_length(codec):
+    """Constant after each whole latent frame; with chunks of any size it depends on the
+    position in the latent frame, so the second half of a stream holds no more than the first."""
     h, encoder, decoder = codec
     stream = streaming.StreamingCodec(encoder, decoder, h)
     frame = h.ratio * h.hop_size
@@ -153,6 +163,14 @@ def test_state_size_is_constant_in_stream_length(codec):
         sizes.append(stream.state_size())
     assert len(set(sizes[2:])) == 1
     assert sizes[-1] < 4 * h.n_fft * (1 + h.n_fft // 2 + 1) + 100 * h.convnext_dim * h.convnext_layers
+    stream = streaming.StreamingCodec(encoder, decoder, h)
+    sizes, start = [], 0
+    for size in np.random.default_rng(0).integers(0, 700, 150):
+        stream.push(x[:, start:start + size])
+        start += size
+        sizes.append((start, stream.state_size()))
+    first = max(n for at, n in sizes if at < x.size(-1) // 2)
+    assert max(n for at, n in sizes if at >= x.size(-1) // 2) <= first
 
 
 def test_impulse_delay_through_the_stream_is_the_latency(codec):
