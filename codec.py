@@ -16,6 +16,7 @@ The model knows nothing of files or rates; this module adds, around the fast for
 """
 import hashlib
 import math
+import numbers
 import os
 import struct
 import zlib
@@ -127,15 +128,17 @@ def latent_frames(length: int, h: AttrDict) -> int:
 # ---------------------------------------------------------------------------------------
 
 MAGIC = b"APCD"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # (field, struct code, meaning): the header, little-endian, in file order. docs/inference.md documents it.
 HEADER_FIELDS = (
     ("magic", "4s", "b'APCD'"),
-    ("version", "H", "format version (1)"),
+    ("version", "H", "format version (2)"),
     ("sampling_rate", "I", "model sampling rate, Hz"),
     ("n_fft", "I", "STFT size"),
     ("hop_size", "I", "STFT hop, samples"),
+    ("win_size", "I", "STFT window, samples"),
     ("ratio", "I", "STFT frames per latent frame"),
+    ("causal", "H", "1: the causal codec (APCodec-S), 0: the paper's"),
     ("codebook_size", "I", "codes per codebook"),
     ("n_codebooks", "H", "codebooks used (1 ... the model's)"),
     ("channels", "H", "channels, each coded separately"),
@@ -149,7 +152,14 @@ HEADER_FIELDS = (
                           "not folded)"),
     ("crc32", "I", "CRC-32 of the header before this field and of the codes"),
 )
-_HEADER = struct.Struct("<" + "".join(code for _, code, _ in HEADER_FIELDS))
+# Version 1 files lack these: weights of either fit the same network, so only the header
+# can tell which one decodes a file. Version 1 files are still read, without that check.
+ADDED_IN_VERSION_2 = ("win_size", "causal")
+# version -> (its header's field names, its struct)
+_LAYOUTS = {version: ([name for name, _ in fields], struct.Struct("<" + "".join(code for _, code in fields)))
+            for version, fields in (
+                (1, [(name, code) for name, code, _ in HEADER_FIELDS if name not in ADDED_IN_VERSION_2]),
+                (2, [(name, code) for name, code, _ in HEADER_FIELDS]))}
 # Header fields that are not CodesFile attributes: constants, the codes' shape and the checksum.
 _DERIVED = ("magic", "version", "n_codebooks", "channels", "frames", "crc32")
 
@@ -189,6 +199,7 @@ class CodesFile:
 
     `codes`: int64 (channels, n_codebooks, frames). Windows of a long input are stored one
     after another along the frame axis; `Codec.windows(model_length)` finds them again.
+    `win_size` and `causal` are None for a file of format version 1, which did not record them.
     """
     codes: torch.Tensor
     sampling_rate: int
@@ -202,6 +213,8 @@ class CodesFile:
     model_length: int
     chunk_length: int = 0
     chunk_overlap: int = 0
+    win_size: Optional[int] = None
+    causal: Optional[bool] = None
     name: str = "<codes>"
 
     @property
@@ -214,12 +227,15 @@ class CodesFile:
         return self.codes.size(1)
 
     def to_bytes(self) -> bytes:
-        """The file's bytes: header, then the codes packed in whole bits each."""
+        """The file's bytes: header, then the codes packed in whole bits each (format version 1
+        for a version 1 file read back, which cannot tell its win_size and causal)."""
         payload = pack_codes(self.codes.cpu().numpy(), code_bits(self.codebook_size))
-        fields = dict(magic=MAGIC, version=FORMAT_VERSION, n_codebooks=self.n_codebooks, channels=self.channels,
+        version = 1 if self.win_size is None or self.causal is None else FORMAT_VERSION
+        names, layout = _LAYOUTS[version]
+        fields = dict(magic=MAGIC, version=version, n_codebooks=self.n_codebooks, channels=self.channels,
                       frames=self.codes.size(2), crc32=0,
-                      **{name: getattr(self, name) for name, _, _ in HEADER_FIELDS if name not in _DERIVED})
-        header = _HEADER.pack(*(fields[name] for name, _, _ in HEADER_FIELDS))
+                      **{name: getattr(self, name) for name in names if name not in _DERIVED})
+        header = layout.pack(*(fields[name] for name in names))
         crc = zlib.crc32(payload, zlib.crc32(header[:-4]))
         return header[:-4] + struct.pack("<I", crc) + payload
 
@@ -231,24 +247,29 @@ class CodesFile:
 
         if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
             fail("not an APCodec codes file (no APCD magic bytes)")
-        if len(data) < _HEADER.size:
-            fail(f"truncated codes file ({len(data)} bytes, the header alone is {_HEADER.size})")
-        fields = dict(zip((n for n, _, _ in HEADER_FIELDS), _HEADER.unpack_from(data)))
-        if fields["version"] != FORMAT_VERSION:
-            fail(f"codes file format version {fields['version']}, this program reads version {FORMAT_VERSION}")
+        version = struct.unpack_from("<H", data, len(MAGIC))[0] if len(data) >= len(MAGIC) + 2 else None
+        if version is not None and version not in _LAYOUTS:
+            fail(f"codes file format version {version}, this program reads versions "
+                 f"{', '.join(map(str, _LAYOUTS))}")
+        names, layout = _LAYOUTS[version or FORMAT_VERSION]
+        if len(data) < layout.size:
+            fail(f"truncated codes file ({len(data)} bytes, the header alone is {layout.size})")
+        fields = dict(zip(names, layout.unpack_from(data)))
         count = fields["channels"] * fields["n_codebooks"] * fields["frames"]
         bits = code_bits(max(fields["codebook_size"], 1))
-        expected = _HEADER.size + -(-count * bits // 8)
+        expected = layout.size + -(-count * bits // 8)
         if len(data) < expected:
             # A header whose counts were corrupted reads as a cut-off file too.
             fail(f"truncated or corrupted codes file ({len(data)} of the {expected} bytes its header gives)")
-        if len(data) > expected or zlib.crc32(data[_HEADER.size:], zlib.crc32(data[:_HEADER.size - 4])) != fields["crc32"]:
+        if len(data) > expected or zlib.crc32(data[layout.size:], zlib.crc32(data[:layout.size - 4])) != fields["crc32"]:
             fail("corrupted codes file (checksum mismatch)")
-        codes = unpack_codes(data[_HEADER.size:], bits, count)
+        codes = unpack_codes(data[layout.size:], bits, count)
         if count and codes.max() >= fields["codebook_size"]:
             fail("corrupted codes file (code out of range)")
         codes = torch.from_numpy(codes).reshape(fields["channels"], fields["n_codebooks"], fields["frames"])
-        return cls(codes=codes, name=name, **{n: fields[n] for n, _, _ in HEADER_FIELDS if n not in _DERIVED})
+        if "causal" in fields:
+            fields["causal"] = bool(fields["causal"])
+        return cls(codes=codes, name=name, **{n: fields[n] for n in names if n not in _DERIVED})
 
     def save(self, path: str) -> None:
         """Write atomically: a crash never leaves half a codes file."""
@@ -380,9 +401,10 @@ def _blocks_of(audio: Audio, sample_rate: float) -> Tuple[List[np.ndarray], int,
     if audio.shape[0] > max(audio.shape[1], MAX_CHANNELS):
         raise ValueError(f"audio of shape {audio.shape} would be {audio.shape[0]} channels of {audio.shape[1]} "
                          f"samples: pass (channels, samples), e.g. the transpose of soundfile's (samples, channels)")
-    if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float, np.number)) and sample_rate > 0
-                                             and float(sample_rate).is_integer()):
-        raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
+    # A codes file records the rate in 32 bits.
+    if isinstance(sample_rate, bool) or not (isinstance(sample_rate, (int, float, np.number))
+                                             and 0 < sample_rate < 2 ** 32 and float(sample_rate).is_integer()):
+        raise ValueError(f"sample_rate must be a positive whole number of Hz below 2**32, got {sample_rate!r}")
     return [np.ascontiguousarray(_finite(audio, "the audio").T)], int(sample_rate), audio.shape[0], audio.shape[1]
 
 
@@ -548,8 +570,10 @@ class Codec:
         statistics = self._statistics(reader(), rate, channels, model_length, windows)
         codes = [self._encode_window(audio, n_codebooks, statistics).cpu()
                  for audio in self._window_audio(reader(), rate, channels, model_length, windows, "encoding")]
+        chunk_length, chunk_overlap = self._chunking(windows)
         return CodesFile(torch.cat(codes, dim=-1), h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size,
-                         self.model_hash, rate, length, model_length, *self._chunking(windows))
+                         self.model_hash, rate, length, model_length, chunk_length, chunk_overlap,
+                         win_size=h.win_size, causal=h.causal)
 
     def _encode_window(self, audio: torch.Tensor, n_codebooks: int,
                        statistics: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
@@ -568,8 +592,9 @@ class Codec:
         total = self.h.n_codebooks
         if n_codebooks is None:
             return total
-        if not 1 <= n_codebooks <= total:
-            raise ValueError(f"--n_codebooks must be in 1 ... {total} (the model's codebooks), got {n_codebooks}")
+        if isinstance(n_codebooks, bool) or not isinstance(n_codebooks, numbers.Integral) or not 1 <= n_codebooks <= total:
+            raise ValueError(f"--n_codebooks must be a whole number in 1 ... {total} (the model's codebooks), "
+                             f"got {n_codebooks}")
         return n_codebooks
 
     def encode(self, audio: Audio, sample_rate: float, n_codebooks: Optional[int] = None) -> CodesFile:
@@ -587,19 +612,30 @@ class Codec:
     # -- decoding ----------------------------------------------------------------------
 
     def check_compatible(self, codes: CodesFile) -> None:
-        """A ValueError naming the file when `codes` was not made by this model."""
+        """A ValueError naming the file when `codes` was not made by this model, saying how it differs."""
         h = self.h
-        ours = (h.sampling_rate, h.n_fft, h.hop_size, h.ratio, h.codebook_size)
-        theirs = (codes.sampling_rate, codes.n_fft, codes.hop_size, codes.ratio, codes.codebook_size)
-        if ours != theirs or codes.n_codebooks > h.n_codebooks or codes.model_hash not in self.accepted_hashes:
+        for key in ("sampling_rate", "n_fft", "hop_size", "win_size", "ratio", "causal", "codebook_size"):
+            theirs = getattr(codes, key)
+            if theirs is not None and theirs != h[key]:
+                raise ValueError(f"{codes.name}: encoded by a model with {key} {theirs}, this one has {h[key]}; "
+                                 f"decode it with the config and checkpoints it was encoded with")
+        if codes.n_codebooks > h.n_codebooks:
+            raise ValueError(f"{codes.name}: encoded with {codes.n_codebooks} codebooks, this model has "
+                             f"{h.n_codebooks}; decode it with the config and checkpoints it was encoded with")
+        if codes.model_hash not in self.accepted_hashes:
             raise ValueError(f"{codes.name}: encoded by another model (weights {codes.model_hash.hex()[:12]}, "
                              f"this model {self.model_hash.hex()[:12]}); decode it with the checkpoints it was "
                              f"encoded with")
-        if not (codes.n_codebooks and codes.channels and codes.original_length):
+        if not (codes.n_codebooks and codes.channels and codes.original_length and codes.original_sample_rate):
             raise ValueError(f"{codes.name}: corrupted codes file ({codes.n_codebooks} codebooks, {codes.channels} "
-                             f"channels, {codes.original_length} samples)")
+                             f"channels, {codes.original_length} samples at {codes.original_sample_rate} Hz)")
+        model_length = resampled_length(codes.original_length, codes.original_sample_rate, h.sampling_rate)
+        if codes.model_length != model_length:
+            raise ValueError(f"{codes.name}: corrupted codes file ({codes.original_length} samples at "
+                             f"{codes.original_sample_rate} Hz, but {codes.model_length} at the model's rate where "
+                             f"they make {model_length})")
         frames = sum(latent_frames(n, h) for _, n in self._stored_windows(codes))
-        if frames != codes.codes.size(-1) or not codes.model_length or not codes.original_sample_rate:
+        if frames != codes.codes.size(-1):
             raise ValueError(f"{codes.name}: corrupted codes file ({codes.codes.size(-1)} frames, "
                              f"its lengths need {frames})")
 

@@ -2,6 +2,7 @@
 import glob
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def test_file_size_per_second_is_the_nominal_bitrate(codec):
     size = len(codes.to_bytes())
     frames = latent_frames(480000, h)
     assert frames == 1501     # 12001 STFT frames / ratio 8, rounded up
-    assert HEADER_BYTES == 94 and size == HEADER_BYTES + -(-frames * 4 * 10 // 8)
+    assert HEADER_BYTES == 100 and size == HEADER_BYTES + -(-frames * 4 * 10 // 8)
     assert abs(size * 8 / 10.0 / 6000 - 1) < 0.02
 
 
@@ -126,6 +127,52 @@ def test_bad_files_are_one_line_errors_naming_the_file(codec, tmp_path):
     good.name = "speech.apc"
     with pytest.raises(ValueError, match="speech.apc: encoded by another model"):
         other.decode(good)
+
+
+def test_header_records_the_window_and_causality_and_version_1_files_still_decode(codec):
+    """Weights of a causal model fit the non-causal network, and win_size changes no weight:
+    the header (version 2) records both, by hand at bytes 18-21 and 26-27. A version 1 file
+    (the same header without them) decodes as before, and is written back as version 1."""
+    h = codec.h
+    codes = codec.encode(tone(0.3), 48000)
+    data = codes.to_bytes()
+    assert struct.unpack_from("<4sHIIIIIH", data) == (b"APCD", 2, 48000, h.n_fft, h.hop_size, h.win_size, h.ratio,
+                                                      int(h.causal))
+    body = data[:4] + struct.pack("<H", 1) + data[6:18] + data[22:26] + data[28:96]
+    old = body + struct.pack("<I", zlib.crc32(data[100:], zlib.crc32(body))) + data[100:]
+    earlier = CodesFile.from_bytes(old)
+    assert earlier.win_size is None and earlier.causal is None and torch.equal(earlier.codes, codes.codes)
+    assert np.array_equal(codec.decode(earlier)[0], codec.decode(codes)[0])
+    assert earlier.to_bytes() == old
+    assert CodesFile.from_bytes(data).causal is h.causal
+
+
+def test_a_mismatch_is_named_by_what_differs(codec):
+    """Each field that decoding needs, when it differs from the model's, is named with both
+    values (the same weights decode a file of another window or causality wrongly)."""
+    h = codec.h
+    codes = codec.encode(tone(0.3), 48000)
+    codes.name = "a.apc"
+    for key, value in (("win_size", h.win_size // 2), ("causal", not h.causal), ("sampling_rate", 44100),
+                       ("hop_size", h.hop_size * 2), ("codebook_size", 512)):
+        changed = CodesFile(**{**codes.__dict__, key: value})
+        with pytest.raises(ValueError, match=rf"^a.apc: encoded by a model with {key} {value}, this one has "
+                                             rf"{h[key]}; decode it with the config and checkpoints"):
+            codec.check_compatible(changed)
+    more = CodesFile(**{**codes.__dict__, "codes": codes.codes.repeat(1, 2, 1)})
+    with pytest.raises(ValueError, match=f"^a.apc: encoded with {2 * h.n_codebooks} codebooks, this model has "
+                                         f"{h.n_codebooks}"):
+        codec.check_compatible(more)
+    for field, value, problem in (("original_sample_rate", 0, "samples at 0 Hz"),
+                                  ("model_length", codes.model_length + 1, f"but {codes.model_length + 1} at the "
+                                                                           f"model's rate where they make")):
+        with pytest.raises(ValueError, match=f"^a.apc: corrupted codes file .*{problem}"):
+            codec.check_compatible(CodesFile(**{**codes.__dict__, field: value}))
+    for wrong in (2.0, True, 0):
+        with pytest.raises(ValueError, match="--n_codebooks must be a whole number in 1"):
+            codec.encode(tone(0.1), 48000, n_codebooks=wrong)
+    with pytest.raises(ValueError, match=r"sample_rate must be a positive whole number of Hz below 2\*\*32"):
+        codec.encode(tone(0.1), 2 ** 32)
 
 
 def test_codes_decode_on_machines_that_fold_weight_norm_to_other_last_bits(tmp_path, monkeypatch):
@@ -205,8 +252,8 @@ def test_silence_and_very_short_clips(codec, length):
 @pytest.mark.parametrize("audio, rate, message", [
     ((tone(0.1) * 32767).astype(np.int16), 48000, "audio must be floating point in \\[-1, 1\\], got int16 samples"),
     (np.stack([tone(0.1)] * 2, axis=1), 48000, r"audio of shape \(4800, 2\) would be 4800 channels of 2 samples"),
-    (tone(0.1), 44100.5, "sample_rate must be a positive whole number of Hz, got 44100.5"),
-    (tone(0.1), 0, "sample_rate must be a positive whole number of Hz, got 0"),
+    (tone(0.1), 44100.5, "sample_rate must be a positive whole number of Hz below 2\\*\\*32, got 44100.5"),
+    (tone(0.1), 0, "sample_rate must be a positive whole number of Hz below 2\\*\\*32, got 0"),
 ])
 def test_audio_that_would_code_wrong_is_refused_in_one_line(codec, audio, rate, message):
     for code in (codec.resynthesize, codec.encode):
@@ -239,7 +286,7 @@ def test_resynthesize_files_checks_n_codebooks(tmp_path):
     codec = _codec(make_config(**TINY_1024))
     write_tone(tmp_path / "a.wav", 0.3)
     for n in (0, -1, codec.h.n_codebooks + 1):
-        with pytest.raises(ValueError, match=f"--n_codebooks must be in 1 ... {codec.h.n_codebooks}.*got {n}"):
+        with pytest.raises(ValueError, match=f"--n_codebooks must be a whole number in 1 ... {codec.h.n_codebooks}.*got {n}"):
             list(codec.resynthesize_files([(str(tmp_path / "a.wav"), str(tmp_path / "b.wav"))], n_codebooks=n))
     assert not (tmp_path / "b.wav").exists()
 
@@ -383,7 +430,7 @@ def test_inference_decode_checks_every_file_before_writing(tmp_path, tiny_h, cap
     message = str(info.value)
     assert "z.apc" in message and "truncated" in message and "\n" not in message
     assert not (tmp_path / "decoded").exists()
-    with pytest.raises(SystemExit, match="n_codebooks must be in 1 ... 4"):
+    with pytest.raises(SystemExit, match="n_codebooks must be a whole number in 1 ... 4"):
         inference.main(["--mode", "encode", "--n_codebooks", "9", "--test_input_wavs_dir", str(tmp_path / "a.wav"),
                         "--test_wav_output_dir", str(tmp_path / "more")] + common)
     assert not (tmp_path / "more").exists()

@@ -47,3 +47,21 @@ def test_relative_links_resolve(page):
         elif anchor and anchor not in anchors(linked):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{page}: broken links: {', '.join(broken)}"
+
+
+def test_codes_file_table_is_the_header_the_code_writes():
+    """docs/inference.md's byte table, computed here from codec.HEADER_FIELDS."""
+    import struct
+
+    from codec import FORMAT_VERSION, HEADER_FIELDS
+    types = {"4s": "4 bytes", "16s": "16 bytes", "H": "uint16", "I": "uint32", "Q": "uint64"}
+    rows, start = [], 0
+    for name, code, meaning in HEADER_FIELDS:
+        size = struct.calcsize("<" + code)
+        rows.append(f"| {start}–{start + size - 1} | `{name}` | {types[code]} | {meaning} |")
+        start += size
+    with open(os.path.join(ROOT, "docs", "inference.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert f"## Codes file format (version {FORMAT_VERSION})" in text
+    assert f"A {start}-byte little-endian header" in text
+    assert "\n".join(rows) in text
