@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import KEYS, NETWORK_KEYS, AttrDict, build_config, read_config_file
+from config import KEYS, NETWORK_KEYS, AttrDict, build_config, differing_keys, read_config_file
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from models import Decoder, Encoder
 from utils import atomic_write, first_line
@@ -311,7 +311,7 @@ def checkpoint_set_bytes(h: AttrDict) -> int:
 def saved_config_differences(h: AttrDict, path: str, keys: Sequence[str]) -> Tuple[AttrDict, List[str]]:
     """The config saved at `path` (a run's config.json) and those of `keys` whose values differ from `h`'s."""
     saved = build_config(read_config_file(path), path)
-    return saved, [k for k in keys if saved[k] != h[k]]
+    return saved, differing_keys(saved, h, keys)
 
 
 def network_record(h: AttrDict) -> Dict[str, Any]:
@@ -349,7 +349,7 @@ def _network_beside(h: AttrDict, checkpoint: str) -> Optional[Tuple[Dict[str, An
 def _with_network(h: AttrDict, network: Dict[str, Any], origin: str, source: str, checkpoint: str) -> AttrDict:
     """`h` with the keys of `network` (`origin`, e.g. "of <path>"); says in one line which
     of them change `h`, whose `source` then becomes `source`."""
-    changed = [key for key, value in network.items() if h[key] != value]
+    changed = differing_keys(h, network, network)
     if not changed:
         return h
     print(f"note: {h.source} does not describe the network of {checkpoint}; using the network keys "

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from spectral import empty_mel_bands
 from utils import atomic_write
@@ -280,6 +280,13 @@ KEYS: Dict[str, Key] = {key.name: key for key in SCHEMA}
 NETWORK_KEYS = tuple(key.name for key in SCHEMA if key.network)
 # What a resumed training run must keep: its generator's and its discriminators' keys.
 RUN_NETWORK_KEYS = NETWORK_KEYS + tuple(key.name for key in SCHEMA if key.discriminator)
+
+
+def differing_keys(a: Dict[str, Any], b: Dict[str, Any], keys: Iterable[str]) -> List[str]:
+    """Those of `keys` (present in both) whose values differ between configs `a` and `b`,
+    leaving out causal_kernel_size where neither is causal: it shapes no layer of the paper's model."""
+    causal = a.get("causal", False) or b.get("causal", False)
+    return [k for k in keys if k in a and k in b and a[k] != b[k] and (causal or k != "causal_kernel_size")]
 
 
 def _check_consistency(h: Dict[str, Any]) -> None:

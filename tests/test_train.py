@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import train
 from conftest import ROOT, TINY, make_config, tone, write_tone
 from checkpoints import checkpoint_steps, complete_steps, load_release_state_dict, newest_complete_step
-from config import KEYS, save_config
+from config import KEYS, differing_keys, save_config
 from models import Encoder
 
 
@@ -1430,3 +1430,7 @@ def test_resuming_with_another_network_is_refused(tmp_path):
         with pytest.raises(ValueError, match=re.escape(f"describes another network than this config ({key} ")):
             train.train(make_config(**dict(h, **{key: value})), torch.device("cpu"))
     assert (tmp_path / "cp" / "config.json").read_text() == saved
+    # causal_kernel_size shapes no layer of a non-causal network: the finished run is found.
+    assert train.train(make_config(**dict(h, causal_kernel_size=3)), torch.device("cpu")).last_epoch == 1
+    assert differing_keys(dict(causal=False, causal_kernel_size=7), dict(causal=True, causal_kernel_size=3),
+                                 ["causal_kernel_size"]) == ["causal_kernel_size"]
