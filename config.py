@@ -349,7 +349,10 @@ def build_config(raw: Dict[str, Any], source: str = "config") -> AttrDict:
         problem = key.check(h[key.name])
         if problem:
             raise ConfigError(f"{source}: config key '{key.name}' must be {problem}, got {h[key.name]!r}")
-    _check_consistency(h)
+    try:
+        _check_consistency(h)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     config = AttrDict(h)
     config.source = source
     return config
