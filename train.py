@@ -429,20 +429,6 @@ class Trainer:
                 if "step" in state:
                     state["step"] = state["step"].to(p.device if kernels["fused"] else "cpu", torch.float32)
 
-    def _check_run_config(self, folder: str) -> None:
-        """A one-line error when the run's config.json describes another network than this
-        config: keys such as causal, ratio or the discriminators' periods change no tensor's
-        shape, so the weights would load, train on as another model, and the saved config.json
-        would then describe the checkpoints wrongly."""
-        path = os.path.join(folder, "config.json")
-        if not os.path.isfile(path):
-            return
-        saved, changed = saved_config_differences(self.h, path, RUN_NETWORK_KEYS)
-        if changed:
-            listed = "; ".join(f"{key} {saved[key]} -> {self.h[key]}" for key in changed)
-            raise ValueError(f"{path} describes another network than this config ({listed}): resume with the run's "
-                             f"own values, or give a new checkpoint_path")
-
     def resume(self, dealing: Optional[str] = None) -> None:
         """Load the newest checkpoint set that reads back whole; `dealing` is how this run's
         epochs deal the training files (`dataset.dealing_digest`).
@@ -473,7 +459,7 @@ class Trainer:
                                  f"warnings above); move them away to start a new run there")
             return
         step, sets = found
-        self._check_run_config(folder)
+        check_run_config(self.h)
         load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
         load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
         do_path, state = checkpoint_file(folder, "do", step), sets["do"]
@@ -812,6 +798,29 @@ def stop_requests() -> Iterator[Dict[str, int]]:
             signal.signal(signum, handler)
 
 
+def check_run_config(h: AttrDict) -> None:
+    """A one-line error when the run in checkpoint_path has checkpoints and its config.json
+    describes another network than `h`: keys such as causal, ratio or the discriminators'
+    periods change no tensor's shape, so the weights would load, train on as another model,
+    and the saved config.json would then describe the checkpoints wrongly."""
+    path = os.path.join(h.checkpoint_path, "config.json")
+    if not complete_steps(h.checkpoint_path) or not os.path.isfile(path):
+        return
+    saved, changed = saved_config_differences(h, path, RUN_NETWORK_KEYS)
+    if changed:
+        listed = "; ".join(f"{key} {saved[key]} -> {h[key]}" for key in changed)
+        raise ValueError(f"{path} describes another network than this config ({listed}): resume with the run's "
+                         f"own values, or give a new checkpoint_path")
+
+
+def check_before_writing(h: AttrDict) -> None:
+    """What can be found wrong without writing anything, nor reading the data: a missing file
+    list, or a run in checkpoint_path of another network."""
+    for key in ("input_training_wav_list", "input_validation_wav_list"):
+        read_filelist(h[key])
+    check_run_config(h)
+
+
 def check_run_setup(h: AttrDict) -> Optional[IO]:
     """What can fail about `checkpoint_path` before the data check, which can take long: it must be
     writable, used by no other training run and have room for one checkpoint set. Returns the
@@ -991,9 +1000,11 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
     rank, world_size = init_distributed()
     lock = None
     try:
-        lock = on_rank0(lambda: check_run_setup(h))
-        # A teacher that cannot teach is refused before the data check too.
+        # Refused before checkpoint_path is made or locked, and before the data check: a teacher
+        # that cannot teach, a missing file list, another network than the run's.
         teacher = load_teacher(h, torch.device("cpu")) if h.kd_teacher_encoder else None
+        on_rank0(lambda: check_before_writing(h))
+        lock = on_rank0(lambda: check_run_setup(h))
         return _train(h, device, rank, world_size, teacher)
     finally:
         if lock is not None:

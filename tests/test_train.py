@@ -1420,6 +1420,24 @@ def test_a_killed_runs_unfinished_checkpoint_writes_are_removed(tmp_path):
     assert not os.path.exists(stale)
 
 
+def test_a_missing_list_or_another_network_is_refused_before_anything_is_written_or_read(tmp_path, monkeypatch):
+    """A missing file list leaves no checkpoint folder behind; a run resumed with another
+    network is refused before the data check, which can take long on a new list."""
+    h = _setup(tmp_path, training_epochs=1, checkpoint_interval=100, validation_interval=100)
+    for key in ("input_training_wav_list", "input_validation_wav_list"):
+        missing = make_config(**dict(h, **{key: str(tmp_path / "nope.txt")}, checkpoint_path=str(tmp_path / "new")))
+        with pytest.raises(FileNotFoundError, match="file list not found: .*nope.txt"):
+            train.train(missing, torch.device("cpu"))
+        assert not (tmp_path / "new").exists()
+    train.train(h, torch.device("cpu"))
+
+    def data_check(*args, **kwargs):
+        raise AssertionError("the data were checked")
+    monkeypatch.setattr(train, "check_audio_files", data_check)
+    with pytest.raises(ValueError, match=re.escape("describes another network than this config (n_codebooks 4 -> 2)")):
+        train.train(make_config(**dict(h, n_codebooks=2)), torch.device("cpu"))
+
+
 def test_resuming_with_another_network_is_refused(tmp_path):
     """Keys that change no tensor's shape (causal, the discriminators' periods) must still
     match the run's: its config.json is left as it was."""
