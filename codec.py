@@ -174,6 +174,17 @@ def chunk_samples(chunk_ms: float, sampling_rate: int) -> int:
     return max(1, round(chunk_ms * sampling_rate / 1000))
 
 
+def check_n_codebooks(n_codebooks: Optional[int], total: int) -> int:
+    """How many of a model's `total` codebooks to code with: `n_codebooks` (all when None), or
+    a one-line error naming --n_codebooks."""
+    if n_codebooks is None:
+        return total
+    if isinstance(n_codebooks, bool) or not isinstance(n_codebooks, numbers.Integral) or not 1 <= n_codebooks <= total:
+        raise ValueError(f"--n_codebooks must be a whole number in 1 ... {total} (the model's codebooks), "
+                         f"got {n_codebooks}")
+    return n_codebooks
+
+
 def code_bits(codebook_size: int) -> int:
     """Bits per code: ceil(log2(codebook_size))."""
     return max(1, math.ceil(math.log2(codebook_size)))
@@ -589,13 +600,7 @@ class Codec:
         return torch.stack([out["audio"][:length] for out in self.fast.decode(list(codes))])
 
     def check_n_codebooks(self, n_codebooks: Optional[int]) -> int:
-        total = self.h.n_codebooks
-        if n_codebooks is None:
-            return total
-        if isinstance(n_codebooks, bool) or not isinstance(n_codebooks, numbers.Integral) or not 1 <= n_codebooks <= total:
-            raise ValueError(f"--n_codebooks must be a whole number in 1 ... {total} (the model's codebooks), "
-                             f"got {n_codebooks}")
-        return n_codebooks
+        return check_n_codebooks(n_codebooks, self.h.n_codebooks)
 
     def encode(self, audio: Audio, sample_rate: float, n_codebooks: Optional[int] = None) -> CodesFile:
         """Audio (L,) or (C, L) at `sample_rate` -> its codes, with the first `n_codebooks` stages."""

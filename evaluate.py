@@ -1,7 +1,7 @@
 """Objective evaluation of decoded audio against references.
 
     python evaluate.py --reference REF --decoded DEC [--output eval_out] [--speech]
-    python evaluate.py --reference REF [--checkpoint_file_load_Encoder ENC]
+    python evaluate.py --reference REF [--checkpoint_file_load_Encoder ENC] [--n_codebooks N]
                        [--checkpoint_file_load_Decoder DEC] [--output eval_out] [--speech]
 
 Files are matched by relative path without extension (REF/a/b.flac <-> DEC/a/b.wav). The
@@ -32,7 +32,7 @@ import scipy.stats
 import soundfile as sf
 import torch
 
-from codec import code_bits, codec_roundtrip, load_codec
+from codec import check_n_codebooks, code_bits, codec_roundtrip, load_codec
 from config import AttrDict, bitrate, make_parser, run_cli
 from dataset import audio_index, load_audio, sound_file
 from inference import check_inputs, check_outputs, check_outside
@@ -50,7 +50,11 @@ Pair = Tuple[str, str, str]  # (name, reference path, decoded path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser(__doc__)
+    # --n_codebooks chooses how many of the model's codebooks the codec uses, as in inference.py.
+    parser = make_parser(__doc__, replaced=("n_codebooks",))
+    parser.add_argument("--n_codebooks", type=int, default=None, metavar="N", dest="use_codebooks",
+                        help="without --decoded: resynthesise with the first N codebooks (1 ... the model's "
+                             "n_codebooks; default all), to evaluate a lower bitrate")
     parser.add_argument("--reference", required=True, help="folder of reference audio")
     parser.add_argument("--decoded", help="folder of decoded audio to compare; without it, run the codec")
     parser.add_argument("--output", default="eval_out", help="folder for the CSV, JSON, Markdown and PNG outputs")
@@ -98,8 +102,10 @@ OutputHook = Callable[[str, Dict[str, torch.Tensor]], None]
 
 
 def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[str, str], output_dir: str,
-                 device: torch.device, on_output: OutputHook, failed: List[str]) -> Dict[str, float]:
-    """Resynthesise each file of {key: path}, mono at the model's rate, into output_dir/key.wav.
+                 device: torch.device, on_output: OutputHook, failed: List[str], n_codebooks: Optional[int] = None
+                 ) -> Dict[str, float]:
+    """Resynthesise each file of {key: path}, mono at the model's rate, into output_dir/key.wav,
+    with the first `n_codebooks` codebooks (all by default).
 
     `on_output(key, codec_roundtrip result)` sees every result, predicted spectra included.
     A file that cannot be read is reported on stderr, added to `failed` and left out. Returns the totals: files,
@@ -116,10 +122,10 @@ def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[st
             failed.append(str(e))
             continue
         if done == 0:
-            codec_roundtrip(encoder, decoder, audio, h)
+            codec_roundtrip(encoder, decoder, audio, h, n_codebooks)
         synchronize(device)
         start = time.perf_counter()
-        out = codec_roundtrip(encoder, decoder, audio, h)
+        out = codec_roundtrip(encoder, decoder, audio, h, n_codebooks)
         synchronize(device)
         codec_seconds += time.perf_counter() - start
         audio_seconds += audio.size(-1) / h.sampling_rate
@@ -137,10 +143,11 @@ def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[st
     return totals
 
 
-def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: torch.device, failed: List[str]
-              ) -> Tuple[Dict[str, float], Dict[str, object], AttrDict]:
+def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: torch.device, failed: List[str],
+              n_codebooks: Optional[int] = None) -> Tuple[Dict[str, float], Dict[str, object], AttrDict]:
     """Resynthesise every reference file (checked by `inference.check_inputs`) into `decoded_dir`
-    with the config's checkpoints; those that cannot be read are added to `failed`.
+    with the config's checkpoints and the first `n_codebooks` codebooks (all by default);
+    those that cannot be read are added to `failed`.
 
     Returns the STFT consistency of each file's predicted spectrum (its keys: the files
     resynthesised), the codec facts
@@ -149,6 +156,7 @@ def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: 
     their training run when it differs from `h`, see `load_codec`), which the metrics use.
     """
     encoder, decoder, h = load_codec(h, None, None, device)
+    used = check_n_codebooks(n_codebooks, h.n_codebooks)
     consistency: Dict[str, float] = {}
     bits_drawn = 0
     bits_per_code = code_bits(h.codebook_size)
@@ -158,9 +166,9 @@ def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: 
         bits_drawn += out["codes"].numel() * bits_per_code
         consistency[key] = stft_consistency(out["real"][0], out["imag"][0], h).item()
 
-    totals = resynthesize(h, encoder, decoder, reference, decoded_dir, device, measure, failed)
+    totals = resynthesize(h, encoder, decoder, reference, decoded_dir, device, measure, failed, used)
     # Measured from the codes, padding frames included; a codes-file container adds its header.
-    codec = {"bitrate_bps": bitrate(h), "bitrate_measured_bps": bits_drawn / totals["audio_seconds"],
+    codec = {"bitrate_bps": bitrate(dict(h, n_codebooks=used)), "bitrate_measured_bps": bits_drawn / totals["audio_seconds"],
              "rtf": totals["rtf"], "rtf_device": device.type, "rtf_threads": torch.get_num_threads()}
     return consistency, codec, h
 
@@ -311,11 +319,13 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
     reference = check_inputs(listed, args.reference, failed)
     consistency, codec = {}, {}
     decoded_dir = args.decoded
+    if decoded_dir is not None and args.use_codebooks is not None:
+        raise ValueError("--n_codebooks applies when evaluate.py runs the codec (without --decoded)")
     if decoded_dir is None:
         decoded_dir = os.path.join(args.output, "decoded")
         check_outputs(reference, decoded_dir, ".wav", "--output")
         check_outside(decoded_dir, args.reference, "--output", "--reference")
-        consistency, codec, h = run_codec(h, reference, decoded_dir, device, failed)
+        consistency, codec, h = run_codec(h, reference, decoded_dir, device, failed, args.use_codebooks)
         reference = {key: path for key, path in reference.items() if key in consistency}
     pairs, missing, extra = match_files(reference, audio_index(decoded_dir))
     # A decoded file whose reference failed is not extra.

@@ -208,6 +208,28 @@ def test_checkpoint_mode_runs_the_codec(tmp_path, causal):
     assert float(rows["t1"]["STFT_consistency"]) == pytest.approx(expected, rel=1e-3)
 
 
+def test_codec_mode_evaluates_fewer_codebooks(tmp_path):
+    """--n_codebooks N: the decoded files are the codec's with N codebooks, at N / n_codebooks
+    of the bitrate; it needs the codec mode and a count the model has."""
+    h, config = tiny_codec(tmp_path)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    write_tone(str(ref / "t.wav"), 0.25, SR)
+    common = ["--reference", str(ref), "--checkpoint_file_load_Encoder", str(tmp_path / "encoder"),
+              "--checkpoint_file_load_Decoder", str(tmp_path / "decoder"), "--config", str(config)]
+    run_main(common + ["--output", str(tmp_path / "out"), "--n_codebooks", "1"])
+    with open(tmp_path / "out" / "summary.json") as f:
+        assert json.load(f)["bitrate_bps"] == bitrate(h) / h.n_codebooks
+    encoder, decoder, _ = load_codec(h, str(tmp_path / "encoder"), str(tmp_path / "decoder"), torch.device("cpu"))
+    audio = torch.from_numpy(sf.read(ref / "t.wav", dtype="float32")[0]).unsqueeze(0)
+    expected = codec_roundtrip(encoder, decoder, audio, h, 1)["audio"][0].numpy()
+    assert np.abs(sf.read(tmp_path / "out" / "decoded" / "t.wav")[0] - expected).max() <= 1 / 32768
+    for extra, message in ((["--n_codebooks", "9"], "--n_codebooks must be a whole number in 1 ... 4"),
+                           (["--n_codebooks", "1", "--decoded", str(ref)], "--n_codebooks applies when")):
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main(common + ["--output", str(tmp_path / "out2")] + extra)
+
+
 def write_pairs(tmp_path, pairs):
     """ref/NAME.wav and dec/NAME.wav float wavs from {NAME: (reference, decoded)}."""
     for folder in ("ref", "dec"):
