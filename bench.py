@@ -42,7 +42,8 @@ device worked in it (a GPU's kernels, a CPU's operations) against its wall time,
 kernels or operations that took longest.
 
 Uses random weights and synthetic audio, so it needs no data or checkpoints. Prints the
-numbers; it never asserts anything about them. With a causal config, --stream_chunk_ms
+numbers; it never asserts anything about them. A causal config is timed offline as inference.py
+runs it, through the reference path in float32; with one, --stream_chunk_ms
 times the streaming codec on the CPU for each chunk length and each precision of
 --inference_precisions (default float32 and this machine's reduced precision): compute per
 latent frame against the frame's duration, and per push against the chunk's (--threads 1
@@ -646,12 +647,15 @@ def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None])
         precisions = args.inference_precisions or default_inference_precisions(device)
         for name in precisions.split(","):
             inference_configuration(name)    # a misspelt name stops the run before any timing
-        for record in bench_inference(h, device, args.clips, precisions.split(","),
+        # inference.py runs a causal codec offline through the reference path, in float32 (the
+        # fast path is the paper's model); its reduced precisions are the stream's.
+        offline = ["float32"] if h.causal else precisions.split(",")
+        for record in bench_inference(h, device, args.clips, [] if h.causal else offline,
                                       args.batch or (100 if device.type == "cuda" else 4), args.repeats,
                                       args.profile):
             emit({**record, **common})
         if args.file_seconds:
-            for record in bench_files(h, device, args.file_seconds, precisions.split(",")):
+            for record in bench_files(h, device, args.file_seconds, offline):
                 emit({**record, **common})
     if args.suite in ("traffic", "all"):
         # The meta device has no data to compile for: +compile names count as their precision.

@@ -242,3 +242,16 @@ def test_profile_option_adds_a_profile_to_steps_and_inference(tiny_h):
     assert all(len(r["profile"]["top"]) == 2 for r in records[1:]) and len(records) == 4
     assert "profile" not in bench.bench_training(make_config(**dict(TINY, batch_size=1)), torch.device("cpu"),
                                                  steps=1, warmup=0)
+
+
+def test_a_causal_config_times_what_inference_runs_for_it(tmp_path, capsys):
+    """Offline, inference.py runs a causal codec through the reference path in float32: the
+    inference suite times that (clips and whole files) and no fast-path error records."""
+    from config import save_config
+    config = str(tmp_path / "causal.json")
+    save_config(make_config(**TINY, causal=True), config)
+    bench.main(["--config", config, "--device", "cpu", "--suite", "inference", "--clips", "0.2", "--repeats", "1",
+                "--file_seconds", "0.3", "--inference_precisions", "float32,int8"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["bench"], r.get("precision")) for r in records] == [
+        ("inference_floor", None), ("inference", "reference"), ("inference_file", "float32")]
