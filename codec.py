@@ -272,7 +272,8 @@ class CodesFile:
         if len(data) < expected:
             # A header whose counts were corrupted reads as a cut-off file too.
             fail(f"truncated or corrupted codes file ({len(data)} of the {expected} bytes its header gives)")
-        if len(data) > expected or zlib.crc32(data[layout.size:], zlib.crc32(data[:layout.size - 4])) != fields["crc32"]:
+        checksum = zlib.crc32(data[layout.size:], zlib.crc32(data[:layout.size - 4]))
+        if len(data) > expected or checksum != fields["crc32"]:
             fail("corrupted codes file (checksum mismatch)")
         codes = unpack_codes(data[layout.size:], bits, count)
         if count and codes.max() >= fields["codebook_size"]:

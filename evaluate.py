@@ -168,8 +168,9 @@ def run_codec(h: AttrDict, reference: Dict[str, str], decoded_dir: str, device: 
 
     totals = resynthesize(h, encoder, decoder, reference, decoded_dir, device, measure, failed, used)
     # Measured from the codes, padding frames included; a codes-file container adds its header.
-    codec = {"bitrate_bps": bitrate(dict(h, n_codebooks=used)), "bitrate_measured_bps": bits_drawn / totals["audio_seconds"],
-             "rtf": totals["rtf"], "rtf_device": device.type, "rtf_threads": torch.get_num_threads()}
+    codec = {"bitrate_bps": bitrate(dict(h, n_codebooks=used)),
+             "bitrate_measured_bps": bits_drawn / totals["audio_seconds"], "rtf": totals["rtf"],
+             "rtf_device": device.type, "rtf_threads": torch.get_num_threads()}
     return consistency, codec, h
 
 

@@ -92,7 +92,7 @@ def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Cal
 
     def request_stop(signum: int, frame: object) -> None:
         if stop:
-            raise KeyboardInterrupt    # a second Ctrl-C stops at once
+            raise KeyboardInterrupt    # a second signal stops at once
         stop.append(signum)
         if reading:
             raise StopReading          # the next chunk may never come (a source that waits)
