@@ -436,7 +436,8 @@ class Trainer:
         A set written here resumes exactly: the epoch, the position in it, the schedulers and
         the random states come back, so N steps, a stop and N more equal 2N steps in one run.
         A release set (without those fields) resumes as the release does: continue at
-        step + 1, restart the saved epoch, rebuild the schedulers from the epoch.
+        step + 1, restart the saved epoch, rebuild the schedulers from the epoch. `self.h`
+        becomes the config in effect: the run's learning rate and betas go on.
         """
         folder = self.h.checkpoint_path
         self.dealing = dealing
@@ -459,6 +460,7 @@ class Trainer:
                                  f"warnings above); move them away to start a new run there")
             return
         step, sets = found
+        # `train` checked this before the data check; a Trainer resumed on its own checks here.
         check_run_config(self.h)
         load_release_state_dict(self.encoder, sets["encoder"]["encoder"], checkpoint_file(folder, "encoder", step))
         load_release_state_dict(self.decoder, sets["decoder"]["decoder"], checkpoint_file(folder, "decoder", step))
@@ -798,19 +800,25 @@ def stop_requests() -> Iterator[Dict[str, int]]:
             signal.signal(signum, handler)
 
 
-def check_run_config(h: AttrDict) -> None:
-    """A one-line error when the run in checkpoint_path has checkpoints and its config.json
-    describes another network than `h`: keys such as causal, ratio or the discriminators'
-    periods change no tensor's shape, so the weights would load, train on as another model,
-    and the saved config.json would then describe the checkpoints wrongly."""
+def run_config_differences(h: AttrDict, keys: Sequence[str]) -> Tuple[Optional[AttrDict], List[str]]:
+    """The config.json of the run in checkpoint_path and those of `keys` that `h` changes;
+    (None, []) when there is no run to resume (no checkpoint set, or no config.json)."""
     path = os.path.join(h.checkpoint_path, "config.json")
     if not complete_steps(h.checkpoint_path) or not os.path.isfile(path):
-        return
-    saved, changed = saved_config_differences(h, path, RUN_NETWORK_KEYS)
+        return None, []
+    return saved_config_differences(h, path, keys)
+
+
+def check_run_config(h: AttrDict) -> None:
+    """A one-line error when the run in checkpoint_path describes another network than `h`:
+    keys such as causal, ratio or the discriminators' periods change no tensor's shape, so the
+    weights would load, train on as another model, and the saved config.json would then
+    describe the checkpoints wrongly."""
+    saved, changed = run_config_differences(h, RUN_NETWORK_KEYS)
     if changed:
         listed = "; ".join(f"{key} {saved[key]} -> {h[key]}" for key in changed)
-        raise ValueError(f"{path} describes another network than this config ({listed}): resume with the run's "
-                         f"own values, or give a new checkpoint_path")
+        raise ValueError(f"{saved.source} describes another network than this config ({listed}): resume with "
+                         f"the run's own values, or give a new checkpoint_path")
 
 
 def check_before_writing(h: AttrDict) -> None:
@@ -862,10 +870,7 @@ def with_run_seed(h: AttrDict) -> AttrDict:
     """`h` with the seed of the run it resumes, said in one line when the config's differs: the
     seed deals the files of every epoch and seeds the crops, so another one in the middle of an
     epoch would train some files twice and skip others."""
-    path = os.path.join(h.checkpoint_path, "config.json")
-    if not complete_steps(h.checkpoint_path) or not os.path.isfile(path):
-        return h
-    saved, changed = saved_config_differences(h, path, ("seed",))
+    saved, changed = run_config_differences(h, ("seed",))
     if not changed:
         return h
     say(f"note: the config differs from the resumed run in seed {h.seed} (the run's {saved.seed} goes on: it orders "
@@ -1024,6 +1029,7 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
     train_loader, valid_loader = build_loaders(h, rank, world_size)
     trainer = Trainer(h, device, teacher)
     trainer.resume(dealing_digest(train_loader.dataset.files, h.shuffle_every_epoch))
+    h = trainer.h   # with the resumed run's learning rate and betas
     # Written once the checkpoints have loaded into this config's network: the config beside
     # them must keep describing them (inference builds the network of checkpoints that do not
     # record it from this file).
