@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from spectral import empty_mel_bands
 from utils import atomic_write
@@ -442,29 +442,17 @@ def _terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
-            argv: Optional[Sequence[str]] = None) -> None:
-    """Parse the command line and run job(h, args); bad input, Ctrl-C and SIGTERM exit with one line."""
-    # File names that are not UTF-8 are printed with escapes rather than ending the run.
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
+@contextlib.contextmanager
+def one_line_exits() -> Iterator[None]:
+    """Bad input (OSError, ValueError), Ctrl-C and SIGTERM inside end the process with one line
+    (exit 1, 130, 143), through the cleanup of what was being written."""
     # SIGTERM (kill, timeout, a batch scheduler) ends the job as Ctrl-C does, through its
     # cleanup: by default it would kill the process in the middle of writing a file.
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
-    # torchrun starts every process of a machine with the same command line: the first one's
-    # word on it is enough, argparse's own errors (an unknown option) included.
-    quiet = os.environ.get("LOCAL_RANK", "0") != "0"
     try:
-        try:
-            with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-                h, args = parse_command_line(parser, argv)
-        except (OSError, ValueError):
-            if quiet:
-                sys.exit(1)
-            raise
-        job(h, args)
+        yield
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
@@ -473,6 +461,26 @@ def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
     finally:
         if previous is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, previous)
+
+
+def run_cli(job: Callable[..., Any], parser: argparse.ArgumentParser,
+            argv: Optional[Sequence[str]] = None) -> None:
+    """Parse the command line and run job(h, args); bad input, Ctrl-C and SIGTERM exit with one line."""
+    # File names that are not UTF-8 are printed with escapes rather than ending the run.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    # torchrun starts every process of a machine with the same command line: the first one's
+    # word on it is enough, argparse's own errors (an unknown option) included.
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"
+    with one_line_exits():
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+                h, args = parse_command_line(parser, argv)
+        except (OSError, ValueError):
+            if quiet:
+                sys.exit(1)
+            raise
+        job(h, args)
 
 
 def bitrate(h: Dict[str, Any]) -> float:

@@ -15,8 +15,8 @@ with exactly the input's length. Inputs longer than --chunk_seconds + 1 s are co
 overlapping windows with a crossfade, so memory stays bounded (--file_statistics makes
 their codes, but for rare near-ties, those of one pass over the whole input, at the cost
 of one more encoder pass). All inputs are checked before anything is written. When the checkpoints were
-trained with another network than the config describes, the config.json that training
-wrote beside them is used for the network.
+trained with another network than the config describes, the network keys that training
+recorded in them are used (for checkpoints without a record, the config.json beside them).
 
 Resynthesis batches the files that fit one window, sorted by length, padded and masked so
 that each gets exactly its own output: on a GPU each batch is one forward pass.

@@ -11,9 +11,9 @@ speaker; the speaker is the file name up to its first underscore (p225_001_mic1.
 import argparse
 import os
 import random
-import sys
 from typing import List, Optional, Sequence, Tuple
 
+from config import one_line_exits
 from dataset import AUDIO_EXTENSIONS, find_audio_files
 from utils import atomic_write
 
@@ -61,28 +61,29 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="with --split random, the fraction of files held out (default 0.05)")
     parser.add_argument("--mic", default="", help="keep only files whose name contains this, e.g. mic1")
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.audio_dir):
-        sys.exit(f"error: {args.audio_dir} is a file, not a folder of audio files" if os.path.exists(args.audio_dir)
-                 else f"error: no such folder: {args.audio_dir}")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        sys.exit(f"error: --output_dir {args.output_dir} is a file, not a folder")
-    if not 0 < args.valid_fraction < 1:
-        sys.exit(f"error: --valid_fraction must be between 0 and 1, got {args.valid_fraction}")
-    files = find_audio(args.audio_dir, args.mic)
-    if not files:
-        mic = f" with '{args.mic}' in their names (--mic)" if args.mic else ""
-        sys.exit(f"error: no audio files ({', '.join(AUDIO_EXTENSIONS)}){mic} found under {args.audio_dir}")
-    train, valid = split_files(files, args.split, args.valid_fraction)
-    if not train or not valid:
-        sys.exit(f"error: the {args.split} split of {args.audio_dir} leaves an empty "
-                 f"{'training' if not train else 'validation'} list")
-    for name, subset in (("train.txt", train), ("valid.txt", valid)):
-        path = os.path.join(args.output_dir, name)
-        try:
-            write_list(path, subset, f"written by make_filelists.py from {os.path.abspath(args.audio_dir)}")
-        except OSError as e:
-            sys.exit(f"error: cannot write {path}: {e.strerror}")
-        print(f"{path}: {len(subset)} files")
+    with one_line_exits():
+        if not os.path.isdir(args.audio_dir):
+            raise ValueError(f"{args.audio_dir} is a file, not a folder of audio files"
+                             if os.path.exists(args.audio_dir) else f"no such folder: {args.audio_dir}")
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            raise ValueError(f"--output_dir {args.output_dir} is a file, not a folder")
+        if not 0 < args.valid_fraction < 1:
+            raise ValueError(f"--valid_fraction must be between 0 and 1, got {args.valid_fraction}")
+        files = find_audio(args.audio_dir, args.mic)
+        if not files:
+            mic = f" with '{args.mic}' in their names (--mic)" if args.mic else ""
+            raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}){mic} found under {args.audio_dir}")
+        train, valid = split_files(files, args.split, args.valid_fraction)
+        if not train or not valid:
+            raise ValueError(f"the {args.split} split of {args.audio_dir} leaves an empty "
+                             f"{'training' if not train else 'validation'} list")
+        for name, subset in (("train.txt", train), ("valid.txt", valid)):
+            path = os.path.join(args.output_dir, name)
+            try:
+                write_list(path, subset, f"written by make_filelists.py from {os.path.abspath(args.audio_dir)}")
+            except OSError as e:
+                raise ValueError(f"cannot write {path}: {e.strerror}") from None
+            print(f"{path}: {len(subset)} files")
 
 
 if __name__ == "__main__":

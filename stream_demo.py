@@ -6,8 +6,9 @@
 
 A wav (at the model's sampling rate; channels are averaged) or raw 16-bit little-endian mono
 PCM on stdin (`--input -`) is read in chunks of --chunk_ms, encoded and decoded as it comes,
-and the decoded audio written as it is produced (a wav is renamed into place when complete;
-`--output -` writes raw PCM to stdout). Prints the algorithmic latency and the compute time
+and the decoded audio written as it is produced: to stdout as raw PCM with `--output -`; a
+file (wav, or raw PCM under any other name) is written to a temporary file and renamed into
+place when the stream ends. Prints the algorithmic latency and the compute time
 per latent frame against the frame's duration. --precision int8 (or bfloat16) runs the
 products in reduced precision: faster, and approximate where float32 gives the offline pass
 exactly. --random_weights needs no checkpoints (for timing only).

@@ -1,11 +1,14 @@
 """make_filelists.py: speaker split of the paper's VCTK setup, random split, list format."""
 import os
+import signal
 
 import pytest
 
 from conftest import write_tone
 from dataset import read_filelist
+import make_filelists
 from make_filelists import VCTK_TEST_SPEAKERS, main
+from utils import atomic_write
 
 
 def test_speaker_split_holds_out_the_vctk_test_speakers(tmp_path):
@@ -61,3 +64,22 @@ def test_names_that_are_not_utf8_round_trip_through_the_lists(tmp_path):
     listed = [read_filelist(str(tmp_path / "lists" / f"{part}.txt")) for part in ("train", "valid")]
     assert sorted(listed[0] + listed[1]) == sorted(str(audio / name) for name in names)
     assert all(os.path.isfile(path) for path in listed[0] + listed[1])
+
+
+@pytest.mark.parametrize("stop, code, said", [(lambda: signal.raise_signal(signal.SIGTERM), 143, "terminated"),
+                                              (lambda: (_ for _ in ()).throw(KeyboardInterrupt), 130, "interrupted")])
+def test_a_stop_while_writing_ends_in_one_line_and_leaves_no_partial_list(tmp_path, monkeypatch, capsys,
+                                                                          stop, code, said):
+    write_tone(str(tmp_path / "a.wav"), 0.1)
+    write_tone(str(tmp_path / "b.wav"), 0.1)
+
+    def stopped_while_writing(f):
+        f.write(b"partial")
+        stop()
+    monkeypatch.setattr(make_filelists, "write_list",
+                        lambda path, files, note: atomic_write(path, stopped_while_writing))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--output_dir", str(tmp_path / "lists"), "--valid_fraction", "0.5"])
+    assert exit_info.value.code == code and capsys.readouterr().err.strip().endswith(said)
+    assert os.listdir(tmp_path / "lists") == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
