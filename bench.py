@@ -80,6 +80,7 @@ import fastpath
 import stream_demo
 import train
 from config import AttrDict, build_config, make_parser, run_cli, save_config
+from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from models import Decoder, Encoder, random_encoder_decoder
 from streaming import StreamingCodec, latency_samples
 from utils import pick_device, synchronize
@@ -641,8 +642,8 @@ def measure(h: AttrDict, args: argparse.Namespace, emit: Callable[[dict], None])
                 emit({"bench": "train_step", "config": label, **common, "error": f"{type(e).__name__}: {e}"[:300]})
         torch.manual_seed(h.seed)
         emit({"bench": "params", **{part: parameter_count(cls(h)) for part, cls in (
-            ("encoder", Encoder), ("decoder", Decoder), ("mpd", train.MultiPeriodDiscriminator),
-            ("mrd", train.MultiResolutionDiscriminator))}})
+            ("encoder", Encoder), ("decoder", Decoder), ("mpd", MultiPeriodDiscriminator),
+            ("mrd", MultiResolutionDiscriminator))}})
     if args.suite in ("inference", "all") and args.repeats:
         precisions = args.inference_precisions or default_inference_precisions(device)
         for name in precisions.split(","):

@@ -36,7 +36,7 @@ from fastpath import CHUNK_FRAMES, FastGenerator, check_precision, resolve_preci
 from models import Decoder, Encoder, remove_weight_norm
 from spectral import amp_pha_spectrum, analysis_frames, pad_for_analysis
 from streaming import causal_analysis, causal_decode, require_causal, stream_roundtrip
-from streaming import latent_frames as causal_latent_frames
+from streaming import causal_latent_frames
 from utils import atomic_write, pick_device
 
 CODES_EXTENSION = ".apc"

@@ -159,11 +159,11 @@ _RESBLOCK_KERNELS = [3, 7, 11]
 _RESBLOCK_DILATIONS = [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
 
 
-def _branch_keys(part: str, what: str) -> List[Key]:
+def _branch_keys(part: str) -> List[Key]:
     """The release's per-branch keys that its code reads nowhere, accepted for compatibility."""
     keys = [Key(f"{part}_resblock_kernel_sizes", _RESBLOCK_KERNELS, anything, "unused (as in the release)"),
             Key(f"{part}_resblock_dilation_sizes", _RESBLOCK_DILATIONS, anything, "unused (as in the release)")]
-    if what == "encoder":
+    if part.endswith("Encoder"):
         keys.append(Key(f"{part}_input_conv_kernel_size", 7, anything,
                         "unused (as in the release): the embed kernel is fixed at 7"))
     return keys
@@ -193,23 +193,23 @@ SCHEMA: Tuple[Key, ...] = (
 
     Key("AMP_Encoder_channel", 256, positive_int, "amplitude branch output width; the downsampling conv halves it",
         network=True),
-    *_branch_keys("AMP_Encoder", "encoder"),
+    *_branch_keys("AMP_Encoder"),
     Key("AMP_Encoder_output_downconv_kernel_size", 7, odd_kernel, "amplitude downsampling conv kernel (stride ratio)",
         network=True),
     Key("PHA_Encoder_channel", 256, positive_int, "phase branch output width; the downsampling conv halves it",
         network=True),
-    *_branch_keys("PHA_Encoder", "encoder"),
+    *_branch_keys("PHA_Encoder"),
     Key("PHA_Encoder_output_downconv_kernel_size", 7, odd_kernel, "phase downsampling conv kernel (stride ratio)",
         network=True),
     Key("AMP_Decoder_channel", 256, positive_int, "decoder amplitude branch width (must equal the encoder's)",
         network=True),
-    *_branch_keys("AMP_Decoder", "decoder"),
+    *_branch_keys("AMP_Decoder"),
     Key("AMP_Decoder_input_upconv_kernel_size", 16, positive_int,
         "amplitude transposed conv kernel (stride ratio, padding (k - ratio) / 2)", network=True),
     Key("AMP_Decoder_output_conv_kernel_size", 7, odd_kernel, "log-amplitude output conv kernel", network=True),
     Key("PHA_Decoder_channel", 256, positive_int, "decoder phase branch width (must equal the encoder's)",
         network=True),
-    *_branch_keys("PHA_Decoder", "decoder"),
+    *_branch_keys("PHA_Decoder"),
     Key("PHA_Decoder_input_upconv_kernel_size", 16, positive_int,
         "phase transposed conv kernel (stride ratio, padding (k - ratio) / 2)", network=True),
     Key("PHA_Decoder_output_R_conv_kernel_size", 7, odd_kernel, "phase real-part output conv kernel", network=True),

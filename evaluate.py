@@ -35,7 +35,7 @@ import torch
 from codec import check_n_codebooks, code_bits, codec_roundtrip, load_codec
 from config import AttrDict, bitrate, make_parser, run_cli
 from dataset import audio_index, load_audio, sound_file
-from inference import check_inputs, check_outputs, check_outside
+from inference import add_n_codebooks_option, check_inputs, check_outputs, check_outside
 from metrics import (HIGHER_IS_BETTER, POWER_FLOOR, compute_metrics, log_power, metric_stft,
                      optional_metrics, stft_consistency)
 from models import Decoder, Encoder
@@ -50,11 +50,9 @@ Pair = Tuple[str, str, str]  # (name, reference path, decoded path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # --n_codebooks chooses how many of the model's codebooks the codec uses, as in inference.py.
     parser = make_parser(__doc__, replaced=("n_codebooks",))
-    parser.add_argument("--n_codebooks", type=int, default=None, metavar="N", dest="use_codebooks",
-                        help="without --decoded: resynthesise with the first N codebooks (1 ... the model's "
-                             "n_codebooks; default all), to evaluate a lower bitrate")
+    add_n_codebooks_option(parser, "without --decoded: resynthesise with the first N codebooks (1 ... the model's "
+                                   "n_codebooks; default all), to evaluate a lower bitrate")
     parser.add_argument("--reference", required=True, help="folder of reference audio")
     parser.add_argument("--decoded", help="folder of decoded audio to compare; without it, run the codec")
     parser.add_argument("--output", default="eval_out", help="folder for the CSV, JSON, Markdown and PNG outputs")

@@ -187,8 +187,7 @@ def inference(h: AttrDict, mode: str = "resynth", n_codebooks: Optional[int] = N
     if codec.fast is not None or stream_ms is not None:
         note = "; ConvNeXt blocks compiled by torch.compile" if codec.fast is not None and codec.fast.compiled else ""
         print(f"precision {kernels(codec.precision, codec.device, stream=stream_ms is not None)}{note}")
-    if n_codebooks is not None:
-        codec.check_n_codebooks(n_codebooks)
+    codec.check_n_codebooks(n_codebooks)   # before any file is coded
     if batch_seconds is not None and codec.fast is None:
         raise ValueError("--batch_seconds applies to the paper's codec, which resynthesises files in batches; a "
                          "causal codec codes them one by one")
@@ -238,14 +237,17 @@ def stream_chunk_ms(args: argparse.Namespace) -> Optional[float]:
     return STREAM_CHUNK_MS if args.chunk_ms is None else args.chunk_ms
 
 
+def add_n_codebooks_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """--n_codebooks N (as `args.use_codebooks`, None when not given): how many of the model's
+    codebooks to code with, in place of the config key, which sizes the network."""
+    parser.add_argument("--n_codebooks", type=int, default=None, metavar="N", dest="use_codebooks", help=help)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    # Here --n_codebooks chooses how many of the model's codebooks to use; the network's
-    # own count comes from the config (or the config beside the checkpoints). --compile is
-    # inference's own switch; the config's compile key sets training's mode.
+    # --compile is inference's own switch; the config's compile key sets training's mode.
     parser = make_parser(__doc__, replaced=("n_codebooks", "compile"))
-    parser.add_argument("--n_codebooks", type=int, default=None, metavar="N", dest="use_codebooks",
-                        help="encode / resynth with the first N codebooks (1 ... the model's n_codebooks; "
-                             "default all): N x 1.5 kbit/s at the default settings")
+    add_n_codebooks_option(parser, "encode / resynth with the first N codebooks (1 ... the model's n_codebooks; "
+                                   "default all): N x 1.5 kbit/s at the default settings")
     parser.add_argument("--mode", choices=MODES, default="resynth", help="what to do (default resynth)")
     parser.add_argument("--keep_model_rate", action="store_true",
                         help="write outputs at the model's sampling rate, not the input's")

@@ -67,7 +67,7 @@ def latency_samples(h: AttrDict) -> int:
     return (h.ratio - 1) * h.hop_size + a + b - 1
 
 
-def latent_frames(length: int, h: AttrDict) -> int:
+def causal_latent_frames(length: int, h: AttrDict) -> int:
     """Latent frames needed to decode `length` samples completely."""
     a, _ = window_extent(h)
     return (length - 1 + a) // h.hop_size // h.ratio + 1
@@ -75,14 +75,14 @@ def latent_frames(length: int, h: AttrDict) -> int:
 
 def causal_analysis(audio: torch.Tensor, h: AttrDict) -> Tuple[torch.Tensor, torch.Tensor]:
     """The encoder's inputs for audio (B, L), any L >= 1, as a stream sees them: log amplitude and
-    phase (B, F, ratio * T'), T' = `latent_frames(L)`.
+    phase (B, F, ratio * T'), T' = `causal_latent_frames(L)`.
 
     The signal is followed by the zeros a stream is flushed with, far enough that every output
     sample < L is final.
     """
     length = audio.size(-1)
     _, b = window_extent(h)
-    frames = latent_frames(length, h) * h.ratio
+    frames = causal_latent_frames(length, h) * h.ratio
     padded = F.pad(audio, (0, (frames - 1) * h.hop_size + b - length))
     logamp, pha, _, _ = amp_pha_spectrum(padded, h.n_fft, h.hop_size, h.win_size, pad="zeros")
     return logamp[..., :frames], pha[..., :frames]
@@ -90,7 +90,8 @@ def causal_analysis(audio: torch.Tensor, h: AttrDict) -> Tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def causal_decode(encoder: Encoder, decoder: Decoder, codes: torch.Tensor, length: int) -> torch.Tensor:
-    """Codes (B, n, T') of `causal_analysis` -> audio (B, length), `length` the coded signal's."""
+    """Codes (B, n, T') of the encoder run on `causal_analysis` -> audio (B, length), `length`
+    the coded signal's."""
     return decoder(encoder.latent_from_codes(codes)).audio.squeeze(1)[:, :length]
 
 
@@ -457,7 +458,7 @@ class StreamingCodec:
         and audio, so that the stream's codes are the offline pass's and its audio ends with the
         last sample pushed (an empty stream gives none)."""
         pushed = self.samples_in
-        frames = latent_frames(pushed, self.h) - self.frames_out if pushed else 0
+        frames = causal_latent_frames(pushed, self.h) - self.frames_out if pushed else 0
         codes, out = self.push(self.encoder.samples.new_zeros(self.encoder.samples.size(0),
                                                               latency_samples(self.h)))
         # The stream now holds that silence: audio pushed after it would be coded behind it.

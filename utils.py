@@ -1,5 +1,5 @@
 """Small helpers shared by the scripts: the compute device, distributed ranks, precision and
-compile checks, atomic file writes, one-line errors, figures."""
+compile checks, output-path checks, atomic file writes, one-line errors, figures."""
 import os
 import tempfile
 from contextlib import nullcontext
