@@ -21,7 +21,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -436,9 +436,9 @@ def _file_blocks(path: str) -> Tuple[Iterator[np.ndarray], int, int, int]:
     return blocks(), info.samplerate, info.channels, info.frames
 
 
-def _write_stream(path: str, blocks: Iterable[np.ndarray], rate: int, channels: int) -> None:
-    """A 16-bit PCM wav written block by block, atomically."""
-    def write(f) -> None:
+def write_wav(path: str, blocks: Iterable[np.ndarray], rate: int, channels: int) -> None:
+    """A 16-bit PCM wav of `blocks` ((n,) or (n, channels) each) written block by block, atomically."""
+    def write(f: BinaryIO) -> None:
         with sf.SoundFile(f, "w", rate, channels, subtype="PCM_16", format="WAV") as out:
             for block in blocks:
                 out.write(block)
@@ -683,7 +683,7 @@ class Codec:
     def decode_to_file(self, codes: CodesFile, path: str, keep_model_rate: bool = False) -> float:
         """Decode into a 16-bit PCM wav, window by window; returns the audio's seconds."""
         stream, rate = self._decoded(codes, keep_model_rate)
-        _write_stream(path, stream, rate, codes.channels)
+        write_wav(path, stream, rate, codes.channels)
         return codes.seconds()
 
     # -- resynthesis (encode and decode in memory) ---------------------------------------
@@ -782,7 +782,7 @@ class Codec:
             try:
                 audio = torch.stack([next(outputs)["audio"] for _ in range(channels)], dim=1).cpu().numpy()
                 stream, out_rate = self._output([audio], 0, channels, rate, length, keep_model_rate)
-                _write_stream(output, stream, out_rate, channels)
+                write_wav(output, stream, out_rate, channels)
                 yield path, length / rate
             except FILE_ERRORS as e:
                 yield path, e
@@ -793,5 +793,5 @@ class Codec:
         _, rate, channels, length = _file_blocks(path)
         stream, out_rate = self._resynth_stream(lambda: _file_blocks(path)[0], rate, channels, length,
                                                 keep_model_rate, n_codebooks)
-        _write_stream(output_path, stream, out_rate, channels)
+        write_wav(output_path, stream, out_rate, channels)
         return length / rate

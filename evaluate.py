@@ -32,7 +32,7 @@ import scipy.stats
 import soundfile as sf
 import torch
 
-from codec import check_n_codebooks, code_bits, codec_roundtrip, load_codec
+from codec import check_n_codebooks, code_bits, codec_roundtrip, load_codec, write_wav
 from config import AttrDict, bitrate, make_parser, run_cli
 from dataset import audio_index, load_audio, sound_file
 from inference import add_n_codebooks_option, check_inputs, check_outputs, check_outside
@@ -128,8 +128,7 @@ def resynthesize(h: AttrDict, encoder: Encoder, decoder: Decoder, files: Dict[st
         codec_seconds += time.perf_counter() - start
         audio_seconds += audio.size(-1) / h.sampling_rate
         decoded = out["audio"][0].cpu().numpy()
-        atomic_write(os.path.join(output_dir, key + ".wav"),
-                     lambda f: sf.write(f, decoded, h.sampling_rate, subtype="PCM_16", format="WAV"))
+        write_wav(os.path.join(output_dir, key + ".wav"), [decoded], h.sampling_rate, 1)
         on_output(key, out)
         done += 1
     if not done:
