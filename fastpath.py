@@ -634,10 +634,12 @@ class FastGenerator:
     `compile`: run each ConvNeXt block's first half through torch.compile (`compiled_expand`),
     float32 or bfloat16 only; where torch.compile is unavailable, says so on stderr and runs
     without it. Its outputs differ from the uncompiled path's by float rounding.
+    `keep_spectrum`: decoding also returns each clip's predicted spectrum (real, imag), as
+    `codec.codec_roundtrip` does (the path that evaluation and training use).
     """
 
     def __init__(self, encoder: Encoder, decoder: Decoder, h: AttrDict, precision: str = "float32",
-                 chunk_frames: Optional[int] = CHUNK_FRAMES, compile: bool = False):
+                 chunk_frames: Optional[int] = CHUNK_FRAMES, compile: bool = False, keep_spectrum: bool = False):
         if h.causal:
             raise ValueError("the fast forward runs the paper's non-causal codec; a causal one streams instead")
         self.h, self.encoder, self.decoder = h, encoder, decoder
@@ -653,7 +655,7 @@ class FastGenerator:
             print(f"compile: {problem}; running without it", file=sys.stderr)
         self.compiled = compile and problem is None
         self.chunk_frames = chunk_frames
-        self.keep_spectrum = False    # also return each clip's predicted spectrum (real, imag)
+        self.keep_spectrum = keep_spectrum
         with torch.no_grad():
             branches = (encoder.amp, encoder.pha, decoder.amp, decoder.pha)
             self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha = (

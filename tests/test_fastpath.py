@@ -70,9 +70,7 @@ def test_float32_equals_the_reference_path(model, length):
     h, encoder, decoder = model
     audio = _clip(length, 0)
     reference = codec_roundtrip(encoder, decoder, audio[None], h)
-    fast = FastGenerator(encoder, decoder, h, chunk_frames=64)
-    fast.keep_spectrum = True
-    out = fast.roundtrip([audio])[0]
+    out = FastGenerator(encoder, decoder, h, chunk_frames=64, keep_spectrum=True).roundtrip([audio])[0]
     assert torch.equal(out["codes"], reference["codes"][0])
     assert out["audio"].shape == (length,)
     assert (out["audio"] - reference["audio"][0]).abs().max() < TOLERANCE
