@@ -61,9 +61,13 @@ def find_audio_files(folder: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) 
     speaker folders). A folder already visited, through a link or not, is not walked again,
     and a link to `folder` itself or to a folder above it is not followed (with a warning):
     it would loop, or list files outside `folder`."""
+    def unlisted(error: OSError) -> None:
+        # A folder skipped without a word would leave its files out of the lists silently.
+        raise ValueError(f"cannot list the folder {error.filename}: {error.strerror}")
+
     found, visited = [], set()
     top = os.path.realpath(folder)
-    for root, folders, names in os.walk(folder, followlinks=True):
+    for root, folders, names in os.walk(folder, onerror=unlisted, followlinks=True):
         real = os.path.realpath(root)
         if root != folder and os.path.commonpath([real, top]) == real:
             print(f"warning: not following {root}: it links to {real}, which holds {folder}", file=sys.stderr)
@@ -107,15 +111,20 @@ def read_filelist(list_path: str) -> List[str]:
     """
     try:
         # Bytes that are not UTF-8 are kept as they are: they name files whose names are not.
-        with open(list_path, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
+        # A byte order mark (lists saved by Windows editors) is not part of the first line.
+        with open(list_path, encoding="utf-8-sig", errors="surrogateescape") as f:
+            text = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"file list not found: {list_path}") from None
     except OSError as e:
         raise ValueError(f"cannot read file list {list_path}: {e}") from None
+    if "\0" in text:
+        raise ValueError(f"file list {list_path} is not UTF-8 text (it holds NUL characters: UTF-16?)")
     base = os.path.dirname(os.path.abspath(list_path))
     paths = []
-    for line in lines:
+    # Lines end at "\n" (and "\r\n") alone: other characters that str.splitlines takes for line
+    # breaks can be part of a file name.
+    for line in text.split("\n"):
         line = line.strip()
         if line and not line.startswith("#"):
             paths.append(line if os.path.isabs(line) or os.path.exists(line) else os.path.join(base, line))
@@ -124,10 +133,19 @@ def read_filelist(list_path: str) -> List[str]:
     return paths
 
 
+# The problem of a file that could not be opened or read (the reason follows in brackets).
+UNREADABLE = "unreadable"
 # libsndfile's frame count for a file whose header leaves the length open (its largest count).
 _UNKNOWN_LENGTH = 2 ** 63 - 1
 # libsndfile's report on a WAV whose data chunk is shorter than its header says.
 _TRUNCATED = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
+
+
+def _length_left_open(data_bytes: int) -> bool:
+    """Whether a WAV header's data size is a placeholder of a writer that streams (its length
+    was unknown), not a length: 0, 0xFFFFFFFF, or close to 2 GiB (sox writes 0x7FFFF000,
+    arecord 0x7FFFFFFF). libsndfile then reads what the file holds."""
+    return data_bytes == 0 or data_bytes >= 0xFFFFFFF0 or 0x7FFF0000 <= data_bytes <= 0x7FFFFFFF
 
 
 def header_problem(path: str) -> Optional[str]:
@@ -137,15 +155,14 @@ def header_problem(path: str) -> Optional[str]:
     try:
         audio = sf.SoundFile(sound_file(path))
     except Exception as e:
-        return f"unreadable ({first_line(e)})"
+        return f"{UNREADABLE} ({first_line(e)})"
     with audio:
         if audio.frames < 1:
             return "holds no samples"
         if audio.frames >= _UNKNOWN_LENGTH:
             return "has no length in its header (a FLAC written as a stream), which libsndfile cannot read; re-encode it"
         truncated = _TRUNCATED.search(audio.extra_info)
-        # Writers that stream set the size to 0 or 0xFFFFFFFF ("unknown"): not a truncation.
-        if truncated and 0 < int(truncated.group(1)) < 0xFFFFFFF0:
+        if truncated and not _length_left_open(int(truncated.group(1))):
             return (f"truncated (its header promises {truncated.group(1)} bytes of audio, "
                     f"the file holds {truncated.group(2)})")
         if not audio.seekable():    # a few codecs (e.g. GSM 6.10): a full read finds a cut
@@ -173,7 +190,7 @@ def audio_problem(path: str) -> Tuple[Optional[str], float]:
     try:
         audio, sr = sf.read(sound_file(path), dtype="float32", always_2d=True)
     except Exception as e:
-        return f"unreadable ({first_line(e)})", 0.0
+        return f"{UNREADABLE} ({first_line(e)})", 0.0
     seconds = audio.shape[0] / sr
     if not np.isfinite(audio).all():
         return "has NaN or infinite samples", seconds
@@ -183,7 +200,8 @@ def audio_problem(path: str) -> Tuple[Optional[str], float]:
 
 
 class DataCheckCache:
-    """Results of `audio_problem` by path, valid while the file's size and mtime are unchanged.
+    """Results of `audio_problem` by path, valid while the file's size and mtime are unchanged
+    (a file that could not be opened is checked again next time).
 
     Stored as JSON (atomically) so that a restarted run does not read a large corpus again.
     """
@@ -211,7 +229,7 @@ class DataCheckCache:
     def _stamp(path: str) -> Optional[List[int]]:
         try:
             st = os.stat(path)
-        except OSError:
+        except (OSError, ValueError):   # ValueError: a NUL in the name
             return None
         return [st.st_size, st.st_mtime_ns]
 
@@ -223,6 +241,10 @@ class DataCheckCache:
         return entry[1], entry[2]
 
     def put(self, path: str, result: Tuple[Optional[str], float]) -> None:
+        """Keep `result`, unless the file could not be opened: the cause may pass (permissions,
+        a network file system's error) without changing its size or mtime, and opening fails fast."""
+        if (result[0] or "").startswith(UNREADABLE):
+            return
         stamp = self._stamp(path)
         if stamp is not None:
             self.entries[os.path.abspath(path)] = [stamp, *result]

@@ -73,6 +73,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if not files:
             mic = f" with '{args.mic}' in their names (--mic)" if args.mic else ""
             raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}){mic} found under {args.audio_dir}")
+        broken = next((f for f in files if "\n" in f or "\r" in f), None)
+        if broken is not None:
+            # A list holds one path per line: this name would come back as two wrong paths.
+            raise ValueError(f"{broken!r}: a file name with a line break cannot go in a file list; rename it")
         train, valid = split_files(files, args.split, args.valid_fraction)
         if not train or not valid:
             raise ValueError(f"the {args.split} split of {args.audio_dir} leaves an empty "

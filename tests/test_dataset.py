@@ -262,13 +262,15 @@ def test_check_skips_bad_files_reports_them_and_caches(tmp_path, capsys):
     out = capsys.readouterr().out
     for name, reason in expected.items():
         assert f"skipping {tmp_path / 'w' / name}: " in out and reason in out.split(name + ": ")[1].split("\n")[0]
-    # A second check reads nothing: every result comes from the cache (size and mtime unchanged).
+    # A second check reads only the files that could not be opened (the cause may have passed,
+    # e.g. permissions); every other result comes from the cache (size and mtime unchanged).
     cache = DataCheckCache(cache_path)
-    assert all(cache.get(p) is not None for p in paths if os.path.exists(p))
+    reopened = {str(tmp_path / "w" / name) for name, reason in expected.items() if reason == "unreadable"}
+    assert reopened and all((cache.get(p) is None) == (p in reopened) for p in paths if os.path.exists(p))
     original = dataset.audio_problem
 
     def read_only_missing(path):
-        assert not os.path.exists(path), f"re-read {path}"
+        assert not os.path.exists(path) or path in reopened, f"re-read {path}"
         return original(path)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dataset, "audio_problem", read_only_missing)
@@ -393,3 +395,51 @@ def test_the_dealing_digest_follows_order_and_shuffling_not_where_the_dataset_li
         raise ValueError("Paths don't have the same drive")
     monkeypatch.setattr(dataset.os.path, "commonpath", two_drives)
     assert dealing_digest(files, False) != dealing_digest(files[::-1], False)
+
+
+def test_lists_from_windows_editors_and_names_with_unusual_line_characters(tmp_path):
+    """A UTF-8 byte order mark is not part of the first path; a UTF-16 list (NUL bytes) is one
+    line naming it; characters that str.splitlines would break at stay in their names."""
+    odd = str(tmp_path / "a\u2028b\x1cc.wav")
+    plain = write_tone(str(tmp_path / "plain.wav"), 0.1)
+    write_tone(odd, 0.1)
+    listed = tmp_path / "bom.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + f"{plain}\r\n{odd}\r\n".encode())
+    assert dataset.read_filelist(str(listed)) == [plain, odd]
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes(f"{plain}\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=f"^file list {wide} is not UTF-8 text"):
+        dataset.read_filelist(str(wide))
+
+
+def test_a_wav_whose_length_a_streaming_writer_left_open_is_not_truncated(tmp_path):
+    """sox (0x7FFFF000) and arecord (0x7FFFFFFF) write a placeholder data size when the length
+    is unknown; libsndfile reads what the file holds. A smaller size that the file does not
+    hold is a truncation."""
+    path = str(tmp_path / "stream.wav")
+    sf.write(path, tone(0.2), 48000, subtype="PCM_16")
+    data = bytearray(open(path, "rb").read())
+    assert data[36:40] == b"data"
+    for size, problem in ((0x7FFFF000, None), (0x7FFFFFFF, None), (len(data) - 44 + 2, "truncated")):
+        data[40:44] = size.to_bytes(4, "little")
+        data[4:8] = min(size + 36, 0xFFFFFFFF).to_bytes(4, "little")
+        open(path, "wb").write(bytes(data))
+        found = dataset.header_problem(path)
+        assert (found or "").startswith(problem or ""), (hex(size), found)
+        assert (found is None) == (problem is None)
+
+
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """os.walk passes over a folder it cannot list unless told otherwise: its files would be
+    left out of the lists without a word."""
+    (tmp_path / "locked").mkdir()
+    write_tone(str(tmp_path / "locked" / "a.wav"), 0.1)
+    listing = os.scandir
+
+    def denied(path="."):
+        if os.path.basename(str(path)) == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(ValueError, match=f"^cannot list the folder {tmp_path / 'locked'}: Permission denied$"):
+        dataset.find_audio_files(str(tmp_path))

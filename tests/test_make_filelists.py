@@ -83,3 +83,11 @@ def test_a_stop_while_writing_ends_in_one_line_and_leaves_no_partial_list(tmp_pa
     assert exit_info.value.code == code and capsys.readouterr().err.strip().endswith(said)
     assert os.listdir(tmp_path / "lists") == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_name_with_a_line_break_is_refused(tmp_path):
+    write_tone(str(tmp_path / "a.wav"), 0.1)
+    write_tone(str(tmp_path / "b\nc.wav"), 0.1)
+    with pytest.raises(SystemExit, match="a file name with a line break cannot go in a file list"):
+        main([str(tmp_path), "--output_dir", str(tmp_path / "lists")])
+    assert not (tmp_path / "lists").exists()
