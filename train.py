@@ -290,10 +290,12 @@ class NonFiniteChecks:
         self._flags: List[torch.Tensor] = []
         self._pending = torch.zeros(2, device=device)
 
-    def allow(self, value: torch.Tensor, name: str, optimizer: torch.optim.Optimizer, step: int) -> bool:
-        """Whether to step `optimizer` after `value` (its loss, or loss + gradient norm). Where
-        it is not finite (on any rank) the update is skipped on every rank, so the ranks keep
-        equal weights: here, with a report, or with deferred checks by the fused kernels."""
+    def allow(self, value: torch.Tensor, name: str, optimizer: torch.optim.Optimizer, step: int,
+              note: str = "") -> bool:
+        """Whether to step `optimizer` after `value` (its loss + gradient norm). Where it is not
+        finite (on any rank) the update is skipped on every rank, so the ranks keep equal
+        weights: here, with a report (ending with `note`), or with deferred checks by the fused
+        kernels."""
         finite = torch.isfinite(value.detach()).float()
         if distributed():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -303,7 +305,7 @@ class NonFiniteChecks:
             return True
         if finite.item():
             return True
-        say(f"warning: non-finite {name} loss or gradient at step {step}; its update is skipped")
+        say(f"warning: non-finite {name} loss or gradient at step {step}; its update is skipped{note}")
         self._step_finite = False
         return False
 
@@ -581,22 +583,24 @@ class Trainer:
         optimizer, scaler, params = ((self.optim_g, self.scaler_g, self.params_g) if name == "G"
                                      else (self.optim_d, self.scaler_d, self.params_d))
         scaler.unscale_(optimizer)
-        norm: Optional[torch.Tensor] = None       # fp16's scaler checks the gradients itself
         if self.h.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(params, self.h.grad_clip)
-        elif want_norm or not scaler.is_enabled():
+        else:
             norm = gradient_norm(params)
-        # A finite loss can have an infinite gradient (an overflow, atan2's at (0, 0)), which
-        # would write NaN into every weight. fp16's scaler skips those steps itself.
-        check = loss.detach() if scaler.is_enabled() else loss.detach() + norm
-        if not self.nonfinite.allow(check, name, optimizer, self.steps):
+        # A finite loss can have a non-finite gradient (an overflow, atan2's at (0, 0)), which
+        # would write NaN into every weight. Under fp16 the gradients are checked after
+        # unscaling too: the scaler checks them scaled, so it would step NaN in once its scale
+        # has fallen so far that unscaling overflows, and its own skips would go uncounted.
+        measured = {f"grad_norm_{name}": norm} if self.h.grad_clip or want_norm else {}
+        lowered = "; fp16: the loss scale is lowered" if scaler.is_enabled() else ""
+        if not self.nonfinite.allow(loss.detach() + norm, name, optimizer, self.steps, lowered):
             # The scaler has unscaled this step's gradients: its update ends the step (and
             # lowers the scale after an overflow), else the next step's unscale_ fails.
             scaler.update()
-            return {}
+            return measured
         scaler.step(optimizer)
         scaler.update()
-        return {f"grad_norm_{name}": norm} if self.h.grad_clip or want_norm else {}
+        return measured
 
     def discriminator_half(self, audio: torch.Tensor
                            ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], torch.Tensor]:

@@ -301,24 +301,62 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(tmp_path, monkeypatch, 
 
 def test_fp16_skips_a_non_finite_step_and_trains_on(tmp_path, monkeypatch, capsys):
     """fp16's gradient scaler has unscaled the gradients before the check; a skipped update
-    must still end the scaler's step (it halves its scale), or the next step's unscale fails."""
-    h = _setup(tmp_path, training_epochs=2, mixed_precision="fp16", validation_interval=100, checkpoint_interval=100)
+    must still end the scaler's step (it halves its scale), or the next step's unscale fails.
+    (The scales start low enough here that no step overflows: at 2**16 a tiny model's first
+    steps do, and each of those is a skipped, counted update too.)"""
+    h = _setup(tmp_path, mixed_precision="fp16")
+    trainer = train.Trainer(h, torch.device("cpu"))
+    trainer.scaler_g = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6)
+    trainer.scaler_d = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6)
     real_codec = train.Trainer.codec
-    calls = {"n": 0}
 
     def codec(self, audio, training=False):
-        calls["n"] += training
         ref, gen = real_codec(self, audio, training)
-        if training and calls["n"] == 2:   # step 1 alone: a NaN amplitude loss
+        if self.steps == 1:   # step 1 alone: a NaN amplitude loss
             gen["logamp"] = gen["logamp"] * float("nan")
         return ref, gen
     monkeypatch.setattr(train.Trainer, "codec", codec)
-    trainer = train.train(h, torch.device("cpu"))
-    assert capsys.readouterr().out.count("non-finite G loss or gradient at step 1") == 1
-    assert trainer.steps == 4 and trainer.nonfinite.total == 1
-    # The generator was updated at steps 0, 2 and 3; the skip halved its scaler's scale.
-    assert all(s["step"].item() == 3 for s in trainer.optim_g.state.values())
-    assert trainer.scaler_g.get_scale() < trainer.scaler_d.get_scale()
+    for trainer.steps in range(4):
+        trainer.train_step(_batch(h))
+    out = capsys.readouterr().out
+    assert out.count("warning: non-finite") == 1
+    assert "non-finite G loss or gradient at step 1; its update is skipped; fp16: the loss scale is lowered" in out
+    assert trainer.nonfinite.total == 1
+    # The generator was updated at steps 0, 2 and 3, the discriminators at every step; the
+    # skip halved the generator's scale.
+    assert [s["step"].item() for s in trainer.optim_g.state.values()] == [3] * len(trainer.params_g)
+    assert [s["step"].item() for s in trainer.optim_d.state.values()] == [4] * len(trainer.params_d)
+    assert trainer.scaler_g.get_scale() == 2.0 ** 5 and trainer.scaler_d.get_scale() == 2.0 ** 6
+
+
+def test_fp16_counts_updates_whose_unscaled_gradients_are_not_finite(tmp_path, monkeypatch):
+    """The scaler checks the gradients scaled: at a loss scale so small that unscaling
+    overflows it would step NaN into every weight, and the updates it skips itself were not
+    counted, so a gradient that stays NaN stalled the run without a word. Both are skipped
+    and counted now, and such a run stops after max_nonfinite_steps."""
+    h = _setup(tmp_path, mixed_precision="fp16", max_nonfinite_steps=3, training_epochs=50,
+               validation_interval=1000, checkpoint_interval=1000)
+    trainer = train.Trainer(h, torch.device("cpu"))
+    trainer.train_step(_batch(h))
+    trainer.scaler_g.update(2.0 ** -129)
+    before = [p.detach().clone() for p in trainer.params_g]
+    counted = trainer.nonfinite.total
+    trainer.train_step(_batch(h))
+    assert trainer.nonfinite.total == counted + 1
+    assert all(torch.equal(p, q) for p, q in zip(trainer.params_g, before))
+
+    real_generator_half = train.Trainer.generator_half
+
+    def nan_gradient(self, audio, ref, gen):
+        terms = real_generator_half(self, audio, ref, gen)
+        self.params_g[0].grad.view(-1)[0] = float("nan")    # the loss stays finite
+        return terms
+    monkeypatch.setattr(train.Trainer, "generator_half", nan_gradient)
+    with pytest.raises(SystemExit, match="3 steps in a row had a non-finite loss or gradient"):
+        train.train(h, torch.device("cpu"))
+    step = checkpoint_steps(h.checkpoint_path, "do")[-1]
+    encoder = torch.load(os.path.join(h.checkpoint_path, f"encoder_{step:08d}"), weights_only=False)["encoder"]
+    assert step < 10 and all(torch.isfinite(v).all() for v in encoder.values())
 
 
 @pytest.mark.parametrize("fused", [False, True])
