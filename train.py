@@ -374,6 +374,9 @@ class Trainer:
         self.position = 0
         self.dealing: Optional[str] = None
         self.saved_dealing: Optional[str] = None
+        # (files of the resumed epoch trained on, of them trained on again): a set saved with
+        # another batch_size x processes may end its epoch's files in the middle of a step.
+        self.resumed_items = (0, 0)
         # Steps of the checkpoint files on disk that a resume passed over (unreadable or
         # incomplete) and that no run has written again since; saved with each set, so that
         # later resumes keep knowing them.
@@ -519,22 +522,19 @@ class Trainer:
         self.h = build_config(dict(h, learning_rate=initial, adam_b1=group["betas"][0], adam_b2=group["betas"][1]),
                               h.source)
 
-    def _items_per_step(self) -> int:
+    def items_per_step(self) -> int:
         return self.h.batch_size * rank_and_world_size()[1]
 
     def _resumed_position(self, state: Dict[str, Any]) -> int:
         """The batch of the epoch to continue at. The epoch's files are dealt in one order
         whatever the batch size and process count, so a run resumed with other ones continues
         after the files already trained on, to within one step (said in a line)."""
-        per_step = self._items_per_step()
+        per_step = self.items_per_step()
         if "epoch_items" not in state:
             say("note: this checkpoint set, from an earlier version, does not record how many files of the "
                 "epoch were trained on; resuming assumes the batch_size and process count it was trained with")
         done = state.get("epoch_items", state["position"] * per_step)
-        if done % per_step:
-            say(f"note: {done} files of the epoch were trained on, not a whole number of steps of "
-                f"{per_step} (batch_size x processes); the {done % per_step} after the last whole step "
-                f"are trained on again")
+        self.resumed_items = (done, done % per_step)
         return done // per_step
 
     def save(self, step: int, epoch: int) -> None:
@@ -548,7 +548,7 @@ class Trainer:
                  "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
                  "steps": step, "epoch": epoch,
                  # Not in the release's files: what an exact resume needs beyond them.
-                 "position": self.position, "epoch_items": self.position * self._items_per_step(),
+                 "position": self.position, "epoch_items": self.position * self.items_per_step(),
                  "dealing": self.dealing,
                  "scheduler_g": self.scheduler_g.state_dict(),
                  "scheduler_d": self.scheduler_d.state_dict(), "random_states": random_states(),
@@ -1055,6 +1055,12 @@ def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: i
             f"(max_steps = {h.max_steps}); raise max_steps to continue")
         return trainer
     train_loader.sampler.set_epoch(start_epoch, trainer.position)
+    # Notes on the rest of the resumed epoch, where a batch of it is left.
+    done, again = trainer.resumed_items
+    if again and len(train_loader.sampler):
+        say(f"note: {done} files of the epoch were trained on, not a whole number of steps of "
+            f"{trainer.items_per_step()} (batch_size x processes); the {again} after the last whole step "
+            f"are trained on again")
     if (trainer.position and len(train_loader.sampler)
             and trainer.saved_dealing not in (None, trainer.dealing)):
         say(f"note: the training list or shuffle_every_epoch changed since this set was saved: the rest of "

@@ -631,6 +631,13 @@ def test_resuming_with_another_batch_size_continues_after_the_files_trained_on(t
         out = capsys.readouterr().out
         assert run.steps - 1 == last_step
         assert (note in out) if note else "trained on again" not in out
+    # A set saved at an epoch's last step has no batch of it left to train again: no note.
+    ended = _setup(tmp_path / "ended", training_epochs=2, batch_size=1, max_steps=4, validation_interval=100)
+    train.train(ended, torch.device("cpu"))
+    assert torch.load(os.path.join(ended.checkpoint_path, "do_00000003"), weights_only=False)["epoch_items"] == 4
+    capsys.readouterr()
+    assert train.train(make_config(**dict(ended, batch_size=3, max_steps=5)), torch.device("cpu")).steps == 5
+    assert "trained on again" not in capsys.readouterr().out
     # A set of an earlier version has no epoch_items: its position counts steps of the batch now.
     resumed = tmp_path / "earlier" / "cp"
     resumed.mkdir(parents=True)
