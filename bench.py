@@ -82,7 +82,7 @@ import train
 from config import AttrDict, build_config, make_parser, run_cli, save_config
 from discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
 from models import Decoder, Encoder, random_encoder_decoder
-from streaming import StreamingCodec, latency_samples
+from streaming import StreamingCodec, first_code_samples, latency_samples
 from utils import pick_device, synchronize
 
 # Configuration names of --precisions: a precision, optionally "+" a torch.compile mode.
@@ -602,13 +602,12 @@ def check_arguments(h: AttrDict, args: argparse.Namespace) -> None:
         raise ValueError(f"--file_seconds times whole files in --suite inference (or all), not --suite {args.suite}")
     if args.stream_chunk_ms and not h.causal:
         raise ValueError(f"--stream_chunk_ms needs a causal config ('causal': true), not {h.source}")
-    if max(args.stream_chunk_ms, default=0) > codec.MAX_CHUNK_MS:
-        raise ValueError(f"--stream_chunk_ms takes at most {codec.MAX_CHUNK_MS:g} milliseconds, "
-                         f"got {max(args.stream_chunk_ms):g}")
-    if args.stream_chunk_ms and args.clip_seconds * h.sampling_rate < latency_samples(h):
+    for ms in args.stream_chunk_ms:
+        codec.chunk_samples(ms, h.sampling_rate, "--stream_chunk_ms")
+    if args.stream_chunk_ms and args.clip_seconds * h.sampling_rate < first_code_samples(h):
         # No push would complete a latent frame: there would be nothing to time.
-        raise ValueError(f"--clip_seconds {args.clip_seconds:g} is shorter than the stream's latency "
-                         f"({1000 * latency_samples(h) / h.sampling_rate:.2f} ms), so no latent frame completes")
+        raise ValueError(f"--clip_seconds {args.clip_seconds:g} is shorter than a stream needs for its first "
+                         f"code ({1000 * first_code_samples(h) / h.sampling_rate:.2f} ms)")
 
 
 def run(h: AttrDict, args: argparse.Namespace) -> None:

@@ -164,13 +164,13 @@ _LAYOUTS = {version: ([name for name, _ in fields], struct.Struct("<" + "".join(
 _DERIVED = ("magic", "version", "n_codebooks", "channels", "frames", "crc32")
 
 
-def chunk_samples(chunk_ms: float, sampling_rate: int) -> int:
+def chunk_samples(chunk_ms: float, sampling_rate: int, option: str = "--chunk_ms") -> int:
     """A stream's chunk of `chunk_ms` milliseconds in samples (at least one); a one-line error
-    naming --chunk_ms unless it is a positive number of at most MAX_CHUNK_MS (a larger chunk
+    naming `option` unless it is a positive number of at most MAX_CHUNK_MS (a larger chunk
     is not a stream, and is read into memory whole)."""
     if not (math.isfinite(chunk_ms) and 0 < chunk_ms <= MAX_CHUNK_MS):
-        raise ValueError(f"--chunk_ms must be a positive number of at most {MAX_CHUNK_MS:g} (a minute), "
-                         f"got {chunk_ms}")
+        raise ValueError(f"{option} must be a positive number of at most {MAX_CHUNK_MS:g} (a minute), "
+                         f"got {chunk_ms:g}")
     return max(1, round(chunk_ms * sampling_rate / 1000))
 
 
@@ -224,9 +224,9 @@ class CodesFile:
     model_length: int
     chunk_length: int = 0
     chunk_overlap: int = 0
+    name: str = "<codes>"
     win_size: Optional[int] = None
     causal: Optional[bool] = None
-    name: str = "<codes>"
 
     @property
     def channels(self) -> int:
@@ -547,7 +547,7 @@ class Codec:
         milliseconds (causal codecs; in float32 the output equals the offline pass up to float
         rounding)."""
         chunk = chunk_samples(chunk_ms, self.h.sampling_rate)
-        require_causal(self.h)
+        require_causal(self.h, what="--stream")
         return chunk
 
     def _window_audio(self, blocks: Iterable[np.ndarray], rate: int, channels: int, model_length: int,

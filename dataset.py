@@ -122,8 +122,8 @@ def read_filelist(list_path: str) -> List[str]:
         raise ValueError(f"file list {list_path} is not UTF-8 text (it holds NUL characters: UTF-16?)")
     base = os.path.dirname(os.path.abspath(list_path))
     paths = []
-    # Lines end at "\n" (and "\r\n") alone: other characters that str.splitlines takes for line
-    # breaks can be part of a file name.
+    # Lines end at "\n", "\r\n" and "\r" (universal newlines) alone: other characters that
+    # str.splitlines takes for line breaks can be part of a file name.
     for line in text.split("\n"):
         line = line.strip()
         if line and not line.startswith("#"):
@@ -217,13 +217,21 @@ class DataCheckCache:
                 loaded = {}
             # A damaged or foreign file costs a new read of what it holds wrongly, not the run.
             if isinstance(loaded, dict):
-                self.entries = {key: entry for key, entry in loaded.items() if self._well_formed(entry)}
+                self.entries = {key: entry for key, entry in loaded.items()
+                                if self._well_formed(entry) and self._kept(entry[1])}
 
     @staticmethod
     def _well_formed(entry: Any) -> bool:
         """Whether `entry` is [[size, mtime_ns], problem or None, seconds], as `put` stores it."""
         return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], list)
                 and isinstance(entry[1], (str, type(None))) and isinstance(entry[2], (int, float)))
+
+    @staticmethod
+    def _kept(problem: Optional[str]) -> bool:
+        """Whether a result is cached: not when the file could not be opened, since the cause
+        may pass (permissions, a network file system's error) without changing its size or
+        mtime, and opening fails fast. (Caches of earlier versions hold such results too.)"""
+        return not (problem or "").startswith(UNREADABLE)
 
     @staticmethod
     def _stamp(path: str) -> Optional[List[int]]:
@@ -241,9 +249,7 @@ class DataCheckCache:
         return entry[1], entry[2]
 
     def put(self, path: str, result: Tuple[Optional[str], float]) -> None:
-        """Keep `result`, unless the file could not be opened: the cause may pass (permissions,
-        a network file system's error) without changing its size or mtime, and opening fails fast."""
-        if (result[0] or "").startswith(UNREADABLE):
+        if not self._kept(result[0]):
             return
         stamp = self._stamp(path)
         if stamp is not None:

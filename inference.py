@@ -83,6 +83,8 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
     replace an input or, decoding codes files, the audio file beside a codes file (presumably
     its original): what an output folder that is, or lies inside, the input folder can do."""
     folder = nearest_existing(target)
+    if not os.path.exists(folder):
+        raise ValueError(f"{option}: {folder} does not exist")
     if not os.path.isdir(folder):
         raise ValueError(f"{option}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):

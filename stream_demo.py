@@ -71,29 +71,33 @@ def stream(h: AttrDict, codec: StreamingCodec, chunks: Iterator[np.ndarray], sin
     """Push every chunk through the codec, writing decoded audio as it comes; per-push timings."""
     if wav:
         with sf.SoundFile(sink, "w", h.sampling_rate, 1, "PCM_16", format="WAV") as out:
-            return timed_stream(codec, chunks, lambda samples: out.write(samples))
+            return timed_stream(codec, chunks, lambda samples: out.write(samples), live=True)
 
     def write_raw(samples: np.ndarray) -> None:
         sink.write(np.round(np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
         sink.flush()
-    return timed_stream(codec, chunks, write_raw)
+    return timed_stream(codec, chunks, write_raw, live=True)
 
 
 class StopReading(Exception):
     """Ctrl-C while the stream waits for its next chunk."""
 
 
-def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Callable[[np.ndarray], None]
-                 ) -> List[dict]:
+def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Callable[[np.ndarray], None],
+                 live: bool = False) -> List[dict]:
     """Push each chunk (L,) and write what comes out, then flush; returns per push the latent
-    frames completed and the wall and CPU (this thread) seconds it took."""
+    frames completed and the wall and CPU (this thread) seconds it took. `live`: Ctrl-C or
+    SIGTERM ends the stream and keeps what was coded (else they stop the process as usual)."""
     timings = []
     stop: List[int] = []
     reading = False
 
     def request_stop(signum: int, frame: object) -> None:
-        if stop:
-            raise KeyboardInterrupt    # a second signal stops at once
+        if stop:   # a second signal stops at once
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            print("terminated", file=sys.stderr)
+            raise SystemExit(128 + signum)
         stop.append(signum)
         if reading:
             raise StopReading          # the next chunk may never come (a source that waits)
@@ -102,7 +106,8 @@ def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Cal
     # ends: the push under way finishes (the encoder may have taken its chunk already), or the
     # wait for the next chunk ends (what it had read of that chunk is dropped); then the
     # stream is flushed and everything coded is written.
-    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, request_stop)
+                for signum in ((signal.SIGINT, signal.SIGTERM) if live else ())}
     chunks = iter(chunks)
     try:
         with torch.inference_mode():

@@ -35,12 +35,13 @@ from models import Branch, CausalConv1d, ConvNeXtBlock, Decoder, Encoder
 from spectral import amp_pha_spectrum, overlap_add, window_envelope
 
 
-def require_causal(h: AttrDict, *modules: nn.Module) -> None:
-    """A one-line ValueError unless `h`, and each Encoder / Decoder in `modules`, is causal: a
-    stream of the paper's non-causal model would run without error and decode wrongly."""
+def require_causal(h: AttrDict, *modules: nn.Module, what: str = "streaming") -> None:
+    """A one-line ValueError, saying that `what` needs it, unless `h`, and each Encoder /
+    Decoder in `modules`, is causal: a stream of the paper's non-causal model would run
+    without error and decode wrongly."""
     if not h.causal:
-        raise ValueError(f"streaming needs a causal codec ('causal': true); {h.source} describes the paper's "
-                         f"non-causal model (try --config configs/apcodec_s_48k.json)")
+        raise ValueError(f"{what} needs a causal codec ('causal': true, as in configs/apcodec_s_48k.json); "
+                         f"{h.source} describes the paper's non-causal model")
     for module in modules:
         if not isinstance(module.latent_conv, CausalConv1d):
             raise ValueError(f"streaming needs a causal codec: {h.source} says 'causal': true, but the "
@@ -65,6 +66,13 @@ def latency_samples(h: AttrDict) -> int:
     """
     a, b = window_extent(h)
     return (h.ratio - 1) * h.hop_size + a + b - 1
+
+
+def first_code_samples(h: AttrDict) -> int:
+    """Samples a stream takes before it gives its first code: the latent frame's STFT frames,
+    the last one's window included."""
+    _, b = window_extent(h)
+    return (h.ratio - 1) * h.hop_size + b
 
 
 def causal_latent_frames(length: int, h: AttrDict) -> int:

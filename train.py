@@ -592,8 +592,8 @@ class Trainer:
         # unscaling too: the scaler checks them scaled, so it would step NaN in once its scale
         # has fallen so far that unscaling overflows, and its own skips would go uncounted.
         measured = {f"grad_norm_{name}": norm} if self.h.grad_clip or want_norm else {}
-        lowered = "; fp16: the loss scale is lowered" if scaler.is_enabled() else ""
-        if not self.nonfinite.allow(loss.detach() + norm, name, optimizer, self.steps, lowered):
+        note = " (fp16: an overflow of the scaled gradients also lowers the loss scale)" if scaler.is_enabled() else ""
+        if not self.nonfinite.allow(loss.detach() + norm, name, optimizer, self.steps, note):
             # The scaler has unscaled this step's gradients: its update ends the step (and
             # lowers the scale after an overflow), else the next step's unscale_ fails.
             scaler.update()
@@ -922,9 +922,11 @@ def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1) -> Tuple[Data
                               generator=torch.Generator().manual_seed(h.seed))
     if rank != 0:
         return train_loader, None
+    # Its worker persists too, so that a file that stopped reading is warned about once.
     valid_loader = DataLoader(AudioDataset(valid_files, h, train=False), batch_size=1,
                               shuffle=False, num_workers=min(1, h.num_workers), pin_memory=pin,
-                              worker_init_fn=_ignore_stop_signals, generator=torch.Generator().manual_seed(h.seed))
+                              persistent_workers=h.num_workers > 0, worker_init_fn=_ignore_stop_signals,
+                              generator=torch.Generator().manual_seed(h.seed))
     return train_loader, valid_loader
 
 

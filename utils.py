@@ -69,7 +69,8 @@ def compile_problem(device: torch.device = torch.device("cpu")) -> Optional[str]
 def nearest_existing(path: str) -> str:
     """`path`, or the nearest folder above it that exists (outputs make their folders as needed)."""
     path = os.path.abspath(path)
-    while not os.path.exists(path):
+    # A root that does not exist either (an unmapped Windows drive) is its own folder above.
+    while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
 
@@ -81,6 +82,8 @@ def check_output_file(path: str, option: str) -> None:
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{option}: {path} is a folder, where an output file goes")
     above = nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if not os.path.exists(above):
+        raise ValueError(f"{option}: {above} does not exist")
     if not os.path.isdir(above):
         raise ValueError(f"{option}: {above} is a file, where a folder of outputs goes")
     if not os.access(above, os.W_OK | os.X_OK):

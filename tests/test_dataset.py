@@ -267,6 +267,11 @@ def test_check_skips_bad_files_reports_them_and_caches(tmp_path, capsys):
     cache = DataCheckCache(cache_path)
     reopened = {str(tmp_path / "w" / name) for name, reason in expected.items() if reason == "unreadable"}
     assert reopened and all((cache.get(p) is None) == (p in reopened) for p in paths if os.path.exists(p))
+    # So does a cache of an earlier version, which kept them.
+    with open(cache_path, "w") as f:
+        json.dump({**cache.entries, **{p: [DataCheckCache._stamp(p), "unreadable (Permission denied)", 0.0]
+                                       for p in reopened}}, f)
+    assert all(DataCheckCache(cache_path).get(p) is None for p in reopened)
     original = dataset.audio_problem
 
     def read_only_missing(path):

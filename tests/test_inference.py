@@ -456,3 +456,14 @@ def test_decode_refuses_the_options_a_codes_file_already_records(options, messag
     with pytest.raises(ValueError, match=message):
         inference.check_options("decode", **settings)
     inference.check_options("resynth", **settings)
+
+
+def test_an_output_on_a_drive_that_does_not_exist_is_named(monkeypatch):
+    """On Windows the root of an unmapped drive does not exist: the search for the nearest
+    existing folder stops there instead of looping, and the line names it."""
+    from utils import check_output_file, nearest_existing
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    root = os.path.abspath(os.sep)
+    assert nearest_existing(os.path.join(root, "x", "y")) == root
+    with pytest.raises(ValueError, match=f"^--output: {re.escape(root)} does not exist$"):
+        check_output_file(os.path.join(root, "x", "out.wav"), "--output")

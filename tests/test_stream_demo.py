@@ -14,7 +14,7 @@ from checkpoints import release_state_dict
 from codec import codec_roundtrip
 from config import save_config
 from conftest import ROOT, TINY, make_config, write_tone
-from models import Decoder, Encoder, remove_weight_norm
+from models import Decoder, Encoder, random_encoder_decoder, remove_weight_norm
 from streaming import StreamingCodec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,3 +160,28 @@ def test_bad_numbers_exit_in_one_line_naming_the_option(tmp_path, causal_config,
         stream_demo.main(["--config", config, "--input", str(tmp_path / "in.wav"), "--output",
                           str(tmp_path / "o.wav"), "--random_weights", option, value])
     assert option in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_a_stream_that_is_not_live_leaves_the_signals_to_the_process():
+    """bench.py times streams with live=False: a SIGTERM then ends the process as usual, not
+    only the stream under way (whose cut-short timing would be reported)."""
+    h = make_config(**TINY, causal=True)
+    encoder, decoder = random_encoder_decoder(h)
+
+    class Stopped(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stopped
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        class TerminatedOnThePush(StreamingCodec):
+            def push(self, audio):
+                signal.raise_signal(signal.SIGTERM)
+                return super().push(audio)
+        with pytest.raises(Stopped):
+            stream_demo.timed_stream(TerminatedOnThePush(encoder, decoder, h), iter([np.zeros(480, np.float32)]),
+                                     lambda samples: None)
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

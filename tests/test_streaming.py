@@ -116,7 +116,7 @@ def test_a_stream_ends_at_flush_and_chunk_sizes_must_advance(codec):
     # The paper's non-causal model would stream without error and decode wrongly.
     offline_h = make_config(**TINY)
     offline = (Encoder(offline_h), Decoder(offline_h))
-    with pytest.raises(ValueError, match=r"^streaming needs a causal codec \('causal': true\); config describes"):
+    with pytest.raises(ValueError, match=r"^streaming needs a causal codec \('causal': true, as in .*\); config describes"):
         streaming.StreamingCodec(*offline, offline_h)
     for pair, built in ((offline, "encoder"), ((encoder, offline[1]), "decoder")):
         with pytest.raises(ValueError, match=f"says 'causal': true, but the {built} given was built non-causal"):
@@ -171,6 +171,15 @@ def test_state_size_is_bounded_in_stream_length(codec):
         sizes.append((start, stream.state_size()))
     first = max(n for at, n in sizes if at < x.size(-1) // 2)
     assert max(n for at, n in sizes if at >= x.size(-1) // 2) <= first
+
+
+def test_the_first_code_comes_after_first_code_samples(codec):
+    h, encoder, decoder = codec
+    stream = streaming.StreamingEncoder(encoder, h)
+    x = signal(0.05)
+    n = streaming.first_code_samples(h)
+    assert stream.push(x[:, :n - 1]).size(-1) == 0
+    assert stream.push(x[:, n - 1:n]).size(-1) == 1
 
 
 def test_impulse_delay_through_the_stream_is_the_latency(codec):
