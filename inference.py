@@ -47,7 +47,7 @@ from codec import BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, FILE_ERRORS, ST
 from config import AttrDict, make_parser, run_cli
 from dataset import AUDIO_EXTENSIONS, audio_index, header_problem
 from fastpath import PRECISIONS, kernels
-from utils import check_output_file, counted, nearest_existing, pick_device
+from utils import check_output_file, check_output_folder, counted, pick_device
 
 MODES = ("resynth", "encode", "decode")
 
@@ -82,14 +82,7 @@ def check_outputs(files: Dict[str, str], target: str, extension: str, option: st
     taken by a folder (or a file stands where its folder goes), or when an output would
     replace an input or, decoding codes files, the audio file beside a codes file (presumably
     its original): what an output folder that is, or lies inside, the input folder can do."""
-    folder = nearest_existing(target)
-    if not os.path.exists(folder):
-        raise ValueError(f"{option}: {folder} does not exist")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{option}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        # Found now, not after every file has been coded.
-        raise ValueError(f"{option}: cannot write in {folder}")
+    check_output_folder(target, option)
 
     def identity(path: str) -> Optional[Tuple[int, int]]:
         # The file itself, whatever the name's case (on file systems that ignore it) or links.

@@ -75,19 +75,25 @@ def nearest_existing(path: str) -> str:
     return path
 
 
-def check_output_file(path: str, option: str) -> None:
-    """A one-line ValueError naming `option` when no file can be written at `path`: a folder
-    takes its place, a file stands where a folder above it goes, or that folder is read-only.
-    Checked before the work, which would otherwise be lost when the output is renamed into place."""
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        raise ValueError(f"{option}: {path} is a folder, where an output file goes")
-    above = nearest_existing(os.path.dirname(os.path.abspath(path)))
+def check_output_folder(folder: str, option: str) -> None:
+    """A one-line ValueError naming `option` unless outputs can be written in `folder` (made as
+    needed): the nearest folder at or above it that exists must be a folder, and writable.
+    Checked before the work, which would otherwise be lost when an output is renamed into place."""
+    above = nearest_existing(folder)
     if not os.path.exists(above):
         raise ValueError(f"{option}: {above} does not exist")
     if not os.path.isdir(above):
         raise ValueError(f"{option}: {above} is a file, where a folder of outputs goes")
     if not os.access(above, os.W_OK | os.X_OK):
         raise ValueError(f"{option}: cannot write in {above}")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """`check_output_folder` for the folder of an output file at `path`, whose place a folder
+    must not take either."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise ValueError(f"{option}: {path} is a folder, where an output file goes")
+    check_output_folder(os.path.dirname(os.path.abspath(path)), option)
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
