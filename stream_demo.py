@@ -80,7 +80,7 @@ def stream(h: AttrDict, codec: StreamingCodec, chunks: Iterator[np.ndarray], sin
 
 
 class StopReading(Exception):
-    """Ctrl-C while the stream waits for its next chunk."""
+    """A stop signal (Ctrl-C, SIGTERM) while a live stream waits for its next chunk."""
 
 
 def timed_stream(codec: StreamingCodec, chunks: Iterator[np.ndarray], write: Callable[[np.ndarray], None],
