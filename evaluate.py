@@ -14,8 +14,8 @@ names another, so this works from any folder.
 
 Writes OUTPUT/metrics.csv (per file), summary.json (mean and 95% confidence interval per
 metric), report.md (the Markdown table also printed) and spectrograms.png (the worst and
-best file by LSD). The SNR of a silent reference is undefined: it is left empty and out
-of the mean, and the report says so.
+best file by LSD). A metric undefined on a file (the SNR of a silent reference) is left
+empty there and out of its mean, and the report names the file.
 """
 import argparse
 import csv
@@ -344,10 +344,12 @@ def run(h: AttrDict, args: argparse.Namespace) -> None:
             row["STFT_consistency"] = consistency[row["file"]]
     names = [n for n in rows[0] if n != "file"]
     stats = {n: mean_and_ci([row[n] for row in rows if not math.isnan(row[n])]) for n in names}
-    undefined = [row["file"] for row in rows if math.isnan(row["SNR"])]
-    if undefined:
-        notes.append(f"SNR is undefined for {len(undefined)} silent reference(s), left out of its mean: "
-                     f"{', '.join(undefined)}")
+    # A metric undefined on a file (the SNR of a silent reference) is named with the files.
+    for name in names:
+        undefined = [row["file"] for row in rows if math.isnan(row[name])]
+        if undefined:
+            notes.append(f"{name} is undefined for {counted(len(undefined), 'file')}, left out of its mean: "
+                         f"{', '.join(undefined)}")
     if codec:
         notes.append(f"Nominal bitrate {codec['bitrate_bps']:.0f} bit/s, measured from the codes "
                      f"{codec['bitrate_measured_bps']:.0f} bit/s; RTF (encode + decode) "
