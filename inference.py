@@ -43,7 +43,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from codec import BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, FILE_ERRORS, STREAM_CHUNK_MS, Codec, CodesFile
+from codec import (BATCH_SECONDS, CHUNK_SECONDS, CODES_EXTENSION, FILE_ERRORS, MAX_CHUNK_MS, STREAM_CHUNK_MS, Codec,
+                   CodesFile)
 from config import AttrDict, make_parser, run_cli
 from dataset import AUDIO_EXTENSIONS, audio_index, header_problem
 from fastpath import PRECISIONS, kernels
@@ -266,7 +267,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="resynthesise through the streaming codec (causal codecs only)")
     parser.add_argument("--chunk_ms", type=float, metavar="MS",
-                        help=f"stream chunk in milliseconds, with --stream (default {STREAM_CHUNK_MS:g})")
+                        help=f"stream chunk in milliseconds, with --stream (default {STREAM_CHUNK_MS:g}, at most "
+                             f"{MAX_CHUNK_MS:g})")
     run_cli(lambda h, args: inference(h, args.mode, n_codebooks=args.use_codebooks,
                                       keep_model_rate=args.keep_model_rate, chunk_seconds=args.chunk_seconds,
                                       stream_ms=stream_chunk_ms(args), precision=args.precision,

@@ -27,7 +27,7 @@ import soundfile as sf
 import torch
 
 from config import AttrDict, make_parser, run_cli
-from codec import STREAM_CHUNK_MS, chunk_samples, load_codec
+from codec import MAX_CHUNK_MS, STREAM_CHUNK_MS, chunk_samples, load_codec
 from dataset import AUDIO_EXTENSIONS, sound_file
 from models import random_encoder_decoder
 from fastpath import PRECISIONS, kernels, resolve_precision
@@ -232,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--input", required=True, help="wav file, or - for raw 16-bit mono PCM on stdin")
     parser.add_argument("--output", required=True, help="wav file (.wav), raw PCM file, or - for stdout")
     parser.add_argument("--chunk_ms", type=float, default=STREAM_CHUNK_MS,
-                        help=f"chunk length in milliseconds (default {STREAM_CHUNK_MS:g})")
+                        help=f"chunk length in milliseconds (default {STREAM_CHUNK_MS:g}, at most {MAX_CHUNK_MS:g})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--precision", choices=PRECISIONS + ("auto",), default="float32",
                         help="products in float32 (default: the offline pass exactly), bfloat16 or int8 "
