@@ -18,7 +18,8 @@ the host still issues besides the replays: the updates and checks). Then paramet
 --suite train: `train.py` itself, end to end with its DataLoader, on wav files generated
 in a temporary folder, for --train_steps steps per configuration: seconds per step over
 the epochs after the first (which holds compilation and the step-0 validation) and the
-mean loss terms per 50 steps, to compare the curves of the configurations. --train_seconds
+mean of the loss terms train.py prints (every 10 steps) per 50 steps, to compare the curves
+of the configurations. --train_seconds
 stops each run after that long (it saves, as after Ctrl-C) and reports the steps reached.
 
 --suite inference: first the floor, the model's FLOPs per second of audio (torch's FLOP
@@ -89,6 +90,7 @@ from utils import pick_device, synchronize
 STEP_PRECISIONS = {"float32": "no", "bf16": "bf16", "fp16": "fp16"}
 COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}
 CURVE_WINDOW = 50
+CURVE_EVERY = 10    # train.py's stdout_interval in the train suite: each window's mean is of 5 lines
 
 
 def synthetic_audio(batch: int, length: int, sr: int, seed: int = 0) -> torch.Tensor:
@@ -448,7 +450,7 @@ def bench_train_script(h: AttrDict, folder: str, steps_per_epoch: int, epochs: i
     settings = dict(h, input_training_wav_list=os.path.join(folder, "train.txt"),
                     input_validation_wav_list=os.path.join(folder, "valid.txt"),
                     checkpoint_path=os.path.join(run_folder, "cp"), training_epochs=epochs,
-                    stdout_interval=10, summary_interval=100, checkpoint_interval=10 ** 9,
+                    stdout_interval=CURVE_EVERY, summary_interval=100, checkpoint_interval=10 ** 9,
                     validation_interval=10 ** 9)
     config_path = os.path.join(run_folder, "config.json")
     save_config(build_config(settings), config_path)

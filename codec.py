@@ -436,12 +436,19 @@ def _file_blocks(path: str) -> Tuple[Iterator[np.ndarray], int, int, int]:
     return blocks(), info.samplerate, info.channels, info.frames
 
 
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples (any shape) as 16-bit PCM, rounded to the nearest step and clipped; read
+    back as int / 32768. libsndfile's own conversion rounds down: half a step low on average."""
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
+
+
 def write_wav(path: str, blocks: Iterable[np.ndarray], rate: int, channels: int) -> None:
-    """A 16-bit PCM wav of `blocks` ((n,) or (n, channels) each) written block by block, atomically."""
+    """A 16-bit PCM wav of float `blocks` ((n,) or (n, channels) each) written block by block,
+    atomically."""
     def write(f: BinaryIO) -> None:
         with sf.SoundFile(f, "w", rate, channels, subtype="PCM_16", format="WAV") as out:
             for block in blocks:
-                out.write(block)
+                out.write(pcm16(block))
     atomic_write(path, write)
 
 

@@ -27,7 +27,7 @@ import soundfile as sf
 import torch
 
 from config import AttrDict, make_parser, run_cli
-from codec import MAX_CHUNK_MS, STREAM_CHUNK_MS, chunk_samples, load_codec
+from codec import MAX_CHUNK_MS, STREAM_CHUNK_MS, chunk_samples, load_codec, pcm16
 from dataset import AUDIO_EXTENSIONS, sound_file
 from models import random_encoder_decoder
 from fastpath import PRECISIONS, kernels, resolve_precision
@@ -71,10 +71,10 @@ def stream(h: AttrDict, codec: StreamingCodec, chunks: Iterator[np.ndarray], sin
     """Push every chunk through the codec, writing decoded audio as it comes; per-push timings."""
     if wav:
         with sf.SoundFile(sink, "w", h.sampling_rate, 1, "PCM_16", format="WAV") as out:
-            return timed_stream(codec, chunks, lambda samples: out.write(samples), live=True)
+            return timed_stream(codec, chunks, lambda samples: out.write(pcm16(samples)), live=True)
 
     def write_raw(samples: np.ndarray) -> None:
-        sink.write(np.round(np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        sink.write(pcm16(samples).astype("<i2").tobytes())
         sink.flush()
     return timed_stream(codec, chunks, write_raw, live=True)
 

@@ -13,7 +13,7 @@ import torch
 import codec as codec_module
 import inference
 from codec import (HEADER_FIELDS, Codec, CodesFile, code_bits, codec_roundtrip, decoding_weights_hash, latent_frames,
-                   load_codec, pack_codes, unpack_codes, window_spans)
+                   load_codec, pack_codes, pcm16, unpack_codes, window_spans, write_wav)
 from config import SCHEMA, bitrate, build_config, read_config_file
 from conftest import ROOT, TINY, default_raw, make_config, tone, write_tone
 from dataset import load_audio
@@ -389,7 +389,21 @@ def test_int_and_float_inputs(codec, tmp_path, subtype):
     out, rate = sf.read(str(tmp_path / "out.wav"), dtype="int16")
     expected = codec.resynthesize(sf.read(path, dtype="float32")[0], 48000)[0][0]
     assert rate == 48000 and out.shape == (4800,)
-    assert np.abs(out - np.round(np.clip(expected, -1, 1) * 32767)).max() <= 1
+    assert np.abs(out.astype(int) - pcm16(expected)).max() <= 1
+
+
+def test_wavs_are_rounded_to_the_nearest_16_bit_step(tmp_path):
+    """libsndfile's float to 16-bit conversion rounds down (half a step low on average, a DC
+    offset in every output); `write_wav` rounds to the nearest step. By hand: 0.6, -0.4, 1.4,
+    -0.6 steps are written as 1, 0, 1, -1, and full scale is clipped."""
+    path = str(tmp_path / "a.wav")
+    steps = np.array([0.6, -0.4, 1.4, -0.6, 40000.0, -40000.0], np.float32)
+    write_wav(path, [steps / 32768], 48000, 1)
+    assert sf.read(path, dtype="int16")[0].tolist() == [1, 0, 1, -1, 32767, -32768]
+    x = np.random.default_rng(0).uniform(-0.9, 0.9, 48000).astype(np.float32)
+    write_wav(path, [x], 48000, 1)
+    error = sf.read(path, dtype="float64")[0] - x
+    assert np.abs(error).max() <= 0.5 / 32768 + 1e-9 and abs(error.mean()) < 0.02 / 32768
 
 
 def test_inference_encode_and_decode_modes_mirror_the_tree(tmp_path, tiny_h):

@@ -11,7 +11,7 @@ import torch
 
 import stream_demo
 from checkpoints import release_state_dict
-from codec import codec_roundtrip
+from codec import codec_roundtrip, pcm16
 from config import save_config
 from conftest import ROOT, TINY, make_config, write_tone
 from models import Decoder, Encoder, random_encoder_decoder, remove_weight_norm
@@ -32,7 +32,7 @@ def offline_pcm16(h, audio):
     torch.manual_seed(h.seed)
     encoder, decoder = remove_weight_norm(Encoder(h)).eval(), remove_weight_norm(Decoder(h)).eval()
     out = codec_roundtrip(encoder, decoder, torch.from_numpy(audio)[None], h)["audio"][0].numpy()
-    return np.round(np.clip(out, -1, 1) * 32767)
+    return pcm16(out).astype(int)
 
 
 def test_wav_in_wav_out_equals_the_offline_codec(tmp_path, causal_config, capsys):
