@@ -825,12 +825,15 @@ def check_run_config(h: AttrDict) -> None:
                          f"the run's own values, or give a new checkpoint_path")
 
 
-def check_before_writing(h: AttrDict) -> None:
+LIST_KEYS = ("input_training_wav_list", "input_validation_wav_list")
+
+
+def check_before_writing(h: AttrDict) -> List[List[str]]:
     """What can be found wrong without writing anything, nor reading the data: a missing file
-    list, or a run in checkpoint_path of another network."""
-    for key in ("input_training_wav_list", "input_validation_wav_list"):
-        read_filelist(h[key])
+    list, or a run in checkpoint_path of another network. Returns the lists' paths."""
+    listed = [read_filelist(h[key]) for key in LIST_KEYS]
     check_run_config(h)
+    return listed
 
 
 def check_run_setup(h: AttrDict) -> Optional[IO]:
@@ -882,17 +885,19 @@ def with_run_seed(h: AttrDict) -> AttrDict:
     return build_config(dict(h, seed=saved.seed), h.source)
 
 
-def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, Optional[DataLoader]]:
+def build_loaders(h: AttrDict, rank: int = 0, world_size: int = 1, listed: Optional[List[List[str]]] = None
+                  ) -> Tuple[DataLoader, Optional[DataLoader]]:
     """Training loader (this rank's share) and validation loader (rank 0 only, else None).
 
     Rank 0 reads every listed file once at start-up (cached) and keeps the usable ones.
+    `listed`: the lists' paths where `check_before_writing` has read them already.
     """
     def check_lists() -> List[List[str]]:
         cache = DataCheckCache(os.path.join(h.checkpoint_path, "data_check.json"))
         segment_seconds = h.segment_size / h.sampling_rate
-        return [check_audio_files(read_filelist(h[key]), h[key], segment_seconds, h.strict_data, cache,
-                                  workers=max(1, h.num_workers))
-                for key in ("input_training_wav_list", "input_validation_wav_list")]
+        paths = listed or [read_filelist(h[key]) for key in LIST_KEYS]
+        return [check_audio_files(files, h[key], segment_seconds, h.strict_data, cache, workers=max(1, h.num_workers))
+                for files, key in zip(paths, LIST_KEYS)]
     lists: List[Optional[List[str]]] = on_rank0(check_lists) or [None, None]
     if world_size > 1:
         # The other ranks wait here while rank 0 reads the lists (see `wait_for_rank0`);
@@ -1014,9 +1019,9 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
         # Refused before checkpoint_path is made or locked, and before the data check: a teacher
         # that cannot teach, a missing file list, another network than the run's.
         teacher = load_teacher(h, torch.device("cpu")) if h.kd_teacher_encoder else None
-        on_rank0(lambda: check_before_writing(h))
+        listed = on_rank0(lambda: check_before_writing(h))
         lock = on_rank0(lambda: check_run_setup(h))
-        return _train(h, device, rank, world_size, teacher)
+        return _train(h, device, rank, world_size, teacher, listed)
     finally:
         if lock is not None:
             lock.close()
@@ -1026,13 +1031,13 @@ def train(h: AttrDict, device: Optional[torch.device] = None) -> Trainer:
 
 
 def _train(h: AttrDict, device: Optional[torch.device], rank: int, world_size: int,
-           teacher: Optional[Tuple[Encoder, Decoder]]) -> Trainer:
+           teacher: Optional[Tuple[Encoder, Decoder]], listed: Optional[List[List[str]]]) -> Trainer:
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else pick_device()
     h = with_run_seed(h)
     torch.manual_seed(h.seed)
     torch.backends.cudnn.benchmark = True
-    train_loader, valid_loader = build_loaders(h, rank, world_size)
+    train_loader, valid_loader = build_loaders(h, rank, world_size, listed)
     trainer = Trainer(h, device, teacher)
     trainer.resume(dealing_digest(train_loader.dataset.files, h.shuffle_every_epoch))
     h = trainer.h   # with the resumed run's learning rate and betas
