@@ -2,7 +2,8 @@
 and `models.Decoder` (non-causal), to float rounding, at a cost that grows linearly with length.
 
 * Activations are (B, T, C), so every pointwise layer and every convolution (as one product
-  per tap) is a matrix product over contiguous rows, with no transposes between layers.
+  per tap; the strided down- and upsampling ones as one product each) is a matrix product
+  over contiguous rows, with no transposes between layers.
 * Time runs in chunks of `chunk_frames`, so a layer's output is still in cache when the next
   one reads it; each ConvNeXt stack updates one residual buffer in place.
 * Without chunks (`chunk_frames` None, as on a GPU) a whole batch runs each layer at once,
@@ -262,6 +263,68 @@ class Convolution:
         for product, tap in zip(self.taps[1:], taps[1:]):
             product.accumulate(tap, y)
         return y.view(x.size(0), rows, self.out_channels)
+
+
+class Downsampler:
+    """The encoder's strided 'same' Conv1d over rows: each output frame's k input rows side by
+    side, times the weight, as one float32 product. (A channels-last image convolution would
+    skip that copy, but torch 2.13's oneDNN one returns garbage or crashes on the CPU where
+    the stride exceeds the kernel, as here: kernel 7, stride 8.)"""
+
+    def __init__(self, conv: nn.Conv1d):
+        weight = conv.weight.detach().float()
+        self.kernel, self.stride, self.padding = weight.size(2), conv.stride[0], conv.padding[0]
+        self.product = Product(weight.permute(0, 2, 1).flatten(1), conv.bias.detach().float(), "float32")
+
+    def __call__(self, x: torch.Tensor, margin: int, frames: int) -> torch.Tensor:
+        """x (B, margin + T + margin, C_in), contiguous, zero outside each clip (margin >= the
+        conv's padding) -> (B, T', C_out) with T' as the Conv1d gives."""
+        b, _, c = x.shape
+        out_frames = (frames + 2 * self.padding - self.kernel) // self.stride + 1
+        windows = x.as_strided((b, out_frames, self.kernel, c), (x.stride(0), self.stride * c, c, 1),
+                               x.storage_offset() + (margin - self.padding) * c)
+        return self.product(windows.reshape(b * out_frames, -1)).view(b, out_frames, -1)
+
+
+class Upsampler:
+    """The decoder's ConvTranspose1d (stride s, padding p, output s * T') written into rows: each
+    input frame's k output rows are ceil(k / s) blocks of s rows, and each block's products for
+    all frames accumulate in place into the output buffer, shifted by one block per block."""
+
+    def __init__(self, conv: nn.ConvTranspose1d):
+        weight = conv.weight.detach().float()
+        self.stride, self.padding = conv.stride[0], conv.padding[0]
+        self.blocks = -(-weight.size(2) // self.stride)
+        # Zero taps up to whole blocks: the rows they add to lie past the output.
+        weight = F.pad(weight, (0, self.blocks * self.stride - weight.size(2)))
+        # (blocks, C_in, s * C_out): block a maps a frame to its output rows a*s ... a*s + s - 1.
+        self.weights = weight.permute(0, 2, 1).reshape(weight.size(0), self.blocks, -1).transpose(0, 1).contiguous()
+        self.bias = conv.bias.detach().float()
+
+    @property
+    def margin(self) -> int:
+        """Rows of margin the output buffer needs: the blocks start p rows before the output and
+        the last one ends (blocks - 1) * s - p rows after it."""
+        return max(self.padding, (self.blocks - 1) * self.stride - self.padding)
+
+    def __call__(self, latent: torch.Tensor, margin: int) -> torch.Tensor:
+        """latent (B, C_in, T') -> (B, margin + s * T' + margin, C_out) with zero margins
+        (margin >= `margin`)."""
+        b, _, n = latent.shape
+        s, c = self.stride, self.bias.numel()
+        x = latent.transpose(1, 2).contiguous()
+        out = torch.empty(b, n * s + 2 * margin, c, device=latent.device)
+        first = margin - self.padding
+        blocks = out[:, first:first + (n + self.blocks - 1) * s].view(b, n + self.blocks - 1, s * c)
+        # beta 0: the buffer's old contents are ignored, NaN included.
+        blocks[:, :n].baddbmm_(x, self.weights[0].expand(b, -1, -1), beta=0)
+        blocks[:, n:] = 0
+        for block in range(1, self.blocks):
+            blocks[:, block:block + n].baddbmm_(x, self.weights[block].expand(b, -1, -1))
+        out[:, margin:margin + n * s] += self.bias
+        out[:, :margin] = 0
+        out[:, margin + n * s:] = 0
+        return out
 
 
 def folded_norm_linear(norm: nn.LayerNorm, linear: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -669,8 +732,11 @@ class FastGenerator:
             self.pha_out = Convolution(torch.cat((imag, real)),
                                        torch.cat((decoder.pha_imag.bias, decoder.pha_real.bias)), precision,
                                        chunk_frames is None)
+            self.amp_down, self.pha_down = Downsampler(encoder.amp_down), Downsampler(encoder.pha_down)
+            self.amp_up, self.pha_up = Upsampler(decoder.amp_up), Upsampler(decoder.pha_up)
         convolutions = [b.embed for b in (self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha)]
-        self.margin = max(c.kernel for c in convolutions + [self.amp_out, self.pha_out]) // 2
+        self.margin = max([c.kernel // 2 for c in convolutions + [self.amp_out, self.pha_out]]
+                          + [self.amp_down.padding, self.pha_down.padding, self.amp_up.margin, self.pha_up.margin])
 
     def _spans(self, frames: int) -> List[Tuple[int, int]]:
         """(start, rows) of the chunks: at most chunk_frames rows each, of near-equal sizes (a
@@ -684,12 +750,6 @@ class FastGenerator:
     def _batches(self, items: Sequence) -> List[Sequence]:
         """Chunked runs take one clip at a time (a batch's chunks would not be contiguous rows)."""
         return [[item] for item in items] if self.chunk_frames else [items] if items else []
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T) -> (B, margin + T + margin, C) with zero margins."""
-        out = margined(x.size(0), x.size(2), x.size(1), self.margin, x.device)
-        out[:, self.margin:self.margin + x.size(2)] = x.transpose(1, 2)
-        return out
 
     def _run_branch(self, branch: FastBranch, x: torch.Tensor, lengths: Sequence[int], frames: int,
                     statistics: Optional[List[torch.Tensor]] = None, frame_mask: Optional[torch.Tensor] = None
@@ -746,12 +806,10 @@ class FastGenerator:
         h, m = self.h, self.margin
         amp, pha, lengths, _ = self._branches(audio, statistics)
         frames = max(lengths)
-        enc = self.encoder
-        amp, pha = (x[:, m:m + frames].transpose(1, 2) for x in (amp, pha))
-        down = torch.cat((enc.amp_down(amp), enc.pha_down(pha)), 1)
+        down = torch.cat((self.amp_down(amp, m, frames), self.pha_down(pha, m, frames)), 2).transpose(1, 2)
         latent_lengths = [-(-n // h.ratio) for n in lengths]
-        latent = enc.latent_conv(self._masked(down, latent_lengths))
-        quantized = enc.quantizer(latent, n_codebooks)
+        latent = self.encoder.latent_conv(self._masked(down, latent_lengths))
+        quantized = self.encoder.quantizer(latent, n_codebooks)
         return quantized.latent, quantized.codes, latent_lengths
 
     def _masked(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
@@ -766,8 +824,8 @@ class FastGenerator:
         latent = self._masked(dec.latent_conv(self._masked(latent.float(), latent_lengths)), latent_lengths)
         lengths = [n * h.ratio for n in latent_lengths]
         frames = latent.size(-1) * h.ratio
-        amp, _ = self._run_branch(self.dec_amp, self._rows(dec.amp_up(latent)), lengths, frames)
-        pha, _ = self._run_branch(self.dec_pha, self._rows(dec.pha_up(latent)), lengths, frames)
+        amp, _ = self._run_branch(self.dec_amp, self.amp_up(latent, self.margin), lengths, frames)
+        pha, _ = self._run_branch(self.dec_pha, self.pha_up(latent, self.margin), lengths, frames)
         return self._synthesis(amp, pha, lengths, frames)
 
     def _synthesis(self, amp: torch.Tensor, pha: torch.Tensor, lengths: Sequence[int], frames: int

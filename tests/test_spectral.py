@@ -134,7 +134,11 @@ def test_istft_equals_torch_istft_bit_for_bit(n_fft, win, frames, dtype, device)
     theirs = torch.istft(torch.complex(real, imag), n_fft, hop_length=HOP, win_length=win,
                          window=torch.hann_window(win, dtype=dtype, device=device), center=True)
     assert ours.shape == theirs.shape == (2, HOP * (frames - 1)) and torch.equal(ours, theirs)
-    assert torch.equal(spectral.istft(real[1], imag[1], n_fft, HOP, win), theirs[1])
+    # Against torch.istft of the one item: on some CPUs (an Intel Xeon with AMX) torch's own FFT
+    # of one item differs from its batched result in the last bit.
+    one = torch.istft(torch.complex(real[1], imag[1]), n_fft, hop_length=HOP, win_length=win,
+                      window=torch.hann_window(win, dtype=dtype, device=device), center=True)
+    assert torch.equal(spectral.istft(real[1], imag[1], n_fft, HOP, win), one)
     weights = torch.randn(ours.shape, generator=gen, dtype=dtype).to(device)
     for a, b in zip(torch.autograd.grad(ours, (real, imag), weights), torch.autograd.grad(theirs, (real, imag), weights)):
         assert torch.equal(a, b) and a.abs().max() > 0
