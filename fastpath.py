@@ -383,7 +383,9 @@ def expand(window: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, eps: fl
     hidden_rows = hidden_rows.view(*y.shape[:2], -1)
     if inside is not None:
         hidden_rows = torch.where(inside, hidden_rows, 0)
-    return hidden_rows, hidden_rows.float().square().sum(1)
+    # A reduced precision's float32 copy is squared in place: one new buffer of this size, not two.
+    squares = hidden_rows.square() if hidden_rows.dtype == torch.float32 else hidden_rows.float().square_()
+    return hidden_rows, squares.sum(1)
 
 
 EXPAND_VERSIONS = 64    # compiled versions of `expand` kept (torch.compile's default limit is 8)
