@@ -253,13 +253,16 @@ def test_padding_zeroes_the_rows_past_each_clip_end():
     kept[1, 4:9] = False
     assert torch.equal(x, kept[..., None].float().expand(3, 11, 4))
 
+
+@pytest.mark.parametrize("extra_margin", [0, 2])
 @pytest.mark.parametrize("kernel, stride", [(7, 8), (9, 4), (1, 2), (3, 3)])
-def test_downsampler_equals_the_strided_convolution(kernel, stride):
-    """Kernels shorter than, longer than and equal to the stride, on a batch of two."""
+def test_downsampler_equals_the_strided_convolution(kernel, stride, extra_margin):
+    """Kernels shorter than, longer than and equal to the stride, on a batch of two, with the
+    least margin it needs and more."""
     torch.manual_seed(kernel)
     conv = torch.nn.Conv1d(6, 5, kernel, stride, padding=kernel // 2)
     x = torch.randn(2, 6, 37)
-    margin = kernel // 2 + 1
+    margin = kernel // 2 + extra_margin
     rows = fastpath.margined(2, 37, 6, margin, torch.device("cpu"))
     rows[:, margin:margin + 37] = x.transpose(1, 2)
     with torch.no_grad():
@@ -268,15 +271,16 @@ def test_downsampler_equals_the_strided_convolution(kernel, stride):
     assert (got - expected).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("extra_margin", [0, 2])
 @pytest.mark.parametrize("kernel, stride", [(16, 8), (10, 8), (8, 8), (6, 2), (5, 3)])
-def test_upsampler_equals_the_transposed_convolution(kernel, stride):
-    """Kernels of whole and partial blocks of the stride, into rows with zero margins, over a
-    buffer whose old contents are NaN."""
+def test_upsampler_equals_the_transposed_convolution(kernel, stride, extra_margin):
+    """Kernels of whole and partial blocks of the stride, into rows with zero margins (the
+    least it needs and more), over a buffer whose old contents are NaN."""
     torch.manual_seed(kernel)
     conv = torch.nn.ConvTranspose1d(6, 5, kernel, stride, padding=(kernel - stride) // 2)
     x = torch.randn(2, 6, 9)
     upsampler = fastpath.Upsampler(conv)
-    margin = upsampler.margin + 1
+    margin = upsampler.margin + extra_margin
     with torch.no_grad():
         expected = F.pad(conv(x), (margin, margin)).transpose(1, 2)
         empty = torch.empty
