@@ -2,8 +2,9 @@
 and `models.Decoder` (non-causal), to float rounding, at a cost that grows linearly with length.
 
 * Activations are (B, T, C), so every pointwise layer and every convolution (as one product
-  per tap; the strided down- and upsampling ones as one product each) is a matrix product
-  over contiguous rows, with no transposes between layers.
+  per tap; the strided downsampling one as one product, the transposed upsampling one as one
+  per block of ratio output rows) is a matrix product over contiguous rows, with no
+  transposes between layers.
 * Time runs in chunks of `chunk_frames`, so a layer's output is still in cache when the next
   one reads it; each ConvNeXt stack updates one residual buffer in place.
 * Without chunks (`chunk_frames` None, as on a GPU) a whole batch runs each layer at once,
@@ -267,60 +268,61 @@ class Convolution:
 
 class Downsampler:
     """The encoder's strided 'same' Conv1d over rows: each output frame's k input rows side by
-    side, times the weight, as one float32 product. (A channels-last image convolution would
-    skip that copy, but torch 2.13's oneDNN one returns garbage or crashes on the CPU where
-    the stride exceeds the kernel, as here: kernel 7, stride 8.)"""
+    side (a view where k <= stride), times the weight, as one float32 product. (A channels-last
+    image convolution would do the same, but torch 2.13's oneDNN one returns garbage or crashes
+    on the CPU where the stride exceeds the kernel, as here: kernel 7, stride 8.)"""
 
     def __init__(self, conv: nn.Conv1d):
         weight = conv.weight.detach().float()
-        self.kernel, self.stride, self.padding = weight.size(2), conv.stride[0], conv.padding[0]
+        self.kernel, self.stride, self.needed_margin = weight.size(2), conv.stride[0], conv.padding[0]
         self.product = Product(weight.permute(0, 2, 1).flatten(1), conv.bias.detach().float(), "float32")
 
     def __call__(self, x: torch.Tensor, margin: int, frames: int) -> torch.Tensor:
-        """x (B, margin + T + margin, C_in), contiguous, zero outside each clip (margin >= the
-        conv's padding) -> (B, T', C_out) with T' as the Conv1d gives."""
+        """x (B, margin + T + margin, C_in) with contiguous rows, zero outside each clip (margin
+        >= `needed_margin`, the conv's padding) -> (B, T', C_out) with T' as the Conv1d gives."""
         b, _, c = x.shape
-        out_frames = (frames + 2 * self.padding - self.kernel) // self.stride + 1
+        assert x.stride(2) == 1 and x.stride(1) == c, "the windows are read as strides of whole rows"
+        padding = self.needed_margin
+        out_frames = (frames + 2 * padding - self.kernel) // self.stride + 1
         windows = x.as_strided((b, out_frames, self.kernel, c), (x.stride(0), self.stride * c, c, 1),
-                               x.storage_offset() + (margin - self.padding) * c)
+                               x.storage_offset() + (margin - padding) * c)
         return self.product(windows.reshape(b * out_frames, -1)).view(b, out_frames, -1)
 
 
 class Upsampler:
-    """The decoder's ConvTranspose1d (stride s, padding p, output s * T') written into rows: each
-    input frame's k output rows are ceil(k / s) blocks of s rows, and each block's products for
-    all frames accumulate in place into the output buffer, shifted by one block per block."""
+    """The decoder's ConvTranspose1d (stride s, padding p, output s * T') written into rows: a
+    frame's k output rows are ceil(k / s) blocks of s rows, block a of frame i landing on
+    output block i + a; each block index is one batched product for all frames, summed in
+    place into the output buffer."""
 
     def __init__(self, conv: nn.ConvTranspose1d):
         weight = conv.weight.detach().float()
         self.stride, self.padding = conv.stride[0], conv.padding[0]
-        self.blocks = -(-weight.size(2) // self.stride)
+        self.block_count = -(-weight.size(2) // self.stride)
         # Zero taps up to whole blocks: the rows they add to lie past the output.
-        weight = F.pad(weight, (0, self.blocks * self.stride - weight.size(2)))
+        weight = F.pad(weight, (0, self.block_count * self.stride - weight.size(2)))
         # (blocks, C_in, s * C_out): block a maps a frame to its output rows a*s ... a*s + s - 1.
-        self.weights = weight.permute(0, 2, 1).reshape(weight.size(0), self.blocks, -1).transpose(0, 1).contiguous()
+        blocks = weight.permute(0, 2, 1).reshape(weight.size(0), self.block_count, -1)
+        self.weights = blocks.transpose(0, 1).contiguous()
         self.bias = conv.bias.detach().float()
-
-    @property
-    def margin(self) -> int:
-        """Rows of margin the output buffer needs: the blocks start p rows before the output and
-        the last one ends (blocks - 1) * s - p rows after it."""
-        return max(self.padding, (self.blocks - 1) * self.stride - self.padding)
+        self.out_channels = self.bias.numel()
+        # The blocks start p rows before the output and the last one ends (count - 1) * s - p after it.
+        self.needed_margin = max(self.padding, (self.block_count - 1) * self.stride - self.padding)
 
     def __call__(self, latent: torch.Tensor, margin: int) -> torch.Tensor:
         """latent (B, C_in, T') -> (B, margin + s * T' + margin, C_out) with zero margins
-        (margin >= `margin`)."""
+        (margin >= `needed_margin`)."""
         b, _, n = latent.shape
-        s, c = self.stride, self.bias.numel()
+        s, c, count = self.stride, self.out_channels, self.block_count
         x = latent.transpose(1, 2).contiguous()
         out = torch.empty(b, n * s + 2 * margin, c, device=latent.device)
         first = margin - self.padding
-        blocks = out[:, first:first + (n + self.blocks - 1) * s].view(b, n + self.blocks - 1, s * c)
+        out_blocks = out[:, first:first + (n + count - 1) * s].view(b, n + count - 1, s * c)
         # beta 0: the buffer's old contents are ignored, NaN included.
-        blocks[:, :n].baddbmm_(x, self.weights[0].expand(b, -1, -1), beta=0)
-        blocks[:, n:] = 0
-        for block in range(1, self.blocks):
-            blocks[:, block:block + n].baddbmm_(x, self.weights[block].expand(b, -1, -1))
+        out_blocks[:, :n].baddbmm_(x, self.weights[0].expand(b, -1, -1), beta=0)
+        out_blocks[:, n:] = 0
+        for block in range(1, count):
+            out_blocks[:, block:block + n].baddbmm_(x, self.weights[block].expand(b, -1, -1))
         out[:, margin:margin + n * s] += self.bias
         out[:, :margin] = 0
         out[:, margin + n * s:] = 0
@@ -738,7 +740,7 @@ class FastGenerator:
             self.amp_up, self.pha_up = Upsampler(decoder.amp_up), Upsampler(decoder.pha_up)
         convolutions = [b.embed for b in (self.enc_amp, self.enc_pha, self.dec_amp, self.dec_pha)]
         self.margin = max([c.kernel // 2 for c in convolutions + [self.amp_out, self.pha_out]]
-                          + [self.amp_down.padding, self.pha_down.padding, self.amp_up.margin, self.pha_up.margin])
+                          + [sampler.needed_margin for sampler in (self.amp_down, self.pha_down, self.amp_up, self.pha_up)])
 
     def _spans(self, frames: int) -> List[Tuple[int, int]]:
         """(start, rows) of the chunks: at most chunk_frames rows each, of near-equal sizes (a
