@@ -23,11 +23,12 @@ that each gets exactly its own output: on a GPU each batch is one forward pass.
 
 --precision float32 (default) computes the reference numbers; bfloat16 and int8 are faster
 and approximate (LSD and mel distance within about 1% of float32's, about 99% of the codes
-identical), and auto picks the faster one on this machine: bfloat16 on a GPU, a CPU with AMX
-or a non-x86 CPU, else int8. The line it prints names the kernels in use. --compile fuses the work around the
-first product of each ConvNeXt block in float32 and bfloat16 with torch.compile (a C++
-compiler on a CPU, Triton on a GPU): the first files wait while it compiles, and the
-outputs differ from the uncompiled ones by float rounding.
+identical), and auto picks the one for this machine: bfloat16 on a GPU, a CPU with AMX (as
+fast as int8 there, with more codes kept) or a non-x86 CPU, else int8 (faster). The line it
+prints names the kernels in use. --compile fuses the work around the first product of each
+ConvNeXt block in float32 and bfloat16 with torch.compile (a C++ compiler on a CPU, Triton
+on a GPU): the first files wait while it compiles, and the outputs differ from the
+uncompiled ones by float rounding.
 
 With --stream (resynth mode, causal codecs: `causal: true`), each file goes through the
 streaming encoder and decoder in chunks of --chunk_ms milliseconds, as a live stream
