@@ -274,7 +274,8 @@ class Downsampler:
 
     def __init__(self, conv: nn.Conv1d):
         weight = conv.weight.detach().float()
-        self.kernel, self.stride, self.needed_margin = weight.size(2), conv.stride[0], conv.padding[0]
+        self.kernel, self.stride, self.padding = weight.size(2), conv.stride[0], conv.padding[0]
+        self.needed_margin = self.padding     # the first window starts this many rows before a clip
         self.product = Product(weight.permute(0, 2, 1).flatten(1), conv.bias.detach().float(), "float32")
 
     def __call__(self, x: torch.Tensor, margin: int, frames: int) -> torch.Tensor:
@@ -282,10 +283,9 @@ class Downsampler:
         >= `needed_margin`, the conv's padding) -> (B, T', C_out) with T' as the Conv1d gives."""
         b, _, c = x.shape
         assert x.stride(2) == 1 and x.stride(1) == c, "the windows are read as strides of whole rows"
-        padding = self.needed_margin
-        out_frames = (frames + 2 * padding - self.kernel) // self.stride + 1
+        out_frames = (frames + 2 * self.padding - self.kernel) // self.stride + 1
         windows = x.as_strided((b, out_frames, self.kernel, c), (x.stride(0), self.stride * c, c, 1),
-                               x.storage_offset() + (margin - padding) * c)
+                               x.storage_offset() + (margin - self.padding) * c)
         return self.product(windows.reshape(b * out_frames, -1)).view(b, out_frames, -1)
 
 
